@@ -1,0 +1,51 @@
+//! Backends and devices. CPU (burn-flex) is the default build; `--features cuda` adds
+//! burn-cuda, selected at run time with `--device cuda:N`.
+
+use anyhow::{bail, Result};
+use std::str::FromStr;
+
+pub type Cpu = burn::backend::Flex;
+pub type CpuTrain = burn::backend::Autodiff<Cpu>;
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda;
+#[cfg(feature = "cuda")]
+pub type GpuTrain = burn::backend::Autodiff<Gpu>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Self::Cuda(i)),
+                _ => bail!("unknown device `{s}`; expected `cpu`, `cuda` or `cuda:N`"),
+            },
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Fails clearly when CUDA is asked for but this binary was built without it.
+    pub fn ensure_available(self) -> Result<Self> {
+        match self {
+            Self::Cpu => Ok(self),
+            Self::Cuda(_) if cfg!(feature = "cuda") => Ok(self),
+            Self::Cuda(_) => bail!(
+                "this burnish binary was built without CUDA support; rebuild with `cargo build --release --features cuda`, or use `--device cpu`"
+            ),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub fn cuda_device(index: usize) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(index)
+}

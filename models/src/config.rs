@@ -1,0 +1,294 @@
+//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Architectures this crate implements, as `(model_type, architectures[0])`.
+pub const SUPPORTED: &[(&str, &str)] = &[
+    ("llama", "LlamaForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+];
+
+/// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Llama3(Llama3RopeScaling),
+    /// Plain position interpolation (`rope_type = "linear"`): positions divided by `factor`.
+    Linear(f64),
+}
+
+/// The parsed architecture. `raw` keeps every key of the original file so that saving
+/// writes back what transformers wrote (dtype, token ids, fields we do not interpret).
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama `attention_bias` also covers o_proj).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub raw: Map<String, Value>,
+}
+
+#[derive(Deserialize, Serialize)]
+struct RawFields {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    /// transformers >= 5 writes `rope_parameters` (theta and scaling together).
+    rope_parameters: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
+}
+
+fn supported_list() -> String {
+    SUPPORTED
+        .iter()
+        .map(|(t, a)| format!("{t} ({a})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn token_ids(v: &Option<Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        Self::from_json_str(&text).with_context(|| format!("invalid model config {}", path.display()))
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let raw: Map<String, Value> =
+            serde_json::from_str(text).context("config.json is not a JSON object")?;
+        let f: RawFields = serde_json::from_value(Value::Object(raw.clone()))
+            .context("config.json has a field of the wrong type")?;
+        let model_type = f.model_type.clone().ok_or_else(|| {
+            anyhow::anyhow!("missing field `model_type`; supported: {}", supported_list())
+        })?;
+        if !SUPPORTED.iter().any(|(t, _)| *t == model_type) {
+            bail!(
+                "unsupported model_type `{model_type}`; supported: {}",
+                supported_list()
+            );
+        }
+        if let Some(archs) = &f.architectures {
+            for a in archs {
+                if !SUPPORTED.iter().any(|(_, s)| s == a) {
+                    bail!(
+                        "unsupported architecture `{a}`; supported: {}",
+                        supported_list()
+                    );
+                }
+            }
+        }
+        if let Some(act) = &f.hidden_act {
+            if act != "silu" {
+                bail!("unsupported hidden_act `{act}`: the Llama family uses `silu`");
+            }
+        }
+        let need = |name: &str, v: Option<usize>| -> Result<usize> {
+            match v {
+                Some(0) => bail!("field `{name}` must be positive, found 0"),
+                Some(x) => Ok(x),
+                None => bail!("missing field `{name}` (a positive integer)"),
+            }
+        };
+        let hidden_size = need("hidden_size", f.hidden_size)?;
+        let num_attention_heads = need("num_attention_heads", f.num_attention_heads)?;
+        let num_key_value_heads = f.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            bail!(
+                "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
+            );
+        }
+        let head_dim = match f.head_dim {
+            Some(h) => h,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    bail!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no head_dim is given");
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            bail!("head_dim ({head_dim}) must be even for rotary embeddings");
+        }
+        let rope_scaling = match &f.rope_parameters {
+            Some(p) => parse_rope_scaling(Some(p)).context("in `rope_parameters`")?,
+            None => parse_rope_scaling(f.rope_scaling.as_ref()).context("in `rope_scaling`")?,
+        };
+        let rope_theta = f
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(f.rope_theta)
+            .unwrap_or(10000.0);
+        let is_qwen2 = model_type == "qwen2";
+        let attention_bias = f.attention_bias.unwrap_or(false);
+        Ok(Self {
+            vocab_size: need("vocab_size", f.vocab_size)?,
+            hidden_size,
+            intermediate_size: need("intermediate_size", f.intermediate_size)?,
+            num_hidden_layers: need("num_hidden_layers", f.num_hidden_layers)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings: f.max_position_embeddings.unwrap_or(2048),
+            rms_norm_eps: f.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: is_qwen2 || attention_bias,
+            o_bias: !is_qwen2 && attention_bias,
+            mlp_bias: f.mlp_bias.unwrap_or(false),
+            bos_token_id: token_ids(&f.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&f.eos_token_id),
+            pad_token_id: token_ids(&f.pad_token_id).first().copied(),
+            model_type,
+            raw,
+        })
+    }
+
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(&Value::Object(self.raw.clone())).expect("config serialises")
+    }
+
+    /// Number of parameters, counting the LM head only when untied.
+    pub fn num_parameters(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let mut attn = h * q + 2 * h * kv + q * h;
+        if self.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if self.o_bias {
+            attn += h;
+        }
+        let mut mlp = 3 * h * i;
+        if self.mlp_bias {
+            mlp += 2 * i + h;
+        }
+        let layer = attn + mlp + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
+    let Some(v) = v else { return Ok(RopeScaling::None) };
+    if v.is_null() {
+        return Ok(RopeScaling::None);
+    }
+    let obj = v
+        .as_object()
+        .context("must be an object or null")?;
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64> {
+        obj.get(k)
+            .and_then(|x| x.as_f64())
+            .with_context(|| format!("`{k}` is required for rope_type `{kind}`"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear(num("factor")?)),
+        "llama3" => Ok(RopeScaling::Llama3(Llama3RopeScaling {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        })),
+        other => bail!(
+            "unsupported rope_scaling type `{other}`; supported: default, linear, llama3"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_unknown_model_type_listing_supported() {
+        let err = ModelConfig::from_json_str(r#"{"model_type":"gpt2"}"#).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("gpt2") && msg.contains("qwen2") && msg.contains("LlamaForCausalLM"), "{msg}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let err = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,"vocab_size":10}"#,
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("intermediate_size"));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_llama3_scaling_parses() {
+        let c = ModelConfig::from_json_str(
+            r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_attention_heads":4,
+                "num_key_value_heads":2,"num_hidden_layers":2,"vocab_size":10,"eos_token_id":[1,2],
+                "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+        )
+        .unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert_eq!(c.head_dim, 16);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3(_)));
+    }
+}

@@ -1,0 +1,221 @@
+//! Batched incremental decoding with a KV cache over left-padded prompts: greedy,
+//! temperature, top-k and top-p sampling, stop on EOS ids or a caller's stop test, seeded.
+
+use anyhow::{bail, Result};
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::llama::{CausalLm, ForwardInput};
+use crate::mask::{positions_from_attention_mask, AttentionLayout};
+
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// 0 disables top-k filtering.
+    pub top_k: usize,
+    /// 1.0 disables nucleus filtering.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Ids that end a completion (they are kept as its last token).
+    pub stop_ids: Vec<u32>,
+    /// Id fed for padding and for rows that already finished.
+    pub pad_id: u32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_new_tokens: 32, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, stop_ids: vec![], pad_id: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    StopString,
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Log-probability of each sampled token under the temperature-scaled model
+    /// distribution (before top-k/top-p filtering), as RL trainers recompute it.
+    pub logprobs: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// Extra stop test, called with (row, tokens generated so far) after each new token.
+pub type StopFn<'a> = dyn Fn(usize, &[u32]) -> bool + 'a;
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
+}
+
+/// Choose the next token from one row of logits; returns (token, logprob).
+pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
+    if p.temperature <= 0.0 {
+        let (best, _) = logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc });
+        return (best as u32, log_softmax(logits)[best]);
+    }
+    let scaled: Vec<f32> = logits.iter().map(|&l| l / p.temperature).collect();
+    let logp = log_softmax(&scaled);
+    let mut order: Vec<usize> = (0..scaled.len()).collect();
+    order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+    if p.top_k > 0 {
+        order.truncate(p.top_k.max(1));
+    }
+    // Renormalise over the kept tokens, then apply nucleus filtering as HF does:
+    // keep the smallest prefix whose probability mass reaches top_p (at least one token).
+    let kept: Vec<f64> = order.iter().map(|&i| (logp[i] as f64).exp()).collect();
+    let total: f64 = kept.iter().sum();
+    let mut cut = kept.len();
+    if p.top_p < 1.0 {
+        let mut cum = 0.0;
+        for (n, &q) in kept.iter().enumerate() {
+            if n > 0 && cum >= p.top_p as f64 {
+                cut = n;
+                break;
+            }
+            cum += q / total;
+        }
+    }
+    let mass: f64 = kept[..cut].iter().sum();
+    let mut u = rng.random::<f64>() * mass;
+    for (n, &q) in kept[..cut].iter().enumerate() {
+        if u < q || n + 1 == cut {
+            let tok = order[n];
+            return (tok as u32, logp[tok]);
+        }
+        u -= q;
+    }
+    unreachable!("cut >= 1")
+}
+
+fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+    let [b, _, v] = logits.dims();
+    let flat: Vec<f32> = logits.reshape([b * v]).into_data().iter::<f32>().collect();
+    flat.chunks(v).map(|c| c.to_vec()).collect()
+}
+
+/// Generate continuations for every prompt in one left-padded batch.
+pub fn generate<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    stop: Option<&StopFn<'_>>,
+) -> Result<Vec<Generation>> {
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty: generation needs at least one prompt token");
+    }
+    let vocab = model.vocab_size() as u32;
+    if let Some(bad) = prompts.iter().flatten().find(|&&t| t >= vocab) {
+        bail!("prompt token id {bad} is outside the model's vocabulary (size {vocab})");
+    }
+    let device = model.device();
+    let batch = prompts.len();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(batch);
+    let mut attn = Vec::with_capacity(batch);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.push([vec![params.pad_id; pad], p.clone()].concat());
+        attn.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
+    }
+    let positions = positions_from_attention_mask(&attn);
+    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut layout = AttentionLayout::from_attention_mask(&attn);
+    let mut cache = model.new_cache(width + params.max_new_tokens);
+    let mut rng = StdRng::seed_from_u64(params.seed);
+    let mut out: Vec<Generation> = (0..batch)
+        .map(|_| Generation { tokens: vec![], logprobs: vec![], finish: FinishReason::Length })
+        .collect();
+    let mut done = vec![false; batch];
+
+    let input = ForwardInput::from_host(&ids, &positions, &layout, &device);
+    let hidden = model.hidden_states(input, Some(&mut cache));
+    let mut logits = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
+
+    for _ in 0..params.max_new_tokens {
+        let mut step_ids = Vec::with_capacity(batch);
+        for row in 0..batch {
+            if done[row] {
+                step_ids.push(vec![params.pad_id]);
+                continue;
+            }
+            let (tok, lp) = sample_token(&logits[row], params, &mut rng);
+            let g = &mut out[row];
+            g.tokens.push(tok);
+            g.logprobs.push(lp);
+            if params.stop_ids.contains(&tok) {
+                g.finish = FinishReason::Eos;
+                done[row] = true;
+            } else if stop.is_some_and(|f| f(row, &g.tokens)) {
+                g.finish = FinishReason::StopString;
+                done[row] = true;
+            }
+            step_ids.push(vec![tok]);
+        }
+        if done.iter().all(|&d| d) || out.iter().all(|g| g.tokens.len() >= params.max_new_tokens) {
+            break;
+        }
+        let step_pos: Vec<Vec<i64>> = next_pos.iter().map(|&p| vec![p]).collect();
+        for p in next_pos.iter_mut() {
+            *p += 1;
+        }
+        for valid in layout.key_valid.iter_mut() {
+            valid.push(true);
+        }
+        layout.q_len = 1;
+        layout.q_offset = cache.len;
+        let input = ForwardInput::from_host(&step_ids, &step_pos, &layout, &device);
+        let hidden = model.hidden_states(input, Some(&mut cache));
+        logits = host_rows(model.logits(hidden));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
+        let logits = vec![0.1, 3.0, 0.2, 2.9];
+        let mut rng = StdRng::seed_from_u64(7);
+        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        for _ in 0..20 {
+            assert_eq!(sample_token(&logits, &p, &mut rng).0, 1);
+        }
+        let p = SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
+        for _ in 0..20 {
+            assert_eq!(sample_token(&logits, &p, &mut rng).0, 1, "0.5 mass is reached by the top token");
+        }
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
+        let picks: std::collections::HashSet<u32> = (0..200).map(|_| sample_token(&logits, &p, &mut rng).0).collect();
+        assert_eq!(picks, [1, 3].into_iter().collect());
+    }
+
+    #[test]
+    fn logprob_is_of_the_tempered_distribution() {
+        let logits = vec![1.0f32, 2.0];
+        let mut rng = StdRng::seed_from_u64(1);
+        let p = SamplingParams { temperature: 2.0, top_k: 1, ..Default::default() };
+        let (tok, lp) = sample_token(&logits, &p, &mut rng);
+        let expect = (1.0f64 / (1.0 + (-0.5f64).exp())).ln() as f32;
+        assert_eq!(tok, 1);
+        assert!((lp - expect).abs() < 1e-6);
+    }
+}

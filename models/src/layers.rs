@@ -1,0 +1,128 @@
+//! Building blocks with Hugging Face semantics: a bias-optional projection, RMSNorm and
+//! rotate-half rotary embeddings evaluated at arbitrary position ids.
+
+use burn::module::Param;
+use burn::prelude::*;
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// `y = x W + b` with `W` stored `[d_in, d_out]` (burn layout; HF stores `[d_out, d_in]`).
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Proj<B> {
+    pub fn from_tensors(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+        }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let y = x.matmul(self.weight.val().unsqueeze());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+/// RMSNorm as HF Llama computes it: normalise in the input dtype, then scale by `weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn from_tensor(weight: Tensor<B, 1>, eps: f64) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let variance = x.clone().powf_scalar(2.0).mean_dim(2);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// Inverse frequencies of rotary embeddings, including Llama-3 / linear scaling, computed
+/// as transformers' `ROPE_INIT_FUNCTIONS` do.
+pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let dim = cfg.head_dim;
+    let base = cfg.rope_theta;
+    let inv: Vec<f64> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f64 / dim as f64))
+        .collect();
+    let scaled: Vec<f64> = match &cfg.rope_scaling {
+        RopeScaling::None => inv,
+        RopeScaling::Linear(f) => inv.iter().map(|x| x / f).collect(),
+        RopeScaling::Llama3(s) => {
+            let old = s.original_max_position_embeddings as f64;
+            let low_wavelen = old / s.low_freq_factor;
+            let high_wavelen = old / s.high_freq_factor;
+            inv.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / s.factor
+                    } else {
+                        let smooth = (old / wavelen - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * f / s.factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    };
+    scaled.into_iter().map(|x| x as f32).collect()
+}
+
+/// cos/sin tables for the given positions, shaped `[B, 1, T, head_dim]` to broadcast over heads.
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> RopeTables<B> {
+    pub fn new(inv_freq: &[f32], positions: Tensor<B, 2, Int>) -> Self {
+        let device = positions.device();
+        let [b, t] = positions.dims();
+        let half = inv_freq.len();
+        let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
+            .reshape([1, 1, half]);
+        let freqs = positions.float().reshape([b, t, 1]) * inv;
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, 2 * half]);
+        Self {
+            cos: emb.clone().cos(),
+            sin: emb.sin(),
+        }
+    }
+
+    /// `x * cos + rotate_half(x) * sin` for `x: [B, H, T, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
+        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let _ = (b, h, t);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}

@@ -1,0 +1,20 @@
+//! Transformer architectures of the Llama family on burn, Hugging Face checkpoints,
+//! tokenizers, chat templates and KV-cache generation.
+
+pub mod backend;
+pub mod chat_template;
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod layers;
+pub mod llama;
+pub mod mask;
+pub mod presets;
+pub mod scoring;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat_template::{ChatTemplate, Message};
+pub use config::ModelConfig;
+pub use llama::{CausalLm, ForwardInput, KvCache};
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,449 @@
+//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2), with the
+//! exact computation order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::config::ModelConfig;
+use crate::layers::{rope_inv_freq, Proj, RmsNorm, RopeTables};
+use crate::mask::AttentionLayout;
+
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    pub q_proj: Proj<B>,
+    pub k_proj: Proj<B>,
+    pub v_proj: Proj<B>,
+    pub o_proj: Proj<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Proj<B>,
+    pub up_proj: Proj<B>,
+    pub down_proj: Proj<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: SelfAttention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]`, HF `model.embed_tokens.weight`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when `tie_word_embeddings`: logits then use `embed_tokens`.
+    pub lm_head: Option<Proj<B>>,
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+}
+
+/// Keys and values of every layer, preallocated to a fixed capacity so each decoding
+/// step writes one slot instead of re-running or re-concatenating the prefix.
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize, capacity: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+impl<B: Backend> SelfAttention<B> {
+    fn split_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [b, t, _] = x.dims();
+        x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    /// Repeat each KV head for its group of query heads (grouped-query attention).
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let rep = self.num_heads / self.num_kv_heads;
+        if rep == 1 {
+            return x;
+        }
+        let [b, kvh, t, d] = x.dims();
+        x.reshape([b, kvh, 1, t, d])
+            .expand([b, kvh, rep, t, d])
+            .reshape([b, kvh * rep, t, d])
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<(&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>, usize, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let q = rope.apply(self.split_heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = self.split_heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = match cache {
+            None => (k, v),
+            Some((slot, past, capacity)) => {
+                let (ck, cv) = slot.take().unwrap_or_else(|| {
+                    let shape = [b, self.num_kv_heads, capacity, self.head_dim];
+                    let device = k.device();
+                    (Tensor::zeros(shape, &device), Tensor::zeros(shape, &device))
+                });
+                let range = s![.., .., past..past + t, ..];
+                let ck = ck.slice_assign(range.clone(), k);
+                let cv = cv.slice_assign(range, v);
+                let used = s![.., .., 0..past + t, ..];
+                let out = (ck.clone().slice(used.clone()), cv.clone().slice(used));
+                *slot = Some((ck, cv));
+                out
+            }
+        };
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let [_, _, tq, tk] = mask.dims();
+        let mask = mask.expand([b, self.num_heads, tq, tk]);
+        let o = attention(
+            q,
+            k,
+            v,
+            Some(mask),
+            None,
+            AttentionModuleOptions {
+                scale: Some(1.0 / (self.head_dim as f64).sqrt()),
+                softcap: None,
+                is_causal: false,
+            },
+        );
+        let o = o.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(o)
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<(&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>, usize, usize)>,
+    ) -> Tensor<B, 3> {
+        let h = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        let x = x + h;
+        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        x + h
+    }
+}
+
+/// Inputs of one forward pass: token ids, their position ids and who may attend to whom.
+pub struct ForwardInput<B: Backend> {
+    pub ids: Tensor<B, 2, Int>,
+    pub positions: Tensor<B, 2, Int>,
+    pub mask: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> ForwardInput<B> {
+    /// Build from host data: ids and positions `[B][T]` and an attention layout.
+    pub fn from_host(
+        ids: &[Vec<u32>],
+        positions: &[Vec<i64>],
+        layout: &AttentionLayout,
+        device: &B::Device,
+    ) -> Self {
+        let b = ids.len();
+        let t = ids.first().map_or(0, |r| r.len());
+        let flat_ids: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
+        let flat_pos: Vec<i64> = positions.iter().flatten().copied().collect();
+        Self {
+            ids: Tensor::from_data(TensorData::new(flat_ids, [b, t]), device),
+            positions: Tensor::from_data(TensorData::new(flat_pos, [b, t]), device),
+            mask: layout.to_tensor(device),
+        }
+    }
+
+    /// A batch of equal-length unpadded rows with positions `0..T`.
+    pub fn causal(ids: &[Vec<u32>], device: &B::Device) -> Self {
+        let t = ids.first().map_or(0, |r| r.len());
+        let positions: Vec<Vec<i64>> = ids.iter().map(|_| (0..t as i64).collect()).collect();
+        Self::from_host(ids, &positions, &AttentionLayout::causal(ids.len(), t), device)
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.dims()[0]
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.embed_tokens.dims()[1]
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let d = self.hidden_size();
+        self.embed_tokens
+            .val()
+            .select(0, ids.reshape([b * t]))
+            .reshape([b, t, d])
+    }
+
+    /// Final hidden states `[B, T, hidden]` after the last norm.
+    pub fn hidden_states(&self, input: ForwardInput<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [_, t] = input.ids.dims();
+        let rope = RopeTables::new(&self.inv_freq, input.positions);
+        let mut x = self.embed(input.ids);
+        let (past, capacity) = cache.as_ref().map_or((0, 0), |c| (c.len, c.capacity));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| (&mut c.layers[i], past, capacity));
+            x = layer.forward(x, &rope, input.mask.clone(), slot);
+        }
+        if let Some(c) = cache {
+            c.len = past + t;
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits `[B, T, vocab]` for the given hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+
+    pub fn forward(&self, input: ForwardInput<B>) -> Tensor<B, 3> {
+        let h = self.hidden_states(input, None);
+        self.logits(h)
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
+        KvCache::new(self.num_layers(), capacity)
+    }
+}
+
+/// Shapes of every weight in HF layout and naming, in file order. Linear weights are
+/// `[d_out, d_in]` here, as transformers stores them.
+pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for (name, d_out, d_in, bias) in [
+            ("q_proj", q, h, cfg.qkv_bias),
+            ("k_proj", kv, h, cfg.qkv_bias),
+            ("v_proj", kv, h, cfg.qkv_bias),
+            ("o_proj", h, q, cfg.o_bias),
+        ] {
+            out.push((format!("{p}.self_attn.{name}.weight"), vec![d_out, d_in]));
+            if bias {
+                out.push((format!("{p}.self_attn.{name}.bias"), vec![d_out]));
+            }
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, d_out, d_in) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            out.push((format!("{p}.mlp.{name}.weight"), vec![d_out, d_in]));
+            if cfg.mlp_bias {
+                out.push((format!("{p}.mlp.{name}.bias"), vec![d_out]));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+/// Something that hands out HF-named tensors one at a time as f32 in HF layout, so a model
+/// is built without ever holding two full copies of its weights.
+pub trait WeightSource {
+    fn take(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<Vec<f32>>;
+}
+
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+struct Builder<'a, B: Backend, S: WeightSource> {
+    src: &'a mut S,
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+    device: &'a B::Device,
+}
+
+impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
+    fn vector(&mut self, name: &str) -> anyhow::Result<Tensor<B, 1>> {
+        let shape = self.shapes[name].clone();
+        let data = self.src.take(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(data, [shape[0]]), self.device))
+    }
+
+    fn matrix(&mut self, name: &str) -> anyhow::Result<Tensor<B, 2>> {
+        let shape = self.shapes[name].clone();
+        let data = self.src.take(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(data, [shape[0], shape[1]]), self.device))
+    }
+
+    fn proj(&mut self, prefix: &str, bias: bool) -> anyhow::Result<Proj<B>> {
+        let name = format!("{prefix}.weight");
+        let shape = self.shapes[&name].clone();
+        let (d_out, d_in) = (shape[0], shape[1]);
+        let data = transpose(&self.src.take(&name, &shape)?, d_out, d_in);
+        let weight = Tensor::from_data(TensorData::new(data, [d_in, d_out]), self.device);
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Proj::from_tensors(weight, bias))
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    pub fn from_source<S: WeightSource>(
+        cfg: &ModelConfig,
+        src: &mut S,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        let shapes = hf_tensor_shapes(cfg).into_iter().collect();
+        let mut b = Builder::<B, S> { src, shapes, device };
+        let eps = cfg.rms_norm_eps;
+        let embed_tokens = Param::from_tensor(b.matrix("model.embed_tokens.weight")?);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let self_attn = SelfAttention {
+                q_proj: b.proj(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
+                k_proj: b.proj(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
+                v_proj: b.proj(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                o_proj: b.proj(&format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: b.proj(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                up_proj: b.proj(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::from_tensor(b.vector(&format!("{p}.input_layernorm.weight"))?, eps),
+                self_attn,
+                post_attention_layernorm: RmsNorm::from_tensor(
+                    b.vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                    eps,
+                ),
+                mlp,
+            });
+        }
+        let norm = RmsNorm::from_tensor(b.vector("model.norm.weight")?, eps);
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let w = b.matrix("lm_head.weight")?;
+            Some(Proj::from_tensors(w.transpose(), None))
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: rope_inv_freq(cfg),
+        })
+    }
+
+    /// Every weight as `(HF name, HF shape, tensor)`, in the
+    /// order of [`hf_tensor_shapes`].
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, HfTensor<B>)> {
+        let mut all: Vec<(String, Vec<usize>, HfTensor<B>)> = Vec::new();
+        let e = self.embed_tokens.val();
+        all.push(("model.embed_tokens.weight".into(), e.dims().to_vec(), HfTensor::Plain2(e)));
+        let proj = |all: &mut Vec<(String, Vec<usize>, HfTensor<B>)>, prefix: String, p: &Proj<B>| {
+            let w = p.weight.val();
+            let [d_in, d_out] = w.dims();
+            all.push((format!("{prefix}.weight"), vec![d_out, d_in], HfTensor::Transposed(w)));
+            if let Some(b) = &p.bias {
+                let b = b.val();
+                all.push((format!("{prefix}.bias"), b.dims().to_vec(), HfTensor::Plain1(b)));
+            }
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let n = layer.input_layernorm.weight.val();
+            all.push((format!("{p}.input_layernorm.weight"), n.dims().to_vec(), HfTensor::Plain1(n)));
+            let a = &layer.self_attn;
+            proj(&mut all, format!("{p}.self_attn.q_proj"), &a.q_proj);
+            proj(&mut all, format!("{p}.self_attn.k_proj"), &a.k_proj);
+            proj(&mut all, format!("{p}.self_attn.v_proj"), &a.v_proj);
+            proj(&mut all, format!("{p}.self_attn.o_proj"), &a.o_proj);
+            let n = layer.post_attention_layernorm.weight.val();
+            all.push((format!("{p}.post_attention_layernorm.weight"), n.dims().to_vec(), HfTensor::Plain1(n)));
+            proj(&mut all, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
+            proj(&mut all, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
+            proj(&mut all, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+        }
+        let n = self.norm.weight.val();
+        all.push(("model.norm.weight".into(), n.dims().to_vec(), HfTensor::Plain1(n)));
+        if let Some(head) = &self.lm_head {
+            proj(&mut all, "lm_head".into(), head);
+        }
+        all
+    }
+}
+
+/// A weight ready to be written in HF layout.
+pub enum HfTensor<B: Backend> {
+    Plain1(Tensor<B, 1>),
+    Plain2(Tensor<B, 2>),
+    /// Stored `[d_in, d_out]`, written `[d_out, d_in]`.
+    Transposed(Tensor<B, 2>),
+}
+
+impl<B: Backend> HfTensor<B> {
+    pub fn to_f32(&self) -> Vec<f32> {
+        let data = match self {
+            HfTensor::Plain1(t) => t.to_data(),
+            HfTensor::Plain2(t) => t.to_data(),
+            HfTensor::Transposed(t) => t.clone().transpose().to_data(),
+        };
+        data.iter::<f32>().collect()
+    }
+}

@@ -1,0 +1,57 @@
+//! Log-probability of completions given prompts: the probe behind `burnish score`.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+
+use crate::llama::{CausalLm, ForwardInput};
+use crate::mask::AttentionLayout;
+
+/// Summed log-probability and token count of each completion given its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct CompletionScore {
+    pub logprob: f64,
+    pub num_tokens: usize,
+}
+
+/// Score `(prompt_ids, completion_ids)` pairs in right-padded batches of `batch_size`.
+pub fn score_completions<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+    pad_id: u32,
+) -> Vec<CompletionScore> {
+    let device = model.device();
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if width < 2 {
+            out.extend(chunk.iter().map(|_| CompletionScore { logprob: 0.0, num_tokens: 0 }));
+            continue;
+        }
+        let mut ids = Vec::new();
+        let mut attn = Vec::new();
+        for s in &seqs {
+            let pad = width - s.len();
+            ids.push([s.clone(), vec![pad_id; pad]].concat());
+            attn.push([vec![1u8; s.len()], vec![0u8; pad]].concat());
+        }
+        let positions: Vec<Vec<i64>> = ids.iter().map(|_| (0..width as i64).collect()).collect();
+        let layout = AttentionLayout::from_attention_mask(&attn);
+        let input = ForwardInput::from_host(&ids, &positions, &layout, &device);
+        // Predict token t+1 from position t: targets are the ids shifted left.
+        let logits = model.forward(input).slice(s![.., 0..width - 1, ..]);
+        let logp = log_softmax(logits, 2);
+        let targets: Vec<i64> = ids.iter().flat_map(|r| r[1..].iter().map(|&t| t as i64)).collect();
+        let b = ids.len();
+        let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, width - 1, 1]), &device);
+        let picked: Vec<f32> = logp.gather(2, targets).into_data().iter::<f32>().collect();
+        for (row, (p, c)) in chunk.iter().enumerate() {
+            let start = p.len().max(1) - 1;
+            let end = p.len() + c.len() - 1;
+            let lp: f64 = (start..end).map(|t| picked[row * (width - 1) + t] as f64).sum();
+            out.push(CompletionScore { logprob: lp, num_tokens: end - start });
+        }
+    }
+    out
+}

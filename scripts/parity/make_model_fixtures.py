@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Regenerate the model/tokenizer parity fixtures under tests/fixtures/.
+
+Writes, with transformers + torch on CPU:
+  tests/fixtures/models/{tiny-llama,tiny-qwen2,tiny-mistral}/  HF checkpoints (random weights)
+      tiny-llama:   f32, sharded (model.safetensors.index.json), GQA, untied, llama3 rope_scaling
+      tiny-qwen2:   bf16 on disk, q/k/v bias, tied embeddings
+      tiny-mistral: f16 on disk, untied, no GQA
+  tests/fixtures/models/<name>/expected.json: input ids, logits (f32, computed from the
+      weights as stored on disk), logits of a left-padded batch, and greedy continuations.
+  tests/fixtures/tokenizer/phi3_expected.json: ids for strings and rendered chat templates
+      (the tokenizer's own template and burnish's built-in ones in models/templates/).
+
+Usage: python3 scripts/parity/make_model_fixtures.py   (pip install torch transformers jinja2)
+"""
+import json
+import os
+import pathlib
+
+import torch
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIX = ROOT / "tests" / "fixtures"
+TOKENIZER = ROOT / "assets" / "tokenizers" / "phi3_vision"
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+              max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.2,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def randomise_norms(model, gen):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def build(name, cls, cfg, dtype, shard):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1234)
+    model = cls(cfg).eval()
+    randomise_norms(model, gen)
+    out = FIX / "models" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    model.to(dtype).save_pretrained(out, safe_serialization=True,
+                                    max_shard_size="200KB" if shard else "1GB")
+    # Reference values come from the weights as stored, upcast to f32 (what burnish loads).
+    model = cls.from_pretrained(out, torch_dtype=torch.float32).eval()
+
+    ids = torch.randint(3, cfg.vocab_size, (2, 12), generator=gen)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+
+    # Left-padded batch: row 0 has 4 pad tokens.
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    padded = ids.clone()
+    padded[0, :4] = 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        pad_logits = model(input_ids=padded, attention_mask=mask, position_ids=pos).logits
+
+    prompts = [ids[0, :3].tolist(), ids[1, :7].tolist()]
+    width = max(len(p) for p in prompts)
+    gen_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    gen_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out_ids = model.generate(input_ids=gen_ids, attention_mask=gen_mask, max_new_tokens=10,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+    greedy = [row[width:].tolist() for row in out_ids]
+
+    expected = {
+        "input_ids": ids.tolist(),
+        "logits": logits.tolist(),
+        "padded_input_ids": padded.tolist(),
+        "padded_attention_mask": mask.tolist(),
+        "padded_logits": pad_logits.tolist(),
+        "prompts": prompts,
+        "greedy_new_tokens": greedy,
+    }
+    (out / "expected.json").write_text(json.dumps(expected))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} params, greedy {greedy}")
+
+
+def models():
+    build("tiny-llama", LlamaForCausalLM,
+          LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      rope_theta=10000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+          torch.float32, shard=True)
+    build("tiny-qwen2", Qwen2ForCausalLM,
+          Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      rope_theta=1000000.0, use_sliding_window=False),
+          torch.bfloat16, shard=False)
+    build("tiny-mistral", MistralForCausalLM,
+          MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                        sliding_window=None),
+          torch.float16, shard=False)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello world!"}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "  And 3+3?  "}],
+    [{"role": "user", "content": "Écris un haïku. 🍂"},
+     {"role": "assistant", "content": "Feuilles qui tombent\nle vent les emporte\nautomne"}],
+]
+STRINGS = ["Hello world!", " leading space", "multi\nline\ttext", "Écris un haïku. 🍂",
+           "<|user|>\nhi<|end|>\n<|assistant|>\n", "1234567 + 89 = ?"]
+
+
+def tokenizer():
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    out = {"encode": [], "own_template": [], "builtin": {}}
+    for s in STRINGS:
+        out["encode"].append({"text": s, "ids": tok(s)["input_ids"],
+                              "ids_no_special": tok(s, add_special_tokens=False)["input_ids"]})
+    for conv in CONVERSATIONS:
+        for agp in (False, True):
+            out["own_template"].append({"messages": conv, "add_generation_prompt": agp,
+                                        "text": tok.apply_chat_template(conv, tokenize=False,
+                                                                        add_generation_prompt=agp)})
+    for path in sorted((ROOT / "models" / "templates").glob("*.jinja")):
+        tmpl = _compile_jinja_template(path.read_text())
+        rendered = []
+        for conv in CONVERSATIONS:
+            for agp in (False, True):
+                try:
+                    text = tmpl.render(messages=conv, add_generation_prompt=agp, bos_token="<s>",
+                                       eos_token="</s>")
+                    rendered.append({"messages": conv, "add_generation_prompt": agp, "text": text})
+                except Exception as e:  # raise_exception in the template
+                    rendered.append({"messages": conv, "add_generation_prompt": agp, "error": str(e)})
+        out["builtin"][path.stem] = rendered
+    (FIX / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (FIX / "tokenizer" / "phi3_expected.json").write_text(json.dumps(out, indent=1, ensure_ascii=False))
+    print("tokenizer fixtures written")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    models()
+    tokenizer()

@@ -1,0 +1,38 @@
+//! `burnish`: fine-tuning and alignment of language models on burn.
+
+mod device;
+mod generate;
+mod new_model;
+mod score;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "burnish", version, about = "Fine-tune and align language models (SFT, LoRA, QLoRA, DPO, RM, PPO, GRPO, distillation) on burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a seeded random-init model in Hugging Face layout.
+    NewModel(new_model::Args),
+    /// Generate text from a model.
+    Generate(generate::Args),
+    /// Write the log-probability of each row's completion given its prompt.
+    Score(score::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::NewModel(a) => new_model::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,101 @@
+//! `burnish score`: summed log-probability of each row's completion given its prompt.
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use clap::Parser;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+
+use models::checkpoint::{load_model, load_tokenizer};
+use models::scoring::score_completions;
+use models::TextTokenizer;
+
+use crate::device::{dispatch, OnDevice};
+
+#[derive(Parser, Clone)]
+pub struct Args {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL with `{"prompt": ..., "completion": ...}` rows.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output JSONL (stdout when omitted).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = a.device.clone();
+    dispatch(&device, a)
+}
+
+/// Prompt and completion text of every row, with file:line errors for bad rows.
+fn read_rows(path: &PathBuf) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.with_context(|| format!("{}:{n}: cannot read line (invalid UTF-8?)", path.display()))?;
+        let line = line.trim_start_matches('\u{feff}').trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{n}: invalid JSON", path.display()))?;
+        let field = |k: &str| -> Result<String> {
+            match v.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(other) => bail!("{}:{n}: field `{k}` must be a string, found {other}", path.display()),
+                None => bail!("{}:{n}: missing field `{k}` (rows need `prompt` and `completion`)", path.display()),
+            }
+        };
+        rows.push((field("prompt")?, field("completion")?));
+    }
+    Ok(rows)
+}
+
+/// Token ids of the prompt, and of the completion as it tokenizes after the prompt (the
+/// boundary TRL's SFT uses: the prompt's own tokens, then the rest of prompt+completion).
+fn split_ids(tok: &TextTokenizer, prompt: &str, completion: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let p = tok.encode(prompt, true)?;
+    let full = tok.encode(&format!("{prompt}{completion}"), true)?;
+    let common = p.iter().zip(&full).take_while(|(a, b)| a == b).count();
+    Ok((full[..common].to_vec(), full[common..].to_vec()))
+}
+
+impl OnDevice for Args {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let rows = read_rows(&self.data)?;
+        let (cfg, model) = load_model::<B>(&self.model, &device)?;
+        let tok = load_tokenizer(&self.model, &cfg)?;
+        let ids = rows
+            .iter()
+            .map(|(p, c)| split_ids(&tok, p, c))
+            .collect::<Result<Vec<_>>>()?;
+        let pad = tok.pad_id.or(cfg.pad_token_id).unwrap_or(0);
+        let scores = score_completions(&model, &ids, self.batch_size, pad);
+        let mut out: Box<dyn Write> = match &self.out {
+            Some(p) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+            )),
+            None => Box::new(std::io::stdout().lock()),
+        };
+        for (i, s) in scores.iter().enumerate() {
+            let line = serde_json::json!({
+                "row": i,
+                "logprob": s.logprob,
+                "num_tokens": s.num_tokens,
+                "mean_logprob": if s.num_tokens > 0 { s.logprob / s.num_tokens as f64 } else { 0.0 },
+            });
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
