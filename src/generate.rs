@@ -98,11 +98,20 @@ impl OnDevice for Args {
                     .unwrap_or(false)
         };
         let start = Instant::now();
-        let out = generate(&model, &[prompt.clone()], &params, Some(&stop_fn))?;
+        let out = generate(
+            &model,
+            std::slice::from_ref(&prompt),
+            &params,
+            Some(&stop_fn),
+        )?;
         let secs = start.elapsed().as_secs_f64();
         let g = &out[0];
         let mut completion = tok.decode(&g.tokens, true)?;
-        if let Some(cut) = stops.iter().filter_map(|s| completion.find(s.as_str())).min() {
+        if let Some(cut) = stops
+            .iter()
+            .filter_map(|s| completion.find(s.as_str()))
+            .min()
+        {
             completion.truncate(cut);
         }
         println!("{completion}");

@@ -8,7 +8,11 @@ mod score;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "burnish", version, about = "Fine-tune and align language models (SFT, LoRA, QLoRA, DPO, RM, PPO, GRPO, distillation) on burn")]
+#[command(
+    name = "burnish",
+    version,
+    about = "Fine-tune and align language models (SFT, LoRA, QLoRA, DPO, RM, PPO, GRPO, distillation) on burn"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

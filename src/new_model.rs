@@ -34,7 +34,13 @@ pub struct Args {
 }
 
 /// End-of-turn markers of common chat formats; any present in the vocabulary also stops generation.
-const END_OF_TURN: &[&str] = &["<|end|>", "<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"];
+const END_OF_TURN: &[&str] = &[
+    "<|end|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "</s>",
+    "<|endoftext|>",
+];
 
 pub fn run(a: Args) -> Result<()> {
     let tok = TextTokenizer::from_dir(&a.tokenizer)?;
@@ -43,15 +49,31 @@ pub fn run(a: Args) -> Result<()> {
     eos.extend(END_OF_TURN.iter().filter_map(|t| tok.token_to_id(t)));
     eos.sort_unstable();
     eos.dedup();
-    let tokens = PresetTokens { bos: tok.bos_id, eos: eos.clone(), pad: tok.pad_id.or(tok.eos_id) };
+    let tokens = PresetTokens {
+        bos: tok.bos_id,
+        eos: eos.clone(),
+        pad: tok.pad_id.or(tok.eos_id),
+    };
     let cfg = preset_config(&a.preset, &a.arch, padded_vocab(tok.vocab_size()), &tokens)?;
     let device = Default::default();
     let model = CausalLm::<Cpu>::from_source(&cfg, &mut RandomInit::new(a.seed, 0.02), &device)?;
-    save_model(&model, &cfg, &a.out, None, &SaveOptions { dtype, ..Default::default() })?;
+    save_model(
+        &model,
+        &cfg,
+        &a.out,
+        None,
+        &SaveOptions {
+            dtype,
+            ..Default::default()
+        },
+    )?;
     copy_tokenizer_files(&a.tokenizer, &a.out)?;
     ensure_chat_template(&a.out, &tok, &a.chat_template)?;
     let gen = serde_json::json!({"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tokens.pad});
-    write_atomic(&a.out.join("generation_config.json"), serde_json::to_string_pretty(&gen)?.as_bytes())?;
+    write_atomic(
+        &a.out.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen)?.as_bytes(),
+    )?;
     println!(
         "wrote {} ({} preset, {}, {:.2}M parameters, vocab {}) to {}",
         cfg.model_type,
@@ -72,7 +94,8 @@ fn ensure_chat_template(out: &Path, tok: &TextTokenizer, name: &str) -> Result<(
     let template = ChatTemplate::named(name)?;
     let path = out.join("tokenizer_config.json");
     let mut cfg: serde_json::Value = if path.exists() {
-        serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{} is not valid JSON", path.display()))?
+        serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?
     } else {
         serde_json::json!({})
     };

@@ -35,11 +35,14 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Prompt and completion text of every row, with file:line errors for bad rows.
 fn read_rows(path: &PathBuf) -> Result<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let n = i + 1;
-        let line = line.with_context(|| format!("{}:{n}: cannot read line (invalid UTF-8?)", path.display()))?;
+        let line = line.with_context(|| {
+            format!("{}:{n}: cannot read line (invalid UTF-8?)", path.display())
+        })?;
         let line = line.trim_start_matches('\u{feff}').trim_end_matches('\r');
         if line.trim().is_empty() {
             continue;
@@ -49,8 +52,14 @@ fn read_rows(path: &PathBuf) -> Result<Vec<(String, String)>> {
         let field = |k: &str| -> Result<String> {
             match v.get(k) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(other) => bail!("{}:{n}: field `{k}` must be a string, found {other}", path.display()),
-                None => bail!("{}:{n}: missing field `{k}` (rows need `prompt` and `completion`)", path.display()),
+                Some(other) => bail!(
+                    "{}:{n}: field `{k}` must be a string, found {other}",
+                    path.display()
+                ),
+                None => bail!(
+                    "{}:{n}: missing field `{k}` (rows need `prompt` and `completion`)",
+                    path.display()
+                ),
             }
         };
         rows.push((field("prompt")?, field("completion")?));
@@ -82,7 +91,8 @@ impl OnDevice for Args {
         let scores = score_completions(&model, &ids, self.batch_size, pad);
         let mut out: Box<dyn Write> = match &self.out {
             Some(p) => Box::new(std::io::BufWriter::new(
-                std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+                std::fs::File::create(p)
+                    .with_context(|| format!("cannot create {}", p.display()))?,
             )),
             None => Box::new(std::io::stdout().lock()),
         };

@@ -14,7 +14,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -61,7 +64,20 @@ fn strftime_now(fmt: String) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let name = MONTHS[(month - 1) as usize];
     fmt.replace("%d", &format!("{day:02}"))
         .replace("%m", &format!("{month:02}"))
@@ -81,7 +97,11 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         // A syntax error surfaces on the first render, with the template's name.
         let _ = env.add_template_owned("chat", source.clone());
-        Self { name: name.to_string(), source, env }
+        Self {
+            name: name.to_string(),
+            source,
+            env,
+        }
     }
 
     pub fn builtin_names() -> Vec<&'static str> {
@@ -99,7 +119,12 @@ impl ChatTemplate {
     }
 
     /// Render messages exactly as `tokenizer.apply_chat_template(messages, tokenize=False)`.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, tokens: &SpecialTokens) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tokens: &SpecialTokens,
+    ) -> Result<String> {
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
@@ -112,7 +137,8 @@ impl ChatTemplate {
             // Not compiled: render the source to report its syntax error.
             Err(_) => self.env.render_str(&self.source, ctx),
         };
-        rendered.map_err(|e| anyhow::anyhow!("chat template `{}` failed: {}", self.name, describe(&e)))
+        rendered
+            .map_err(|e| anyhow::anyhow!("chat template `{}` failed: {}", self.name, describe(&e)))
     }
 }
 

@@ -34,7 +34,10 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
 }
 
 /// Load the weights of `dir` onto `device`, converting whatever is on disk to f32.
-pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ModelConfig, CausalLm<B>)> {
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(ModelConfig, CausalLm<B>)> {
     let cfg = load_config(dir)?;
     let mut reader = SafetensorsReader::open_dir(dir)?;
     let model = CausalLm::from_source(&cfg, &mut reader, device)?;
@@ -67,7 +70,10 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        Self { dtype: DiskDtype::F32, max_shard_bytes: Some(5_000_000_000) }
+        Self {
+            dtype: DiskDtype::F32,
+            max_shard_bytes: Some(5_000_000_000),
+        }
     }
 }
 
@@ -82,12 +88,17 @@ pub fn save_model<B: Backend>(
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut cfg = cfg.clone();
-    cfg.raw.insert("torch_dtype".into(), opts.dtype.hf_name().into());
+    cfg.raw
+        .insert("torch_dtype".into(), opts.dtype.hf_name().into());
     cfg.raw.remove("dtype");
     let tensors = model.hf_tensors();
     let writes: Vec<TensorToWrite<'_>> = tensors
         .iter()
-        .map(|(name, shape, t)| TensorToWrite { name: name.clone(), shape: shape.clone(), values: Box::new(move || t.to_f32()) })
+        .map(|(name, shape, t)| TensorToWrite {
+            name: name.clone(),
+            shape: shape.clone(),
+            values: Box::new(move || t.to_f32()),
+        })
         .collect();
     save_hf_weights(out, writes, opts.dtype, opts.max_shard_bytes)?;
     write_atomic(&config_path(out), cfg.to_json_string().as_bytes())?;
@@ -101,10 +112,14 @@ pub fn copy_tokenizer_files(src: &Path, out: &Path) -> Result<()> {
     if src == out {
         return Ok(());
     }
-    for f in TOKENIZER_FILES.iter().chain(["generation_config.json"].iter()) {
+    for f in TOKENIZER_FILES
+        .iter()
+        .chain(["generation_config.json"].iter())
+    {
         let from = src.join(f);
         if from.exists() {
-            let data = std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            let data =
+                std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
             write_atomic(&out.join(f), &data)?;
         }
     }
@@ -120,7 +135,11 @@ pub fn check_complete(reader: &SafetensorsReader, cfg: &ModelConfig) -> Result<(
         .map(|(n, _)| n)
         .collect();
     if !missing.is_empty() {
-        bail!("{} expected tensor(s) are missing: {}", missing.len(), missing.join(", "));
+        bail!(
+            "{} expected tensor(s) are missing: {}",
+            missing.len(),
+            missing.join(", ")
+        );
     }
     Ok(())
 }

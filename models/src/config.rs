@@ -94,7 +94,11 @@ fn supported_list() -> String {
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -103,7 +107,8 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model config {}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("invalid model config {}", path.display()))
+        Self::from_json_str(&text)
+            .with_context(|| format!("invalid model config {}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
@@ -112,7 +117,10 @@ impl ModelConfig {
         let f: RawFields = serde_json::from_value(Value::Object(raw.clone()))
             .context("config.json has a field of the wrong type")?;
         let model_type = f.model_type.clone().ok_or_else(|| {
-            anyhow::anyhow!("missing field `model_type`; supported: {}", supported_list())
+            anyhow::anyhow!(
+                "missing field `model_type`; supported: {}",
+                supported_list()
+            )
         })?;
         if !SUPPORTED.iter().any(|(t, _)| *t == model_type) {
             bail!(
@@ -226,13 +234,13 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
-    let Some(v) = v else { return Ok(RopeScaling::None) };
+    let Some(v) = v else {
+        return Ok(RopeScaling::None);
+    };
     if v.is_null() {
         return Ok(RopeScaling::None);
     }
-    let obj = v
-        .as_object()
-        .context("must be an object or null")?;
+    let obj = v.as_object().context("must be an object or null")?;
     let kind = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
@@ -252,9 +260,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
-        other => bail!(
-            "unsupported rope_scaling type `{other}`; supported: default, linear, llama3"
-        ),
+        other => {
+            bail!("unsupported rope_scaling type `{other}`; supported: default, linear, llama3")
+        }
     }
 }
 
@@ -266,7 +274,10 @@ mod tests {
     fn refuses_unknown_model_type_listing_supported() {
         let err = ModelConfig::from_json_str(r#"{"model_type":"gpt2"}"#).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("gpt2") && msg.contains("qwen2") && msg.contains("LlamaForCausalLM"), "{msg}");
+        assert!(
+            msg.contains("gpt2") && msg.contains("qwen2") && msg.contains("LlamaForCausalLM"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -49,10 +49,20 @@ pub struct CausalLm<B: Backend> {
     pub inv_freq: Vec<f32>,
 }
 
+/// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]` each.
+pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// A layer's view of the cache during one forward pass.
+pub struct CacheSlot<'a, B: Backend> {
+    kv: &'a mut LayerKv<B>,
+    past: usize,
+    capacity: usize,
+}
+
 /// Keys and values of every layer, preallocated to a fixed capacity so each decoding
 /// step writes one slot instead of re-running or re-concatenating the prefix.
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<LayerKv<B>>,
     pub len: usize,
     pub capacity: usize,
 }
@@ -97,7 +107,7 @@ impl<B: Backend> SelfAttention<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
-        cache: Option<(&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>, usize, usize)>,
+        cache: Option<CacheSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let q = rope.apply(self.split_heads(self.q_proj.forward(x.clone()), self.num_heads));
@@ -105,17 +115,21 @@ impl<B: Backend> SelfAttention<B> {
         let v = self.split_heads(self.v_proj.forward(x), self.num_kv_heads);
         let (k, v) = match cache {
             None => (k, v),
-            Some((slot, past, capacity)) => {
+            Some(CacheSlot {
+                kv: slot,
+                past,
+                capacity,
+            }) => {
                 let (ck, cv) = slot.take().unwrap_or_else(|| {
                     let shape = [b, self.num_kv_heads, capacity, self.head_dim];
                     let device = k.device();
                     (Tensor::zeros(shape, &device), Tensor::zeros(shape, &device))
                 });
                 let range = s![.., .., past..past + t, ..];
-                let ck = ck.slice_assign(range.clone(), k);
+                let ck = ck.slice_assign(range, k);
                 let cv = cv.slice_assign(range, v);
                 let used = s![.., .., 0..past + t, ..];
-                let out = (ck.clone().slice(used.clone()), cv.clone().slice(used));
+                let out = (ck.clone().slice(used), cv.clone().slice(used));
                 *slot = Some((ck, cv));
                 out
             }
@@ -135,7 +149,9 @@ impl<B: Backend> SelfAttention<B> {
                 is_causal: false,
             },
         );
-        let o = o.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
+        let o = o
+            .swap_dims(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(o)
     }
 }
@@ -146,13 +162,15 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
-        cache: Option<(&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>, usize, usize)>,
+        cache: Option<CacheSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let h = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         let x = x + h;
-        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
         x + h
     }
 }
@@ -187,7 +205,12 @@ impl<B: Backend> ForwardInput<B> {
     pub fn causal(ids: &[Vec<u32>], device: &B::Device) -> Self {
         let t = ids.first().map_or(0, |r| r.len());
         let positions: Vec<Vec<i64>> = ids.iter().map(|_| (0..t as i64).collect()).collect();
-        Self::from_host(ids, &positions, &AttentionLayout::causal(ids.len(), t), device)
+        Self::from_host(
+            ids,
+            &positions,
+            &AttentionLayout::causal(ids.len(), t),
+            device,
+        )
     }
 }
 
@@ -218,13 +241,21 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Final hidden states `[B, T, hidden]` after the last norm.
-    pub fn hidden_states(&self, input: ForwardInput<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden_states(
+        &self,
+        input: ForwardInput<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let [_, t] = input.ids.dims();
         let rope = RopeTables::new(&self.inv_freq, input.positions);
         let mut x = self.embed(input.ids);
         let (past, capacity) = cache.as_ref().map_or((0, 0), |c| (c.len, c.capacity));
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| (&mut c.layers[i], past, capacity));
+            let slot = cache.as_mut().map(|c| CacheSlot {
+                kv: &mut c.layers[i],
+                past,
+                capacity,
+            });
             x = layer.forward(x, &rope, input.mask.clone(), slot);
         }
         if let Some(c) = cache {
@@ -313,13 +344,19 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
     fn vector(&mut self, name: &str) -> anyhow::Result<Tensor<B, 1>> {
         let shape = self.shapes[name].clone();
         let data = self.src.take(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(data, [shape[0]]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(data, [shape[0]]),
+            self.device,
+        ))
     }
 
     fn matrix(&mut self, name: &str) -> anyhow::Result<Tensor<B, 2>> {
         let shape = self.shapes[name].clone();
         let data = self.src.take(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(data, [shape[0], shape[1]]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(data, [shape[0], shape[1]]),
+            self.device,
+        ))
     }
 
     fn proj(&mut self, prefix: &str, bias: bool) -> anyhow::Result<Proj<B>> {
@@ -344,7 +381,11 @@ impl<B: Backend> CausalLm<B> {
         device: &B::Device,
     ) -> anyhow::Result<Self> {
         let shapes = hf_tensor_shapes(cfg).into_iter().collect();
-        let mut b = Builder::<B, S> { src, shapes, device };
+        let mut b = Builder::<B, S> {
+            src,
+            shapes,
+            device,
+        };
         let eps = cfg.rms_norm_eps;
         let embed_tokens = Param::from_tensor(b.matrix("model.embed_tokens.weight")?);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -365,7 +406,10 @@ impl<B: Backend> CausalLm<B> {
                 down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
             };
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::from_tensor(b.vector(&format!("{p}.input_layernorm.weight"))?, eps),
+                input_layernorm: RmsNorm::from_tensor(
+                    b.vector(&format!("{p}.input_layernorm.weight"))?,
+                    eps,
+                ),
                 self_attn,
                 post_attention_layernorm: RmsNorm::from_tensor(
                     b.vector(&format!("{p}.post_attention_layernorm.weight"))?,
@@ -395,33 +439,58 @@ impl<B: Backend> CausalLm<B> {
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, HfTensor<B>)> {
         let mut all: Vec<(String, Vec<usize>, HfTensor<B>)> = Vec::new();
         let e = self.embed_tokens.val();
-        all.push(("model.embed_tokens.weight".into(), e.dims().to_vec(), HfTensor::Plain2(e)));
-        let proj = |all: &mut Vec<(String, Vec<usize>, HfTensor<B>)>, prefix: String, p: &Proj<B>| {
-            let w = p.weight.val();
-            let [d_in, d_out] = w.dims();
-            all.push((format!("{prefix}.weight"), vec![d_out, d_in], HfTensor::Transposed(w)));
-            if let Some(b) = &p.bias {
-                let b = b.val();
-                all.push((format!("{prefix}.bias"), b.dims().to_vec(), HfTensor::Plain1(b)));
-            }
-        };
+        all.push((
+            "model.embed_tokens.weight".into(),
+            e.dims().to_vec(),
+            HfTensor::Plain2(e),
+        ));
+        let proj =
+            |all: &mut Vec<(String, Vec<usize>, HfTensor<B>)>, prefix: String, p: &Proj<B>| {
+                let w = p.weight.val();
+                let [d_in, d_out] = w.dims();
+                all.push((
+                    format!("{prefix}.weight"),
+                    vec![d_out, d_in],
+                    HfTensor::Transposed(w),
+                ));
+                if let Some(b) = &p.bias {
+                    let b = b.val();
+                    all.push((
+                        format!("{prefix}.bias"),
+                        b.dims().to_vec(),
+                        HfTensor::Plain1(b),
+                    ));
+                }
+            };
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             let n = layer.input_layernorm.weight.val();
-            all.push((format!("{p}.input_layernorm.weight"), n.dims().to_vec(), HfTensor::Plain1(n)));
+            all.push((
+                format!("{p}.input_layernorm.weight"),
+                n.dims().to_vec(),
+                HfTensor::Plain1(n),
+            ));
             let a = &layer.self_attn;
             proj(&mut all, format!("{p}.self_attn.q_proj"), &a.q_proj);
             proj(&mut all, format!("{p}.self_attn.k_proj"), &a.k_proj);
             proj(&mut all, format!("{p}.self_attn.v_proj"), &a.v_proj);
             proj(&mut all, format!("{p}.self_attn.o_proj"), &a.o_proj);
             let n = layer.post_attention_layernorm.weight.val();
-            all.push((format!("{p}.post_attention_layernorm.weight"), n.dims().to_vec(), HfTensor::Plain1(n)));
+            all.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                n.dims().to_vec(),
+                HfTensor::Plain1(n),
+            ));
             proj(&mut all, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
             proj(&mut all, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
             proj(&mut all, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
         }
         let n = self.norm.weight.val();
-        all.push(("model.norm.weight".into(), n.dims().to_vec(), HfTensor::Plain1(n)));
+        all.push((
+            "model.norm.weight".into(),
+            n.dims().to_vec(),
+            HfTensor::Plain1(n),
+        ));
         if let Some(head) = &self.lm_head {
             proj(&mut all, "lm_head".into(), head);
         }

@@ -36,7 +36,10 @@ impl AttentionLayout {
             batch: mask.len(),
             q_len: len,
             q_offset: 0,
-            key_valid: mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect(),
+            key_valid: mask
+                .iter()
+                .map(|r| r.iter().map(|&m| m != 0).collect())
+                .collect(),
             segments: None,
         }
     }

@@ -26,7 +26,12 @@ pub fn padded_vocab(n: usize) -> usize {
     n.div_ceil(64) * 64
 }
 
-pub fn preset_config(preset: &str, arch: &str, vocab_size: usize, tokens: &PresetTokens) -> Result<ModelConfig> {
+pub fn preset_config(
+    preset: &str,
+    arch: &str,
+    vocab_size: usize,
+    tokens: &PresetTokens,
+) -> Result<ModelConfig> {
     // (hidden, layers, heads, kv heads, intermediate, max positions)
     let (h, l, nh, kv, i, maxp) = match preset {
         "tiny" => (64, 2, 4, 2, 176, 512),
@@ -38,7 +43,10 @@ pub fn preset_config(preset: &str, arch: &str, vocab_size: usize, tokens: &Prese
     let (model_type, arch_name) = match arch {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
-        other => bail!("unknown arch `{other}`; architectures: {}", ARCHS.join(", ")),
+        other => bail!(
+            "unknown arch `{other}`; architectures: {}",
+            ARCHS.join(", ")
+        ),
     };
     let mut raw: Map<String, Value> = Map::new();
     raw.insert("architectures".into(), json!([arch_name]));
@@ -55,7 +63,10 @@ pub fn preset_config(preset: &str, arch: &str, vocab_size: usize, tokens: &Prese
     raw.insert("rope_theta".into(), json!(10000.0));
     raw.insert("hidden_act".into(), json!("silu"));
     raw.insert("initializer_range".into(), json!(0.02));
-    raw.insert("tie_word_embeddings".into(), json!(preset == "tiny" || arch == "qwen2"));
+    raw.insert(
+        "tie_word_embeddings".into(),
+        json!(preset == "tiny" || arch == "qwen2"),
+    );
     raw.insert("attention_dropout".into(), json!(0.0));
     if model_type == "llama" {
         raw.insert("attention_bias".into(), json!(false));
@@ -85,7 +96,10 @@ pub struct RandomInit {
 
 impl RandomInit {
     pub fn new(seed: u64, std: f32) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), std }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            std,
+        }
     }
 
     fn normal(&mut self) -> f32 {

@@ -23,10 +23,16 @@ pub fn score_completions<B: Backend>(
     let device = model.device();
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
+        let seqs: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
+            .collect();
         let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
         if width < 2 {
-            out.extend(chunk.iter().map(|_| CompletionScore { logprob: 0.0, num_tokens: 0 }));
+            out.extend(chunk.iter().map(|_| CompletionScore {
+                logprob: 0.0,
+                num_tokens: 0,
+            }));
             continue;
         }
         let mut ids = Vec::new();
@@ -42,15 +48,24 @@ pub fn score_completions<B: Backend>(
         // Predict token t+1 from position t: targets are the ids shifted left.
         let logits = model.forward(input).slice(s![.., 0..width - 1, ..]);
         let logp = log_softmax(logits, 2);
-        let targets: Vec<i64> = ids.iter().flat_map(|r| r[1..].iter().map(|&t| t as i64)).collect();
+        let targets: Vec<i64> = ids
+            .iter()
+            .flat_map(|r| r[1..].iter().map(|&t| t as i64))
+            .collect();
         let b = ids.len();
-        let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, width - 1, 1]), &device);
+        let targets =
+            Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, width - 1, 1]), &device);
         let picked: Vec<f32> = logp.gather(2, targets).into_data().iter::<f32>().collect();
         for (row, (p, c)) in chunk.iter().enumerate() {
             let start = p.len().max(1) - 1;
             let end = p.len() + c.len() - 1;
-            let lp: f64 = (start..end).map(|t| picked[row * (width - 1) + t] as f64).sum();
-            out.push(CompletionScore { logprob: lp, num_tokens: end - start });
+            let lp: f64 = (start..end)
+                .map(|t| picked[row * (width - 1) + t] as f64)
+                .sum();
+            out.push(CompletionScore {
+                logprob: lp,
+                num_tokens: end - start,
+            });
         }
     }
     out

@@ -26,7 +26,10 @@ pub struct TextTokenizer {
 fn token_string(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -35,8 +38,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
     Ok(Some(v))
 }
 
@@ -46,7 +51,9 @@ fn template_from_config(cfg: &Value) -> Option<String> {
         // A list of named templates: take "default", else the first.
         Value::Array(items) => {
             let named = |n: &str| {
-                items.iter().find(|i| i.get("name").and_then(|x| x.as_str()) == Some(n))
+                items
+                    .iter()
+                    .find(|i| i.get("name").and_then(|x| x.as_str()) == Some(n))
             };
             named("default")
                 .or(items.first())
@@ -58,6 +65,44 @@ fn template_from_config(cfg: &Value) -> Option<String> {
     }
 }
 
+/// transformers (v5) rebuilds Llama tokenizers instead of trusting tokenizer.json's
+/// normaliser: a Metaspace pre-tokenizer that prepends `▁` only to the first word when
+/// `legacy` is false. Without this, " leading space" gains an extra `▁` token.
+fn llama_pipeline(tok: &mut tokenizers::Tokenizer, config: &Value) -> Result<()> {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip, DecoderWrapper,
+    };
+    use tokenizers::normalizers::{replace::Replace, NormalizerWrapper};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let legacy = config
+        .get("legacy")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let add_prefix_space = config
+        .get("add_prefix_space")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let scheme = match (add_prefix_space, legacy) {
+        (false, _) => PrependScheme::Never,
+        (true, true) => PrependScheme::Always,
+        (true, false) => PrependScheme::First,
+    };
+    tok.with_normalizer(None::<NormalizerWrapper>)
+        .map_err(|e| anyhow::anyhow!("cannot reset the tokenizer normaliser: {e}"))?;
+    tok.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
+    let replace = Replace::new("▁", " ").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut steps: Vec<DecoderWrapper> = vec![
+        replace.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_prefix_space {
+        steps.push(Strip::new(' ', 1, 0).into());
+    }
+    tok.with_decoder(Some(Sequence::new(steps)));
+    Ok(())
+}
+
 impl TextTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
@@ -67,15 +112,22 @@ impl TextTokenizer {
                 dir.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        if matches!(
+            config.get("tokenizer_class").and_then(|c| c.as_str()),
+            Some("LlamaTokenizer" | "LlamaTokenizerFast")
+        ) {
+            llama_pipeline(&mut inner, &config)?;
+        }
         let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let mut chat_template = template_from_config(&config);
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
             chat_template = Some(
-                std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?,
+                std::fs::read_to_string(&jinja)
+                    .with_context(|| format!("cannot read {}", jinja.display()))?,
             );
         }
         let bos_token = token_string(config.get("bos_token"));
@@ -86,7 +138,9 @@ impl TextTokenizer {
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
         match gen.get("eos_token_id") {
             Some(Value::Number(n)) => stop_ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(Value::Array(a)) => stop_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+            Some(Value::Array(a)) => {
+                stop_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+            }
             _ => {}
         }
         stop_ids.sort_unstable();

@@ -59,7 +59,9 @@ impl DiskDtype {
         out.clear();
         out.reserve(values.len() * self.size());
         match self {
-            Self::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             Self::BF16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
@@ -95,9 +97,15 @@ impl SafetensorsReader {
                 .with_context(|| format!("cannot read {}", index.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", index.display()))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| {
-                format!("{} has no `weight_map` object (tensor name -> shard file)", index.display())
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| {
+                    format!(
+                        "{} has no `weight_map` object (tensor name -> shard file)",
+                        index.display()
+                    )
+                })?;
             let shards: BTreeMap<&str, ()> = map
                 .values()
                 .filter_map(|f| f.as_str())
@@ -119,7 +127,8 @@ impl SafetensorsReader {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+            let file = File::open(path)
+                .with_context(|| format!("cannot open weights file {}", path.display()))?;
             // SAFETY: the file is opened read-only; burnish never writes it while mapped.
             let mmap = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("cannot memory-map {}", path.display()))?;
@@ -133,16 +142,29 @@ impl SafetensorsReader {
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
                 if data_start + e > mmap.len() {
-                    bail!("{} is truncated: tensor `{name}` ends past the end of the file", path.display());
+                    bail!(
+                        "{} is truncated: tensor `{name}` ends past the end of the file",
+                        path.display()
+                    );
                 }
                 entries.insert(
                     name,
-                    Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e },
+                    Entry {
+                        file: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
                 );
             }
             files.push((path.clone(), mmap, data_start));
         }
-        Ok(Self { files, entries, taken: HashSet::new() })
+        Ok(Self {
+            files,
+            entries,
+            taken: HashSet::new(),
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -168,13 +190,20 @@ impl SafetensorsReader {
 
     pub fn read_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let Some(e) = self.entries.get(name) else {
-            let files: Vec<String> = self.files.iter().map(|f| f.0.display().to_string()).collect();
+            let files: Vec<String> = self
+                .files
+                .iter()
+                .map(|f| f.0.display().to_string())
+                .collect();
             bail!("tensor `{name}` is missing from {}", files.join(", "));
         };
         let (path, mmap, _) = &self.files[e.file];
         let bytes = &mmap[e.start..e.end];
         let values: Vec<f32> = match e.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::BF16 => bytes
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -190,7 +219,12 @@ impl SafetensorsReader {
         };
         let expected: usize = e.shape.iter().product();
         if values.len() != expected {
-            bail!("tensor `{name}` in {} holds {} values but its shape {:?} needs {expected}", path.display(), values.len(), e.shape);
+            bail!(
+                "tensor `{name}` in {} holds {} values but its shape {:?} needs {expected}",
+                path.display(),
+                values.len(),
+                e.shape
+            );
         }
         self.taken.insert(name.to_string());
         Ok((e.shape.clone(), values))
@@ -253,7 +287,12 @@ pub fn write_safetensors(
             let values = (t.values)();
             let expected: usize = t.shape.iter().product();
             if values.len() != expected {
-                bail!("internal: tensor `{}` produced {} values for shape {:?}", t.name, values.len(), t.shape);
+                bail!(
+                    "internal: tensor `{}` produced {} values for shape {:?}",
+                    t.name,
+                    values.len(),
+                    t.shape
+                );
             }
             dtype.encode(&values, &mut buf);
             w.write_all(&buf)?;
@@ -265,12 +304,16 @@ pub fn write_safetensors(
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!("cannot write {}", path.display())));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
     Ok((8 + header_bytes.len() + offset) as u64)
 }
 
 pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     path.with_file_name(name)
 }
@@ -279,7 +322,8 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))
 }
 
 /// Save tensors in HF layout: one `model.safetensors`, or shards of at most
@@ -323,5 +367,8 @@ pub fn save_hf_weights(
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let _ = std::fs::remove_file(dir.join(SINGLE_FILE));
-    write_atomic(&dir.join(INDEX_FILE), serde_json::to_string_pretty(&index)?.as_bytes())
+    write_atomic(
+        &dir.join(INDEX_FILE),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )
 }

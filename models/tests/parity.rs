@@ -14,7 +14,9 @@ use std::path::PathBuf;
 const MODELS: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral"];
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name)
 }
 
 fn expected(name: &str) -> Value {
@@ -26,7 +28,13 @@ fn ids(v: &Value) -> Vec<Vec<u32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -41,7 +49,9 @@ fn flat3(v: &Value) -> Vec<f32> {
 }
 
 fn load(name: &str) -> CausalLm<Cpu> {
-    load_model::<Cpu>(&fixture(name), &Default::default()).unwrap().1
+    load_model::<Cpu>(&fixture(name), &Default::default())
+        .unwrap()
+        .1
 }
 
 #[test]
@@ -57,7 +67,11 @@ fn logits_match_transformers() {
             .collect();
         let want = flat3(&exp["logits"]);
         assert_eq!(logits.len(), want.len());
-        let max = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max = logits
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(max <= 1e-4, "{name}: max |logit diff| {max}");
     }
 }
@@ -102,7 +116,10 @@ fn greedy_generation_matches_transformers() {
         let model = load(name);
         let prompts = ids(&exp["prompts"]);
         let want = ids(&exp["greedy_new_tokens"]);
-        let params = SamplingParams { max_new_tokens: want[0].len(), ..Default::default() };
+        let params = SamplingParams {
+            max_new_tokens: want[0].len(),
+            ..Default::default()
+        };
         let got = generate(&model, &prompts, &params, None).unwrap();
         let got: Vec<Vec<u32>> = got.into_iter().map(|g| g.tokens).collect();
         assert_eq!(got, want, "{name}");
@@ -110,7 +127,11 @@ fn greedy_generation_matches_transformers() {
 }
 
 /// Greedy decoding by re-running the whole (left-padded) sequence each step.
-fn greedy_without_cache(model: &CausalLm<Cpu>, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
+fn greedy_without_cache(
+    model: &CausalLm<Cpu>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Vec<Vec<u32>> {
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     let mut out = vec![vec![]; prompts.len()];
     for _ in 0..steps {
@@ -123,7 +144,12 @@ fn greedy_without_cache(model: &CausalLm<Cpu>, prompts: &[Vec<u32>], steps: usiz
         }
         let positions = positions_from_attention_mask(&mask);
         let layout = AttentionLayout::from_attention_mask(&mask);
-        let logits = model.forward(ForwardInput::from_host(&ids, &positions, &layout, &model.device()));
+        let logits = model.forward(ForwardInput::from_host(
+            &ids,
+            &positions,
+            &layout,
+            &model.device(),
+        ));
         let last = logits.slice(s![.., width - 1..width, ..]).argmax(2);
         let next: Vec<i64> = last.into_data().iter::<i64>().collect();
         for (i, &t) in next.iter().enumerate() {
@@ -137,9 +163,17 @@ fn greedy_without_cache(model: &CausalLm<Cpu>, prompts: &[Vec<u32>], steps: usiz
 #[test]
 fn kv_cache_equals_recomputation_on_left_padded_batches() {
     let model = load("tiny-llama");
-    let prompts = vec![vec![5, 9, 200], vec![17, 3, 44, 81, 120, 7, 99], vec![250], vec![8, 8, 8, 8, 8]];
+    let prompts = vec![
+        vec![5, 9, 200],
+        vec![17, 3, 44, 81, 120, 7, 99],
+        vec![250],
+        vec![8, 8, 8, 8, 8],
+    ];
     let steps = 12;
-    let params = SamplingParams { max_new_tokens: steps, ..Default::default() };
+    let params = SamplingParams {
+        max_new_tokens: steps,
+        ..Default::default()
+    };
     let cached: Vec<Vec<u32>> = generate(&model, &prompts, &params, None)
         .unwrap()
         .into_iter()
@@ -152,12 +186,31 @@ fn kv_cache_equals_recomputation_on_left_padded_batches() {
 fn sampling_is_seeded() {
     let model = load("tiny-qwen2");
     let prompts = vec![vec![5, 9, 200], vec![17, 3]];
-    let params = SamplingParams { max_new_tokens: 16, temperature: 1.0, top_p: 0.95, top_k: 50, seed: 42, ..Default::default() };
-    let a: Vec<Vec<u32>> = generate(&model, &prompts, &params, None).unwrap().into_iter().map(|g| g.tokens).collect();
-    let b: Vec<Vec<u32>> = generate(&model, &prompts, &params, None).unwrap().into_iter().map(|g| g.tokens).collect();
+    let params = SamplingParams {
+        max_new_tokens: 16,
+        temperature: 1.0,
+        top_p: 0.95,
+        top_k: 50,
+        seed: 42,
+        ..Default::default()
+    };
+    let a: Vec<Vec<u32>> = generate(&model, &prompts, &params, None)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect();
+    let b: Vec<Vec<u32>> = generate(&model, &prompts, &params, None)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect();
     assert_eq!(a, b);
     let other = SamplingParams { seed: 43, ..params };
-    let c: Vec<Vec<u32>> = generate(&model, &prompts, &other, None).unwrap().into_iter().map(|g| g.tokens).collect();
+    let c: Vec<Vec<u32>> = generate(&model, &prompts, &other, None)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect();
     assert_ne!(a, c, "a different seed should sample differently");
 }
 
@@ -169,11 +222,18 @@ fn stops_on_eos_and_reports_it() {
     let greedy = ids(&exp["greedy_new_tokens"]);
     // Declare the 3rd greedy token of row 0 an EOS id: row 0 stops there, row 1 runs on.
     let eos = greedy[0][2];
-    let params = SamplingParams { max_new_tokens: 10, stop_ids: vec![eos], ..Default::default() };
+    let params = SamplingParams {
+        max_new_tokens: 10,
+        stop_ids: vec![eos],
+        ..Default::default()
+    };
     let out = generate(&model, &prompts, &params, None).unwrap();
     assert_eq!(out[0].tokens, greedy[0][..3].to_vec());
     assert_eq!(out[0].finish, models::generate::FinishReason::Eos);
-    let first_eos_row1 = greedy[1].iter().position(|&t| t == eos).map_or(10, |p| p + 1);
+    let first_eos_row1 = greedy[1]
+        .iter()
+        .position(|&t| t == eos)
+        .map_or(10, |p| p + 1);
     assert_eq!(out[1].tokens, greedy[1][..first_eos_row1].to_vec());
 }
 
@@ -185,7 +245,10 @@ fn scores_equal_log_softmax_of_reference_logits() {
     let want_logits = flat3(&exp["logits"]);
     let vocab = model.vocab_size();
     let t = input[0].len();
-    let rows: Vec<(Vec<u32>, Vec<u32>)> = input.iter().map(|r| (r[..5].to_vec(), r[5..].to_vec())).collect();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = input
+        .iter()
+        .map(|r| (r[..5].to_vec(), r[5..].to_vec()))
+        .collect();
     let got = models::scoring::score_completions(&model, &rows, 2, 0);
     for (b, row) in input.iter().enumerate() {
         let mut want = 0.0f64;
@@ -196,6 +259,10 @@ fn scores_equal_log_softmax_of_reference_logits() {
             want += l[row[pos + 1] as usize] as f64 - z;
         }
         assert_eq!(got[b].num_tokens, t - 5);
-        assert!((got[b].logprob - want).abs() < 1e-3, "row {b}: {} vs {want}", got[b].logprob);
+        assert!(
+            (got[b].logprob - want).abs() < 1e-3,
+            "row {b}: {} vs {want}",
+            got[b].logprob
+        );
     }
 }

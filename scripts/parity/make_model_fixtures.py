@@ -123,8 +123,10 @@ def tokenizer():
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     out = {"encode": [], "own_template": [], "builtin": {}}
     for s in STRINGS:
-        out["encode"].append({"text": s, "ids": tok(s)["input_ids"],
-                              "ids_no_special": tok(s, add_special_tokens=False)["input_ids"]})
+        ids = tok(s)["input_ids"]
+        out["encode"].append({"text": s, "ids": ids,
+                              "ids_no_special": tok(s, add_special_tokens=False)["input_ids"],
+                              "decoded": tok.decode(ids, skip_special_tokens=True)})
     for conv in CONVERSATIONS:
         for agp in (False, True):
             out["own_template"].append({"messages": conv, "add_generation_prompt": agp,
