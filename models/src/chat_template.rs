@@ -34,6 +34,9 @@ const BUILTIN: &[(&str, &str)] = &[
     ("alpaca", include_str!("../templates/alpaca.jinja")),
     ("mistral", include_str!("../templates/mistral.jinja")),
     ("phi3", include_str!("../templates/phi3.jinja")),
+    // Plain concatenation for prompt/completion data on base models: BOS, the texts, EOS
+    // after each completion.
+    ("raw", include_str!("../templates/raw.jinja")),
 ];
 
 pub struct ChatTemplate {

@@ -268,7 +268,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+            None => crate::layers::matmul_2d(hidden, self.embed_tokens.val().transpose()),
         }
     }
 
