@@ -1,5 +1,6 @@
 //! `burnish`: fine-tuning and alignment of language models on burn.
 
+mod data;
 mod device;
 mod generate;
 mod new_model;
@@ -26,6 +27,8 @@ enum Command {
     Generate(generate::Args),
     /// Write the log-probability of each row's completion given its prompt.
     Score(score::Args),
+    /// Inspect, convert and prepare datasets.
+    Data(data::Args),
 }
 
 fn main() {
@@ -34,6 +37,7 @@ fn main() {
         Command::NewModel(a) => new_model::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
+        Command::Data(a) => data::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

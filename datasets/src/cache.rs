@@ -1,0 +1,254 @@
+//! Parquet cache of tokenized data, one directory per fingerprint of everything that
+//! determines its contents, written atomically (temp dir + rename).
+
+use anyhow::{bail, Context, Result};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, ListBuilder, RecordBatch, StringBuilder,
+    UInt32Builder,
+};
+use arrow::datatypes::UInt32Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::pack::PackedRow;
+use crate::tokenize::{TokenizedPair, TokenizedPrompt};
+
+/// Tokenized rows of one split, in the shape training consumes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dataset {
+    Sft(Vec<PackedRow>),
+    Pairs(Vec<TokenizedPair>),
+    Prompts(Vec<TokenizedPrompt>),
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        match self {
+            Dataset::Sft(v) => v.len(),
+            Dataset::Pairs(v) => v.len(),
+            Dataset::Prompts(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Dataset::Sft(_) => "sft",
+            Dataset::Pairs(_) => "pairs",
+            Dataset::Prompts(_) => "prompts",
+        }
+    }
+}
+
+fn u32_lists<'a>(rows: impl Iterator<Item = &'a [u32]>) -> ArrayRef {
+    let mut b = ListBuilder::new(UInt32Builder::new());
+    for r in rows {
+        b.values().append_slice(r);
+        b.append(true);
+    }
+    Arc::new(b.finish())
+}
+
+fn bool_lists<'a>(rows: impl Iterator<Item = &'a [bool]>) -> ArrayRef {
+    let mut b = ListBuilder::new(BooleanBuilder::new());
+    for r in rows {
+        for &x in r {
+            b.values().append_value(x);
+        }
+        b.append(true);
+    }
+    Arc::new(b.finish())
+}
+
+fn columns(data: &Dataset) -> Vec<(&'static str, ArrayRef)> {
+    match data {
+        Dataset::Sft(rows) => vec![
+            (
+                "input_ids",
+                u32_lists(rows.iter().map(|r| r.ids.as_slice())),
+            ),
+            (
+                "trained",
+                bool_lists(rows.iter().map(|r| r.trained.as_slice())),
+            ),
+            (
+                "position_ids",
+                u32_lists(rows.iter().map(|r| r.positions.as_slice())),
+            ),
+            (
+                "segment_ids",
+                u32_lists(rows.iter().map(|r| r.segments.as_slice())),
+            ),
+        ],
+        Dataset::Pairs(rows) => vec![
+            (
+                "prompt_ids",
+                u32_lists(rows.iter().map(|r| r.prompt.as_slice())),
+            ),
+            (
+                "chosen_ids",
+                u32_lists(rows.iter().map(|r| r.chosen.as_slice())),
+            ),
+            (
+                "rejected_ids",
+                u32_lists(rows.iter().map(|r| r.rejected.as_slice())),
+            ),
+        ],
+        Dataset::Prompts(rows) => {
+            let mut answers = StringBuilder::new();
+            for r in rows {
+                answers.append_option(r.answer.as_deref());
+            }
+            vec![
+                (
+                    "prompt_ids",
+                    u32_lists(rows.iter().map(|r| r.prompt.as_slice())),
+                ),
+                ("answer", Arc::new(answers.finish()) as ArrayRef),
+            ]
+        }
+    }
+}
+
+pub fn write_parquet(path: &Path, data: &Dataset) -> Result<()> {
+    let batch = RecordBatch::try_from_iter(columns(data)).context("building the Arrow batch")?;
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(())
+}
+
+fn read_u32_lists(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<Vec<u32>>> {
+    let col = batch
+        .column_by_name(name)
+        .with_context(|| format!("{}: column `{name}` is missing", path.display()))?;
+    let list = col
+        .as_list_opt::<i32>()
+        .with_context(|| format!("{}: column `{name}` is not a list", path.display()))?;
+    (0..list.len())
+        .map(|i| {
+            let v = list.value(i);
+            let p = v.as_primitive_opt::<UInt32Type>().with_context(|| {
+                format!("{}: column `{name}` does not hold u32 ids", path.display())
+            })?;
+            Ok(p.values().to_vec())
+        })
+        .collect()
+}
+
+fn read_bool_lists(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<Vec<bool>>> {
+    let col = batch
+        .column_by_name(name)
+        .with_context(|| format!("{}: column `{name}` is missing", path.display()))?;
+    let list = col
+        .as_list_opt::<i32>()
+        .with_context(|| format!("{}: column `{name}` is not a list", path.display()))?;
+    (0..list.len())
+        .map(|i| {
+            let v = list.value(i);
+            let b = v.as_boolean_opt().with_context(|| {
+                format!("{}: column `{name}` does not hold booleans", path.display())
+            })?;
+            Ok((0..b.len()).map(|j| b.value(j)).collect())
+        })
+        .collect()
+}
+
+pub fn read_parquet(path: &Path, kind: &str) -> Result<Dataset> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{} is not a valid Parquet file", path.display()))?
+        .build()?;
+    let mut data = match kind {
+        "sft" => Dataset::Sft(vec![]),
+        "pairs" => Dataset::Pairs(vec![]),
+        "prompts" => Dataset::Prompts(vec![]),
+        other => bail!("unknown cached dataset kind `{other}`"),
+    };
+    for batch in reader {
+        let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+        match &mut data {
+            Dataset::Sft(rows) => {
+                let ids = read_u32_lists(&batch, "input_ids", path)?;
+                let trained = read_bool_lists(&batch, "trained", path)?;
+                let pos = read_u32_lists(&batch, "position_ids", path)?;
+                let seg = read_u32_lists(&batch, "segment_ids", path)?;
+                for (((ids, trained), positions), segments) in
+                    ids.into_iter().zip(trained).zip(pos).zip(seg)
+                {
+                    rows.push(PackedRow {
+                        ids,
+                        trained,
+                        positions,
+                        segments,
+                    });
+                }
+            }
+            Dataset::Pairs(rows) => {
+                let p = read_u32_lists(&batch, "prompt_ids", path)?;
+                let c = read_u32_lists(&batch, "chosen_ids", path)?;
+                let r = read_u32_lists(&batch, "rejected_ids", path)?;
+                for ((prompt, chosen), rejected) in p.into_iter().zip(c).zip(r) {
+                    rows.push(TokenizedPair {
+                        prompt,
+                        chosen,
+                        rejected,
+                    });
+                }
+            }
+            Dataset::Prompts(rows) => {
+                let p = read_u32_lists(&batch, "prompt_ids", path)?;
+                let a = batch
+                    .column_by_name("answer")
+                    .and_then(|c| c.as_string_opt::<i32>().cloned())
+                    .with_context(|| format!("{}: column `answer` is missing", path.display()))?;
+                for (i, prompt) in p.into_iter().enumerate() {
+                    let answer = (!a.is_null(i)).then(|| a.value(i).to_string());
+                    rows.push(TokenizedPrompt { prompt, answer });
+                }
+            }
+        }
+    }
+    Ok(data)
+}
+
+/// Fingerprint of everything that shapes the cached data.
+#[derive(Default)]
+pub struct Fingerprint(blake3::Hasher);
+
+/// Bumped whenever the cache layout or the tokenization logic changes.
+const CACHE_VERSION: &str = "burnish-data-cache-v1";
+
+impl Fingerprint {
+    pub fn new() -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(CACHE_VERSION.as_bytes());
+        Self(h)
+    }
+
+    pub fn field(&mut self, name: &str, value: &[u8]) -> &mut Self {
+        self.0.update(&(name.len() as u64).to_le_bytes());
+        self.0.update(name.as_bytes());
+        self.0.update(&(value.len() as u64).to_le_bytes());
+        self.0.update(value);
+        self
+    }
+
+    pub fn file(&mut self, name: &str, path: &Path) -> Result<&mut Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let digest = blake3::hash(&bytes);
+        Ok(self.field(name, digest.as_bytes()))
+    }
+
+    pub fn hex(&self) -> String {
+        self.0.finalize().to_hex()[..16].to_string()
+    }
+}

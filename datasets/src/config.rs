@@ -1,0 +1,108 @@
+//! The `[data]` section of a recipe (also built from `burnish data prepare` flags).
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::tokenize::{MaskPolicy, Truncation};
+
+/// What a bad row does to the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Stop with the first rejected rows and their reasons.
+    Fail,
+    /// Write rejected rows with their reasons to a rejects JSONL and go on (counted).
+    #[default]
+    Skip,
+}
+
+impl OnError {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "fail" => Ok(Self::Fail),
+            "skip" => Ok(Self::Skip),
+            other => anyhow::bail!("unknown on_error `{other}`; expected fail or skip"),
+        }
+    }
+}
+
+fn default_template() -> String {
+    "auto".into()
+}
+fn default_max_seq_len() -> usize {
+    1024
+}
+fn default_eval_fraction() -> f64 {
+    0.05
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from(".burnish-cache")
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Input files (JSONL, JSON array, .jsonl.gz, Parquet); relative to the working directory.
+    pub files: Vec<PathBuf>,
+    /// A format name for every file, or none to auto-detect each.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// `auto` (the model's own chat template) or a built-in name.
+    #[serde(default = "default_template")]
+    pub template: String,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    #[serde(default)]
+    pub mask: MaskPolicy,
+    #[serde(default)]
+    pub truncation: Truncation,
+    #[serde(default)]
+    pub packing: bool,
+    /// Share of rows held out for evaluation, chosen by content hash.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Where rejected rows go (default: `rejects.jsonl` in the cache entry).
+    #[serde(default)]
+    pub rejects_file: Option<PathBuf>,
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+}
+
+impl DataConfig {
+    pub fn new(files: Vec<PathBuf>) -> Self {
+        Self {
+            files,
+            format: None,
+            template: default_template(),
+            max_seq_len: default_max_seq_len(),
+            mask: MaskPolicy::default(),
+            truncation: Truncation::default(),
+            packing: false,
+            eval_fraction: default_eval_fraction(),
+            on_error: OnError::default(),
+            rejects_file: None,
+            cache_dir: default_cache_dir(),
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.files.is_empty() {
+            anyhow::bail!("[data] files is empty: name at least one input file");
+        }
+        if self.max_seq_len < 2 {
+            anyhow::bail!(
+                "[data] max_seq_len must be at least 2, got {}",
+                self.max_seq_len
+            );
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            anyhow::bail!(
+                "[data] eval_fraction must be in [0, 1), got {}",
+                self.eval_fraction
+            );
+        }
+        Ok(())
+    }
+}

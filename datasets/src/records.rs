@@ -1,0 +1,111 @@
+//! Canonical records: whatever the input format, every row becomes one of these.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub use models::Message;
+
+/// Roles after normalisation (ShareGPT's human/gpt, Bedrock's user/assistant, ...).
+pub const SYSTEM: &str = "system";
+pub const USER: &str = "user";
+pub const ASSISTANT: &str = "assistant";
+
+/// A chat: optional system prompt, then user/assistant turns. SFT and distillation data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub system: Option<String>,
+    pub messages: Vec<Message>,
+}
+
+impl Conversation {
+    /// Messages with the system prompt, if any, as a leading `system` message: the shape
+    /// chat templates expect.
+    pub fn to_messages(&self) -> Vec<Message> {
+        let mut out = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(s) = &self.system {
+            out.push(Message::new(SYSTEM, s));
+        }
+        out.extend(self.messages.iter().cloned());
+        out
+    }
+}
+
+/// A preference pair: a shared prompt and two alternative assistant continuations.
+/// DPO and reward-model data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preference {
+    pub prompt: Conversation,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+    /// Optional margin column for reward models.
+    pub margin: Option<f64>,
+}
+
+/// A prompt to roll out, with an optional reference answer. GRPO/PPO data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptTask {
+    pub prompt: Conversation,
+    /// The verifiable answer (GSM8K's `#### N` number, Bedrock RFT's `ground_truth`).
+    pub answer: Option<String>,
+    /// Other fields kept for reward functions and lineage (e.g. the full reference solution).
+    pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    Conversation(Conversation),
+    Preference(Preference),
+    PromptTask(PromptTask),
+}
+
+impl Record {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::Conversation(_) => "conversation",
+            Record::Preference(_) => "preference",
+            Record::PromptTask(_) => "prompt_task",
+        }
+    }
+}
+
+/// Where a row came from: file and 1-based line (for JSON arrays, the element index + 1;
+/// for Parquet, the row index + 1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A canonical record with its origin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub origin: Origin,
+    pub record: Record,
+}
+
+/// A row that could not be used, with everything needed to find and fix it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    pub origin: Origin,
+    /// The offending field as a JSON path (`messages[2].content`), when one is to blame.
+    pub field: Option<String>,
+    pub reason: String,
+    /// The raw line (truncated), so a rejects file can be fixed and fed back.
+    pub raw: Option<String>,
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{}: field `{field}`: {}", self.origin, self.reason),
+            None => write!(f, "{}: {}", self.origin, self.reason),
+        }
+    }
+}
