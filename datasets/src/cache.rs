@@ -125,13 +125,20 @@ pub fn write_parquet(path: &Path, data: &Dataset) -> Result<()> {
     Ok(())
 }
 
-fn read_u32_lists(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<Vec<u32>>> {
-    let col = batch
+fn list_column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'a arrow::array::ListArray> {
+    batch
         .column_by_name(name)
-        .with_context(|| format!("{}: column `{name}` is missing", path.display()))?;
-    let list = col
+        .with_context(|| format!("{}: column `{name}` is missing", path.display()))?
         .as_list_opt::<i32>()
-        .with_context(|| format!("{}: column `{name}` is not a list", path.display()))?;
+        .with_context(|| format!("{}: column `{name}` is not a list", path.display()))
+}
+
+fn read_u32_lists(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<Vec<u32>>> {
+    let list = list_column(batch, name, path)?;
     (0..list.len())
         .map(|i| {
             let v = list.value(i);
@@ -144,12 +151,7 @@ fn read_u32_lists(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<Ve
 }
 
 fn read_bool_lists(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<Vec<bool>>> {
-    let col = batch
-        .column_by_name(name)
-        .with_context(|| format!("{}: column `{name}` is missing", path.display()))?;
-    let list = col
-        .as_list_opt::<i32>()
-        .with_context(|| format!("{}: column `{name}` is not a list", path.display()))?;
+    let list = list_column(batch, name, path)?;
     (0..list.len())
         .map(|i| {
             let v = list.value(i);
