@@ -133,6 +133,8 @@ fn fingerprint(cfg: &DataConfig, tok: &TextTokenizer, template_source: &str) -> 
     fp.field("truncation", format!("{:?}", cfg.truncation).as_bytes());
     fp.field("packing", &[cfg.packing as u8]);
     fp.field("eval_fraction", &cfg.eval_fraction.to_le_bytes());
+    // A "fail" run must not reuse an entry that a "skip" run wrote despite rejects.
+    fp.field("on_error", format!("{:?}", cfg.on_error).as_bytes());
     Ok(fp.hex())
 }
 
