@@ -125,21 +125,3 @@ pub fn copy_tokenizer_files(src: &Path, out: &Path) -> Result<()> {
     }
     Ok(())
 }
-
-/// A weight source that checks every tensor exists before any is read: used to report all
-/// missing names of a checkpoint at once.
-pub fn check_complete(reader: &SafetensorsReader, cfg: &ModelConfig) -> Result<()> {
-    let missing: Vec<String> = crate::llama::hf_tensor_shapes(cfg)
-        .into_iter()
-        .filter(|(n, _)| reader.shape(n).is_none())
-        .map(|(n, _)| n)
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "{} expected tensor(s) are missing: {}",
-            missing.len(),
-            missing.join(", ")
-        );
-    }
-    Ok(())
-}

@@ -84,36 +84,60 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u3
     }
     let scaled: Vec<f32> = logits.iter().map(|&l| l / p.temperature).collect();
     let logp = log_softmax(&scaled);
+    let prob = |i: usize| (logp[i] as f64).exp();
+    let desc = |a: &usize, b: &usize| scaled[*b].total_cmp(&scaled[*a]).then(a.cmp(b));
+    // Only the head of the distribution can be drawn: select it in O(vocab) instead of
+    // sorting the whole vocabulary for every row at every step.
     let mut order: Vec<usize> = (0..scaled.len()).collect();
-    order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-    if p.top_k > 0 {
-        order.truncate(p.top_k.max(1));
+    if p.top_k > 0 && p.top_k < order.len() {
+        order.select_nth_unstable_by(p.top_k - 1, desc);
+        order.truncate(p.top_k);
     }
-    // Renormalise over the kept tokens, then apply nucleus filtering as HF does:
-    // keep the smallest prefix whose probability mass reaches top_p (at least one token).
-    let kept: Vec<f64> = order.iter().map(|&i| (logp[i] as f64).exp()).collect();
-    let total: f64 = kept.iter().sum();
-    let mut cut = kept.len();
-    if p.top_p < 1.0 {
-        let mut cum = 0.0;
-        for (n, &q) in kept.iter().enumerate() {
-            if n > 0 && cum >= p.top_p as f64 {
-                cut = n;
-                break;
-            }
-            cum += q / total;
-        }
-    }
-    let mass: f64 = kept[..cut].iter().sum();
+    let cut = if p.top_p < 1.0 {
+        nucleus(&mut order, &prob, p.top_p as f64, desc)
+    } else {
+        order.len()
+    };
+    let mass: f64 = order[..cut].iter().map(|&i| prob(i)).sum();
     let mut u = rng.random::<f64>() * mass;
-    for (n, &q) in kept[..cut].iter().enumerate() {
+    for (n, &tok) in order[..cut].iter().enumerate() {
+        let q = prob(tok);
         if u < q || n + 1 == cut {
-            let tok = order[n];
             return (tok as u32, logp[tok]);
         }
         u -= q;
     }
     unreachable!("cut >= 1")
+}
+
+/// HF's nucleus filter over `order` (renormalised over it): sorts a growing head of
+/// `order` until it holds `top_p` of the mass, and returns how many tokens to keep (>= 1).
+fn nucleus(
+    order: &mut [usize],
+    prob: &dyn Fn(usize) -> f64,
+    top_p: f64,
+    desc: impl Fn(&usize, &usize) -> std::cmp::Ordering + Copy,
+) -> usize {
+    let total: f64 = order.iter().map(|&i| prob(i)).sum();
+    let len = order.len();
+    let mut k = len.min(64);
+    loop {
+        if k < len {
+            order.select_nth_unstable_by(k - 1, desc);
+        }
+        order[..k].sort_unstable_by(desc);
+        let mut cum = 0.0;
+        for (n, &i) in order[..k].iter().enumerate() {
+            if n > 0 && cum >= top_p {
+                return n;
+            }
+            cum += prob(i) / total;
+        }
+        if k == len {
+            return len;
+        }
+        k = (k * 8).min(len);
+    }
 }
 
 fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
@@ -243,6 +267,43 @@ mod tests {
             .map(|_| sample_token(&logits, &p, &mut rng).0)
             .collect();
         assert_eq!(picks, [1, 3].into_iter().collect());
+    }
+
+    #[test]
+    fn nucleus_on_a_large_vocabulary_keeps_exactly_the_full_sort_head() {
+        // 1000 tokens; the top 150 hold most mass, so the partial sort must grow past 64.
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| {
+                if i % 7 == 0 {
+                    3.0 + (i % 13) as f32 * 0.01
+                } else {
+                    -2.0
+                }
+            })
+            .collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            ..Default::default()
+        };
+        let logp = log_softmax(&logits);
+        let mut sorted: Vec<usize> = (0..1000).collect();
+        sorted.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let mut cum = 0.0;
+        let mut want = std::collections::HashSet::new();
+        for &i in &sorted {
+            if !want.is_empty() && cum >= 0.9 {
+                break;
+            }
+            cum += (logp[i] as f64).exp();
+            want.insert(i as u32);
+        }
+        assert!(want.len() > 64, "{}", want.len());
+        let mut rng = StdRng::seed_from_u64(5);
+        let got: std::collections::HashSet<u32> = (0..4000)
+            .map(|_| sample_token(&logits, &p, &mut rng).0)
+            .collect();
+        assert!(got.is_subset(&want) && got.len() as f64 > 0.9 * want.len() as f64);
     }
 
     #[test]

@@ -21,14 +21,6 @@ impl<B: Backend> Proj<B> {
         }
     }
 
-    pub fn d_in(&self) -> usize {
-        self.weight.dims()[0]
-    }
-
-    pub fn d_out(&self) -> usize {
-        self.weight.dims()[1]
-    }
-
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let y = matmul_2d(x, self.weight.val());
         match &self.bias {

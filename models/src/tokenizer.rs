@@ -203,10 +203,6 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
-    }
-
     /// The model's own template, or the named built-in `fallback` when it has none.
     pub fn template(&self, name: Option<&str>) -> Result<ChatTemplate> {
         match name {
