@@ -2,9 +2,11 @@
 
 mod data;
 mod device;
+mod export;
 mod generate;
 mod new_model;
 mod score;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,10 @@ enum Command {
     Score(score::Args),
     /// Inspect, convert and prepare datasets.
     Data(data::Args),
+    /// Train with a recipe (SFT or LoRA; more methods follow the same loop).
+    Train(train::Args),
+    /// Write a run, checkpoint or adapter as a Hugging Face model (or PEFT adapter).
+    Export(export::Args),
 }
 
 fn main() {
@@ -38,6 +44,8 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Data(a) => data::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Export(a) => export::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

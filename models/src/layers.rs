@@ -5,12 +5,15 @@ use burn::module::Param;
 use burn::prelude::*;
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::lora::LoraAdapter;
 
-/// `y = x W + b` with `W` stored `[d_in, d_out]` (burn layout; HF stores `[d_out, d_in]`).
+/// `y = x W + b` with `W` stored `[d_in, d_out]` (burn layout; HF stores `[d_out, d_in]`),
+/// plus an optional LoRA update.
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Proj<B> {
@@ -18,14 +21,22 @@ impl<B: Backend> Proj<B> {
         Self {
             weight: Param::from_tensor(weight),
             bias: bias.map(Param::from_tensor),
+            lora: None,
         }
     }
 
+    /// PEFT's order: `(x W + b) + scale * dropout(x) A B`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let adapter = self.lora.as_ref().filter(|l| l.enabled);
+        let lora_in = adapter.map(|_| x.clone());
         let y = matmul_2d(x, self.weight.val());
-        match &self.bias {
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
+        };
+        match (adapter, lora_in) {
+            (Some(l), Some(x)) => y + l.delta(x),
+            _ => y,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod generate;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod mask;
 pub mod presets;
 pub mod scoring;

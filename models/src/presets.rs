@@ -122,3 +122,94 @@ impl WeightSource for RandomInit {
         })
     }
 }
+
+/// What `burnish new-model` (and a recipe's `[model] init_preset`) builds.
+pub struct NewModelSpec<'a> {
+    pub preset: &'a str,
+    pub arch: &'a str,
+    pub tokenizer_dir: &'a std::path::Path,
+    pub out: &'a std::path::Path,
+    pub seed: u64,
+    /// Template stored when the tokenizer carries none.
+    pub chat_template: &'a str,
+    pub dtype: crate::weights::DiskDtype,
+}
+
+/// End-of-turn markers of common chat formats; any present in the vocabulary also stops generation.
+const END_OF_TURN: &[&str] = &[
+    "<|end|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "</s>",
+    "<|endoftext|>",
+];
+
+/// The config of a new model of `preset` for the tokenizer in `tokenizer_dir` (its special
+/// tokens and end-of-turn markers become the config's ids), and that tokenizer.
+pub fn new_model_config(
+    preset: &str,
+    arch: &str,
+    tokenizer_dir: &std::path::Path,
+) -> Result<(ModelConfig, crate::TextTokenizer)> {
+    let tok = crate::TextTokenizer::from_dir(tokenizer_dir)?;
+    let mut eos: Vec<u32> = tok.eos_id.into_iter().collect();
+    eos.extend(END_OF_TURN.iter().filter_map(|t| tok.token_to_id(t)));
+    eos.sort_unstable();
+    eos.dedup();
+    let tokens = PresetTokens {
+        bos: tok.bos_id,
+        eos,
+        pad: tok.pad_id.or(tok.eos_id),
+    };
+    let cfg = preset_config(preset, arch, padded_vocab(tok.vocab_size()), &tokens)?;
+    Ok((cfg, tok))
+}
+
+/// Write a seeded random-init model in full HF layout: config, weights, tokenizer files,
+/// chat template and generation config.
+pub fn write_new_model(spec: &NewModelSpec<'_>) -> Result<ModelConfig> {
+    use crate::checkpoint::{copy_tokenizer_files, save_model, SaveOptions};
+    use crate::weights::write_atomic;
+
+    let (cfg, tok) = new_model_config(spec.preset, spec.arch, spec.tokenizer_dir)?;
+    let model = crate::CausalLm::<crate::backend::Cpu>::from_source(
+        &cfg,
+        &mut RandomInit::new(spec.seed, 0.02),
+        &Default::default(),
+    )?;
+    let opts = SaveOptions {
+        dtype: spec.dtype,
+        ..Default::default()
+    };
+    save_model(&model, &cfg, spec.out, None, &opts)?;
+    copy_tokenizer_files(spec.tokenizer_dir, spec.out)?;
+    ensure_chat_template(spec.out, &tok, spec.chat_template)?;
+    let gen = json!({"bos_token_id": tok.bos_id, "eos_token_id": cfg.eos_token_ids, "pad_token_id": cfg.pad_token_id});
+    write_atomic(
+        &spec.out.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen)?.as_bytes(),
+    )?;
+    Ok(cfg)
+}
+
+/// Store the named template in tokenizer_config.json when the tokenizer has none.
+fn ensure_chat_template(
+    out: &std::path::Path,
+    tok: &crate::TextTokenizer,
+    name: &str,
+) -> Result<()> {
+    use anyhow::Context;
+    if tok.chat_template.is_some() {
+        return Ok(());
+    }
+    let template = crate::ChatTemplate::named(name)?;
+    let path = out.join("tokenizer_config.json");
+    let mut cfg: Value = if path.exists() {
+        serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?
+    } else {
+        json!({})
+    };
+    cfg["chat_template"] = Value::String(template.source);
+    crate::weights::write_atomic(&path, serde_json::to_string_pretty(&cfg)?.as_bytes())
+}

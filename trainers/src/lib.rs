@@ -1,1 +1,15 @@
+//! The shared training loop and the methods that plug into it.
 
+pub mod estimate;
+pub mod method;
+pub mod metrics;
+pub mod optim;
+pub mod recipe;
+pub mod schedule;
+pub mod session;
+pub mod sft;
+pub mod train_loop;
+pub mod weights;
+
+pub use recipe::Recipe;
+pub use session::{dry_run, train, TrainOptions, TrainReport};

@@ -1,0 +1,89 @@
+//! `burnish export`: a run, checkpoint or adapter directory to a Hugging Face model
+//! directory, merging LoRA adapters into the base weights on request.
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use std::path::{Path, PathBuf};
+
+use models::checkpoint::{copy_tokenizer_files, load_model, save_model, SaveOptions};
+use models::weights::DiskDtype;
+
+use crate::peft::{is_adapter_dir, load_adapter, read_adapter_config, save_adapter};
+use crate::run_dir::latest_checkpoint;
+
+/// The directory holding weights: itself when it has `config.json` or an adapter, else a
+/// run's `final/`, else its newest checkpoint.
+pub fn resolve_weights_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").exists() || is_adapter_dir(path) {
+        return Ok(path.to_path_buf());
+    }
+    let fin = path.join("final");
+    if fin.join("config.json").exists() || is_adapter_dir(&fin) {
+        return Ok(fin);
+    }
+    match latest_checkpoint(path)? {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "{} holds no model: expected config.json, adapter_config.json, a final/ export or step-NNNNNN/ checkpoints",
+            path.display()
+        ),
+    }
+}
+
+pub struct ExportRequest<'a> {
+    pub source: &'a Path,
+    pub out: &'a Path,
+    pub merge: bool,
+    /// Base model for an adapter; default: the adapter's `base_model_name_or_path`.
+    pub base: Option<&'a Path>,
+    pub dtype: DiskDtype,
+}
+
+/// Export and return a one-line description of what was written.
+pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result<String> {
+    let src = resolve_weights_dir(req.source)?;
+    let opts = SaveOptions {
+        dtype: req.dtype,
+        ..Default::default()
+    };
+    if !is_adapter_dir(&src) {
+        let (cfg, model) = load_model::<B>(&src, device)?;
+        save_model(&model, &cfg, req.out, Some(&src), &opts)?;
+        return Ok(format!(
+            "full model from {} -> {}",
+            src.display(),
+            req.out.display()
+        ));
+    }
+    let adapter = read_adapter_config(&src)?;
+    let base: PathBuf = match req.base {
+        Some(b) => b.to_path_buf(),
+        None if !adapter.base_model.is_empty() => PathBuf::from(&adapter.base_model),
+        None => bail!("{} names no base model; pass --base DIR", src.display()),
+    };
+    let (cfg, model) = load_model::<B>(&base, device).with_context(|| {
+        format!(
+            "loading the base model of adapter {} (override with --base)",
+            src.display()
+        )
+    })?;
+    let (model, settings) = load_adapter(model, &src)?;
+    if req.merge {
+        let merged = model.merge_adapters();
+        save_model(&merged, &cfg, req.out, Some(&base), &opts)?;
+        Ok(format!(
+            "merged adapter {} into {} -> {}",
+            src.display(),
+            base.display(),
+            req.out.display()
+        ))
+    } else {
+        save_adapter(&model, &settings, &adapter.base_model, req.out, req.dtype)?;
+        copy_tokenizer_files(&base, req.out)?;
+        Ok(format!(
+            "adapter {} -> {}",
+            src.display(),
+            req.out.display()
+        ))
+    }
+}

@@ -1,0 +1,209 @@
+//! LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` with
+//! PEFT's tensor names, so `PeftModel.from_pretrained` loads them unchanged (and back).
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use models::lora::LoraSettings;
+use models::weights::{
+    write_atomic, write_safetensors, DiskDtype, SafetensorsReader, TensorToWrite,
+};
+use models::CausalLm;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(ADAPTER_CONFIG).exists()
+}
+
+fn tensor_name(module: &str, which: &str) -> String {
+    format!("base_model.model.{module}.{which}.weight")
+}
+
+fn transposed<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+    t.transpose()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data")
+}
+
+/// Write the model's adapters as PEFT does. `base_model` is recorded as
+/// `base_model_name_or_path`.
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    settings: &LoraSettings,
+    base_model: &str,
+    out: &Path,
+    dtype: DiskDtype,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let layers = model.linear_layers();
+    let mut writes: Vec<TensorToWrite<'_>> = Vec::new();
+    let mut targets: Vec<&str> = Vec::new();
+    for (path, name, proj) in &layers {
+        let Some(l) = &proj.lora else { continue };
+        if !targets.contains(name) {
+            targets.push(name);
+        }
+        let [d_in, r] = l.a.dims();
+        let d_out = l.b.dims()[1];
+        writes.push(TensorToWrite {
+            name: tensor_name(path, "lora_A"),
+            shape: vec![r, d_in],
+            values: Box::new(move || transposed(l.a.val())),
+        });
+        writes.push(TensorToWrite {
+            name: tensor_name(path, "lora_B"),
+            shape: vec![d_out, r],
+            values: Box::new(move || transposed(l.b.val())),
+        });
+    }
+    if writes.is_empty() {
+        bail!("the model has no LoRA adapters to save");
+    }
+    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    write_safetensors(&out.join(ADAPTER_WEIGHTS), &writes, dtype, &meta)?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": targets,
+        "use_rslora": settings.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_dora": false,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null
+    });
+    write_atomic(
+        &out.join(ADAPTER_CONFIG),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
+}
+
+/// An adapter directory's settings and the base model it names.
+pub struct AdapterConfig {
+    pub settings: LoraSettings,
+    pub base_model: String,
+}
+
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let peft_type = field("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    if peft_type != "LORA" {
+        bail!(
+            "{}: peft_type `{peft_type}` is not supported (only LORA)",
+            path.display()
+        );
+    }
+    if field("use_dora").and_then(Value::as_bool).unwrap_or(false) {
+        bail!(
+            "{}: DoRA adapters (use_dora = true) are not supported",
+            path.display()
+        );
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if field(k)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
+            bail!("{}: per-module `{k}` is not supported", path.display());
+        }
+    }
+    let r = field("r")
+        .and_then(Value::as_u64)
+        .with_context(|| format!("{}: missing integer `r`", path.display()))?;
+    let targets = match field("target_modules") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        _ => bail!(
+            "{}: missing `target_modules` (a list of module names)",
+            path.display()
+        ),
+    };
+    let settings = LoraSettings {
+        r: r as usize,
+        alpha: field("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0),
+        dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        target_modules: targets,
+        use_rslora: field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    settings
+        .targets()
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(AdapterConfig {
+        settings,
+        base_model: field("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+    })
+}
+
+/// Add the adapters stored in `dir` (PEFT format) to `model`; the base is frozen.
+pub fn load_adapter<B: Backend>(
+    model: CausalLm<B>,
+    dir: &Path,
+) -> Result<(CausalLm<B>, LoraSettings)> {
+    let cfg = read_adapter_config(dir)?;
+    let mut model = model.with_lora(&cfg.settings, 0)?;
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    let mut reader = SafetensorsReader::open_files(std::slice::from_ref(&weights))?;
+    let device = model.device();
+    let mut read = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
+        let (got, values) = reader
+            .read_f32(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", weights.display()))?;
+        if got != shape {
+            bail!(
+                "{}: `{name}` has shape {got:?}, expected {shape:?}",
+                weights.display()
+            );
+        }
+        Ok(Tensor::<B, 2>::from_data(TensorData::new(values, shape), &device).transpose())
+    };
+    for (path, _, proj) in model.linear_layers_mut() {
+        let Some(l) = proj.lora.as_mut() else {
+            continue;
+        };
+        let [d_in, r] = l.a.dims();
+        let d_out = l.b.dims()[1];
+        let a = read(&tensor_name(&path, "lora_A"), [r, d_in])?;
+        let b = read(&tensor_name(&path, "lora_B"), [d_out, r])?;
+        *l = models::lora::LoraAdapter::from_tensors(a, b, &cfg.settings);
+    }
+    let unused = reader.unused();
+    if !unused.is_empty() {
+        bail!(
+            "{}: {} tensors match no targeted layer of this model (first: `{}`); is it an adapter for another architecture?",
+            weights.display(),
+            unused.len(),
+            unused[0]
+        );
+    }
+    Ok((model, cfg.settings))
+}

@@ -1,0 +1,73 @@
+//! Writes `tests/fixtures/peft/`: a LoRA adapter for the tiny-llama fixture, exported by
+//! burnish's own PEFT writer, and the merged model from `burnish export --merge`'s code
+//! path. `scripts/parity/check_peft_export.py` then loads both with transformers + PEFT
+//! and records their logits for the `peft_parity` test.
+//!
+//!     cargo run --release --example make_peft_fixture && python3 scripts/parity/check_peft_export.py
+
+use anyhow::Result;
+use burn::module::Param;
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+
+use checkpoints::export::{export, ExportRequest};
+use checkpoints::peft::save_adapter;
+use models::backend::Cpu;
+use models::checkpoint::load_model;
+use models::lora::LoraSettings;
+use models::weights::DiskDtype;
+
+fn main() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let base = root.join("tests/fixtures/models/tiny-llama");
+    let out = root.join("tests/fixtures/peft");
+    let device = Default::default();
+    let (_, model) = load_model::<Cpu>(&base, &device)?;
+    let settings = LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.05,
+        target_modules: vec![
+            "q_proj".into(),
+            "v_proj".into(),
+            "o_proj".into(),
+            "up_proj".into(),
+            "down_proj".into(),
+        ],
+        use_rslora: true,
+    };
+    let mut model = model.with_lora(&settings, 3)?;
+    // A trained adapter has B != 0; draw one so the adapter changes the logits.
+    let mut rng = StdRng::seed_from_u64(11);
+    for (_, _, proj) in model.linear_layers_mut() {
+        if let Some(l) = proj.lora.as_mut() {
+            let [r, d_out] = l.b.dims();
+            let v: Vec<f32> = (0..r * d_out)
+                .map(|_| rng.random_range(-0.2..0.2))
+                .collect();
+            l.b = Param::from_tensor(Tensor::from_data(TensorData::new(v, [r, d_out]), &device));
+        }
+    }
+    let adapter = out.join("adapter");
+    save_adapter(
+        &model,
+        &settings,
+        "tests/fixtures/models/tiny-llama",
+        &adapter,
+        DiskDtype::F32,
+    )?;
+    let msg = export::<Cpu>(
+        &ExportRequest {
+            source: &adapter,
+            out: &out.join("merged"),
+            merge: true,
+            base: Some(&base),
+            dtype: DiskDtype::F32,
+        },
+        &device,
+    )?;
+    println!("wrote {} and {msg}", adapter.display());
+    Ok(())
+}

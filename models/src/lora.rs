@@ -1,0 +1,303 @@
+//! LoRA adapters inside [`Proj`], initialised, scaled and named as PEFT does, so adapters
+//! move between burnish and PEFT unchanged.
+
+use anyhow::{bail, Result};
+use burn::module::Param;
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{matmul_2d, Proj};
+use crate::llama::CausalLm;
+
+/// Every linear layer of a decoder block, in PEFT's `all-linear` order.
+pub const LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// `delta(x) = scale * dropout(x) A B`, with `A: [d_in, r]` and `B: [r, d_out]` (burn layout;
+/// PEFT stores `lora_A.weight: [r, d_in]` and `lora_B.weight: [d_out, r]`).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    pub a: Param<Tensor<B, 2>>,
+    pub b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: f64,
+    /// Off: the layer computes the frozen base alone (a reference model without a copy).
+    pub enabled: bool,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// PEFT's default init: `A` from `kaiming_uniform_(a=sqrt(5))`, i.e. uniform in
+    /// `±1/sqrt(d_in)`, and `B = 0`, so a new adapter leaves the model unchanged.
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        settings: &LoraSettings,
+        rng: &mut StdRng,
+        device: &B::Device,
+    ) -> Self {
+        let r = settings.r;
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a: Vec<f32> = (0..d_in * r)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        Self::from_tensors(
+            Tensor::from_data(TensorData::new(a, [d_in, r]), device),
+            Tensor::zeros([r, d_out], device),
+            settings,
+        )
+    }
+
+    pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, settings: &LoraSettings) -> Self {
+        Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            scale: settings.scale(),
+            dropout: settings.dropout,
+            enabled: true,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            // Inverted dropout, as torch.nn.Dropout.
+            let mask = dropout_mask(x.dims(), self.dropout, &x.device());
+            x * mask
+        } else {
+            x
+        };
+        matmul_2d(matmul_2d(x, self.a.val()), self.b.val()).mul_scalar(self.scale)
+    }
+
+    /// `scale * A B`, the update merging adds to the `[d_in, d_out]` base weight.
+    pub fn merged_delta(&self) -> Tensor<B, 2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+}
+
+thread_local! {
+    /// (seed, masks drawn since it was set) of this thread's dropout stream.
+    static DROPOUT_STREAM: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Restart this thread's dropout stream. The training loop calls it before every step with
+/// a seed derived from (recipe seed, step), so masks depend on nothing but the step: runs
+/// repeat exactly, resumed runs draw the masks the uninterrupted run drew, and threads
+/// (tests, data-parallel replicas) never disturb each other, as they would through burn's
+/// process-wide backend RNG.
+pub fn reseed_dropout(seed: u64) {
+    DROPOUT_STREAM.with(|s| s.set((seed, 0)));
+}
+
+/// A `{0, 1/keep}` mask, drawn on the host from the thread's dropout stream.
+fn dropout_mask<B: Backend, const D: usize>(
+    dims: [usize; D],
+    p: f64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let (seed, n) = DROPOUT_STREAM.with(|s| {
+        let v = s.get();
+        s.set((v.0, v.1 + 1));
+        v
+    });
+    let mut rng = StdRng::seed_from_u64(seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let len: usize = dims.iter().product();
+    let values: Vec<f32> = (0..len)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, dims), device)
+}
+
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_r() -> usize {
+    8
+}
+fn default_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
+}
+
+/// The `[adapter]` section of a recipe; key names follow PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module names (`q_proj`, ...) or `["all-linear"]`.
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            target_modules: default_targets(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraSettings {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// The targeted module names, `all-linear` expanded, each checked.
+    pub fn targets(&self) -> Result<Vec<&'static str>> {
+        if self.r == 0 {
+            bail!("[adapter] r must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("[adapter] dropout must be in [0, 1), got {}", self.dropout);
+        }
+        let mut out = Vec::new();
+        for t in &self.target_modules {
+            if t == "all-linear" {
+                return Ok(LINEAR_MODULES.to_vec());
+            }
+            match LINEAR_MODULES.iter().find(|m| **m == t.as_str()) {
+                Some(m) => out.push(*m),
+                None => bail!(
+                    "[adapter] target_modules: unknown module `{t}`; expected `all-linear` or some of {}",
+                    LINEAR_MODULES.join(", ")
+                ),
+            }
+        }
+        if out.is_empty() {
+            bail!("[adapter] target_modules is empty");
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Every linear layer of the decoder blocks with its HF module path
+    /// (`model.layers.0.self_attn.q_proj`) and short name (`q_proj`).
+    pub fn linear_layers(&self) -> Vec<(String, &'static str, &Proj<B>)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            let projs = [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ];
+            for (name, p) in LINEAR_MODULES.iter().zip(projs) {
+                out.push((module_path(l, name), *name, p));
+            }
+        }
+        out
+    }
+
+    pub fn linear_layers_mut(&mut self) -> Vec<(String, &'static str, &mut Proj<B>)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            let projs = [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ];
+            for (name, p) in LINEAR_MODULES.iter().zip(projs) {
+                out.push((module_path(l, name), *name, p));
+            }
+        }
+        out
+    }
+
+    /// Freeze every base weight (no gradients, no optimizer state) and add fresh adapters
+    /// to the targeted layers; `seed` makes their init reproducible.
+    pub fn with_lora(self, settings: &LoraSettings, seed: u64) -> Result<Self> {
+        let targets = settings.targets()?;
+        let mut model = self.no_grad();
+        let device = model.device();
+        let mut rng = StdRng::seed_from_u64(seed);
+        for (_, name, proj) in model.linear_layers_mut() {
+            if targets.contains(&name) {
+                let [d_in, d_out] = proj.weight.dims();
+                proj.lora = Some(LoraAdapter::new(d_in, d_out, settings, &mut rng, &device));
+            }
+        }
+        Ok(model)
+    }
+
+    pub fn has_adapters(&self) -> bool {
+        self.linear_layers()
+            .iter()
+            .any(|(_, _, p)| p.lora.is_some())
+    }
+
+    /// Switch every adapter on or off (off = the frozen base model).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, _, p) in self.linear_layers_mut() {
+            if let Some(l) = p.lora.as_mut() {
+                l.enabled = enabled;
+            }
+        }
+    }
+
+    /// Fold every adapter into its base weight: `W += scale * A B`; adapters are removed.
+    pub fn merge_adapters(mut self) -> Self {
+        for (_, _, p) in self.linear_layers_mut() {
+            if let Some(l) = p.lora.take() {
+                let w = p.weight.val() + l.merged_delta();
+                p.weight = Param::from_tensor(w);
+            }
+        }
+        self
+    }
+}
+
+fn module_path(layer: usize, name: &str) -> String {
+    let block = if ["gate_proj", "up_proj", "down_proj"].contains(&name) {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{layer}.{block}.{name}")
+}

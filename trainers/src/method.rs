@@ -1,0 +1,52 @@
+//! The seam between the shared loop and a training method. A method turns its data (or its
+//! own rollouts) into micro-batches and says how to score one; the loop owns everything
+//! else: accumulation, clipping, the optimizer, schedules, evaluation, logging, checkpoints.
+
+use anyhow::Result;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use models::CausalLm;
+
+/// A micro-batch's summed loss and metrics. The loop divides both by the total weight of
+/// the accumulated batch, so the update does not depend on how it was split.
+pub struct LossOutput<B: Backend> {
+    pub loss_sum: Tensor<B, 1>,
+    /// Metric sums (`name`, value), normalised by the loop the same way as the loss.
+    pub metric_sums: Vec<(&'static str, f64)>,
+}
+
+pub trait Method<B: AutodiffBackend> {
+    type Batch;
+
+    /// The micro-batches of the next optimizer step, or `None` when the data is exhausted.
+    /// Online methods roll out `policy` here.
+    fn next_step(
+        &mut self,
+        policy: &CausalLm<B>,
+        micro_batches: usize,
+    ) -> Result<Option<Vec<Self::Batch>>>;
+
+    /// What the loss is averaged over (trained tokens for SFT, pairs for DPO).
+    fn weight(&self, batch: &Self::Batch) -> f64;
+
+    /// Tokens through the model, for throughput.
+    fn tokens(&self, batch: &Self::Batch) -> usize;
+
+    /// Summed loss of one micro-batch, on any backend (autodiff for training, the inner
+    /// backend for evaluation).
+    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &Self::Batch) -> LossOutput<Bk>;
+
+    /// Held-out micro-batches, in a fixed order.
+    fn eval_batches(&self) -> Vec<Self::Batch>;
+
+    /// Optimizer steps in one pass over the data, when that is defined.
+    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize>;
+
+    /// Fractional epochs completed.
+    fn epoch(&self) -> f64;
+
+    /// The data cursor, saved in checkpoints, and its restore.
+    fn cursor(&self) -> serde_json::Value;
+    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()>;
+}

@@ -1,0 +1,445 @@
+//! Recipes: TOML parsed into typed sections, with `--set section.key=value` overrides and
+//! errors that name an unknown key and the closest valid one.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use datasets::config::DataConfig;
+use models::lora::LoraSettings;
+
+/// Training methods the loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodName {
+    Sft,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub method: MethodName,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub model: ModelSection,
+    /// Present: train LoRA adapters on a frozen base. Absent: full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSection>,
+    pub data: DataConfig,
+    pub train: TrainSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model directory (config.json + safetensors + tokenizer.json).
+    pub path: PathBuf,
+    /// Training precision. Master weights, gradients and optimizer state are float32.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// When `path` does not exist, build a seeded random-init model of this preset there
+    /// (tiny, small or base) with the tokenizer in `init_tokenizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_preset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_tokenizer: Option<PathBuf>,
+    #[serde(default)]
+    pub init_seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// Only `lora` for now (QLoRA adds a quantised base).
+    #[serde(rename = "type", default = "default_adapter_type")]
+    pub kind: String,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+    /// `down_proj`) or `["all-linear"]`.
+    #[serde(default = "default_targets", deserialize_with = "one_or_many")]
+    pub target_modules: Vec<String>,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+impl AdapterSection {
+    pub fn lora(&self) -> LoraSettings {
+        LoraSettings {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+        }
+    }
+}
+
+/// `target_modules = "all-linear"` or a list, as PEFT accepts both.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub output_dir: PathBuf,
+    /// Start over in an output_dir that holds an earlier run (its checkpoints, metrics and
+    /// export are removed). Without it, such a run needs `--resume auto`.
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
+    #[serde(default = "default_batch")]
+    pub per_device_train_batch_size: usize,
+    #[serde(default = "default_batch")]
+    pub per_device_eval_batch_size: usize,
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "default_schedule")]
+    pub lr_scheduler_type: Schedule,
+    /// Warmup in steps; when 0, `warmup_ratio` of the total steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+    /// Global-norm gradient clipping; 0 turns it off.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Optimizer steps to run; 0 means `num_train_epochs` decides.
+    #[serde(default)]
+    pub max_steps: usize,
+    #[serde(default = "default_epochs")]
+    pub num_train_epochs: f64,
+    /// Evaluate every N steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub eval_steps: usize,
+    /// Evaluate before the first step, so the curve shows where training started.
+    #[serde(default = "yes")]
+    pub eval_on_start: bool,
+    /// Checkpoint every N steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub save_steps: usize,
+    /// Keep the newest N checkpoints; 0 keeps all.
+    #[serde(default = "default_keep")]
+    pub save_total_limit: usize,
+    #[serde(default = "one")]
+    pub logging_steps: usize,
+    /// dtype of the final export: float32, bfloat16 or float16.
+    #[serde(default = "default_export_dtype")]
+    pub export_dtype: String,
+    /// Chat prompts generated from before and after training (greedy), printed and logged.
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    #[serde(default = "default_sample_tokens")]
+    pub sample_max_new_tokens: usize,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_dtype() -> String {
+    "float32".into()
+}
+fn default_adapter_type() -> String {
+    "lora".into()
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
+}
+fn default_batch() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_lr() -> f64 {
+    2e-5
+}
+fn default_schedule() -> Schedule {
+    Schedule::Linear
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_epochs() -> f64 {
+    3.0
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_export_dtype() -> String {
+    "float32".into()
+}
+fn default_sample_tokens() -> usize {
+    48
+}
+
+impl Recipe {
+    /// Read a recipe file and apply `section.key=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("in recipe {}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("{}", with_suggestion(&e.to_string())))?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.data.validate()?;
+        let t = &self.train;
+        if t.per_device_train_batch_size == 0 || t.per_device_eval_batch_size == 0 {
+            bail!("[train] batch sizes must be at least 1");
+        }
+        if t.gradient_accumulation_steps == 0 {
+            bail!("[train] gradient_accumulation_steps must be at least 1");
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            bail!(
+                "[train] learning_rate must be positive, got {}",
+                t.learning_rate
+            );
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            bail!(
+                "[train] warmup_ratio must be in [0, 1), got {}",
+                t.warmup_ratio
+            );
+        }
+        if t.max_steps == 0 && t.num_train_epochs <= 0.0 {
+            bail!("[train] set max_steps or a positive num_train_epochs");
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            bail!("[train] adam_beta1 and adam_beta2 must be in [0, 1)");
+        }
+        models::weights::DiskDtype::parse(&t.export_dtype).context("[train] export_dtype")?;
+        if self.model.dtype != "float32" {
+            bail!(
+                "[model] dtype `{}`: training runs in float32 (master weights, gradients and Adam state); \
+                 use [train] export_dtype = \"bfloat16\" for a half-precision export",
+                self.model.dtype
+            );
+        }
+        if let Some(a) = &self.adapter {
+            if a.kind != "lora" {
+                bail!(
+                    "[adapter] type `{}` is not supported; expected `lora`",
+                    a.kind
+                );
+            }
+            a.lora().targets()?;
+        }
+        if self.model.init_preset.is_some() != self.model.init_tokenizer.is_some() {
+            bail!("[model] init_preset and init_tokenizer go together: set both or neither");
+        }
+        Ok(())
+    }
+
+    /// The resolved recipe (every default filled in), as written to the run directory.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Hash of the fields that shape the loss curve: resuming with a different one would
+    /// silently continue another experiment.
+    pub fn fingerprint(&self) -> String {
+        let mut r = self.clone();
+        r.train.output_dir = PathBuf::new();
+        r.train.save_steps = 0;
+        r.train.save_total_limit = 0;
+        r.train.sample_prompts.clear();
+        r.train.max_steps = 0;
+        r.train.num_train_epochs = 0.0;
+        let text = toml::to_string(&r).unwrap_or_default();
+        blake3_hex(text.as_bytes())
+    }
+}
+
+fn blake3_hex(bytes: &[u8]) -> String {
+    let mut fp = datasets::cache::Fingerprint::new();
+    fp.field("recipe", bytes);
+    fp.hex()
+}
+
+/// `section.key=value` (or `key=value` at the top level). The value is read as TOML
+/// (`3`, `1e-4`, `true`, `["a","b"]`) and as a plain string when it is not valid TOML.
+pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let (path, raw) = spec
+        .split_once('=')
+        .with_context(|| format!("--set `{spec}`: expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("--set `{spec}`: empty key in `{path}`");
+    }
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut cur = table;
+    for k in &keys[..keys.len() - 1] {
+        let entry = cur
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = entry
+            .as_table_mut()
+            .with_context(|| format!("--set `{spec}`: `{k}` is not a section"))?;
+    }
+    cur.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// serde names an unknown field and lists the expected ones; add the closest of them.
+fn with_suggestion(msg: &str) -> String {
+    let Some(rest) = msg.split("unknown field `").nth(1) else {
+        return msg.to_string();
+    };
+    let parts: Vec<&str> = rest.split('`').collect();
+    let unknown = parts[0];
+    let expected: Vec<&str> = parts.iter().skip(2).step_by(2).copied().collect();
+    let best = expected
+        .iter()
+        .map(|e| (strsim::jaro_winkler(unknown, e), *e))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((score, name)) if score > 0.7 => format!("{msg}\ndid you mean `{name}`?"),
+        _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+method = "sft"
+[model]
+path = "m"
+[data]
+files = ["d.jsonl"]
+[train]
+output_dir = "out"
+"#;
+
+    #[test]
+    fn defaults_overrides_and_round_trip() {
+        let r = Recipe::parse(
+            MINIMAL,
+            &[
+                "train.learning_rate=1e-4".into(),
+                "seed=7".into(),
+                "adapter.r=4".into(),
+                "adapter.target_modules=\"all-linear\"".into(),
+                "train.output_dir=runs/x".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.train.learning_rate, 1e-4);
+        assert_eq!(r.seed, 7);
+        assert_eq!(r.train.output_dir, PathBuf::from("runs/x"));
+        let a = r.adapter.as_ref().unwrap();
+        assert_eq!(a.r, 4);
+        assert_eq!(a.lora().targets().unwrap().len(), 7);
+        assert_eq!(r.train.gradient_accumulation_steps, 1);
+        let again = Recipe::parse(&r.to_toml().unwrap(), &[]).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_closest_valid_one() {
+        let bad = MINIMAL.replace("output_dir", "lerning_rate = 1.0\noutput_dir");
+        let e = format!("{:#}", Recipe::parse(&bad, &[]).unwrap_err());
+        assert!(
+            e.contains("lerning_rate") && e.contains("did you mean `learning_rate`"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Recipe::parse(MINIMAL, &["train.gradient_acumulation_steps=2".into()]).unwrap_err()
+        );
+        assert!(
+            e.contains("did you mean `gradient_accumulation_steps`"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Recipe::parse(MINIMAL, &["model.pth=x".into()]).unwrap_err()
+        );
+        assert!(e.contains("did you mean `path`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let e = format!(
+            "{:#}",
+            Recipe::parse(MINIMAL, &["train.gradient_accumulation_steps=0".into()]).unwrap_err()
+        );
+        assert!(e.contains("gradient_accumulation_steps"), "{e}");
+        let e = format!(
+            "{:#}",
+            Recipe::parse(MINIMAL, &["method=\"ppo2\"".into()]).unwrap_err()
+        );
+        assert!(e.contains("ppo2"), "{e}");
+        let e = format!(
+            "{:#}",
+            Recipe::parse(MINIMAL, &["adapter.target_modules=[\"qproj\"]".into()]).unwrap_err()
+        );
+        assert!(e.contains("qproj"), "{e}");
+    }
+}

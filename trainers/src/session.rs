@@ -1,0 +1,424 @@
+//! `burnish train`: from a recipe to a finished (or resumable) run directory. Sets up the
+//! model (building it when the recipe asks), the data and the method, runs the shared loop
+//! and exports the result in Hugging Face layout.
+
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use checkpoints::TrainerState;
+use datasets::cache::Dataset;
+use datasets::prepare::{prepare, Prepared};
+use models::checkpoint::{load_config, load_model, load_tokenizer};
+use models::generate::{generate, SamplingParams};
+use models::presets::{new_model_config, write_new_model, NewModelSpec};
+use models::weights::{write_atomic, DiskDtype};
+use models::{CausalLm, Message, ModelConfig, TextTokenizer};
+
+use crate::estimate::{estimate, human_bytes};
+use crate::method::Method;
+use crate::optim::{trainable_params, AdamWSettings};
+use crate::recipe::{MethodName, Recipe};
+use crate::schedule::LrSchedule;
+use crate::sft::Sft;
+use crate::train_loop::{find_resume, run_loop, LoopConfig, Outcome, Resume};
+use crate::weights::WeightsFormat;
+
+pub struct TrainOptions<'a> {
+    /// `None`, `auto`, or a checkpoint / run directory.
+    pub resume: Option<String>,
+    pub show_progress: bool,
+    /// Set by Ctrl-C: save a checkpoint and stop after the current step.
+    pub stop: &'a AtomicBool,
+    /// Print progress lines (data summary, samples, where things were written).
+    pub verbose: bool,
+    /// Save and stop, as Ctrl-C does, once this many steps are done.
+    pub stop_after_steps: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct TrainReport {
+    pub outcome: Outcome,
+    pub steps: u64,
+    pub run_dir: PathBuf,
+    /// The HF export (`final/`), when the run completed.
+    pub final_dir: Option<PathBuf>,
+    pub first_eval_loss: Option<f64>,
+    pub last_eval_loss: Option<f64>,
+    pub samples_before: Vec<String>,
+    pub samples_after: Vec<String>,
+}
+
+fn say(verbose: bool, msg: impl AsRef<str>) {
+    if verbose {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
+/// Build the recipe's model when it does not exist and the recipe names a preset.
+fn ensure_model(recipe: &Recipe, verbose: bool) -> Result<()> {
+    let m = &recipe.model;
+    if m.path.join("config.json").exists() {
+        return Ok(());
+    }
+    let (Some(preset), Some(tok)) = (&m.init_preset, &m.init_tokenizer) else {
+        bail!(
+            "[model] path {} holds no model (config.json missing); point it at a Hugging Face model directory, \
+             or set init_preset and init_tokenizer to build one",
+            m.path.display()
+        );
+    };
+    let cfg = write_new_model(&NewModelSpec {
+        preset,
+        arch: "llama",
+        tokenizer_dir: tok,
+        out: &m.path,
+        seed: m.init_seed,
+        chat_template: "chatml",
+        dtype: DiskDtype::F32,
+    })?;
+    say(
+        verbose,
+        format!(
+            "built a {preset} model ({:.2}M parameters, seed {}) in {}",
+            cfg.num_parameters() as f64 / 1e6,
+            m.init_seed,
+            m.path.display()
+        ),
+    );
+    Ok(())
+}
+
+fn sft_rows(ds: Dataset, split: &str) -> Result<Vec<datasets::pack::PackedRow>> {
+    match ds {
+        Dataset::Sft(rows) => Ok(rows),
+        other => bail!(
+            "method sft trains on conversations, but the {split} data are {} rows; use a conversation format (or the method for that data)",
+            other.kind()
+        ),
+    }
+}
+
+fn total_steps(recipe: &Recipe, steps_per_epoch: Option<usize>) -> Result<usize> {
+    let t = &recipe.train;
+    if t.max_steps > 0 {
+        return Ok(t.max_steps);
+    }
+    let per_epoch = steps_per_epoch.context("[train] this method has no epochs: set max_steps")?;
+    Ok(((t.num_train_epochs * per_epoch as f64).ceil() as usize).max(1))
+}
+
+fn loop_config(recipe: &Recipe, total: usize, opts: &TrainOptions<'_>) -> LoopConfig {
+    let t = &recipe.train;
+    LoopConfig {
+        total_steps: total,
+        micro_batches: t.gradient_accumulation_steps,
+        schedule: LrSchedule {
+            peak: t.learning_rate,
+            warmup: LrSchedule::warmup_steps(t.warmup_steps, t.warmup_ratio, total),
+            total,
+            kind: t.lr_scheduler_type,
+        },
+        adam: AdamWSettings {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
+        },
+        max_grad_norm: t.max_grad_norm,
+        eval_steps: t.eval_steps,
+        eval_on_start: t.eval_on_start,
+        save_steps: t.save_steps,
+        save_total_limit: t.save_total_limit,
+        logging_steps: t.logging_steps,
+        seed: recipe.seed,
+        run_dir: t.output_dir.clone(),
+        recipe_fingerprint: recipe.fingerprint(),
+        show_progress: opts.show_progress,
+        stop_after_steps: opts.stop_after_steps,
+    }
+}
+
+/// Greedy completions of the recipe's sample prompts, rendered with the chat template.
+pub fn sample<B: Backend>(
+    model: &CausalLm<B>,
+    cfg: &ModelConfig,
+    tok: &TextTokenizer,
+    recipe: &Recipe,
+) -> Result<Vec<String>> {
+    if recipe.train.sample_prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    let template = tok.template(Some(&recipe.data.template))?;
+    let prompts: Vec<Vec<u32>> = recipe
+        .train
+        .sample_prompts
+        .iter()
+        .map(|p| {
+            let text = template.render(&[Message::new("user", p)], true, &tok.template_tokens())?;
+            tok.encode(&text, false)
+        })
+        .collect::<Result<_>>()?;
+    let mut stop_ids = tok.stop_ids.clone();
+    stop_ids.extend(cfg.eos_token_ids.iter().copied());
+    let params = SamplingParams {
+        max_new_tokens: recipe.train.sample_max_new_tokens,
+        temperature: 0.0,
+        stop_ids,
+        pad_id: tok.pad_id.or(cfg.pad_token_id).unwrap_or(0),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for p in &prompts {
+        let g = generate(model, std::slice::from_ref(p), &params, None)?;
+        out.push(tok.decode(&g[0].tokens, true)?);
+    }
+    Ok(out)
+}
+
+fn print_samples(recipe: &Recipe, label: &str, samples: &[String]) {
+    for (p, s) in recipe.train.sample_prompts.iter().zip(samples) {
+        println!("[{label}] {p}\n  -> {}", s.trim());
+    }
+}
+
+fn prepare_data(recipe: &Recipe, tok: &TextTokenizer, verbose: bool) -> Result<Prepared> {
+    let prepared = prepare(&recipe.data, tok)?;
+    say(verbose, prepared.report.summary());
+    Ok(prepared)
+}
+
+/// `--dry-run`: validate everything, load no weights, print the resolved recipe, data
+/// counts, steps and a memory estimate.
+pub fn dry_run(recipe: &Recipe) -> Result<String> {
+    let (cfg, tok) = if recipe.model.path.join("config.json").exists() {
+        let cfg = load_config(&recipe.model.path)?;
+        let tok = load_tokenizer(&recipe.model.path, &cfg)?;
+        (cfg, tok)
+    } else {
+        ensure_model_possible(recipe)?;
+        let (Some(preset), Some(tok_dir)) =
+            (&recipe.model.init_preset, &recipe.model.init_tokenizer)
+        else {
+            unreachable!("checked above")
+        };
+        new_model_config(preset, "llama", tok_dir)?
+    };
+    let prepared = prepare(&recipe.data, &tok)?;
+    let train_rows = sft_rows(prepared.train, "train")?.len();
+    let eval_rows = prepared.eval.len();
+    let mb = recipe.train.per_device_train_batch_size;
+    let per_epoch = train_rows.div_ceil(mb * recipe.train.gradient_accumulation_steps);
+    let total = total_steps(recipe, Some(per_epoch))?;
+    let lora = recipe.adapter.as_ref().map(|a| a.lora());
+    let mem = estimate(&cfg, lora.as_ref(), mb, recipe.data.max_seq_len);
+    let mut s = String::new();
+    s.push_str("# resolved recipe\n");
+    s.push_str(&recipe.to_toml()?);
+    s.push_str(&format!("\n# data\n{}\n", prepared.report.summary()));
+    s.push_str(&format!(
+        "train rows {train_rows}, eval rows {eval_rows}; {per_epoch} steps per epoch, {total} steps \
+         (micro-batch {mb} x accumulation {})\n",
+        recipe.train.gradient_accumulation_steps
+    ));
+    s.push_str(&format!(
+        "\n# memory estimate (float32 training, micro-batch {mb} x {} tokens)\n\
+         parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\ntotal       {}\n",
+        recipe.data.max_seq_len,
+        mem.params as f64 / 1e6,
+        mem.trainable as f64 / 1e6,
+        human_bytes(mem.weights),
+        human_bytes(mem.gradients),
+        human_bytes(mem.optimizer),
+        human_bytes(mem.activations),
+        human_bytes(mem.total()),
+    ));
+    Ok(s)
+}
+
+fn ensure_model_possible(recipe: &Recipe) -> Result<()> {
+    if recipe.model.init_preset.is_none() {
+        bail!(
+            "[model] path {} holds no model (config.json missing) and the recipe sets no init_preset",
+            recipe.model.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Remove an earlier run's checkpoints, metrics and export (nothing else in the directory).
+fn clear_run(run_dir: &Path) -> Result<()> {
+    for (_, dir) in checkpoints::list_checkpoints(run_dir)? {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    for name in ["final", "metrics.jsonl"] {
+        let p = run_dir.join(name);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else if p.exists() {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Load the policy: from a checkpoint when resuming, else from `[model] path`, with fresh
+/// LoRA adapters when the recipe has an `[adapter]` section.
+fn load_policy<B: AutodiffBackend>(
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    device: &B::Device,
+) -> Result<(ModelConfig, CausalLm<B>, WeightsFormat)> {
+    let base = &recipe.model.path;
+    match &recipe.adapter {
+        None => {
+            let dir = resume.unwrap_or(base);
+            let (cfg, model) = load_model::<B>(dir, device)?;
+            let tokenizer_dir = base.clone();
+            Ok((
+                cfg.clone(),
+                model,
+                WeightsFormat::Full {
+                    cfg: Box::new(cfg),
+                    tokenizer_dir,
+                },
+            ))
+        }
+        Some(a) => {
+            let settings = a.lora();
+            let (cfg, model) = load_model::<B>(base, device)?;
+            let model = match resume {
+                Some(dir) => checkpoints::peft::load_adapter(model, dir)?.0,
+                None => model.with_lora(&settings, recipe.seed)?,
+            };
+            Ok((
+                cfg,
+                model,
+                WeightsFormat::Adapter {
+                    settings,
+                    base_model: base.clone(),
+                },
+            ))
+        }
+    }
+}
+
+pub fn train<B: AutodiffBackend>(
+    recipe: &Recipe,
+    opts: &TrainOptions<'_>,
+    device: &B::Device,
+) -> Result<TrainReport> {
+    let MethodName::Sft = recipe.method;
+    let run_dir = recipe.train.output_dir.clone();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    if recipe.train.overwrite_output_dir && opts.resume.is_none() {
+        clear_run(&run_dir)?;
+    }
+    let resume_dir = find_resume(&run_dir, opts.resume.as_deref())?;
+    ensure_model(recipe, opts.verbose)?;
+    let cfg0 = load_config(&recipe.model.path)?;
+    let tok = load_tokenizer(&recipe.model.path, &cfg0)?;
+    let prepared = prepare_data(recipe, &tok, opts.verbose)?;
+    let pad = tok.pad_id.or(cfg0.pad_token_id).or(tok.eos_id).unwrap_or(0);
+    let t = &recipe.train;
+    let mut method = Sft::new(
+        sft_rows(prepared.train, "train")?,
+        sft_rows(prepared.eval, "eval")?,
+        t.per_device_train_batch_size,
+        t.per_device_eval_batch_size,
+        pad,
+        recipe.seed,
+    )?;
+    let total = total_steps(
+        recipe,
+        Method::<B>::steps_per_epoch(&method, t.gradient_accumulation_steps),
+    )?;
+    let cfg = loop_config(recipe, total, opts);
+    write_atomic(&run_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+
+    let resume = match &resume_dir {
+        Some(dir) => Some(Resume {
+            dir: dir.clone(),
+            state: TrainerState::load(dir)?,
+        }),
+        None => None,
+    };
+    let (model_cfg, model, weights) = load_policy::<B>(recipe, resume_dir.as_deref(), device)?;
+    let trainable: usize = trainable_params::<B, _>(&model)
+        .iter()
+        .map(|(_, _, s)| s.iter().product::<usize>())
+        .sum();
+    say(
+        opts.verbose,
+        format!(
+            "{} {}: {:.2}M parameters, {:.3}M trainable; {total} steps{}",
+            recipe.train.output_dir.display(),
+            if recipe.adapter.is_some() {
+                "LoRA"
+            } else {
+                "full fine-tuning"
+            },
+            model.num_params() as f64 / 1e6,
+            trainable as f64 / 1e6,
+            resume
+                .as_ref()
+                .map(|r| format!(
+                    ", resuming from step {} ({})",
+                    r.state.step,
+                    r.dir.display()
+                ))
+                .unwrap_or_default()
+        ),
+    );
+    let samples_before = if resume.is_none() {
+        let s = sample(&model.valid(), &model_cfg, &tok, recipe)?;
+        if opts.verbose {
+            print_samples(recipe, "before", &s);
+        }
+        s
+    } else {
+        vec![]
+    };
+
+    let result = run_loop(model, &mut method, &cfg, &weights, resume, opts.stop)?;
+    let mut report = TrainReport {
+        outcome: result.outcome,
+        steps: result.steps,
+        run_dir: run_dir.clone(),
+        final_dir: None,
+        first_eval_loss: result.first_eval_loss,
+        last_eval_loss: result.last_eval_loss,
+        samples_before,
+        samples_after: vec![],
+    };
+    if let Outcome::Interrupted(step) = result.outcome {
+        say(
+            opts.verbose,
+            format!("interrupted after step {step}: checkpoint saved; continue with --resume auto"),
+        );
+        return Ok(report);
+    }
+    let final_dir = run_dir.join("final");
+    let inner = result.model.valid();
+    weights.save(&inner, &final_dir, DiskDtype::parse(&t.export_dtype)?)?;
+    report.samples_after = sample(&inner, &model_cfg, &tok, recipe)?;
+    if opts.verbose {
+        print_samples(recipe, "after", &report.samples_after);
+        if let (Some(a), Some(b)) = (report.first_eval_loss, report.last_eval_loss) {
+            println!("eval loss {a:.4} -> {b:.4}");
+        }
+        println!(
+            "wrote {} ({}) and {}",
+            final_dir.display(),
+            weights.kind(),
+            run_dir.join("metrics.jsonl").display()
+        );
+    }
+    report.final_dir = Some(final_dir);
+    Ok(report)
+}

@@ -1,0 +1,393 @@
+//! The shared loop on a tiny model: SFT and LoRA learn, accumulation is invariant, runs are
+//! deterministic, resume is exact, bad runs stop cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use datasets::cache::Dataset;
+use datasets::prepare::prepare;
+use models::backend::{Cpu, CpuTrain};
+use models::checkpoint::load_model;
+use models::presets::{write_new_model, NewModelSpec};
+use models::weights::{DiskDtype, SafetensorsReader};
+use models::CausalLm;
+use serde_json::Value;
+use trainers::method::Method;
+use trainers::metrics::read_metrics;
+use trainers::sft::Sft;
+use trainers::train_loop::accumulate_gradients;
+use trainers::train_loop::Outcome;
+use trainers::{train, Recipe, TrainOptions, TrainReport};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One tiny random-init model (bundled tokenizer) shared by every test of this file.
+fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("tiny");
+        write_new_model(&NewModelSpec {
+            preset: "tiny",
+            arch: "llama",
+            tokenizer_dir: &root().join("assets/tokenizers/phi3_vision"),
+            out: &out,
+            seed: 1,
+            chat_template: "chatml",
+            dtype: DiskDtype::F32,
+        })
+        .unwrap();
+        (tmp, out)
+    })
+    .1
+}
+
+fn recipe(dir: &Path, extra: &str, overrides: &[&str]) -> Recipe {
+    let text = format!(
+        r#"
+method = "sft"
+seed = 7
+[model]
+path = "{model}"
+[data]
+files = ["{data}"]
+format = "sharegpt"
+max_seq_len = 128
+eval_fraction = 0.1
+cache_dir = "{cache}"
+[train]
+output_dir = "{out}"
+per_device_train_batch_size = 8
+per_device_eval_batch_size = 32
+learning_rate = 3e-3
+lr_scheduler_type = "constant"
+max_steps = 6
+eval_on_start = false
+save_total_limit = 0
+{extra}
+"#,
+        model = tiny_model().display(),
+        data = root()
+            .join("assets/data/quickstart/fastchat_dummy_conversation.json")
+            .display(),
+        cache = dir.join("cache").display(),
+        out = dir.join("run").display(),
+    );
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Recipe::parse(&text, &overrides).unwrap()
+}
+
+fn run(recipe: &Recipe, resume: Option<&str>) -> anyhow::Result<TrainReport> {
+    let stop = AtomicBool::new(false);
+    let opts = TrainOptions {
+        resume: resume.map(String::from),
+        show_progress: false,
+        stop: &stop,
+        verbose: false,
+        stop_after_steps: None,
+    };
+    train::<CpuTrain>(recipe, &opts, &Default::default())
+}
+
+fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn tensors(dir: &Path, file: &str) -> Vec<(String, Vec<f32>)> {
+    let mut r = SafetensorsReader::open_files(&[dir.join(file)]).unwrap();
+    let mut names: Vec<String> = r.names().cloned().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = r.read_f32(&n).unwrap().1;
+            (n, v)
+        })
+        .collect()
+}
+
+#[test]
+fn full_sft_learns_held_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(
+        tmp.path(),
+        "",
+        &["train.max_steps=40", "train.eval_on_start=true"],
+    );
+    let report = run(&r, None).unwrap();
+    assert_eq!(report.outcome, Outcome::Completed);
+    let (first, last) = (
+        report.first_eval_loss.unwrap(),
+        report.last_eval_loss.unwrap(),
+    );
+    assert!(last < 0.6 * first, "held-out loss {first} -> {last}");
+    let fin = report.final_dir.unwrap();
+    assert!(
+        fin.join("config.json").exists()
+            && fin.join("model.safetensors").exists()
+            && fin.join("tokenizer.json").exists()
+    );
+    let metrics = read_metrics(&tmp.path().join("run/metrics.jsonl")).unwrap();
+    let last_rec = metrics.last().unwrap();
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "eval_loss",
+        "eval_ppl",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "elapsed_s",
+    ] {
+        assert!(
+            last_rec.get(key).is_some(),
+            "metrics lack {key}: {last_rec}"
+        );
+    }
+    assert!(tmp.path().join("run/recipe.toml").exists());
+}
+
+#[test]
+fn lora_learns_and_leaves_the_base_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(
+        tmp.path(),
+        "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"",
+        &[
+            "train.max_steps=40",
+            "train.learning_rate=2e-2",
+            "train.eval_on_start=true",
+        ],
+    );
+    let report = run(&r, None).unwrap();
+    let (first, last) = (
+        report.first_eval_loss.unwrap(),
+        report.last_eval_loss.unwrap(),
+    );
+    // The frozen random base (and its frozen LM head) bounds what adapters can reach.
+    assert!(last < first - 0.5, "held-out loss {first} -> {last}");
+    let fin = report.final_dir.unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fin.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    // Only adapter tensors are saved, with PEFT names and shapes; B moved off zero.
+    let t = tensors(&fin, "adapter_model.safetensors");
+    assert_eq!(t.len(), 2 * 7 * 2);
+    assert!(t
+        .iter()
+        .all(|(n, _)| n.starts_with("base_model.model.model.layers.")
+            && (n.ends_with("lora_A.weight") || n.ends_with("lora_B.weight"))));
+    assert!(t
+        .iter()
+        .any(|(n, v)| n.ends_with("lora_B.weight") && v.iter().any(|x| *x != 0.0)));
+    // Optimizer state exists for the adapters only: the frozen base has none.
+    let ckpt = checkpoints::latest_checkpoint(&tmp.path().join("run"))
+        .unwrap()
+        .unwrap()
+        .1;
+    let opt = tensors(&ckpt, "optimizer.safetensors");
+    assert_eq!(
+        opt.len(),
+        2 * 7 * 2 * 2,
+        "{:?}",
+        opt.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    assert!(opt.iter().all(|(n, _)| n.contains(".lora.")));
+}
+
+/// Largest |a - b| over the gradients of every parameter, and the largest |a|.
+fn grad_diff(model: &CausalLm<CpuTrain>, a: &GradientsParams, b: &GradientsParams) -> (f32, f32) {
+    struct Diff<'a> {
+        a: &'a GradientsParams,
+        b: &'a GradientsParams,
+        diff: f32,
+        max: f32,
+        count: usize,
+    }
+    impl ModuleVisitor<CpuTrain> for Diff<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuTrain, D>>) {
+            let (Some(x), Some(y)) = (self.a.get::<Cpu, D>(p.id), self.b.get::<Cpu, D>(p.id))
+            else {
+                panic!("a trainable parameter has no gradient");
+            };
+            self.count += 1;
+            self.diff = self.diff.max((x.clone() - y).abs().max().into_scalar());
+            self.max = self.max.max(x.abs().max().into_scalar());
+        }
+    }
+    let mut v = Diff {
+        a,
+        b,
+        diff: 0.0,
+        max: 0.0,
+        count: 0,
+    };
+    model.visit(&mut v);
+    assert!(v.count > 10);
+    (v.diff, v.max)
+}
+
+#[test]
+fn accumulation_is_invariant_to_micro_batching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(tmp.path(), "", &[]);
+    let (cfg, model) = load_model::<CpuTrain>(tiny_model(), &Default::default()).unwrap();
+    let tok = models::checkpoint::load_tokenizer(tiny_model(), &cfg).unwrap();
+    let Dataset::Sft(rows) = prepare(&r.data, &tok).unwrap().train else {
+        panic!("sft data")
+    };
+    let pad = tok.pad_id.unwrap_or(0);
+    let step = |micro: usize, accumulation: usize| {
+        let mut m = Sft::new(rows.clone(), vec![], micro, 8, pad, 3).unwrap();
+        let batches = Method::<CpuTrain>::next_step(&mut m, &model, accumulation)
+            .unwrap()
+            .unwrap();
+        assert_eq!(batches.len(), accumulation);
+        accumulate_gradients(&model, &m, &batches).unwrap()
+    };
+    let split = step(2, 4);
+    let whole = step(8, 1);
+    assert!(
+        (split.loss - whole.loss).abs() < 1e-5,
+        "{} vs {}",
+        split.loss,
+        whole.loss
+    );
+    assert_eq!(split.total_weight, whole.total_weight);
+    let (diff, max) = grad_diff(&model, &split.grads, &whole.grads);
+    assert!(
+        diff < 1e-5,
+        "gradients differ by {diff} (largest gradient {max})"
+    );
+
+    // The classic bug this guards against: the mean of per-micro-batch means.
+    let mut m = Sft::new(rows.clone(), vec![], 2, 8, pad, 3).unwrap();
+    let batches = Method::<CpuTrain>::next_step(&mut m, &model, 4)
+        .unwrap()
+        .unwrap();
+    let naive: f64 = batches
+        .iter()
+        .map(|b| {
+            let one = accumulate_gradients(&model, &m, std::slice::from_ref(b)).unwrap();
+            one.loss / 4.0
+        })
+        .sum();
+    let tokens: Vec<f64> = batches
+        .iter()
+        .map(|b| Method::<CpuTrain>::weight(&m, b))
+        .collect();
+    if tokens.iter().any(|t| *t != tokens[0]) {
+        assert!(
+            (naive - whole.loss).abs() > 1e-4,
+            "{naive} vs {}",
+            whole.loss
+        );
+    }
+}
+
+#[test]
+fn same_recipe_twice_gives_the_same_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = recipe(&tmp.path().join("a"), "[adapter]\ndropout = 0.1", &[]);
+    let b = recipe(&tmp.path().join("b"), "[adapter]\ndropout = 0.1", &[]);
+    run(&a, None).unwrap();
+    run(&b, None).unwrap();
+    let (la, lb) = (
+        losses(&tmp.path().join("a/run")),
+        losses(&tmp.path().join("b/run")),
+    );
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb);
+}
+
+#[test]
+fn interrupted_and_resumed_runs_match_the_uninterrupted_one() {
+    for adapter in [
+        "",
+        "[adapter]\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"down_proj\"]",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let whole = recipe(
+            &tmp.path().join("whole"),
+            adapter,
+            &[
+                "train.max_steps=8",
+                "train.lr_scheduler_type=\"cosine\"",
+                "train.weight_decay=0.1",
+            ],
+        );
+        run(&whole, None).unwrap();
+        let split = recipe(
+            &tmp.path().join("split"),
+            adapter,
+            &[
+                "train.max_steps=8",
+                "train.lr_scheduler_type=\"cosine\"",
+                "train.weight_decay=0.1",
+            ],
+        );
+        let stop = AtomicBool::new(false);
+        let opts = TrainOptions {
+            resume: None,
+            show_progress: false,
+            stop: &stop,
+            verbose: false,
+            stop_after_steps: Some(3),
+        };
+        let first = train::<CpuTrain>(&split, &opts, &Default::default()).unwrap();
+        assert_eq!(first.outcome, Outcome::Interrupted(3));
+        assert!(first.final_dir.is_none());
+        let err = run(&split, None).unwrap_err().to_string();
+        assert!(err.contains("--resume auto"), "{err}");
+        let second = run(&split, Some("auto")).unwrap();
+        assert_eq!(second.outcome, Outcome::Completed);
+        let (a, b) = (
+            losses(&tmp.path().join("whole/run")),
+            losses(&tmp.path().join("split/run")),
+        );
+        assert_eq!(a.len(), 8);
+        assert_eq!(a, b, "adapter {adapter:?}");
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(
+        tmp.path(),
+        "",
+        &[
+            "train.learning_rate=1e12",
+            "train.max_grad_norm=0",
+            "train.max_steps=20",
+        ],
+    );
+    let err = format!("{:#}", run(&r, None).unwrap_err());
+    assert!(
+        err.contains("loss is") || err.contains("gradient norm is"),
+        "{err}"
+    );
+    assert!(err.contains("last good state"), "{err}");
+    let (step, dir) = checkpoints::latest_checkpoint(&tmp.path().join("run"))
+        .unwrap()
+        .unwrap();
+    assert!(step < 20);
+    // The saved state is finite and loads.
+    let (_, model) = load_model::<Cpu>(&dir, &Default::default()).unwrap();
+    let w: Vec<f32> = model.embed_tokens.val().into_data().to_vec().unwrap();
+    assert!(w.iter().all(|x| x.is_finite()));
+}
