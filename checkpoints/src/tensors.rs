@@ -13,20 +13,8 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
-pub fn save_tensors(
-    path: &Path,
-    tensors: &[NamedTensor],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let writes: Vec<TensorToWrite<'_>> = tensors
-        .iter()
-        .map(|t| TensorToWrite {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            values: Box::new(move || t.values.clone()),
-        })
-        .collect();
-    write_safetensors(path, &writes, DiskDtype::F32, metadata)?;
+pub fn save_tensors(path: &Path, tensors: &[TensorToWrite<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
+    write_safetensors(path, tensors, DiskDtype::F32, metadata)?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 use std::collections::{BTreeMap, HashMap};
 
 use checkpoints::tensors::NamedTensor;
+use models::weights::TensorToWrite;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWSettings {
@@ -123,21 +124,17 @@ impl<B: AutodiffBackend> AdamW<B> {
         })
     }
 
-    /// Moments by parameter path, for a checkpoint.
-    pub fn state_tensors<M: Module<B>>(&self, model: &M) -> Vec<NamedTensor> {
+    /// Moments by parameter path, for a checkpoint; each is copied to the host only when
+    /// its bytes are written, so saving never holds a second copy of the whole state.
+    pub fn state_tensors<M: Module<B>>(&self, model: &M) -> Vec<TensorToWrite<'_>> {
         let mut out = Vec::new();
         for (id, path, shape) in trainable_params::<B, M>(model) {
             if let Some(s) = self.state.get(&id) {
                 for (suffix, t) in [("exp_avg", &s.m), ("exp_avg_sq", &s.v)] {
-                    out.push(NamedTensor {
+                    out.push(TensorToWrite {
                         name: format!("{path}.{suffix}"),
                         shape: shape.clone(),
-                        values: t
-                            .clone()
-                            .into_data()
-                            .convert::<f32>()
-                            .to_vec()
-                            .expect("f32"),
+                        values: Box::new(move || t.clone().into_data().convert::<f32>().to_vec().expect("f32")),
                     });
                 }
             }

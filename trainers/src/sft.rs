@@ -70,23 +70,38 @@ impl Sft {
     }
 }
 
-/// `-sum(log p(target))` over weighted positions of a collated batch.
+/// `-sum(log p(target))` over the trained positions of a collated batch. Only those
+/// positions go through the LM head and the log-softmax: with a chat mask and padding they
+/// are often under half of the batch, and the `[positions, vocab]` logits dominate the cost
+/// of a small model.
 pub fn sft_loss_sum<B: Backend>(model: &CausalLm<B>, batch: &SftBatch) -> Tensor<B, 1> {
     let device = model.device();
     let input = ForwardInput::from_host(&batch.ids, &batch.positions, &batch.layout, &device);
     let [b, t] = [batch.ids.len(), batch.ids.first().map_or(0, Vec::len)];
-    let logp = log_softmax(model.forward(input), 2);
-    let targets: Vec<i64> = batch.targets.iter().flatten().map(|&x| x as i64).collect();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
-    let weights: Vec<f32> = batch
-        .weights
-        .iter()
-        .flatten()
-        .map(|&w| w as u8 as f32)
-        .collect();
-    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [b, t]), &device);
-    let picked = logp.gather(2, targets.unsqueeze_dim(2)).reshape([b, t]);
-    (picked * weights).sum().neg()
+    let mut rows: Vec<i64> = Vec::new();
+    let mut targets: Vec<i64> = Vec::new();
+    for (i, (w, tg)) in batch.weights.iter().zip(&batch.targets).enumerate() {
+        for (j, (&keep, &target)) in w.iter().zip(tg).enumerate() {
+            if keep {
+                rows.push((i * t + j) as i64);
+                targets.push(target as i64);
+            }
+        }
+    }
+    let n = rows.len();
+    if n == 0 {
+        return Tensor::zeros([1], &device);
+    }
+    let hidden = model.hidden_states(input, None);
+    let d = hidden.dims()[2];
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    let picked = hidden.reshape([b * t, d]).select(0, rows).reshape([1, n, d]);
+    let logp = log_softmax(model.logits(picked), 2);
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    logp.reshape([n, model.vocab_size()])
+        .gather(1, targets.reshape([n, 1]))
+        .sum()
+        .neg()
 }
 
 impl<B: AutodiffBackend> Method<B> for Sft {
