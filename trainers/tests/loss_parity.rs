@@ -1,0 +1,76 @@
+//! The SFT loss equals transformers' causal-LM loss (and PEFT's, with an adapter) on the
+//! tiny-llama fixture (scripts/parity/sft_loss_reference.py), padded or packed.
+
+use serde_json::Value;
+use std::path::PathBuf;
+
+use datasets::batch::collate_sft;
+use datasets::pack::PackedRow;
+use models::backend::Cpu;
+use models::checkpoint::load_model;
+use models::CausalLm;
+use trainers::sft::sft_loss_sum;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn rows(v: &Value) -> Vec<PackedRow> {
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+            let trained: Vec<u32> = serde_json::from_value(r["trained"].clone()).unwrap();
+            PackedRow {
+                positions: (0..ids.len() as u32).collect(),
+                segments: vec![0; ids.len()],
+                trained: trained.iter().map(|&t| t == 1).collect(),
+                ids,
+            }
+        })
+        .collect()
+}
+
+/// Both rows in one packed row: segment ids keep attention and targets apart.
+fn packed(rows: &[PackedRow]) -> PackedRow {
+    let mut p = PackedRow {
+        ids: vec![],
+        trained: vec![],
+        positions: vec![],
+        segments: vec![],
+    };
+    for (s, r) in rows.iter().enumerate() {
+        p.ids.extend(&r.ids);
+        p.trained.extend(&r.trained);
+        p.positions.extend(&r.positions);
+        p.segments.extend(std::iter::repeat_n(s as u32, r.ids.len()));
+    }
+    p
+}
+
+fn mean_loss(model: &CausalLm<Cpu>, rows: &[PackedRow]) -> f64 {
+    let batch = collate_sft(rows, 0);
+    let sum: f32 = sft_loss_sum(model, &batch).into_scalar();
+    sum as f64 / batch.num_trained() as f64
+}
+
+#[test]
+fn sft_loss_matches_transformers_and_peft() {
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/sft.json")).unwrap()).unwrap();
+    let rows = rows(&exp);
+    let (_, base) = load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
+    let want = exp["base_loss"].as_f64().unwrap();
+    for (name, got) in [
+        ("padded", mean_loss(&base, &rows)),
+        ("packed", mean_loss(&base, &[packed(&rows)])),
+    ] {
+        assert!((got - want).abs() < 1e-5, "{name}: {got} vs transformers {want}");
+    }
+    let (lora, _) = checkpoints::peft::load_adapter(base, &fixtures().join("peft/adapter")).unwrap();
+    let got = mean_loss(&lora, &rows);
+    let want = exp["lora_loss"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-5, "lora: {got} vs PEFT {want}");
+}
