@@ -30,7 +30,9 @@ fn rows(n: usize, vocab: usize) -> Vec<PackedRow> {
         .map(|_| {
             let ids: Vec<u32> = (0..SEQ)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((x >> 33) % vocab as u64) as u32
                 })
                 .collect();
@@ -61,7 +63,8 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
     };
     let cfg = preset_config("small", "llama", 32064, &tokens).unwrap();
     let device = Default::default();
-    let model = CausalLm::<CpuTrain>::from_source(&cfg, &mut RandomInit::new(0, 0.02), &device).unwrap();
+    let model =
+        CausalLm::<CpuTrain>::from_source(&cfg, &mut RandomInit::new(0, 0.02), &device).unwrap();
     let lora = LoraSettings {
         r: 16,
         alpha: 32.0,
@@ -90,7 +93,15 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         .map(|(_, _, s)| s.iter().product::<usize>())
         .sum();
     let total = steps + 1;
-    let mut method = Sft::new(rows(BATCH * total, cfg.vocab_size), vec![], BATCH, BATCH, 0, 0).unwrap();
+    let mut method = Sft::new(
+        rows(BATCH * total, cfg.vocab_size),
+        vec![],
+        BATCH,
+        BATCH,
+        0,
+        0,
+    )
+    .unwrap();
     let loop_cfg = LoopConfig {
         total_steps: total,
         micro_batches: 1,
@@ -123,7 +134,11 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
     run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
     let metrics = read_metrics(&loop_cfg.run_dir.join("metrics.jsonl")).unwrap();
     // Step 1 warms allocators and caches; report the mean of the rest.
-    let rates: Vec<f64> = metrics.iter().skip(1).filter_map(|m| m["tokens_per_s"].as_f64()).collect();
+    let rates: Vec<f64> = metrics
+        .iter()
+        .skip(1)
+        .filter_map(|m| m["tokens_per_s"].as_f64())
+        .collect();
     let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
     println!(
         "{{\"mode\":\"{mode}\",\"trainable\":{trainable},\"tokens_per_s\":{mean:.1},\"peak_rss_mb\":{:.0},\"steps\":{}}}",
@@ -133,7 +148,10 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
 }
 
 fn main() {
-    let steps: usize = std::env::var("BURNISH_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let steps: usize = std::env::var("BURNISH_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     if let Ok(mode) = std::env::var("BURNISH_BENCH_MODE") {
         let dir = tempfile::tempdir().unwrap();
         run_mode(&mode, steps, dir.path());
@@ -149,9 +167,10 @@ fn main() {
             .output()
             .expect("run benchmark child");
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-            panic!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr))
-        });
+        let line = text
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr)));
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         println!(
             "{mode:>5}: {:>8.1} tokens/s   peak RSS {:>6.0} MB   trainable {:.2}M",

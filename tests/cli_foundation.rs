@@ -1,37 +1,9 @@
 //! End-to-end: `burnish new-model`, `generate` and `score` as the README runs them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn burnish(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_burnish"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = burnish(args);
-    assert!(
-        out.status.success(),
-        "burnish {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn err(args: &[&str]) -> String {
-    let out = burnish(args);
-    assert!(!out.status.success(), "burnish {args:?} should fail");
-    let e = String::from_utf8(out.stderr).unwrap();
-    assert!(!e.contains("panicked"), "{e}");
-    e
-}
+use common::{err, ok};
+use std::path::Path;
 
 fn new_tiny(dir: &Path, seed: &str) {
     let out = dir.to_str().unwrap();

@@ -1,30 +1,9 @@
 //! End-to-end: `burnish train` (quickstart recipe, shortened), `--dry-run`, recipe errors,
 //! and `burnish export --merge`.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn burnish(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_burnish"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = burnish(args);
-    assert!(
-        out.status.success(),
-        "burnish {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{burnish, ok, root};
 
 #[test]
 fn quickstart_recipe_trains_exports_and_merges() {

@@ -13,7 +13,11 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
-pub fn save_tensors(path: &Path, tensors: &[TensorToWrite<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[TensorToWrite<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     write_safetensors(path, tensors, DiskDtype::F32, metadata)?;
     Ok(())
 }

@@ -6,7 +6,6 @@ use burn::module::Param;
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
 use crate::layers::{matmul_2d, Proj};
 use crate::llama::CausalLm;
@@ -128,44 +127,16 @@ fn dropout_mask<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(values, dims), device)
 }
 
-fn default_alpha() -> f64 {
-    16.0
-}
-fn default_r() -> usize {
-    8
-}
-fn default_targets() -> Vec<String> {
-    vec!["q_proj".into(), "v_proj".into()]
-}
-
-/// The `[adapter]` section of a recipe; key names follow PEFT's `LoraConfig`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// LoRA hyper-parameters, as PEFT's `LoraConfig` names them.
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoraSettings {
-    #[serde(default = "default_r")]
     pub r: usize,
-    #[serde(default = "default_alpha")]
     pub alpha: f64,
-    #[serde(default)]
     pub dropout: f64,
     /// Module names (`q_proj`, ...) or `["all-linear"]`.
-    #[serde(default = "default_targets")]
     pub target_modules: Vec<String>,
     /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
-    #[serde(default)]
     pub use_rslora: bool,
-}
-
-impl Default for LoraSettings {
-    fn default() -> Self {
-        Self {
-            r: default_r(),
-            alpha: default_alpha(),
-            dropout: 0.0,
-            target_modules: default_targets(),
-            use_rslora: false,
-        }
-    }
 }
 
 impl LoraSettings {

@@ -134,7 +134,13 @@ impl<B: AutodiffBackend> AdamW<B> {
                     out.push(TensorToWrite {
                         name: format!("{path}.{suffix}"),
                         shape: shape.clone(),
-                        values: Box::new(move || t.clone().into_data().convert::<f32>().to_vec().expect("f32")),
+                        values: Box::new(move || {
+                            t.clone()
+                                .into_data()
+                                .convert::<f32>()
+                                .to_vec()
+                                .expect("f32")
+                        }),
                     });
                 }
             }

@@ -182,7 +182,11 @@ pub fn sample<B: Backend>(
 fn print_samples(recipe: &Recipe, label: &str, samples: &[String]) {
     for (p, s) in recipe.train.sample_prompts.iter().zip(samples) {
         let text = s.trim();
-        let shown = if text.is_empty() { "(no text: only special tokens)" } else { text };
+        let shown = if text.is_empty() {
+            "(no text: only special tokens)"
+        } else {
+            text
+        };
         println!("[{label}] {p}\n  -> {shown}");
     }
 }

@@ -95,7 +95,10 @@ pub fn sft_loss_sum<B: Backend>(model: &CausalLm<B>, batch: &SftBatch) -> Tensor
     let hidden = model.hidden_states(input, None);
     let d = hidden.dims()[2];
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
-    let picked = hidden.reshape([b * t, d]).select(0, rows).reshape([1, n, d]);
+    let picked = hidden
+        .reshape([b * t, d])
+        .select(0, rows)
+        .reshape([1, n, d]);
     let logp = log_softmax(model.logits(picked), 2);
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
     logp.reshape([n, model.vocab_size()])

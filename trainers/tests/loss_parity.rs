@@ -45,7 +45,8 @@ fn packed(rows: &[PackedRow]) -> PackedRow {
         p.ids.extend(&r.ids);
         p.trained.extend(&r.trained);
         p.positions.extend(&r.positions);
-        p.segments.extend(std::iter::repeat_n(s as u32, r.ids.len()));
+        p.segments
+            .extend(std::iter::repeat_n(s as u32, r.ids.len()));
     }
     p
 }
@@ -59,17 +60,23 @@ fn mean_loss(model: &CausalLm<Cpu>, rows: &[PackedRow]) -> f64 {
 #[test]
 fn sft_loss_matches_transformers_and_peft() {
     let exp: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/sft.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/sft.json")).unwrap())
+            .unwrap();
     let rows = rows(&exp);
-    let (_, base) = load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
+    let (_, base) =
+        load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
     let want = exp["base_loss"].as_f64().unwrap();
     for (name, got) in [
         ("padded", mean_loss(&base, &rows)),
         ("packed", mean_loss(&base, &[packed(&rows)])),
     ] {
-        assert!((got - want).abs() < 1e-5, "{name}: {got} vs transformers {want}");
+        assert!(
+            (got - want).abs() < 1e-5,
+            "{name}: {got} vs transformers {want}"
+        );
     }
-    let (lora, _) = checkpoints::peft::load_adapter(base, &fixtures().join("peft/adapter")).unwrap();
+    let (lora, _) =
+        checkpoints::peft::load_adapter(base, &fixtures().join("peft/adapter")).unwrap();
     let got = mean_loss(&lora, &rows);
     let want = exp["lora_loss"].as_f64().unwrap();
     assert!((got - want).abs() < 1e-5, "lora: {got} vs PEFT {want}");

@@ -1,0 +1,35 @@
+//! Helpers shared by the CLI end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn burnish(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = burnish(args);
+    assert!(
+        out.status.success(),
+        "burnish {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn err(args: &[&str]) -> String {
+    let out = burnish(args);
+    assert!(!out.status.success(), "burnish {args:?} should fail");
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
