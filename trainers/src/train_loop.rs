@@ -73,6 +73,21 @@ fn step_seed(seed: u64, step: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
+/// Where the method stands in its data, as a checkpoint records it.
+struct DataPosition {
+    epoch: f64,
+    cursor: Value,
+}
+
+impl DataPosition {
+    fn of<B: AutodiffBackend, M: Method<B>>(method: &M) -> Self {
+        Self {
+            epoch: method.epoch(),
+            cursor: method.cursor(),
+        }
+    }
+}
+
 struct Checkpointer<'a> {
     cfg: &'a LoopConfig,
     weights: &'a WeightsFormat,
@@ -80,11 +95,11 @@ struct Checkpointer<'a> {
 }
 
 impl Checkpointer<'_> {
-    fn save<B: AutodiffBackend, M: Method<B>>(
+    fn save<B: AutodiffBackend>(
         &mut self,
         model: &CausalLm<B>,
         opt: &AdamW<B>,
-        method: &M,
+        data: &DataPosition,
         step: u64,
         tokens_seen: u64,
         elapsed_s: f64,
@@ -96,10 +111,10 @@ impl Checkpointer<'_> {
         let state = TrainerState {
             step,
             total_steps: self.cfg.total_steps as u64,
-            epoch: method.epoch(),
+            epoch: data.epoch,
             seed: self.cfg.seed,
             weights: self.weights.kind().into(),
-            data_cursor: method.cursor(),
+            data_cursor: data.cursor.clone(),
             tokens_seen,
             elapsed_s,
             recipe_fingerprint: self.cfg.recipe_fingerprint.clone(),
@@ -279,7 +294,14 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
     let total = cfg.total_steps as u64;
     while step < total {
         if stop.load(Ordering::SeqCst) || cfg.stop_after_steps.is_some_and(|n| step >= n) {
-            let dir = ckpt.save(&model, &opt, method, step, tokens_seen, elapsed())?;
+            let dir = ckpt.save(
+                &model,
+                &opt,
+                &DataPosition::of(method),
+                step,
+                tokens_seen,
+                elapsed(),
+            )?;
             pb.abandon_with_message(format!("interrupted: saved {}", dir.display()));
             return Ok(LoopResult {
                 model,
@@ -293,12 +315,14 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
         let seed = step_seed(cfg.seed, step);
         B::seed(&device, seed);
         models::lora::reseed_dropout(seed);
+        // A step that fails is saved as not taken: the data position from before it.
+        let before = DataPosition::of(method);
         let Some(batches) = method.next_step(&model, cfg.micro_batches)? else {
             break;
         };
         let acc = accumulate_gradients(&model, method, &batches)?;
         if let Some((i, value)) = acc.non_finite {
-            let dir = ckpt.save(&model, &opt, method, step, tokens_seen, elapsed())?;
+            let dir = ckpt.save(&model, &opt, &before, step, tokens_seen, elapsed())?;
             bail!(
                 "loss is {value} at step {} (micro-batch {i}): stopped; the last good state (step {step}) is in {}. \
                  Lower learning_rate, check the data, or resume from there",
@@ -316,7 +340,7 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
         } = acc;
         let grad_norm = global_grad_norm(&model, &grads);
         if !grad_norm.is_finite() {
-            let dir = ckpt.save(&model, &opt, method, step, tokens_seen, elapsed())?;
+            let dir = ckpt.save(&model, &opt, &before, step, tokens_seen, elapsed())?;
             bail!(
                 "gradient norm is {grad_norm} at step {}: stopped without applying it; the last good state (step {step}) is in {}",
                 step + 1,
@@ -366,7 +390,14 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
                 .unwrap_or_default()
         ));
         if (cfg.save_steps > 0 && step % cfg.save_steps as u64 == 0) || last {
-            ckpt.save(&model, &opt, method, step, tokens_seen, elapsed())?;
+            ckpt.save(
+                &model,
+                &opt,
+                &DataPosition::of(method),
+                step,
+                tokens_seen,
+                elapsed(),
+            )?;
         }
     }
     pb.finish();
