@@ -78,7 +78,8 @@ pub fn run(a: Args) -> Result<()> {
             stop_after_steps: a.stop_after_steps,
         },
     )?;
-    if let Outcome::Interrupted(_) = outcome {
+    // Ctrl-C ends with the shell's SIGINT status; --stop-after-steps is a normal end.
+    if matches!(outcome, Outcome::Interrupted(_)) && STOP.load(Ordering::SeqCst) {
         std::process::exit(130);
     }
     Ok(())

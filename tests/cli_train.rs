@@ -120,3 +120,68 @@ fn recipe_mistakes_are_named() {
         trainers::Recipe::load(&root().join(r), &[]).unwrap();
     }
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).display().to_string();
+    let sets = [
+        format!("model.path=\"{}\"", p("model")),
+        format!("data.cache_dir=\"{}\"", p("cache")),
+        format!("train.output_dir=\"{}\"", p("run")),
+        "train.max_steps=500".to_string(),
+        "train.sample_prompts=[]".to_string(),
+        "train.overwrite_output_dir=false".to_string(),
+    ];
+    let mut args: Vec<&str> = vec!["train", "--recipe", "recipes/quickstart.toml"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args(&args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = tmp.path().join("run/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 300, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("Ctrl-C") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let (step, _) = checkpoints::latest_checkpoint(&tmp.path().join("run"))
+        .unwrap()
+        .unwrap();
+    assert!(step >= 2 && step < 500, "{step}");
+
+    let stop = (step + 2).to_string();
+    let mut resume = args.clone();
+    resume.extend(["--resume", "auto", "--stop-after-steps", &stop]);
+    let out = burnish(&resume);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    let expected: Vec<u64> = (0..=step + 2).collect();
+    assert_eq!(steps, expected, "one continuous curve");
+}
