@@ -137,7 +137,7 @@ fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
     for s in &sets {
         args.extend(["--set", s.as_str()]);
     }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_burnish"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_burnish"))
         .args(&args)
         .current_dir(root())
         .stdout(std::process::Stdio::piped())

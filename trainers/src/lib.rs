@@ -1,5 +1,7 @@
 //! The shared training loop and the methods that plug into it.
 
+pub mod data_order;
+pub mod dpo;
 pub mod estimate;
 pub mod method;
 pub mod metrics;

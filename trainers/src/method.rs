@@ -37,8 +37,9 @@ pub trait Method<B: AutodiffBackend> {
     /// backend for evaluation).
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &Self::Batch) -> LossOutput<Bk>;
 
-    /// Held-out micro-batches, in a fixed order.
-    fn eval_batches(&self) -> Vec<Self::Batch>;
+    /// Held-out micro-batches, in a fixed order (`policy` for methods whose batches carry
+    /// model outputs, such as reference log-probs).
+    fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<Self::Batch>>;
 
     /// Optimizer steps in one pass over the data, when that is defined.
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize>;

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use crate::dpo::DpoSettings;
 use datasets::config::DataConfig;
 use models::lora::LoraSettings;
 
@@ -13,6 +14,7 @@ use models::lora::LoraSettings;
 #[serde(rename_all = "snake_case")]
 pub enum MethodName {
     Sft,
+    Dpo,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +29,9 @@ pub struct Recipe {
     pub adapter: Option<AdapterSection>,
     pub data: DataConfig,
     pub train: TrainSection,
+    /// `method = "dpo"` settings (TRL `DPOConfig` names); defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,6 +290,15 @@ impl Recipe {
                 );
             }
             a.lora().targets()?;
+        }
+        if let Some(d) = &self.dpo {
+            if self.method != MethodName::Dpo {
+                bail!(
+                    "[dpo] is set but method is {:?}; remove the section or set method = \"dpo\"",
+                    self.method
+                );
+            }
+            d.validate()?;
         }
         if self.model.init_preset.is_some() != self.model.init_tokenizer.is_some() {
             bail!("[model] init_preset and init_tokenizer go together: set both or neither");

@@ -18,6 +18,7 @@ use models::presets::{new_model_config, write_new_model, NewModelSpec};
 use models::weights::{write_atomic, DiskDtype};
 use models::{CausalLm, Message, ModelConfig, TextTokenizer};
 
+use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use crate::estimate::{estimate, human_bytes};
 use crate::method::Method;
 use crate::optim::{trainable_params, AdamWSettings};
@@ -313,12 +314,22 @@ fn load_policy<B: AutodiffBackend>(
     }
 }
 
+/// What every method's run shares once the model, data and run directory are set up.
+struct RunContext<'a> {
+    recipe: &'a Recipe,
+    opts: &'a TrainOptions<'a>,
+    run_dir: PathBuf,
+    resume: Option<Resume>,
+    tok: TextTokenizer,
+    model_cfg: ModelConfig,
+    weights: WeightsFormat,
+}
+
 pub fn train<B: AutodiffBackend>(
     recipe: &Recipe,
     opts: &TrainOptions<'_>,
     device: &B::Device,
 ) -> Result<TrainReport> {
-    let MethodName::Sft = recipe.method;
     let run_dir = recipe.train.output_dir.clone();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -332,21 +343,6 @@ pub fn train<B: AutodiffBackend>(
     let prepared = prepare_data(recipe, &tok, opts.verbose)?;
     let pad = tok.pad_id.or(cfg0.pad_token_id).or(tok.eos_id).unwrap_or(0);
     let t = &recipe.train;
-    let mut method = Sft::new(
-        sft_rows(prepared.train, "train")?,
-        sft_rows(prepared.eval, "eval")?,
-        t.per_device_train_batch_size,
-        t.per_device_eval_batch_size,
-        pad,
-        recipe.seed,
-    )?;
-    let total = total_steps(
-        recipe,
-        Method::<B>::steps_per_epoch(&method, t.gradient_accumulation_steps),
-    )?;
-    let cfg = loop_config(recipe, total, opts);
-    write_atomic(&run_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
-
     let resume = match &resume_dir {
         Some(dir) => Some(Resume {
             dir: dir.clone(),
@@ -355,6 +351,179 @@ pub fn train<B: AutodiffBackend>(
         None => None,
     };
     let (model_cfg, model, weights) = load_policy::<B>(recipe, resume_dir.as_deref(), device)?;
+    let cache_dir = prepared.report.cache_dir.clone();
+    let ctx = RunContext {
+        recipe,
+        opts,
+        run_dir,
+        resume,
+        tok,
+        model_cfg,
+        weights,
+    };
+    match recipe.method {
+        MethodName::Sft => {
+            let method = Sft::new(
+                sft_rows(prepared.train, "train")?,
+                sft_rows(prepared.eval, "eval")?,
+                t.per_device_train_batch_size,
+                t.per_device_eval_batch_size,
+                pad,
+                recipe.seed,
+            )?;
+            drive(ctx, model, method)
+        }
+        MethodName::Dpo => {
+            let settings = recipe.dpo.clone().unwrap_or_default();
+            let (train, eval) = (
+                pair_rows(prepared.train, "train")?,
+                pair_rows(prepared.eval, "eval")?,
+            );
+            let reference = dpo_reference::<B>(
+                recipe, &settings, &model, &train, &eval, &cache_dir, pad, device,
+            )?;
+            let method = Dpo::new(
+                train,
+                eval,
+                t.per_device_train_batch_size,
+                t.per_device_eval_batch_size,
+                pad,
+                recipe.seed,
+                settings,
+                reference,
+            )?;
+            drive(ctx, model, method)
+        }
+    }
+}
+
+fn pair_rows(ds: Dataset, split: &str) -> Result<Vec<datasets::tokenize::TokenizedPair>> {
+    match ds {
+        Dataset::Pairs(rows) => Ok(rows),
+        other => bail!(
+            "method dpo trains on preference pairs (prompt, chosen, rejected), but the {split} data are {} rows; \
+             use a preference format (preference, hh-rlhf)",
+            other.kind()
+        ),
+    }
+}
+
+/// The DPO reference: none (SimPO), the base under the adapters, a frozen copy, or
+/// log-probs precomputed once and cached beside the tokenized data.
+#[allow(clippy::too_many_arguments)]
+fn dpo_reference<B: AutodiffBackend>(
+    recipe: &Recipe,
+    settings: &DpoSettings,
+    policy: &CausalLm<B>,
+    train: &[datasets::tokenize::TokenizedPair],
+    eval: &[datasets::tokenize::TokenizedPair],
+    cache_dir: &Path,
+    pad: u32,
+    device: &B::Device,
+) -> Result<Reference<B>> {
+    if !settings.needs_reference() {
+        return Ok(Reference::None);
+    }
+    let adapters = recipe.adapter.is_some();
+    let ref_dir = settings
+        .reference_model
+        .clone()
+        .unwrap_or_else(|| recipe.model.path.clone());
+    if adapters && settings.reference_model.is_some() {
+        bail!("[dpo] reference_model is for full fine-tuning; with [adapter] the reference is the base with adapters off");
+    }
+    let load_frozen = || -> Result<CausalLm<B::InnerBackend>> {
+        Ok(load_model::<B::InnerBackend>(&ref_dir, device)?.1)
+    };
+    if !settings.precompute_ref_log_probs {
+        return Ok(if adapters {
+            Reference::BaseOfAdapters
+        } else {
+            Reference::Frozen(Box::new(load_frozen()?))
+        });
+    }
+    let mut fp = datasets::cache::Fingerprint::new();
+    fp.file("config", &ref_dir.join("config.json"))?;
+    for e in std::fs::read_dir(&ref_dir)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            fp.file(
+                &path.file_name().unwrap_or_default().to_string_lossy(),
+                &path,
+            )?;
+        }
+    }
+    let path = cache_dir.join(format!("ref_logps-{}.json", &fp.hex()[..16]));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not valid JSON; delete it to recompute",
+                path.display()
+            )
+        })?;
+        let table =
+            |k: &str| -> Option<Vec<(f64, f64)>> { serde_json::from_value(v[k].clone()).ok() };
+        if let (Some(tr), Some(ev)) = (table("train"), table("eval")) {
+            if tr.len() == train.len() && ev.len() == eval.len() {
+                return Ok(Reference::Precomputed {
+                    train: tr,
+                    eval: ev,
+                });
+            }
+        }
+    }
+    let batch = recipe.train.per_device_eval_batch_size;
+    let started = std::time::Instant::now();
+    let (tr, ev) = if adapters {
+        let mut base = policy.valid();
+        base.set_adapters_enabled(false);
+        (
+            reference_table(&base, train, batch, pad),
+            reference_table(&base, eval, batch, pad),
+        )
+    } else {
+        let m = load_frozen()?;
+        (
+            reference_table(&m, train, batch, pad),
+            reference_table(&m, eval, batch, pad),
+        )
+    };
+    let json = serde_json::json!({"reference_model": ref_dir, "train": tr, "eval": ev});
+    write_atomic(&path, serde_json::to_string(&json)?.as_bytes())?;
+    eprintln!(
+        "reference log-probs of {} pairs computed in {:.1}s, cached in {}",
+        train.len() + eval.len(),
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(Reference::Precomputed {
+        train: tr,
+        eval: ev,
+    })
+}
+
+/// Run the loop for a method, then export and sample.
+fn drive<B: AutodiffBackend, M: Method<B>>(
+    ctx: RunContext<'_>,
+    model: CausalLm<B>,
+    mut method: M,
+) -> Result<TrainReport> {
+    let RunContext {
+        recipe,
+        opts,
+        run_dir,
+        resume,
+        tok,
+        model_cfg,
+        weights,
+    } = ctx;
+    let t = &recipe.train;
+    let total = total_steps(
+        recipe,
+        method.steps_per_epoch(t.gradient_accumulation_steps),
+    )?;
+    let cfg = loop_config(recipe, total, opts);
+    write_atomic(&run_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
     let trainable: usize = trainable_params::<B, _>(&model)
         .iter()
         .map(|(_, _, s)| s.iter().product::<usize>())
@@ -362,8 +531,9 @@ pub fn train<B: AutodiffBackend>(
     say(
         opts.verbose,
         format!(
-            "{} {}: {:.2}M parameters, {:.3}M trainable; {total} steps{}",
+            "{} {:?} {}: {:.2}M parameters, {:.3}M trainable; {total} steps{}",
             recipe.train.output_dir.display(),
+            recipe.method,
             if recipe.adapter.is_some() {
                 "LoRA"
             } else {

@@ -138,11 +138,11 @@ impl Checkpointer<'_> {
 
 fn evaluate<B: AutodiffBackend, M: Method<B>>(
     model: &CausalLm<B>,
-    method: &M,
-) -> Option<(f64, Map<String, Value>)> {
-    let batches = method.eval_batches();
+    method: &mut M,
+) -> Result<Option<(f64, Map<String, Value>)>> {
+    let batches = method.eval_batches(model)?;
     if batches.is_empty() {
-        return None;
+        return Ok(None);
     }
     let inner = model.valid();
     let (mut loss, mut weight) = (0.0f64, 0.0f64);
@@ -161,7 +161,7 @@ fn evaluate<B: AutodiffBackend, M: Method<B>>(
     for (k, v) in sums {
         m.insert(format!("eval_{k}"), json!(v / weight));
     }
-    Some((eval_loss, m))
+    Ok(Some((eval_loss, m)))
 }
 
 fn accumulate_metrics(into: &mut Vec<(&'static str, f64)>, add: &[(&'static str, f64)]) {
@@ -280,7 +280,7 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
     let mut first_eval_loss = None;
     let mut last_eval_loss = None;
     if step == 0 && cfg.eval_on_start {
-        if let Some((loss, m)) = evaluate(&model, method) {
+        if let Some((loss, m)) = evaluate(&model, method)? {
             first_eval_loss = Some(loss);
             last_eval_loss = Some(loss);
             let mut rec = m;
@@ -371,7 +371,7 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
         rec.insert("tokens_per_s".into(), json!(tokens as f64 / secs.max(1e-9)));
         let last = step == total;
         if (cfg.eval_steps > 0 && step % cfg.eval_steps as u64 == 0) || last {
-            if let Some((l, m)) = evaluate(&model, method) {
+            if let Some((l, m)) = evaluate(&model, method)? {
                 last_eval_loss = Some(l);
                 first_eval_loss.get_or_insert(l);
                 rec.extend(m);

@@ -81,3 +81,83 @@ fn sft_loss_matches_transformers_and_peft() {
     let want = exp["lora_loss"].as_f64().unwrap();
     assert!((got - want).abs() < 1e-5, "lora: {got} vs PEFT {want}");
 }
+
+#[test]
+fn dpo_losses_and_rewards_match_trl() {
+    use trainers::dpo::{collate_pairs, completion_logps, pair_terms, DpoLoss, DpoSettings};
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/dpo.json")).unwrap())
+            .unwrap();
+    let pairs: Vec<datasets::tokenize::TokenizedPair> = exp["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| datasets::tokenize::TokenizedPair {
+            prompt: serde_json::from_value(p["prompt"].clone()).unwrap(),
+            chosen: serde_json::from_value(p["chosen"].clone()).unwrap(),
+            rejected: serde_json::from_value(p["rejected"].clone()).unwrap(),
+        })
+        .collect();
+    let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
+    let (rows, lengths) = collate_pairs(&refs, 0);
+    let (_, base) =
+        load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
+    let (mut policy, _) =
+        checkpoints::peft::load_adapter(base, &fixtures().join("peft/adapter")).unwrap();
+    let pol: Vec<f64> = completion_logps(&policy, &rows)
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .unwrap();
+    policy.set_adapters_enabled(false);
+    let reference: Vec<f64> = completion_logps(&policy, &rows)
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .unwrap();
+    policy.set_adapters_enabled(true);
+    for (got, want) in [
+        (&pol, &exp["policy_logps"]),
+        (&reference, &exp["reference_logps"]),
+    ] {
+        let want: Vec<f64> = serde_json::from_value(want.clone()).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "log-probs {got:?} vs {want:?}");
+        }
+    }
+    for case in exp["cases"].as_array().unwrap() {
+        let settings = DpoSettings {
+            loss_type: serde_json::from_value::<DpoLoss>(case["loss_type"].clone()).unwrap(),
+            beta: case["beta"].as_f64().unwrap(),
+            label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+            simpo_gamma: case["simpo_gamma"].as_f64().unwrap(),
+            ..Default::default()
+        };
+        let t = pair_terms(
+            &settings,
+            completion_logps(&policy, &rows),
+            Some(&reference),
+            &lengths,
+        );
+        let mean = |x: burn::tensor::Tensor<Cpu, 1>| -> f64 {
+            let v: Vec<f64> = x.into_data().convert::<f64>().to_vec().unwrap();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        let (c, r) = (
+            mean(t.chosen_rewards.clone()),
+            mean(t.rejected_rewards.clone()),
+        );
+        for (name, got) in [
+            ("loss", mean(t.losses)),
+            ("rewards/chosen", c),
+            ("rewards/rejected", r),
+            ("rewards/margins", c - r),
+        ] {
+            let want = case[name].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{case}: {name} {got} vs TRL {want}"
+            );
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Direct preference optimisation and its common variants, with TRL's definitions:
+//! `sigmoid` (with cDPO label smoothing), `hinge`, `ipo` (per-token averaged log-ratios),
+//! from trl/trainer/dpo_trainer.py (`_compute_loss`, TRL 1.16), and reference-free `simpo`
+//! (length-normalised log-probs and a target margin `gamma`) from
+//! trl/experimental/cpo/cpo_trainer.py (`cpo_loss`), without CPO's extra NLL term.
+//!
+//! Chosen and rejected completions of a micro-batch go through the model in one forward
+//! pass (`[chosen..., rejected...]`, right-padded). The reference is either computed per
+//! batch (the policy with adapters switched off, or a frozen copy) or read from
+//! log-probs precomputed once for the whole dataset.
+
+use anyhow::{bail, Result};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::activation::{log_sigmoid, relu};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use datasets::batch::{collate_sft, SftBatch};
+use datasets::pack::PackedRow;
+use datasets::tokenize::TokenizedPair;
+use models::CausalLm;
+
+use crate::data_order::EpochCursor;
+use crate::method::{LossOutput, Method};
+use crate::sft::trained_token_logps;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLoss {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Simpo,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_gamma() -> f64 {
+    0.5
+}
+fn default_loss() -> DpoLoss {
+    DpoLoss::Sigmoid
+}
+
+/// The `[dpo]` section of a recipe (TRL `DPOConfig` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSettings {
+    #[serde(default = "default_loss")]
+    pub loss_type: DpoLoss,
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// cDPO: the probability that a pair's label is flipped (`sigmoid` and `simpo`).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target reward margin.
+    #[serde(default = "default_gamma")]
+    pub simpo_gamma: f64,
+    /// Compute reference log-probs once before training and cache them beside the
+    /// tokenized data; the loop then never runs the reference model.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+    /// Reference model for full fine-tuning (default: a frozen copy of `[model] path`).
+    /// With adapters the reference is the base with adapters off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_model: Option<std::path::PathBuf>,
+}
+
+impl Default for DpoSettings {
+    fn default() -> Self {
+        Self {
+            loss_type: default_loss(),
+            beta: default_beta(),
+            label_smoothing: 0.0,
+            simpo_gamma: default_gamma(),
+            precompute_ref_log_probs: false,
+            reference_model: None,
+        }
+    }
+}
+
+impl DpoSettings {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            bail!("[dpo] beta must be positive, got {}", self.beta);
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            bail!(
+                "[dpo] label_smoothing must be in [0, 0.5), got {}",
+                self.label_smoothing
+            );
+        }
+        if self.label_smoothing > 0.0
+            && !matches!(self.loss_type, DpoLoss::Sigmoid | DpoLoss::Simpo)
+        {
+            bail!("[dpo] label_smoothing applies to loss_type sigmoid and simpo only");
+        }
+        Ok(())
+    }
+
+    /// SimPO needs no reference model.
+    pub fn needs_reference(&self) -> bool {
+        self.loss_type != DpoLoss::Simpo
+    }
+}
+
+/// A micro-batch of `pairs` preference pairs: rows `0..pairs` are prompt + chosen, rows
+/// `pairs..2*pairs` prompt + rejected, with only the completion tokens trained.
+pub struct PairBatch {
+    pub rows: SftBatch,
+    pub pairs: usize,
+    /// Completion tokens per row.
+    pub lengths: Vec<usize>,
+    /// Reference summed log-probs per row, when the loss uses a reference.
+    pub reference: Option<Vec<f64>>,
+}
+
+/// Where reference log-probs come from during training.
+pub enum Reference<B: AutodiffBackend> {
+    /// SimPO: none.
+    None,
+    /// The policy with its adapters switched off.
+    BaseOfAdapters,
+    /// A frozen model, without autodiff.
+    Frozen(Box<CausalLm<B::InnerBackend>>),
+    /// Summed log-probs per pair `(chosen, rejected)`, for the train and eval splits.
+    Precomputed {
+        train: Vec<(f64, f64)>,
+        eval: Vec<(f64, f64)>,
+    },
+}
+
+pub struct Dpo<B: AutodiffBackend> {
+    train: Vec<TokenizedPair>,
+    eval: Vec<TokenizedPair>,
+    micro_batch: usize,
+    eval_batch: usize,
+    pad_id: u32,
+    cursor: EpochCursor,
+    pub settings: DpoSettings,
+    reference: Reference<B>,
+}
+
+/// The collated rows of some pairs (chosen rows first) and their completion lengths.
+pub fn collate_pairs(pairs: &[&TokenizedPair], pad_id: u32) -> (SftBatch, Vec<usize>) {
+    let row = |p: &TokenizedPair, completion: &[u32]| {
+        let ids: Vec<u32> = p.prompt.iter().chain(completion).copied().collect();
+        PackedRow {
+            trained: (0..ids.len()).map(|i| i >= p.prompt.len()).collect(),
+            positions: (0..ids.len() as u32).collect(),
+            segments: vec![0; ids.len()],
+            ids,
+        }
+    };
+    let mut rows: Vec<PackedRow> = pairs.iter().map(|p| row(p, &p.chosen)).collect();
+    rows.extend(pairs.iter().map(|p| row(p, &p.rejected)));
+    let lengths = pairs
+        .iter()
+        .map(|p| p.chosen.len())
+        .chain(pairs.iter().map(|p| p.rejected.len()))
+        .collect();
+    (collate_sft(&rows, pad_id), lengths)
+}
+
+/// Summed completion log-probs of every row of `rows`, `[rows]`.
+pub fn completion_logps<B: Backend>(model: &CausalLm<B>, rows: &SftBatch) -> Tensor<B, 1> {
+    let n_rows = rows.ids.len();
+    let device = model.device();
+    let Some((logps, row_of)) = trained_token_logps(model, rows) else {
+        return Tensor::zeros([n_rows], &device);
+    };
+    // Segment sum as a matmul with a {0,1} row-membership matrix: differentiable and one op.
+    let n = row_of.len();
+    let mut member = vec![0f32; n_rows * n];
+    for (j, &r) in row_of.iter().enumerate() {
+        member[r * n + j] = 1.0;
+    }
+    let member = Tensor::<B, 2>::from_data(TensorData::new(member, [n_rows, n]), &device);
+    member.matmul(logps.reshape([n, 1])).reshape([n_rows])
+}
+
+fn host(t: Tensor<impl Backend, 1>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().expect("f64")
+}
+
+/// Per-pair losses and the rewards TRL logs, from policy and reference log-probs.
+pub struct PairTerms<B: Backend> {
+    pub losses: Tensor<B, 1>,
+    pub chosen_rewards: Tensor<B, 1>,
+    pub rejected_rewards: Tensor<B, 1>,
+    pub chosen_logps: Tensor<B, 1>,
+    pub rejected_logps: Tensor<B, 1>,
+}
+
+/// The loss table. `policy` is `[chosen..., rejected...]` summed log-probs, `reference`
+/// the same for the reference (unused by SimPO), `lengths` the completion lengths.
+pub fn pair_terms<B: Backend>(
+    s: &DpoSettings,
+    policy: Tensor<B, 1>,
+    reference: Option<&[f64]>,
+    lengths: &[usize],
+) -> PairTerms<B> {
+    let device = policy.device();
+    let p = lengths.len() / 2;
+    let lens = Tensor::<B, 1>::from_data(
+        TensorData::new(
+            lengths.iter().map(|&l| l.max(1) as f32).collect::<Vec<_>>(),
+            [2 * p],
+        ),
+        &device,
+    );
+    let beta = s.beta;
+    let sigmoid_ls = |x: Tensor<B, 1>| {
+        let scaled = x.mul_scalar(beta);
+        let clean = log_sigmoid(scaled.clone())
+            .neg()
+            .mul_scalar(1.0 - s.label_smoothing);
+        if s.label_smoothing > 0.0 {
+            clean - log_sigmoid(scaled.neg()).mul_scalar(s.label_smoothing)
+        } else {
+            clean
+        }
+    };
+    if s.loss_type == DpoLoss::Simpo {
+        let avg = policy / lens;
+        let (pc, pr) = (avg.clone().slice(0..p), avg.slice(p..2 * p));
+        let logits = (pc.clone() - pr.clone()).sub_scalar(s.simpo_gamma / beta);
+        return PairTerms {
+            losses: sigmoid_ls(logits),
+            chosen_rewards: pc.clone().mul_scalar(beta).detach(),
+            rejected_rewards: pr.clone().mul_scalar(beta).detach(),
+            chosen_logps: pc.detach(),
+            rejected_logps: pr.detach(),
+        };
+    }
+    let reference = reference.expect("DPO losses other than simpo need reference log-probs");
+    let reference = Tensor::<B, 1>::from_data(
+        TensorData::new(
+            reference.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            [2 * p],
+        ),
+        &device,
+    );
+    let ratios = policy.clone() - reference;
+    let (rc, rr) = (ratios.clone().slice(0..p), ratios.clone().slice(p..2 * p));
+    let delta = rc.clone() - rr.clone();
+    let losses = match s.loss_type {
+        DpoLoss::Sigmoid => sigmoid_ls(delta),
+        DpoLoss::Hinge => relu(delta.mul_scalar(beta).neg().add_scalar(1.0)),
+        DpoLoss::Ipo => {
+            let avg = ratios / lens;
+            let d = avg.clone().slice(0..p) - avg.slice(p..2 * p);
+            d.sub_scalar(1.0 / (2.0 * beta)).powf_scalar(2.0)
+        }
+        DpoLoss::Simpo => unreachable!("handled above"),
+    };
+    PairTerms {
+        losses,
+        chosen_rewards: rc.mul_scalar(beta).detach(),
+        rejected_rewards: rr.mul_scalar(beta).detach(),
+        chosen_logps: policy.clone().slice(0..p).detach(),
+        rejected_logps: policy.slice(p..2 * p).detach(),
+    }
+}
+
+impl<B: AutodiffBackend> Dpo<B> {
+    pub fn new(
+        train: Vec<TokenizedPair>,
+        eval: Vec<TokenizedPair>,
+        micro_batch: usize,
+        eval_batch: usize,
+        pad_id: u32,
+        seed: u64,
+        settings: DpoSettings,
+        reference: Reference<B>,
+    ) -> Result<Self> {
+        if train.is_empty() {
+            bail!("the training split has no preference pairs: nothing to train on");
+        }
+        Ok(Self {
+            cursor: EpochCursor::new(train.len(), seed),
+            train,
+            eval,
+            micro_batch,
+            eval_batch,
+            pad_id,
+            settings,
+            reference,
+        })
+    }
+
+    fn batch(&self, idx: &[usize], eval: bool, policy: &CausalLm<B>) -> PairBatch {
+        let from = if eval { &self.eval } else { &self.train };
+        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
+        let (rows, lengths) = collate_pairs(&pairs, self.pad_id);
+        let reference = match &self.reference {
+            Reference::None => None,
+            Reference::BaseOfAdapters => {
+                let mut base = policy.valid();
+                base.set_adapters_enabled(false);
+                Some(host(completion_logps(&base, &rows)))
+            }
+            Reference::Frozen(m) => Some(host(completion_logps(m.as_ref(), &rows))),
+            Reference::Precomputed { train, eval: ev } => {
+                let table = if eval { ev } else { train };
+                let (c, r): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| table[i]).unzip();
+                Some([c, r].concat())
+            }
+        };
+        PairBatch {
+            rows,
+            pairs: idx.len(),
+            lengths,
+            reference,
+        }
+    }
+}
+
+/// Reference log-probs `(chosen, rejected)` of every pair, in micro-batches.
+pub fn reference_table<B: Backend>(
+    model: &CausalLm<B>,
+    pairs: &[TokenizedPair],
+    batch: usize,
+    pad_id: u32,
+) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch.max(1)) {
+        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+        let (rows, _) = collate_pairs(&refs, pad_id);
+        let v = host(completion_logps(model, &rows));
+        let p = chunk.len();
+        out.extend((0..p).map(|i| (v[i], v[p + i])));
+    }
+    out
+}
+
+impl<B: AutodiffBackend> Method<B> for Dpo<B> {
+    type Batch = PairBatch;
+
+    fn next_step(
+        &mut self,
+        policy: &CausalLm<B>,
+        micro_batches: usize,
+    ) -> Result<Option<Vec<PairBatch>>> {
+        let idx = self.cursor.take(self.micro_batch * micro_batches);
+        Ok(Some(
+            idx.chunks(self.micro_batch)
+                .map(|c| self.batch(c, false, policy))
+                .collect(),
+        ))
+    }
+
+    fn weight(&self, batch: &PairBatch) -> f64 {
+        batch.pairs as f64
+    }
+
+    fn tokens(&self, batch: &PairBatch) -> usize {
+        batch
+            .rows
+            .layout
+            .key_valid
+            .iter()
+            .flatten()
+            .filter(|&&v| v)
+            .count()
+    }
+
+    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &PairBatch) -> LossOutput<Bk> {
+        let policy = completion_logps(model, &batch.rows);
+        let t = pair_terms(
+            &self.settings,
+            policy,
+            batch.reference.as_deref(),
+            &batch.lengths,
+        );
+        let (c, r) = (host(t.chosen_rewards), host(t.rejected_rewards));
+        let wins = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
+        let margin: f64 = c.iter().zip(&r).map(|(a, b)| a - b).sum();
+        LossOutput {
+            loss_sum: t.losses.sum(),
+            metric_sums: vec![
+                ("rewards/chosen", c.iter().sum()),
+                ("rewards/rejected", r.iter().sum()),
+                ("rewards/accuracies", wins),
+                ("rewards/margins", margin),
+                ("logps/chosen", host(t.chosen_logps).iter().sum()),
+                ("logps/rejected", host(t.rejected_logps).iter().sum()),
+            ],
+        }
+    }
+
+    fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<PairBatch>> {
+        let idx: Vec<usize> = (0..self.eval.len()).collect();
+        Ok(idx
+            .chunks(self.eval_batch)
+            .map(|c| self.batch(c, true, policy))
+            .collect())
+    }
+
+    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
+        Some(
+            self.cursor
+                .steps_per_epoch(self.micro_batch * micro_batches),
+        )
+    }
+
+    fn epoch(&self) -> f64 {
+        self.cursor.epoch()
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        self.cursor.to_json()
+    }
+
+    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
+        self.cursor.restore(cursor)
+    }
+}
