@@ -41,6 +41,11 @@ pub trait Method<B: AutodiffBackend> {
     /// model outputs, such as reference log-probs).
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<Self::Batch>>;
 
+    /// Whether `exp(eval_loss)` means anything (a token-level cross-entropy).
+    fn loss_is_token_nll(&self) -> bool {
+        false
+    }
+
     /// Optimizer steps in one pass over the data, when that is defined.
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize>;
 

@@ -531,9 +531,9 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
     say(
         opts.verbose,
         format!(
-            "{} {:?} {}: {:.2}M parameters, {:.3}M trainable; {total} steps{}",
+            "{}: {} with {}: {:.2}M parameters, {:.3}M trainable; {total} steps{}",
             recipe.train.output_dir.display(),
-            recipe.method,
+            format!("{:?}", recipe.method).to_lowercase(),
             if recipe.adapter.is_some() {
                 "LoRA"
             } else {

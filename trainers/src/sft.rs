@@ -146,6 +146,10 @@ impl<B: AutodiffBackend> Method<B> for Sft {
             .collect())
     }
 
+    fn loss_is_token_nll(&self) -> bool {
+        true
+    }
+
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
         Some(
             self.cursor

@@ -157,7 +157,9 @@ fn evaluate<B: AutodiffBackend, M: Method<B>>(
     let mut m = Map::new();
     let eval_loss = loss / weight;
     m.insert("eval_loss".into(), json!(eval_loss));
-    m.insert("eval_ppl".into(), json!(eval_loss.exp()));
+    if method.loss_is_token_nll() {
+        m.insert("eval_ppl".into(), json!(eval_loss.exp()));
+    }
     for (k, v) in sums {
         m.insert(format!("eval_{k}"), json!(v / weight));
     }

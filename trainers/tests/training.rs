@@ -391,3 +391,134 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_state() {
     let w: Vec<f32> = model.embed_tokens.val().into_data().to_vec().unwrap();
     assert!(w.iter().all(|x| x.is_finite()));
 }
+
+/// Preference pairs with a learnable rule: the chosen answer agrees politely, the rejected
+/// one refuses curtly.
+fn write_preferences(path: &Path, n: usize) {
+    let topics = [
+        "the weather",
+        "a recipe",
+        "my homework",
+        "a poem",
+        "the news",
+        "a joke",
+        "travel",
+        "music",
+    ];
+    let mut out = String::new();
+    for i in 0..n {
+        let topic = topics[i % topics.len()];
+        let row = serde_json::json!({
+            "prompt": format!("Request {i}: can you help me with {topic}?"),
+            "chosen": format!("Yes, gladly! Here is some help with {topic}."),
+            "rejected": "No.",
+        });
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn dpo_recipe(dir: &Path, extra: &str, overrides: &[&str]) -> Recipe {
+    std::fs::create_dir_all(dir).unwrap();
+    let data = dir.join("prefs.jsonl");
+    write_preferences(&data, 160);
+    let mut all = vec![
+        "method=\"dpo\"".to_string(),
+        format!("data.files=[\"{}\"]", data.display()),
+        "data.format=\"preference\"".into(),
+        "train.eval_on_start=true".into(),
+        "train.max_steps=15".into(),
+        "train.per_device_train_batch_size=4".into(),
+        "train.per_device_eval_batch_size=16".into(),
+        "train.learning_rate=5e-3".into(),
+    ];
+    all.extend(overrides.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    recipe(dir, extra, &refs)
+}
+
+fn eval_metric(run_dir: &Path, key: &str) -> Vec<f64> {
+    read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.get(key)?.as_f64())
+        .collect()
+}
+
+#[test]
+fn dpo_with_lora_learns_the_preference_and_precompute_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
+    let r = dpo_recipe(&tmp.path().join("live"), lora, &[]);
+    run(&r, None).unwrap();
+    let acc = eval_metric(&tmp.path().join("live/run"), "eval_rewards/accuracies");
+    let margins = eval_metric(&tmp.path().join("live/run"), "eval_rewards/margins");
+    assert_eq!(
+        acc[0], 0.0,
+        "at step 0 the policy is the reference: {acc:?}"
+    );
+    assert!(
+        *acc.last().unwrap() >= 0.8,
+        "held-out reward accuracy {acc:?}"
+    );
+    assert!(*margins.last().unwrap() > 0.0, "{margins:?}");
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(
+            !eval_metric(&tmp.path().join("live/run"), key).is_empty(),
+            "{key} missing"
+        );
+    }
+
+    let r = dpo_recipe(
+        &tmp.path().join("pre"),
+        &format!("{lora}\n[dpo]\nprecompute_ref_log_probs = true"),
+        &[],
+    );
+    run(&r, None).unwrap();
+    let (a, b) = (
+        losses(&tmp.path().join("live/run")),
+        losses(&tmp.path().join("pre/run")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((s1, l1), (s2, l2)) in a.iter().zip(&b) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() < 1e-5, "step {s1}: {l1} vs {l2}");
+    }
+    let cached = std::fs::read_dir(tmp.path().join("pre/cache"))
+        .unwrap()
+        .flat_map(|e| std::fs::read_dir(e.unwrap().path()).unwrap())
+        .any(|f| {
+            f.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("ref_logps-")
+        });
+    assert!(
+        cached,
+        "precomputed reference log-probs are cached beside the data"
+    );
+}
+
+#[test]
+fn full_dpo_ipo_and_simpo_learn() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, loss) in [
+        ("ipo", "[dpo]\nloss_type = \"ipo\"\nbeta = 0.5"),
+        ("simpo", "[dpo]\nloss_type = \"simpo\"\nbeta = 2.0"),
+    ] {
+        let dir = tmp.path().join(name);
+        let r = dpo_recipe(&dir, loss, &["train.learning_rate=2e-3"]);
+        run(&r, None).unwrap();
+        let acc = eval_metric(&dir.join("run"), "eval_rewards/accuracies");
+        assert!(
+            *acc.last().unwrap() >= 0.8,
+            "{name}: held-out reward accuracy {acc:?}"
+        );
+    }
+}
