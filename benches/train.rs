@@ -17,6 +17,7 @@ use models::lora::LoraSettings;
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
 use trainers::dpo::{reference_table, Dpo, DpoSettings, Reference};
+use trainers::method::BatchShape;
 use trainers::metrics::read_metrics;
 use trainers::optim::{trainable_params, AdamWSettings};
 use trainers::recipe::Schedule;
@@ -155,17 +156,13 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         } else {
             Reference::BaseOfAdapters
         };
-        let mut method = Dpo::new(
-            data,
-            vec![],
-            pairs_per_step,
-            pairs_per_step,
-            0,
-            0,
-            DpoSettings::default(),
-            reference,
-        )
-        .unwrap();
+        let shape = BatchShape {
+            micro_batch: pairs_per_step,
+            eval_batch: pairs_per_step,
+            pad_id: 0,
+            seed: 0,
+        };
+        let mut method = Dpo::new(data, vec![], shape, DpoSettings::default(), reference).unwrap();
         run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
     } else {
         let mut method = Sft::new(

@@ -22,7 +22,7 @@ use datasets::tokenize::TokenizedPair;
 use models::CausalLm;
 
 use crate::data_order::EpochCursor;
-use crate::method::{LossOutput, Method};
+use crate::method::{BatchShape, LossOutput, Method};
 use crate::sft::trained_token_logps;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,10 +269,7 @@ impl<B: AutodiffBackend> Dpo<B> {
     pub fn new(
         train: Vec<TokenizedPair>,
         eval: Vec<TokenizedPair>,
-        micro_batch: usize,
-        eval_batch: usize,
-        pad_id: u32,
-        seed: u64,
+        shape: BatchShape,
         settings: DpoSettings,
         reference: Reference<B>,
     ) -> Result<Self> {
@@ -280,12 +277,12 @@ impl<B: AutodiffBackend> Dpo<B> {
             bail!("the training split has no preference pairs: nothing to train on");
         }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), seed),
+            cursor: EpochCursor::new(train.len(), shape.seed),
             train,
             eval,
-            micro_batch,
-            eval_batch,
-            pad_id,
+            micro_batch: shape.micro_batch,
+            eval_batch: shape.eval_batch,
+            pad_id: shape.pad_id,
             settings,
             reference,
         })

@@ -56,3 +56,14 @@ pub trait Method<B: AutodiffBackend> {
     fn cursor(&self) -> serde_json::Value;
     fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()>;
 }
+
+/// How a dataset method cuts its rows into micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Rows (SFT) or pairs (DPO) per training micro-batch.
+    pub micro_batch: usize,
+    pub eval_batch: usize,
+    pub pad_id: u32,
+    /// Seeds the per-epoch shuffle.
+    pub seed: u64,
+}

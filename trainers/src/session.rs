@@ -20,7 +20,7 @@ use models::{CausalLm, Message, ModelConfig, TextTokenizer};
 
 use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use crate::estimate::{estimate, human_bytes};
-use crate::method::Method;
+use crate::method::{BatchShape, Method};
 use crate::optim::{trainable_params, AdamWSettings};
 use crate::recipe::{MethodName, Recipe};
 use crate::schedule::LrSchedule;
@@ -382,16 +382,13 @@ pub fn train<B: AutodiffBackend>(
             let reference = dpo_reference::<B>(
                 recipe, &settings, &model, &train, &eval, &cache_dir, pad, device,
             )?;
-            let method = Dpo::new(
-                train,
-                eval,
-                t.per_device_train_batch_size,
-                t.per_device_eval_batch_size,
-                pad,
-                recipe.seed,
-                settings,
-                reference,
-            )?;
+            let shape = BatchShape {
+                micro_batch: t.per_device_train_batch_size,
+                eval_batch: t.per_device_eval_batch_size,
+                pad_id: pad,
+                seed: recipe.seed,
+            };
+            let method = Dpo::new(train, eval, shape, settings, reference)?;
             drive(ctx, model, method)
         }
     }
