@@ -47,6 +47,7 @@ fn pairs(n: usize, vocab: usize) -> Vec<TokenizedPair> {
             prompt: random_ids(&mut x, SEQ / 2, vocab),
             chosen: random_ids(&mut x, SEQ / 2, vocab),
             rejected: random_ids(&mut x, SEQ / 2, vocab),
+            margin: None,
         })
         .collect()
 }

@@ -1,4 +1,4 @@
-//! Writes `tests/fixtures/peft/`: a LoRA adapter for the tiny-llama fixture, exported by
+//! Writes `tests/fixtures/peft/` and `tests/fixtures/reward/model/`: a LoRA adapter for the tiny-llama fixture, exported by
 //! burnish's own PEFT writer, and the merged model from `burnish export --merge`'s code
 //! path. `scripts/parity/check_peft_export.py` then loads both with transformers + PEFT
 //! and records their logits for the `peft_parity` test.
@@ -69,5 +69,19 @@ fn main() -> Result<()> {
         &device,
     )?;
     println!("wrote {} and {msg}", adapter.display());
+
+    // A reward model (tiny-llama backbone + seeded score head), for
+    // scripts/parity/reward_reference.py; the reward_parity test rebuilds it the same way.
+    let (cfg, base_model) = load_model::<Cpu>(&base, &device)?;
+    let rm = base_model.with_reward_head(0.5, 5);
+    let rm_dir = root.join("tests/fixtures/reward/model");
+    models::checkpoint::save_model(
+        &rm,
+        &cfg.as_reward_model(0),
+        &rm_dir,
+        None,
+        &Default::default(),
+    )?;
+    println!("wrote {}", rm_dir.display());
     Ok(())
 }

@@ -5,6 +5,7 @@ mod device;
 mod export;
 mod generate;
 mod new_model;
+mod reward_score;
 mod score;
 mod train;
 

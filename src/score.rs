@@ -1,4 +1,5 @@
-//! `burnish score`: summed log-probability of each row's completion given its prompt.
+//! `burnish score`: summed log-probability of each row's completion given its prompt, or,
+//! with `--reward-model`, a reward model's score of each row (both sides of a pair).
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
@@ -14,11 +15,26 @@ use crate::device::{dispatch, OnDevice};
 
 #[derive(Parser, Clone)]
 pub struct Args {
+    /// A causal LM: write completion log-probs.
+    #[arg(
+        long,
+        required_unless_present = "reward_model",
+        conflicts_with = "reward_model"
+    )]
+    pub model: Option<PathBuf>,
+    /// A reward model (or its PEFT adapter, or a reward run): write a reward per row, any
+    /// supported format; preference rows get `reward_chosen` and `reward_rejected`.
     #[arg(long)]
-    pub model: PathBuf,
-    /// JSONL with `{"prompt": ..., "completion": ...}` rows.
+    pub reward_model: Option<PathBuf>,
+    /// With --model: JSONL with `{"prompt": ..., "completion": ...}` rows.
     #[arg(long)]
     pub data: PathBuf,
+    /// With --reward-model: the data format (default: detected).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// With --reward-model: the chat template (`auto` = the model's own).
+    #[arg(long, default_value = "auto")]
+    pub template: String,
     /// Output JSONL (stdout when omitted).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -80,22 +96,23 @@ impl OnDevice for Args {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        if let Some(rm) = &self.reward_model {
+            return crate::reward_score::run::<B>(rm, &self, &device);
+        }
+        let model_dir = self
+            .model
+            .clone()
+            .expect("clap requires --model or --reward-model");
         let rows = read_rows(&self.data)?;
-        let (cfg, model) = load_model::<B>(&self.model, &device)?;
-        let tok = load_tokenizer(&self.model, &cfg)?;
+        let (cfg, model) = load_model::<B>(&model_dir, &device)?;
+        let tok = load_tokenizer(&model_dir, &cfg)?;
         let ids = rows
             .iter()
             .map(|(p, c)| split_ids(&tok, p, c))
             .collect::<Result<Vec<_>>>()?;
         let pad = tok.pad_id.or(cfg.pad_token_id).unwrap_or(0);
         let scores = score_completions(&model, &ids, self.batch_size, pad);
-        let mut out: Box<dyn Write> = match &self.out {
-            Some(p) => Box::new(std::io::BufWriter::new(
-                std::fs::File::create(p)
-                    .with_context(|| format!("cannot create {}", p.display()))?,
-            )),
-            None => Box::new(std::io::stdout().lock()),
-        };
+        let mut out = output(self.out.as_ref())?;
         for (i, s) in scores.iter().enumerate() {
             let line = serde_json::json!({
                 "row": i,
@@ -108,4 +125,14 @@ impl OnDevice for Args {
         out.flush()?;
         Ok(())
     }
+}
+
+/// The output file, or stdout.
+pub fn output(path: Option<&PathBuf>) -> Result<Box<dyn Write>> {
+    Ok(match path {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    })
 }

@@ -185,3 +185,72 @@ fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
     let expected: Vec<u64> = (0..=step + 2).collect();
     assert_eq!(steps, expected, "one continuous curve");
 }
+
+#[test]
+fn dpo_and_reward_recipes_run_and_the_reward_model_scores_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    for recipe in ["dpo", "reward"] {
+        let p = |s: &str| tmp.path().join(recipe).join(s).display().to_string();
+        let sets = [
+            format!("model.path=\"{}\"", p("model")),
+            format!("data.cache_dir=\"{}\"", p("cache")),
+            format!("train.output_dir=\"{}\"", p("run")),
+            "train.max_steps=2".to_string(),
+            "train.eval_steps=0".to_string(),
+            "data.max_seq_len=256".to_string(),
+        ];
+        let path = format!("recipes/{recipe}.toml");
+        let mut args: Vec<&str> = vec!["train", "--recipe", &path];
+        for s in &sets {
+            args.extend(["--set", s.as_str()]);
+        }
+        let mut dry = args.clone();
+        dry.push("--dry-run");
+        assert!(ok(&dry).contains("# memory estimate"));
+        ok(&args);
+        let metrics =
+            std::fs::read_to_string(tmp.path().join(recipe).join("run/metrics.jsonl")).unwrap();
+        let key = if recipe == "dpo" {
+            "eval_rewards/accuracies"
+        } else {
+            "eval_accuracy"
+        };
+        assert!(metrics.contains(key), "{metrics}");
+    }
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"Hi\", \"chosen\": \"Hello!\", \"rejected\": \"Go away.\"}\n",
+    )
+    .unwrap();
+    let convs = tmp.path().join("convs.jsonl");
+    std::fs::write(&convs, "{\"prompt\": \"Hi\", \"completion\": \"Hello!\"}\n").unwrap();
+    let run = tmp.path().join("reward/run").display().to_string();
+    let score = |file: &std::path::Path| -> Vec<serde_json::Value> {
+        let out = ok(&[
+            "score",
+            "--reward-model",
+            &run,
+            "--data",
+            file.to_str().unwrap(),
+        ]);
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let pairs = score(&data);
+    assert_eq!(pairs.len(), 1);
+    assert!(pairs[0]["reward_chosen"].is_f64() && pairs[0]["reward_rejected"].is_f64());
+    let single = score(&convs);
+    assert!(single[0]["reward"].is_f64());
+    let policy = tmp.path().join("dpo/run").display().to_string();
+    let e = burnish(&[
+        "score",
+        "--reward-model",
+        &policy,
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("not a reward model"));
+}

@@ -87,3 +87,39 @@ pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result
         ))
     }
 }
+
+/// Load a reward model for scoring: a `*ForSequenceClassification` model directory, or a
+/// PEFT `SEQ_CLS` adapter (merged into its base). Returns its config, the model and the
+/// directory its tokenizer is in.
+pub fn load_reward_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(models::ModelConfig, models::CausalLm<B>, PathBuf)> {
+    let dir = resolve_weights_dir(dir)?;
+    if !is_adapter_dir(&dir) {
+        let (cfg, model) = load_model::<B>(&dir, device)?;
+        if !cfg.reward_head {
+            bail!(
+                "{} is a causal LM, not a reward model (expected architectures *ForSequenceClassification with num_labels 1)",
+                dir.display()
+            );
+        }
+        return Ok((cfg, model, dir));
+    }
+    let adapter = read_adapter_config(&dir)?;
+    if !adapter.reward_model {
+        bail!(
+            "{} is a causal-LM adapter, not a reward model's (task_type SEQ_CLS)",
+            dir.display()
+        );
+    }
+    let base = PathBuf::from(&adapter.base_model);
+    let (cfg, model) = load_model::<B>(&base, device)
+        .with_context(|| format!("loading the base model of {}", dir.display()))?;
+    let pad = cfg
+        .pad_token_id
+        .or(cfg.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let (model, _) = load_adapter(model.with_reward_head(0.0, 0), &dir)?;
+    Ok((cfg.as_reward_model(pad), model.merge_adapters(), base))
+}

@@ -15,6 +15,7 @@ use models::CausalLm;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+const SCORE: &str = "base_model.model.score.weight";
 
 pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).exists()
@@ -66,11 +67,25 @@ pub fn save_adapter<B: Backend>(
     if writes.is_empty() {
         bail!("the model has no LoRA adapters to save");
     }
+    // A reward model's score head trains in full beside the adapters: PEFT's SEQ_CLS
+    // `modules_to_save`, stored under its plain name.
+    if let Some(score) = &model.score {
+        let [d_in, d_out] = score.weight.dims();
+        writes.push(TensorToWrite {
+            name: "base_model.model.score.weight".into(),
+            shape: vec![d_out, d_in],
+            values: Box::new(move || transposed(score.weight.val())),
+        });
+    }
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     write_safetensors(&out.join(ADAPTER_WEIGHTS), &writes, dtype, &meta)?;
+    let (task, modules_to_save) = match model.score {
+        Some(_) => ("SEQ_CLS", json!(["score"])),
+        None => ("CAUSAL_LM", Value::Null),
+    };
     let config = json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task,
         "base_model_name_or_path": base_model,
         "r": settings.r,
         "lora_alpha": settings.alpha,
@@ -81,7 +96,7 @@ pub fn save_adapter<B: Backend>(
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "use_dora": false,
         "layers_to_transform": null,
         "layers_pattern": null,
@@ -99,6 +114,8 @@ pub fn save_adapter<B: Backend>(
 pub struct AdapterConfig {
     pub settings: LoraSettings,
     pub base_model: String,
+    /// PEFT `SEQ_CLS`: the adapter belongs to a reward model (it carries the score head).
+    pub reward_model: bool,
 }
 
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
@@ -157,6 +174,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         .with_context(|| format!("in {}", path.display()))?;
     Ok(AdapterConfig {
         settings,
+        reward_model: field("task_type").and_then(Value::as_str) == Some("SEQ_CLS"),
         base_model: field("base_model_name_or_path")
             .and_then(Value::as_str)
             .unwrap_or("")
@@ -174,6 +192,7 @@ pub fn load_adapter<B: Backend>(
     let weights = dir.join(ADAPTER_WEIGHTS);
     let mut reader = SafetensorsReader::open_files(std::slice::from_ref(&weights))?;
     let device = model.device();
+    let has_score = reader.shape(SCORE).is_some();
     let mut read = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
         let (got, values) = reader
             .read_f32(name)
@@ -195,6 +214,16 @@ pub fn load_adapter<B: Backend>(
         let a = read(&tensor_name(&path, "lora_A"), [r, d_in])?;
         let b = read(&tensor_name(&path, "lora_B"), [d_out, r])?;
         *l = models::lora::LoraAdapter::from_tensors(a, b, &cfg.settings);
+    }
+    if has_score {
+        let Some(score) = model.score.as_mut() else {
+            bail!(
+                "{} holds a reward model's score head (task SEQ_CLS) but the base is a causal LM; load it as a reward model",
+                weights.display()
+            );
+        };
+        let [d_in, d_out] = score.weight.dims();
+        score.weight = burn::module::Param::from_tensor(read(SCORE, [d_out, d_in])?);
     }
     let unused = reader.unused();
     if !unused.is_empty() {

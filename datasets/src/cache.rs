@@ -3,10 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, ListBuilder, RecordBatch, StringBuilder,
-    UInt32Builder,
+    Array, ArrayRef, AsArray, BooleanBuilder, Float64Array, ListBuilder, RecordBatch,
+    StringBuilder, UInt32Builder,
 };
-use arrow::datatypes::UInt32Type;
+use arrow::datatypes::{Float64Type, UInt32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use std::fs::File;
@@ -98,6 +98,12 @@ fn columns(data: &Dataset) -> Vec<(&'static str, ArrayRef)> {
             (
                 "rejected_ids",
                 u32_lists(rows.iter().map(|r| r.rejected.as_slice())),
+            ),
+            (
+                "margin",
+                Arc::new(Float64Array::from(
+                    rows.iter().map(|r| r.margin).collect::<Vec<_>>(),
+                )) as ArrayRef,
             ),
         ],
         Dataset::Prompts(rows) => {
@@ -197,11 +203,16 @@ pub fn read_parquet(path: &Path, kind: &str) -> Result<Dataset> {
                 let p = read_u32_lists(&batch, "prompt_ids", path)?;
                 let c = read_u32_lists(&batch, "chosen_ids", path)?;
                 let r = read_u32_lists(&batch, "rejected_ids", path)?;
-                for ((prompt, chosen), rejected) in p.into_iter().zip(c).zip(r) {
+                // Caches written before margins were kept have no column: no margins.
+                let m = batch
+                    .column_by_name("margin")
+                    .and_then(|c| c.as_primitive_opt::<Float64Type>().cloned());
+                for (i, ((prompt, chosen), rejected)) in p.into_iter().zip(c).zip(r).enumerate() {
                     rows.push(TokenizedPair {
                         prompt,
                         chosen,
                         rejected,
+                        margin: m.as_ref().and_then(|m| (!m.is_null(i)).then(|| m.value(i))),
                     });
                 }
             }

@@ -65,11 +65,14 @@ impl TokenizedSeq {
 }
 
 /// A tokenized preference pair: shared prompt ids, then each completion's ids.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenizedPair {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
+    /// The row's optional `margin` (reward models subtract it inside the loss).
+    #[serde(default)]
+    pub margin: Option<f64>,
 }
 
 /// A tokenized prompt for online methods, with its reference answer.
@@ -79,7 +82,7 @@ pub struct TokenizedPrompt {
     pub answer: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Tokenized {
     Seq(TokenizedSeq),
@@ -268,6 +271,7 @@ impl Templater<'_> {
                     prompt,
                     chosen,
                     rejected,
+                    margin: p.margin,
                 },
                 false,
             ));
@@ -279,6 +283,7 @@ impl Templater<'_> {
                     prompt: prompt[cut..].to_vec(),
                     chosen,
                     rejected,
+                    margin: p.margin,
                 },
                 true,
             )),

@@ -54,6 +54,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// `*ForSequenceClassification` with one label: a reward model (scalar `score` head
+    /// on the last non-padding token, no LM head).
+    pub reward_head: bool,
     pub raw: Map<String, Value>,
 }
 
@@ -128,14 +131,31 @@ impl ModelConfig {
                 supported_list()
             );
         }
+        let mut reward_head = false;
         if let Some(archs) = &f.architectures {
             for a in archs {
-                if !SUPPORTED.iter().any(|(_, s)| s == a) {
+                let causal = a.replace("ForSequenceClassification", "ForCausalLM");
+                if !SUPPORTED.iter().any(|(_, s)| *s == causal) {
                     bail!(
-                        "unsupported architecture `{a}`; supported: {}",
+                        "unsupported architecture `{a}`; supported: {} (and their ForSequenceClassification reward models)",
                         supported_list()
                     );
                 }
+                reward_head |= a.ends_with("ForSequenceClassification");
+            }
+        }
+        if reward_head {
+            let labels = raw
+                .get("num_labels")
+                .and_then(Value::as_u64)
+                .or_else(|| {
+                    raw.get("id2label")
+                        .and_then(Value::as_object)
+                        .map(|m| m.len() as u64)
+                })
+                .unwrap_or(2);
+            if labels != 1 {
+                bail!("sequence classification with {labels} labels is not supported: reward models have num_labels = 1");
             }
         }
         if let Some(act) = &f.hidden_act {
@@ -202,9 +222,36 @@ impl ModelConfig {
             bos_token_id: token_ids(&f.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&f.eos_token_id),
             pad_token_id: token_ids(&f.pad_token_id).first().copied(),
+            reward_head,
             model_type,
             raw,
         })
+    }
+
+    /// This config as a reward model's (`LlamaForSequenceClassification`, one label), as
+    /// transformers writes it; `pad_id` marks padding for the last-token pick.
+    pub fn as_reward_model(&self, pad_id: u32) -> ModelConfig {
+        let mut c = self.clone();
+        let arch = SUPPORTED
+            .iter()
+            .find(|(t, _)| *t == c.model_type)
+            .map(|(_, a)| a.replace("ForCausalLM", "ForSequenceClassification"))
+            .unwrap_or_default();
+        c.raw.insert(
+            "architectures".into(),
+            Value::Array(vec![Value::String(arch)]),
+        );
+        c.raw.insert("num_labels".into(), Value::from(1));
+        c.raw
+            .insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+        c.raw
+            .insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        if c.pad_token_id.is_none() {
+            c.raw.insert("pad_token_id".into(), Value::from(pad_id));
+            c.pad_token_id = Some(pad_id);
+        }
+        c.reward_head = true;
+        c
     }
 
     pub fn to_json_string(&self) -> String {

@@ -45,6 +45,8 @@ pub struct CausalLm<B: Backend> {
     pub norm: RmsNorm<B>,
     /// `None` when `tie_word_embeddings`: logits then use `embed_tokens`.
     pub lm_head: Option<Proj<B>>,
+    /// Reward models (`*ForSequenceClassification`, one label): `[hidden, 1]`, HF `score.weight`.
+    pub score: Option<Proj<B>>,
     #[module(skip)]
     pub inv_freq: Vec<f32>,
 }
@@ -277,6 +279,50 @@ impl<B: Backend> CausalLm<B> {
         self.logits(h)
     }
 
+    /// Scalar rewards `[B]`: the `score` head on the hidden state at `last[b]` of each row
+    /// (the last non-padding token, as `LlamaForSequenceClassification` picks it).
+    pub fn rewards(&self, input: ForwardInput<B>, last: &[usize]) -> Tensor<B, 1> {
+        let score = self
+            .score
+            .as_ref()
+            .expect("rewards() needs a reward head (with_reward_head or a *ForSequenceClassification model)");
+        let [b, t] = input.ids.dims();
+        let device = input.ids.device();
+        let hidden = self.hidden_states(input, None);
+        let d = hidden.dims()[2];
+        let idx: Vec<i64> = last
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i * t + l) as i64)
+            .collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [b]), &device);
+        let picked = hidden.reshape([b * t, d]).select(0, idx);
+        score.forward(picked).reshape([b])
+    }
+
+    /// Turn a causal LM into a reward model: drop the LM head, add a `score` head drawn
+    /// from normal(0, `std`) (transformers' init with `initializer_range`), seeded.
+    pub fn with_reward_head(mut self, std: f64, seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let d = self.hidden_size();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let w: Vec<f32> = (0..d)
+            .map(|_| {
+                // Box-Muller, as presets::RandomInit.
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random::<f64>();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+            })
+            .collect();
+        let device = self.device();
+        self.lm_head = None;
+        self.score = Some(Proj::from_tensors(
+            Tensor::from_data(TensorData::new(w, [d, 1]), &device),
+            None,
+        ));
+        self
+    }
+
     pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
         KvCache::new(self.num_layers(), capacity)
     }
@@ -312,7 +358,9 @@ pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
+    if cfg.reward_head {
+        out.push(("score.weight".to_string(), vec![1, h]));
+    } else if !cfg.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![v, h]));
     }
     out
@@ -419,17 +467,20 @@ impl<B: Backend> CausalLm<B> {
             });
         }
         let norm = RmsNorm::from_tensor(b.vector("model.norm.weight")?, eps);
-        let lm_head = if cfg.tie_word_embeddings {
-            None
+        let (lm_head, score) = if cfg.reward_head {
+            (None, Some(b.proj("score", false)?))
+        } else if cfg.tie_word_embeddings {
+            (None, None)
         } else {
             let w = b.matrix("lm_head.weight")?;
-            Some(Proj::from_tensors(w.transpose(), None))
+            (Some(Proj::from_tensors(w.transpose(), None)), None)
         };
         Ok(Self {
             embed_tokens,
             layers,
             norm,
             lm_head,
+            score,
             inv_freq: rope_inv_freq(cfg),
         })
     }
@@ -493,6 +544,9 @@ impl<B: Backend> CausalLm<B> {
         ));
         if let Some(head) = &self.lm_head {
             proj(&mut all, "lm_head".into(), head);
+        }
+        if let Some(score) = &self.score {
+            proj(&mut all, "score".into(), score);
         }
         all
     }

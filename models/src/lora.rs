@@ -234,6 +234,11 @@ impl<B: Backend> CausalLm<B> {
                 proj.lora = Some(LoraAdapter::new(d_in, d_out, settings, &mut rng, &device));
             }
         }
+        // A reward head is new, task-specific and tiny: it trains in full (PEFT's
+        // `modules_to_save` for sequence classification).
+        if let Some(score) = model.score.as_mut() {
+            score.weight = Param::from_tensor(score.weight.val().detach());
+        }
         Ok(model)
     }
 

@@ -7,6 +7,7 @@ pub mod method;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;
+pub mod reward;
 pub mod schedule;
 pub mod session;
 pub mod sft;

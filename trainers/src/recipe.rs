@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::dpo::DpoSettings;
+use crate::reward::RewardSettings;
 use datasets::config::DataConfig;
 use models::lora::LoraSettings;
 
@@ -15,6 +16,7 @@ use models::lora::LoraSettings;
 pub enum MethodName {
     Sft,
     Dpo,
+    Reward,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +34,9 @@ pub struct Recipe {
     /// `method = "dpo"` settings (TRL `DPOConfig` names); defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<DpoSettings>,
+    /// `method = "reward"` settings (TRL `RewardConfig` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<RewardSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -299,6 +304,12 @@ impl Recipe {
                 );
             }
             d.validate()?;
+        }
+        if self.reward.is_some() && self.method != MethodName::Reward {
+            bail!(
+                "[reward] is set but method is {:?}; remove the section or set method = \"reward\"",
+                self.method
+            );
         }
         if self.model.init_preset.is_some() != self.model.init_tokenizer.is_some() {
             bail!("[model] init_preset and init_tokenizer go together: set both or neither");

@@ -23,6 +23,7 @@ use crate::estimate::{estimate, human_bytes};
 use crate::method::{BatchShape, Method};
 use crate::optim::{trainable_params, AdamWSettings};
 use crate::recipe::{MethodName, Recipe};
+use crate::reward::Reward;
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
 use crate::train_loop::{find_resume, run_loop, LoopConfig, Outcome, Resume};
@@ -150,7 +151,8 @@ pub fn sample<B: Backend>(
     tok: &TextTokenizer,
     recipe: &Recipe,
 ) -> Result<Vec<String>> {
-    if recipe.train.sample_prompts.is_empty() {
+    // Reward models score text; they do not generate it.
+    if recipe.train.sample_prompts.is_empty() || model.score.is_some() {
         return Ok(vec![]);
     }
     let template = tok.template(Some(&recipe.data.template))?;
@@ -215,13 +217,26 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         new_model_config(preset, "llama", tok_dir)?
     };
     let prepared = prepare(&recipe.data, &tok)?;
-    let train_rows = sft_rows(prepared.train, "train")?.len();
+    let expected = match recipe.method {
+        MethodName::Sft => "sft",
+        MethodName::Dpo | MethodName::Reward => "pairs",
+    };
+    if prepared.train.kind() != expected {
+        bail!(
+            "method {:?} needs {expected} data, but [data] gives {} rows",
+            recipe.method,
+            prepared.train.kind()
+        );
+    }
+    let train_rows = prepared.train.len();
     let eval_rows = prepared.eval.len();
     let mb = recipe.train.per_device_train_batch_size;
     let per_epoch = train_rows.div_ceil(mb * recipe.train.gradient_accumulation_steps);
     let total = total_steps(recipe, Some(per_epoch))?;
     let lora = recipe.adapter.as_ref().map(|a| a.lora());
-    let mem = estimate(&cfg, lora.as_ref(), mb, recipe.data.max_seq_len);
+    // Preference methods put chosen and rejected rows of each pair in one micro-batch.
+    let rows = if expected == "pairs" { 2 * mb } else { mb };
+    let mem = estimate(&cfg, lora.as_ref(), rows, recipe.data.max_seq_len);
     let mut s = String::new();
     s.push_str("# resolved recipe\n");
     s.push_str(&recipe.to_toml()?);
@@ -281,10 +296,31 @@ fn load_policy<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<(ModelConfig, CausalLm<B>, WeightsFormat)> {
     let base = &recipe.model.path;
+    let reward = recipe.method == MethodName::Reward;
+    // A reward model grows from a causal LM: its LM head gives way to a fresh score head.
+    let as_reward = |cfg: ModelConfig, model: CausalLm<B>| -> (ModelConfig, CausalLm<B>) {
+        if !reward || cfg.reward_head {
+            return (cfg, model);
+        }
+        let pad = cfg
+            .pad_token_id
+            .or(cfg.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        let std = cfg
+            .raw
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02);
+        (
+            cfg.as_reward_model(pad),
+            model.with_reward_head(std, recipe.seed),
+        )
+    };
     match &recipe.adapter {
         None => {
             let dir = resume.unwrap_or(base);
             let (cfg, model) = load_model::<B>(dir, device)?;
+            let (cfg, model) = as_reward(cfg, model);
             let tokenizer_dir = base.clone();
             Ok((
                 cfg.clone(),
@@ -298,6 +334,7 @@ fn load_policy<B: AutodiffBackend>(
         Some(a) => {
             let settings = a.lora();
             let (cfg, model) = load_model::<B>(base, device)?;
+            let (cfg, model) = as_reward(cfg, model);
             let model = match resume {
                 Some(dir) => checkpoints::peft::load_adapter(model, dir)?.0,
                 None => model.with_lora(&settings, recipe.seed)?,
@@ -391,6 +428,21 @@ pub fn train<B: AutodiffBackend>(
             let method = Dpo::new(train, eval, shape, settings, reference)?;
             drive(ctx, model, method)
         }
+        MethodName::Reward => {
+            let shape = BatchShape {
+                micro_batch: t.per_device_train_batch_size,
+                eval_batch: t.per_device_eval_batch_size,
+                pad_id: ctx.model_cfg.pad_token_id.unwrap_or(pad),
+                seed: recipe.seed,
+            };
+            let method = Reward::new(
+                pair_rows(prepared.train, "train")?,
+                pair_rows(prepared.eval, "eval")?,
+                shape,
+                recipe.reward.clone().unwrap_or_default(),
+            )?;
+            drive(ctx, model, method)
+        }
     }
 }
 
@@ -398,7 +450,7 @@ fn pair_rows(ds: Dataset, split: &str) -> Result<Vec<datasets::tokenize::Tokeniz
     match ds {
         Dataset::Pairs(rows) => Ok(rows),
         other => bail!(
-            "method dpo trains on preference pairs (prompt, chosen, rejected), but the {split} data are {} rows; \
+            "this method trains on preference pairs (prompt, chosen, rejected), but the {split} data are {} rows; \
              use a preference format (preference, hh-rlhf)",
             other.kind()
         ),

@@ -96,6 +96,7 @@ fn dpo_losses_and_rewards_match_trl() {
             prompt: serde_json::from_value(p["prompt"].clone()).unwrap(),
             chosen: serde_json::from_value(p["chosen"].clone()).unwrap(),
             rejected: serde_json::from_value(p["rejected"].clone()).unwrap(),
+            margin: None,
         })
         .collect();
     let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
@@ -159,5 +160,53 @@ fn dpo_losses_and_rewards_match_trl() {
                 "{case}: {name} {got} vs TRL {want}"
             );
         }
+    }
+}
+
+#[test]
+fn reward_model_matches_transformers_sequence_classification_and_trl_loss() {
+    use trainers::reward::{batch_rewards, pair_losses, reward_batch, RewardSettings};
+    let exp: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("losses/reward.json")).unwrap(),
+    )
+    .unwrap();
+    let pairs: Vec<datasets::tokenize::TokenizedPair> =
+        serde_json::from_value(exp["pairs"].clone()).unwrap();
+    // The same reward model examples/make_peft_fixture.rs exported for transformers.
+    let (_, base) =
+        load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
+    let rm = base.with_reward_head(0.5, 5);
+    let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
+    let batch = reward_batch(&refs, 0);
+    let rewards = batch_rewards(&rm, &batch);
+    let got: Vec<f64> = rewards
+        .clone()
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .unwrap();
+    let want: Vec<f64> = serde_json::from_value(exp["rewards"].clone()).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() < 1e-5,
+            "rewards {got:?} vs transformers {want:?}"
+        );
+    }
+    for case in exp["cases"].as_array().unwrap() {
+        let settings = RewardSettings {
+            center_rewards_coefficient: case["center_rewards_coefficient"].as_f64(),
+        };
+        let margins = case["use_margin"]
+            .as_bool()
+            .unwrap()
+            .then(|| batch.margins.clone().unwrap());
+        let losses: Vec<f64> = pair_losses(rewards.clone(), margins.as_deref(), &settings)
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .unwrap();
+        let loss = losses.iter().sum::<f64>() / losses.len() as f64;
+        let want = case["loss"].as_f64().unwrap();
+        assert!((loss - want).abs() < 1e-5, "{case}: {loss} vs TRL {want}");
     }
 }

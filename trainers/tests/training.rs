@@ -522,3 +522,57 @@ fn full_dpo_ipo_and_simpo_learn() {
         );
     }
 }
+
+#[test]
+fn reward_models_learn_the_preference_full_and_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("full", ""),
+        (
+            "lora",
+            "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"",
+        ),
+    ] {
+        let dir = tmp.path().join(name);
+        let r = dpo_recipe(
+            &dir,
+            extra,
+            &[
+                "method=\"reward\"",
+                "train.learning_rate=2e-3",
+                "train.max_steps=20",
+            ],
+        );
+        let report = run(&r, None).unwrap();
+        let acc = eval_metric(&dir.join("run"), "eval_accuracy");
+        assert!(
+            *acc.last().unwrap() >= 0.9,
+            "{name}: held-out pairwise accuracy {acc:?}"
+        );
+        assert!(
+            report.last_eval_loss.unwrap() < report.first_eval_loss.unwrap(),
+            "{name}"
+        );
+        let fin = report.final_dir.unwrap();
+        if name == "full" {
+            let cfg = std::fs::read_to_string(fin.join("config.json")).unwrap();
+            assert!(cfg.contains("LlamaForSequenceClassification"), "{cfg}");
+            let names: Vec<String> = tensors(&fin, "model.safetensors")
+                .into_iter()
+                .map(|t| t.0)
+                .collect();
+            assert!(
+                names.contains(&"score.weight".to_string())
+                    && !names.iter().any(|n| n.starts_with("lm_head"))
+            );
+        } else {
+            let cfg = std::fs::read_to_string(fin.join("adapter_config.json")).unwrap();
+            assert!(cfg.contains("SEQ_CLS"), "{cfg}");
+            let names: Vec<String> = tensors(&fin, "adapter_model.safetensors")
+                .into_iter()
+                .map(|t| t.0)
+                .collect();
+            assert!(names.contains(&"base_model.model.score.weight".to_string()));
+        }
+    }
+}

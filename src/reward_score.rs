@@ -1,0 +1,84 @@
+//! `burnish score --reward-model DIR --data FILE`: a reward per row, read through the data
+//! pipeline (any supported format) and templated as the reward model was trained.
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use std::io::Write;
+use std::path::Path;
+
+use checkpoints::export::load_reward_model;
+use datasets::formats::Format;
+use datasets::read::read_file;
+use datasets::tokenize::{MaskPolicy, Templater, Tokenized, TokenizedPair, Truncation};
+use models::checkpoint::load_tokenizer;
+use trainers::reward::{batch_rewards, reward_batch};
+
+use crate::score::{output, Args};
+
+pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
+    let (cfg, model, tok_dir) = load_reward_model::<B>(rm, device)?;
+    let tok = load_tokenizer(&tok_dir, &cfg)?;
+    let pad = cfg.pad_token_id.or(tok.pad_id).unwrap_or(0);
+    let format = a.format.as_deref().map(Format::parse).transpose()?;
+    let read = read_file(&a.data, format)?;
+    for r in &read.rejects {
+        eprintln!("skipped {}: {}", r.origin, r.reason);
+    }
+    let templater = Templater {
+        tokenizer: &tok,
+        template: tok.template(Some(&a.template))?,
+        tokens: tok.template_tokens(),
+        mask: MaskPolicy::All,
+        max_seq_len: cfg.max_position_embeddings,
+        truncation: Truncation::Left,
+    };
+    // A conversation is scored as one sequence: a "pair" whose sides are the same.
+    let mut items: Vec<(usize, bool, TokenizedPair)> = Vec::new();
+    for row in &read.rows {
+        let line = row.origin.line;
+        match templater.tokenize(&row.record) {
+            Ok((Tokenized::Pair(p), _)) => items.push((line, true, p)),
+            Ok((Tokenized::Seq(s), _)) => items.push((
+                line,
+                false,
+                TokenizedPair {
+                    prompt: vec![],
+                    chosen: s.ids.clone(),
+                    rejected: s.ids,
+                    margin: None,
+                },
+            )),
+            Ok((Tokenized::Prompt(_), _)) => {
+                eprintln!(
+                    "skipped {}: a prompt without a completion has nothing to score",
+                    row.origin
+                )
+            }
+            Err(e) => eprintln!("skipped {}: {e}", row.origin),
+        }
+    }
+    if items.is_empty() {
+        bail!("{}: no row could be scored", a.data.display());
+    }
+    let mut out = output(a.out.as_ref())?;
+    for chunk in items.chunks(a.batch_size.max(1)) {
+        let pairs: Vec<&TokenizedPair> = chunk.iter().map(|(_, _, p)| p).collect();
+        let batch = reward_batch(&pairs, pad);
+        let r: Vec<f64> = batch_rewards(&model, &batch)
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64");
+        let n = chunk.len();
+        for (i, (line, pair, _)) in chunk.iter().enumerate() {
+            let v = if *pair {
+                serde_json::json!({"line": line, "reward_chosen": r[i], "reward_rejected": r[n + i]})
+            } else {
+                serde_json::json!({"line": line, "reward": r[i]})
+            };
+            writeln!(out, "{v}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

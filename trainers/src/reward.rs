@@ -1,0 +1,206 @@
+//! Reward-model training with TRL's `RewardTrainer` loss (trl/trainer/reward_trainer.py,
+//! `compute_loss`, TRL 1.16): Bradley-Terry `-logsigmoid(r_chosen - r_rejected - margin)`,
+//! plus `center_rewards_coefficient * (r_chosen + r_rejected)^2` when set. The model is the
+//! LM backbone with a scalar `score` head on the last non-padding token, exactly
+//! `LlamaForSequenceClassification` with `num_labels = 1`.
+
+use anyhow::{bail, Result};
+use burn::prelude::*;
+use burn::tensor::activation::log_sigmoid;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use datasets::batch::SftBatch;
+use datasets::tokenize::TokenizedPair;
+use models::{CausalLm, ForwardInput};
+
+use crate::data_order::EpochCursor;
+use crate::dpo::collate_pairs;
+use crate::method::{BatchShape, LossOutput, Method};
+
+/// The `[reward]` section of a recipe (TRL `RewardConfig` names).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSettings {
+    /// Pushes rewards towards zero mean (TRL's `center_rewards_coefficient`, e.g. 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+/// `pairs` chosen rows then `pairs` rejected rows, each scored at `last[row]`.
+pub struct RewardBatch {
+    pub rows: SftBatch,
+    pub pairs: usize,
+    pub last: Vec<usize>,
+    /// Per pair; 0 where the data has none.
+    pub margins: Option<Vec<f64>>,
+}
+
+/// The rightmost position whose id is not `pad_id`, per row: transformers'
+/// `LlamaForSequenceClassification` rule, which this must match for exported models to
+/// score the same there.
+pub fn last_non_pad(ids: &[Vec<u32>], pad_id: u32) -> Vec<usize> {
+    ids.iter()
+        .map(|r| r.iter().rposition(|&x| x != pad_id).unwrap_or(0))
+        .collect()
+}
+
+pub fn reward_batch(pairs: &[&TokenizedPair], pad_id: u32) -> RewardBatch {
+    let (rows, _) = collate_pairs(pairs, pad_id);
+    let last = last_non_pad(&rows.ids, pad_id);
+    let margins = pairs
+        .iter()
+        .any(|p| p.margin.is_some())
+        .then(|| pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect());
+    RewardBatch {
+        rows,
+        pairs: pairs.len(),
+        last,
+        margins,
+    }
+}
+
+/// Rewards of every row `[2 * pairs]`.
+pub fn batch_rewards<B: Backend>(model: &CausalLm<B>, batch: &RewardBatch) -> Tensor<B, 1> {
+    let r = &batch.rows;
+    let input = ForwardInput::from_host(&r.ids, &r.positions, &r.layout, &model.device());
+    model.rewards(input, &batch.last)
+}
+
+/// Per-pair Bradley-Terry losses (with margin and centring) from rewards `[chosen..., rejected...]`.
+pub fn pair_losses<B: Backend>(
+    rewards: Tensor<B, 1>,
+    margins: Option<&[f64]>,
+    s: &RewardSettings,
+) -> Tensor<B, 1> {
+    let p = rewards.dims()[0] / 2;
+    let device = rewards.device();
+    let (c, r) = (rewards.clone().slice(0..p), rewards.slice(p..2 * p));
+    let mut diff = c.clone() - r.clone();
+    if let Some(m) = margins {
+        let m: Vec<f32> = m.iter().map(|&x| x as f32).collect();
+        diff = diff - Tensor::<B, 1>::from_data(TensorData::new(m, [p]), &device);
+    }
+    let loss = log_sigmoid(diff).neg();
+    match s.center_rewards_coefficient {
+        Some(k) => loss + (c + r).powf_scalar(2.0).mul_scalar(k),
+        None => loss,
+    }
+}
+
+pub struct Reward {
+    train: Vec<TokenizedPair>,
+    eval: Vec<TokenizedPair>,
+    shape: BatchShape,
+    cursor: EpochCursor,
+    settings: RewardSettings,
+}
+
+impl Reward {
+    pub fn new(
+        train: Vec<TokenizedPair>,
+        eval: Vec<TokenizedPair>,
+        shape: BatchShape,
+        settings: RewardSettings,
+    ) -> Result<Self> {
+        if train.is_empty() {
+            bail!("the training split has no preference pairs: nothing to train on");
+        }
+        Ok(Self {
+            cursor: EpochCursor::new(train.len(), shape.seed),
+            train,
+            eval,
+            shape,
+            settings,
+        })
+    }
+
+    fn batch(&self, idx: &[usize], from: &[TokenizedPair]) -> RewardBatch {
+        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
+        reward_batch(&pairs, self.shape.pad_id)
+    }
+}
+
+impl<B: AutodiffBackend> Method<B> for Reward {
+    type Batch = RewardBatch;
+
+    fn next_step(
+        &mut self,
+        _policy: &CausalLm<B>,
+        micro_batches: usize,
+    ) -> Result<Option<Vec<RewardBatch>>> {
+        let idx = self.cursor.take(self.shape.micro_batch * micro_batches);
+        Ok(Some(
+            idx.chunks(self.shape.micro_batch)
+                .map(|c| self.batch(c, &self.train))
+                .collect(),
+        ))
+    }
+
+    fn weight(&self, batch: &RewardBatch) -> f64 {
+        batch.pairs as f64
+    }
+
+    fn tokens(&self, batch: &RewardBatch) -> usize {
+        batch
+            .rows
+            .layout
+            .key_valid
+            .iter()
+            .flatten()
+            .filter(|&&v| v)
+            .count()
+    }
+
+    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &RewardBatch) -> LossOutput<Bk> {
+        let rewards = batch_rewards(model, batch);
+        let host: Vec<f64> = rewards
+            .clone()
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64");
+        let p = batch.pairs;
+        let (c, r) = (&host[..p], &host[p..]);
+        let losses = pair_losses(rewards, batch.margins.as_deref(), &self.settings);
+        LossOutput {
+            loss_sum: losses.sum(),
+            metric_sums: vec![
+                (
+                    "accuracy",
+                    c.iter().zip(r).filter(|(a, b)| a > b).count() as f64,
+                ),
+                ("margin", c.iter().zip(r).map(|(a, b)| a - b).sum()),
+                ("rewards/chosen", c.iter().sum()),
+                ("rewards/rejected", r.iter().sum()),
+            ],
+        }
+    }
+
+    fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<RewardBatch>> {
+        let idx: Vec<usize> = (0..self.eval.len()).collect();
+        Ok(idx
+            .chunks(self.shape.eval_batch)
+            .map(|c| self.batch(c, &self.eval))
+            .collect())
+    }
+
+    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
+        Some(
+            self.cursor
+                .steps_per_epoch(self.shape.micro_batch * micro_batches),
+        )
+    }
+
+    fn epoch(&self) -> f64 {
+        self.cursor.epoch()
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        self.cursor.to_json()
+    }
+
+    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
+        self.cursor.restore(cursor)
+    }
+}
