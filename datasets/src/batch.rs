@@ -21,6 +21,16 @@ impl SftBatch {
     pub fn num_trained(&self) -> usize {
         self.weights.iter().flatten().filter(|&&w| w).count()
     }
+
+    /// Real (non-padding) tokens: what throughput counts.
+    pub fn num_tokens(&self) -> usize {
+        self.layout
+            .key_valid
+            .iter()
+            .flatten()
+            .filter(|&&v| v)
+            .count()
+    }
 }
 
 pub fn collate_sft(rows: &[PackedRow], pad_id: u32) -> SftBatch {

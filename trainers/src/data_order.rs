@@ -49,6 +49,15 @@ impl EpochCursor {
         out
     }
 
+    /// The next optimizer step's rows, cut into `micro_batches` micro-batches of `size`.
+    pub fn next_micro_batches(&mut self, size: usize, micro_batches: usize) -> Vec<Vec<usize>> {
+        let size = size.max(1);
+        self.take(size * micro_batches)
+            .chunks(size)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
     pub fn steps_per_epoch(&self, rows_per_step: usize) -> usize {
         self.rows.div_ceil(rows_per_step.max(1))
     }
@@ -77,4 +86,10 @@ impl EpochCursor {
         self.order = epoch_order(rows, self.seed, epoch);
         Ok(())
     }
+}
+
+/// Held-out rows `0..n` in fixed order, in batches of `size`.
+pub fn eval_chunks(n: usize, size: usize) -> Vec<Vec<usize>> {
+    let idx: Vec<usize> = (0..n).collect();
+    idx.chunks(size.max(1)).map(<[usize]>::to_vec).collect()
 }

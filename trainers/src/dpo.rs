@@ -21,7 +21,7 @@ use datasets::pack::PackedRow;
 use datasets::tokenize::TokenizedPair;
 use models::CausalLm;
 
-use crate::data_order::EpochCursor;
+use crate::data_order::{eval_chunks, EpochCursor};
 use crate::method::{BatchShape, LossOutput, Method};
 use crate::sft::trained_token_logps;
 
@@ -341,11 +341,11 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
         policy: &CausalLm<B>,
         micro_batches: usize,
     ) -> Result<Option<Vec<PairBatch>>> {
-        let idx = self.cursor.take(self.micro_batch * micro_batches);
+        let steps = self
+            .cursor
+            .next_micro_batches(self.micro_batch, micro_batches);
         Ok(Some(
-            idx.chunks(self.micro_batch)
-                .map(|c| self.batch(c, false, policy))
-                .collect(),
+            steps.iter().map(|c| self.batch(c, false, policy)).collect(),
         ))
     }
 
@@ -354,14 +354,7 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
     }
 
     fn tokens(&self, batch: &PairBatch) -> usize {
-        batch
-            .rows
-            .layout
-            .key_valid
-            .iter()
-            .flatten()
-            .filter(|&&v| v)
-            .count()
+        batch.rows.num_tokens()
     }
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &PairBatch) -> LossOutput<Bk> {
@@ -389,11 +382,8 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
     }
 
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<PairBatch>> {
-        let idx: Vec<usize> = (0..self.eval.len()).collect();
-        Ok(idx
-            .chunks(self.eval_batch)
-            .map(|c| self.batch(c, true, policy))
-            .collect())
+        let chunks = eval_chunks(self.eval.len(), self.eval_batch);
+        Ok(chunks.iter().map(|c| self.batch(c, true, policy)).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {

@@ -14,7 +14,7 @@ use datasets::batch::SftBatch;
 use datasets::tokenize::TokenizedPair;
 use models::{CausalLm, ForwardInput};
 
-use crate::data_order::EpochCursor;
+use crate::data_order::{eval_chunks, EpochCursor};
 use crate::dpo::collate_pairs;
 use crate::method::{BatchShape, LossOutput, Method};
 
@@ -129,11 +129,11 @@ impl<B: AutodiffBackend> Method<B> for Reward {
         _policy: &CausalLm<B>,
         micro_batches: usize,
     ) -> Result<Option<Vec<RewardBatch>>> {
-        let idx = self.cursor.take(self.shape.micro_batch * micro_batches);
+        let steps = self
+            .cursor
+            .next_micro_batches(self.shape.micro_batch, micro_batches);
         Ok(Some(
-            idx.chunks(self.shape.micro_batch)
-                .map(|c| self.batch(c, &self.train))
-                .collect(),
+            steps.iter().map(|c| self.batch(c, &self.train)).collect(),
         ))
     }
 
@@ -142,14 +142,7 @@ impl<B: AutodiffBackend> Method<B> for Reward {
     }
 
     fn tokens(&self, batch: &RewardBatch) -> usize {
-        batch
-            .rows
-            .layout
-            .key_valid
-            .iter()
-            .flatten()
-            .filter(|&&v| v)
-            .count()
+        batch.rows.num_tokens()
     }
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &RewardBatch) -> LossOutput<Bk> {
@@ -178,11 +171,8 @@ impl<B: AutodiffBackend> Method<B> for Reward {
     }
 
     fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<RewardBatch>> {
-        let idx: Vec<usize> = (0..self.eval.len()).collect();
-        Ok(idx
-            .chunks(self.shape.eval_batch)
-            .map(|c| self.batch(c, &self.eval))
-            .collect())
+        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
+        Ok(chunks.iter().map(|c| self.batch(c, &self.eval)).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {

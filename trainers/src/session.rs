@@ -419,30 +419,29 @@ pub fn train<B: AutodiffBackend>(
             let reference = dpo_reference::<B>(
                 recipe, &settings, &model, &train, &eval, &cache_dir, pad, device,
             )?;
-            let shape = BatchShape {
-                micro_batch: t.per_device_train_batch_size,
-                eval_batch: t.per_device_eval_batch_size,
-                pad_id: pad,
-                seed: recipe.seed,
-            };
-            let method = Dpo::new(train, eval, shape, settings, reference)?;
+            let method = Dpo::new(train, eval, batch_shape(recipe, pad), settings, reference)?;
             drive(ctx, model, method)
         }
         MethodName::Reward => {
-            let shape = BatchShape {
-                micro_batch: t.per_device_train_batch_size,
-                eval_batch: t.per_device_eval_batch_size,
-                pad_id: ctx.model_cfg.pad_token_id.unwrap_or(pad),
-                seed: recipe.seed,
-            };
+            // Rewards are read at the last token that is not the config's pad id.
+            let pad = ctx.model_cfg.pad_token_id.unwrap_or(pad);
             let method = Reward::new(
                 pair_rows(prepared.train, "train")?,
                 pair_rows(prepared.eval, "eval")?,
-                shape,
+                batch_shape(recipe, pad),
                 recipe.reward.clone().unwrap_or_default(),
             )?;
             drive(ctx, model, method)
         }
+    }
+}
+
+fn batch_shape(recipe: &Recipe, pad_id: u32) -> BatchShape {
+    BatchShape {
+        micro_batch: recipe.train.per_device_train_batch_size,
+        eval_batch: recipe.train.per_device_eval_batch_size,
+        pad_id,
+        seed: recipe.seed,
     }
 }
 

@@ -10,7 +10,7 @@ use datasets::batch::{collate_sft, SftBatch};
 use datasets::pack::PackedRow;
 use models::{CausalLm, ForwardInput};
 
-use crate::data_order::EpochCursor;
+use crate::data_order::{eval_chunks, EpochCursor};
 use crate::method::{LossOutput, Method};
 
 pub struct Sft {
@@ -109,11 +109,11 @@ impl<B: AutodiffBackend> Method<B> for Sft {
         _policy: &CausalLm<B>,
         micro_batches: usize,
     ) -> Result<Option<Vec<SftBatch>>> {
-        let rows = self.cursor.take(self.micro_batch * micro_batches);
+        let steps = self
+            .cursor
+            .next_micro_batches(self.micro_batch, micro_batches);
         Ok(Some(
-            rows.chunks(self.micro_batch)
-                .map(|c| self.collate(c, &self.train))
-                .collect(),
+            steps.iter().map(|c| self.collate(c, &self.train)).collect(),
         ))
     }
 
@@ -122,13 +122,7 @@ impl<B: AutodiffBackend> Method<B> for Sft {
     }
 
     fn tokens(&self, batch: &SftBatch) -> usize {
-        batch
-            .layout
-            .key_valid
-            .iter()
-            .flatten()
-            .filter(|&&v| v)
-            .count()
+        batch.num_tokens()
     }
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &SftBatch) -> LossOutput<Bk> {
@@ -139,11 +133,8 @@ impl<B: AutodiffBackend> Method<B> for Sft {
     }
 
     fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<SftBatch>> {
-        let idx: Vec<usize> = (0..self.eval.len()).collect();
-        Ok(idx
-            .chunks(self.eval_batch)
-            .map(|c| self.collate(c, &self.eval))
-            .collect())
+        let chunks = eval_chunks(self.eval.len(), self.eval_batch);
+        Ok(chunks.iter().map(|c| self.collate(c, &self.eval)).collect())
     }
 
     fn loss_is_token_nll(&self) -> bool {
