@@ -26,6 +26,10 @@ use trainers::sft::Sft;
 use trainers::train_loop::{run_loop, LoopConfig};
 use trainers::weights::WeightsFormat;
 
+// The same allocator as the burnish binary, so the figures are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 8;
 const SEQ: usize = 256;
 

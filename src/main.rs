@@ -11,6 +11,11 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
+// Training allocates and frees logits-sized buffers every step; the system allocator
+// returns them to the OS each time (mmap/munmap and page faults), mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "burnish",
