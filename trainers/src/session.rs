@@ -236,7 +236,16 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     let lora = recipe.adapter.as_ref().map(|a| a.lora());
     // Preference methods put chosen and rejected rows of each pair in one micro-batch.
     let rows = if expected == "pairs" { 2 * mb } else { mb };
-    let mem = estimate(&cfg, lora.as_ref(), rows, recipe.data.max_seq_len);
+    let mut mem = estimate(&cfg, lora.as_ref(), rows, recipe.data.max_seq_len);
+    // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
+    let dpo = recipe.dpo.clone().unwrap_or_default();
+    if recipe.method == MethodName::Dpo
+        && recipe.adapter.is_none()
+        && dpo.needs_reference()
+        && !dpo.precompute_ref_log_probs
+    {
+        mem.weights *= 2;
+    }
     let mut s = String::new();
     s.push_str("# resolved recipe\n");
     s.push_str(&recipe.to_toml()?);
@@ -247,7 +256,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         recipe.train.gradient_accumulation_steps
     ));
     s.push_str(&format!(
-        "\n# memory estimate (float32 training, micro-batch {mb} x {} tokens)\n\
+        "\n# memory estimate (float32 training, micro-batch of {rows} rows x {} tokens)\n\
          parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\ntotal       {}\n",
         recipe.data.max_seq_len,
         mem.params as f64 / 1e6,
