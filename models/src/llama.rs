@@ -303,17 +303,10 @@ impl<B: Backend> CausalLm<B> {
     /// Turn a causal LM into a reward model: drop the LM head, add a `score` head drawn
     /// from normal(0, `std`) (transformers' init with `initializer_range`), seeded.
     pub fn with_reward_head(mut self, std: f64, seed: u64) -> Self {
-        use rand::{Rng, SeedableRng};
         let d = self.hidden_size();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let w: Vec<f32> = (0..d)
-            .map(|_| {
-                // Box-Muller, as presets::RandomInit.
-                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-                let u2: f64 = rng.random::<f64>();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-            })
-            .collect();
+        let w = crate::presets::RandomInit::new(seed, std as f32)
+            .take("score.weight", &[1, d])
+            .expect("random init does not fail");
         let device = self.device();
         self.lm_head = None;
         self.score = Some(Proj::from_tensors(
