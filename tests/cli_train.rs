@@ -4,23 +4,44 @@
 mod common;
 
 use common::{burnish, ok, root};
+use std::path::Path;
+
+/// `train --recipe recipes/NAME.toml` with its model, data cache and run directory
+/// (`out`) moved under `dir`, plus `extra` `--set` overrides.
+fn train_args(name: &str, dir: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let p = |s: &str| dir.join(s).display().to_string();
+    let mut sets = vec![
+        format!("model.path=\"{}\"", p("model")),
+        format!("data.cache_dir=\"{}\"", p("cache")),
+        format!("train.output_dir=\"{}\"", p(out)),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let mut args = vec![
+        "train".to_string(),
+        "--recipe".into(),
+        format!("recipes/{name}.toml"),
+    ];
+    for s in sets {
+        args.extend(["--set".to_string(), s]);
+    }
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
 
 #[test]
 fn quickstart_recipe_trains_exports_and_merges() {
     let tmp = tempfile::tempdir().unwrap();
     let p = |s: &str| tmp.path().join(s).display().to_string();
-    let sets = [
-        format!("model.path=\"{}\"", p("model")),
-        format!("data.cache_dir=\"{}\"", p("cache")),
-        format!("train.output_dir=\"{}\"", p("run")),
-        "train.max_steps=4".to_string(),
-        "train.eval_steps=2".to_string(),
-        "train.sample_max_new_tokens=4".to_string(),
+    let base = [
+        "train.max_steps=4",
+        "train.eval_steps=2",
+        "train.sample_max_new_tokens=4",
     ];
-    let mut args: Vec<&str> = vec!["train", "--recipe", "recipes/quickstart.toml"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
+    let owned = train_args("quickstart", tmp.path(), "run", &base);
+    let args = strs(&owned);
 
     let mut dry = args.clone();
     dry.push("--dry-run");
@@ -51,14 +72,10 @@ fn quickstart_recipe_trains_exports_and_merges() {
     assert!(resolved.contains("max_steps = 4"), "{resolved}");
 
     // LoRA on the model just trained, then merge it.
-    let mut lora: Vec<String> = sets.to_vec();
-    lora[2] = format!("train.output_dir=\"{}\"", p("lora"));
-    lora.push("adapter.r=4".into());
-    lora.push("train.overwrite_output_dir=false".into());
-    let mut args: Vec<&str> = vec!["train", "--recipe", "recipes/quickstart.toml"];
-    for s in &lora {
-        args.extend(["--set", s.as_str()]);
-    }
+    let mut lora = base.to_vec();
+    lora.extend(["adapter.r=4", "train.overwrite_output_dir=false"]);
+    let owned = train_args("quickstart", tmp.path(), "lora", &lora);
+    let args = strs(&owned);
     ok(&args);
     assert!(tmp
         .path()
@@ -124,19 +141,17 @@ fn recipe_mistakes_are_named() {
 #[test]
 fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = |s: &str| tmp.path().join(s).display().to_string();
-    let sets = [
-        format!("model.path=\"{}\"", p("model")),
-        format!("data.cache_dir=\"{}\"", p("cache")),
-        format!("train.output_dir=\"{}\"", p("run")),
-        "train.max_steps=500".to_string(),
-        "train.sample_prompts=[]".to_string(),
-        "train.overwrite_output_dir=false".to_string(),
-    ];
-    let mut args: Vec<&str> = vec!["train", "--recipe", "recipes/quickstart.toml"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
+    let owned = train_args(
+        "quickstart",
+        tmp.path(),
+        "run",
+        &[
+            "train.max_steps=500",
+            "train.sample_prompts=[]",
+            "train.overwrite_output_dir=false",
+        ],
+    );
+    let args = strs(&owned);
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_burnish"))
         .args(&args)
         .current_dir(root())
@@ -190,20 +205,17 @@ fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
 fn dpo_and_reward_recipes_run_and_the_reward_model_scores_rows() {
     let tmp = tempfile::tempdir().unwrap();
     for recipe in ["dpo", "reward"] {
-        let p = |s: &str| tmp.path().join(recipe).join(s).display().to_string();
-        let sets = [
-            format!("model.path=\"{}\"", p("model")),
-            format!("data.cache_dir=\"{}\"", p("cache")),
-            format!("train.output_dir=\"{}\"", p("run")),
-            "train.max_steps=2".to_string(),
-            "train.eval_steps=0".to_string(),
-            "data.max_seq_len=256".to_string(),
-        ];
-        let path = format!("recipes/{recipe}.toml");
-        let mut args: Vec<&str> = vec!["train", "--recipe", &path];
-        for s in &sets {
-            args.extend(["--set", s.as_str()]);
-        }
+        let owned = train_args(
+            recipe,
+            &tmp.path().join(recipe),
+            "run",
+            &[
+                "train.max_steps=2",
+                "train.eval_steps=0",
+                "data.max_seq_len=256",
+            ],
+        );
+        let args = strs(&owned);
         let mut dry = args.clone();
         dry.push("--dry-run");
         assert!(ok(&dry).contains("# memory estimate"));
