@@ -70,11 +70,11 @@ pub fn save_adapter<B: Backend>(
     // A reward model's score head trains in full beside the adapters: PEFT's SEQ_CLS
     // `modules_to_save`, stored under its plain name.
     if let Some(score) = &model.score {
-        let [d_in, d_out] = score.weight.dims();
+        let [d_in, d_out] = score.dims();
         writes.push(TensorToWrite {
             name: "base_model.model.score.weight".into(),
             shape: vec![d_out, d_in],
-            values: Box::new(move || transposed(score.weight.val())),
+            values: Box::new(move || transposed(score.dense_weight())),
         });
     }
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
@@ -222,8 +222,8 @@ pub fn load_adapter<B: Backend>(
                 weights.display()
             );
         };
-        let [d_in, d_out] = score.weight.dims();
-        score.weight = burn::module::Param::from_tensor(read(SCORE, [d_out, d_in])?);
+        let [d_in, d_out] = score.dims();
+        score.set_dense_weight(read(SCORE, [d_out, d_in])?);
     }
     let unused = reader.unused();
     if !unused.is_empty() {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
 use crate::llama::CausalLm;
+use crate::nf4::Quantization;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{save_hf_weights, write_atomic, DiskDtype, SafetensorsReader, TensorToWrite};
 
@@ -38,9 +39,18 @@ pub fn load_model<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(ModelConfig, CausalLm<B>)> {
+    load_model_quantized(dir, device, None)
+}
+
+/// [`load_model`], quantising linear layers to NF4 one tensor at a time when asked.
+pub fn load_model_quantized<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    quantization: Option<&Quantization>,
+) -> Result<(ModelConfig, CausalLm<B>)> {
     let cfg = load_config(dir)?;
     let mut reader = SafetensorsReader::open_dir(dir)?;
-    let model = CausalLm::from_source(&cfg, &mut reader, device)?;
+    let model = CausalLm::from_source_quantized(&cfg, &mut reader, device, quantization)?;
     let unused = reader.unused();
     if !unused.is_empty() {
         let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();

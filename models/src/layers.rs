@@ -6,12 +6,15 @@ use burn::prelude::*;
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::lora::LoraAdapter;
+use crate::nf4::{nf4_matmul, Nf4Weight};
 
 /// `y = x W + b` with `W` stored `[d_in, d_out]` (burn layout; HF stores `[d_out, d_in]`),
-/// plus an optional LoRA update.
+/// or a frozen NF4 weight in its place (QLoRA), plus an optional LoRA update.
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
-    pub weight: Param<Tensor<B, 2>>,
+    /// The dense weight; `None` when the layer is NF4-quantised.
+    pub weight: Option<Param<Tensor<B, 2>>>,
+    pub nf4: Option<Nf4Weight<B>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<LoraAdapter<B>>,
 }
@@ -19,17 +22,58 @@ pub struct Proj<B: Backend> {
 impl<B: Backend> Proj<B> {
     pub fn from_tensors(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: Some(Param::from_tensor(weight)),
+            nf4: None,
             bias: bias.map(Param::from_tensor),
             lora: None,
         }
+    }
+
+    pub fn from_nf4(weight: Nf4Weight<B>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self {
+            weight: None,
+            nf4: Some(weight),
+            bias: bias.map(Param::from_tensor),
+            lora: None,
+        }
+    }
+
+    /// `[d_in, d_out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => w.dims(),
+            (None, Some(q)) => [q.d_in, q.d_out],
+            (None, None) => unreachable!("a projection has a dense or an NF4 weight"),
+        }
+    }
+
+    /// The weight as a dense `[d_in, d_out]` tensor, dequantised if need be.
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => w.val(),
+            (None, Some(q)) => q.dequantize().transpose(),
+            (None, None) => unreachable!("a projection has a dense or an NF4 weight"),
+        }
+    }
+
+    pub fn set_dense_weight(&mut self, weight: Tensor<B, 2>) {
+        self.weight = Some(Param::from_tensor(weight));
+        self.nf4 = None;
     }
 
     /// PEFT's order: `(x W + b) + scale * dropout(x) A B`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let adapter = self.lora.as_ref().filter(|l| l.enabled);
         let lora_in = adapter.map(|_| x.clone());
-        let y = matmul_2d(x, self.weight.val());
+        let y = match (&self.weight, &self.nf4) {
+            (Some(w), _) => matmul_2d(x, w.val()),
+            (None, Some(q)) => {
+                let (rows, mut dims) = flat_rows(&x);
+                dims[D - 1] = q.d_out;
+                nf4_matmul(x.reshape([rows, q.d_in]), q).reshape(dims)
+            }
+            (None, None) => unreachable!("a projection has a dense or an NF4 weight"),
+        };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -41,13 +85,19 @@ impl<B: Backend> Proj<B> {
     }
 }
 
+/// Rows of `x` seen as `[rows, last dim]`, and its dims.
+fn flat_rows<B: Backend, const D: usize>(x: &Tensor<B, D>) -> (usize, [usize; D]) {
+    let dims = x.dims();
+    let rows = x.shape().num_elements() / dims[D - 1].max(1);
+    (rows, dims)
+}
+
 /// `x @ w` for `x: [..., d_in]` and `w: [d_in, d_out]`, flattening `x` to 2-D instead of
 /// broadcasting `w`: reshaping a shared weight makes burn-flex copy it on every call (a
 /// 64 MB copy per token for a 32k-vocabulary LM head).
 pub fn matmul_2d<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
-    let mut dims = x.dims();
+    let (rows, mut dims) = flat_rows(&x);
     let d_in = dims[D - 1];
-    let rows = x.shape().num_elements() / d_in.max(1);
     dims[D - 1] = w.dims()[1];
     x.reshape([rows, d_in]).matmul(w).reshape(dims)
 }

@@ -10,6 +10,7 @@ pub mod layers;
 pub mod llama;
 pub mod lora;
 pub mod mask;
+pub mod nf4;
 pub mod presets;
 pub mod scoring;
 pub mod tokenizer;

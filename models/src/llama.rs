@@ -10,6 +10,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use crate::config::ModelConfig;
 use crate::layers::{rope_inv_freq, Proj, RmsNorm, RopeTables};
 use crate::mask::AttentionLayout;
+use crate::nf4::{Nf4Weight, Quantization};
 
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
@@ -379,6 +380,7 @@ struct Builder<'a, B: Backend, S: WeightSource> {
     src: &'a mut S,
     shapes: std::collections::HashMap<String, Vec<usize>>,
     device: &'a B::Device,
+    quantization: Option<&'a Quantization>,
 }
 
 impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
@@ -400,18 +402,30 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
         ))
     }
 
-    fn proj(&mut self, prefix: &str, bias: bool) -> anyhow::Result<Proj<B>> {
+    /// A projection; `quantize` makes it NF4 when the load asks for quantisation. The HF
+    /// weight is quantised straight from the host buffer, so its f32 copy never reaches
+    /// the device.
+    fn proj(&mut self, prefix: &str, bias: bool, quantize: bool) -> anyhow::Result<Proj<B>> {
         let name = format!("{prefix}.weight");
         let shape = self.shapes[&name].clone();
         let (d_out, d_in) = (shape[0], shape[1]);
-        let data = transpose(&self.src.take(&name, &shape)?, d_out, d_in);
-        let weight = Tensor::from_data(TensorData::new(data, [d_in, d_out]), self.device);
+        let hf = self.src.take(&name, &shape)?;
         let bias = if bias {
             Some(self.vector(&format!("{prefix}.bias"))?)
         } else {
             None
         };
-        Ok(Proj::from_tensors(weight, bias))
+        match self.quantization.filter(|_| quantize) {
+            Some(q) => {
+                let weight = Nf4Weight::quantize_hf(&hf, d_out, d_in, &q.nf4, self.device);
+                Ok(Proj::from_nf4(weight, bias))
+            }
+            None => {
+                let data = transpose(&hf, d_out, d_in);
+                let weight = Tensor::from_data(TensorData::new(data, [d_in, d_out]), self.device);
+                Ok(Proj::from_tensors(weight, bias))
+            }
+        }
     }
 }
 
@@ -421,11 +435,26 @@ impl<B: Backend> CausalLm<B> {
         src: &mut S,
         device: &B::Device,
     ) -> anyhow::Result<Self> {
+        Self::from_source_quantized(cfg, src, device, None)
+    }
+
+    /// Build the model, quantising the decoder's linear layers (and the LM head when asked)
+    /// to NF4 as each weight is read.
+    pub fn from_source_quantized<S: WeightSource>(
+        cfg: &ModelConfig,
+        src: &mut S,
+        device: &B::Device,
+        quantization: Option<&Quantization>,
+    ) -> anyhow::Result<Self> {
+        if let Some(q) = quantization {
+            q.nf4.validate()?;
+        }
         let shapes = hf_tensor_shapes(cfg).into_iter().collect();
         let mut b = Builder::<B, S> {
             src,
             shapes,
             device,
+            quantization,
         };
         let eps = cfg.rms_norm_eps;
         let embed_tokens = Param::from_tensor(b.matrix("model.embed_tokens.weight")?);
@@ -433,18 +462,18 @@ impl<B: Backend> CausalLm<B> {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let self_attn = SelfAttention {
-                q_proj: b.proj(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
-                k_proj: b.proj(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
-                v_proj: b.proj(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
-                o_proj: b.proj(&format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
+                q_proj: b.proj(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias, true)?,
+                k_proj: b.proj(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias, true)?,
+                v_proj: b.proj(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias, true)?,
+                o_proj: b.proj(&format!("{p}.self_attn.o_proj"), cfg.o_bias, true)?,
                 num_heads: cfg.num_attention_heads,
                 num_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
             };
             let mlp = Mlp {
-                gate_proj: b.proj(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                up_proj: b.proj(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-                down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+                gate_proj: b.proj(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias, true)?,
+                up_proj: b.proj(&format!("{p}.mlp.up_proj"), cfg.mlp_bias, true)?,
+                down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias, true)?,
             };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::from_tensor(
@@ -461,12 +490,16 @@ impl<B: Backend> CausalLm<B> {
         }
         let norm = RmsNorm::from_tensor(b.vector("model.norm.weight")?, eps);
         let (lm_head, score) = if cfg.reward_head {
-            (None, Some(b.proj("score", false)?))
+            (None, Some(b.proj("score", false, false)?))
         } else if cfg.tie_word_embeddings {
             (None, None)
         } else {
-            let w = b.matrix("lm_head.weight")?;
-            (Some(Proj::from_tensors(w.transpose(), None)), None)
+            let head = if quantization.is_some_and(|q| q.lm_head) {
+                b.proj("lm_head", false, true)?
+            } else {
+                Proj::from_tensors(b.matrix("lm_head.weight")?.transpose(), None)
+            };
+            (Some(head), None)
         };
         Ok(Self {
             embed_tokens,
@@ -490,7 +523,7 @@ impl<B: Backend> CausalLm<B> {
         ));
         let proj =
             |all: &mut Vec<(String, Vec<usize>, HfTensor<B>)>, prefix: String, p: &Proj<B>| {
-                let w = p.weight.val();
+                let w = p.dense_weight();
                 let [d_in, d_out] = w.dims();
                 all.push((
                     format!("{prefix}.weight"),

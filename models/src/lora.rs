@@ -230,14 +230,14 @@ impl<B: Backend> CausalLm<B> {
         let mut rng = StdRng::seed_from_u64(seed);
         for (_, name, proj) in model.linear_layers_mut() {
             if targets.contains(&name) {
-                let [d_in, d_out] = proj.weight.dims();
+                let [d_in, d_out] = proj.dims();
                 proj.lora = Some(LoraAdapter::new(d_in, d_out, settings, &mut rng, &device));
             }
         }
         // A reward head is new, task-specific and tiny: it trains in full (PEFT's
         // `modules_to_save` for sequence classification).
         if let Some(score) = model.score.as_mut() {
-            score.weight = Param::from_tensor(score.weight.val().detach());
+            score.set_dense_weight(score.dense_weight().detach());
         }
         Ok(model)
     }
@@ -261,8 +261,9 @@ impl<B: Backend> CausalLm<B> {
     pub fn merge_adapters(mut self) -> Self {
         for (_, _, p) in self.linear_layers_mut() {
             if let Some(l) = p.lora.take() {
-                let w = p.weight.val() + l.merged_delta();
-                p.weight = Param::from_tensor(w);
+                // A quantised base is dequantised here: the merged model is full precision.
+                let w = p.dense_weight() + l.merged_delta();
+                p.set_dense_weight(w);
             }
         }
         self
