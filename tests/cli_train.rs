@@ -133,9 +133,21 @@ fn recipe_mistakes_are_named() {
         "recipes/sft.toml",
         "recipes/lora.toml",
         "recipes/quickstart.toml",
+        "recipes/qlora.toml",
     ] {
         trainers::Recipe::load(&root().join(r), &[]).unwrap();
     }
+    // A 4-bit base cannot be trained in full: the recipe says what to add.
+    let out = burnish(&[
+        "train",
+        "--recipe",
+        "recipes/quickstart.toml",
+        "--set",
+        "model.quantize=\"nf4\"",
+        "--dry-run",
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("[adapter]"), "{e}");
 }
 
 #[test]

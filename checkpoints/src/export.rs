@@ -5,7 +5,9 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use std::path::{Path, PathBuf};
 
-use models::checkpoint::{copy_tokenizer_files, load_model, save_model, SaveOptions};
+use models::checkpoint::{
+    copy_tokenizer_files, load_model, load_model_quantized, save_model, SaveOptions,
+};
 use models::weights::DiskDtype;
 
 use crate::peft::{is_adapter_dir, load_adapter, read_adapter_config, save_adapter};
@@ -61,12 +63,15 @@ pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result
         None if !adapter.base_model.is_empty() => PathBuf::from(&adapter.base_model),
         None => bail!("{} names no base model; pass --base DIR", src.display()),
     };
-    let (cfg, model) = load_model::<B>(&base, device).with_context(|| {
-        format!(
-            "loading the base model of adapter {} (override with --base)",
-            src.display()
-        )
-    })?;
+    // A QLoRA adapter trained against the NF4 base: merging into that base (dequantised)
+    // gives the model the adapter was trained with, as PEFT's merge on a 4-bit model does.
+    let (cfg, model) = load_model_quantized::<B>(&base, device, adapter.quantization.as_ref())
+        .with_context(|| {
+            format!(
+                "loading the base model of adapter {} (override with --base)",
+                src.display()
+            )
+        })?;
     let (model, settings) = load_adapter(model, &src)?;
     if req.merge {
         let merged = model.merge_adapters();

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use models::lora::LoraSettings;
+use models::nf4::{Nf4Settings, Quantization};
 use models::weights::{
     write_atomic, write_safetensors, DiskDtype, SafetensorsReader, TensorToWrite,
 };
@@ -15,6 +16,9 @@ use models::CausalLm;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// Beside a QLoRA adapter: how its base was quantised while it trained, with
+/// transformers' `BitsAndBytesConfig` names (PEFT itself records nothing).
+pub const QUANTIZATION_CONFIG: &str = "quantization_config.json";
 const SCORE: &str = "base_model.model.score.weight";
 
 pub fn is_adapter_dir(dir: &Path) -> bool {
@@ -104,6 +108,13 @@ pub fn save_adapter<B: Backend>(
         "alpha_pattern": {},
         "revision": null
     });
+    let quantization_path = out.join(QUANTIZATION_CONFIG);
+    match model.quantization() {
+        Some(q) => write_quantization_config(out, &q)?,
+        None if quantization_path.exists() => std::fs::remove_file(&quantization_path)
+            .with_context(|| format!("cannot remove {}", quantization_path.display()))?,
+        None => {}
+    }
     write_atomic(
         &out.join(ADAPTER_CONFIG),
         serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -116,6 +127,55 @@ pub struct AdapterConfig {
     pub base_model: String,
     /// PEFT `SEQ_CLS`: the adapter belongs to a reward model (it carries the score head).
     pub reward_model: bool,
+    /// Set for a QLoRA adapter: the quantisation its base trained under.
+    pub quantization: Option<Quantization>,
+}
+
+fn write_quantization_config(dir: &Path, q: &Quantization) -> Result<()> {
+    let v = json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": true,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": q.nf4.double_quant,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_blocksize": q.nf4.block_size,
+        "llm_int8_skip_modules": if q.lm_head { json!([]) } else { json!(["lm_head"]) },
+    });
+    write_atomic(
+        &dir.join(QUANTIZATION_CONFIG),
+        serde_json::to_string_pretty(&v)?.as_bytes(),
+    )
+}
+
+fn read_quantization_config(dir: &Path) -> Result<Option<Quantization>> {
+    let path = dir.join(QUANTIZATION_CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let kind = v["bnb_4bit_quant_type"].as_str().unwrap_or("");
+    if v["load_in_4bit"] != json!(true) || kind != "nf4" {
+        bail!(
+            "{}: only 4-bit NF4 bases are supported (load_in_4bit = true, bnb_4bit_quant_type = \"nf4\"), got `{kind}`",
+            path.display()
+        );
+    }
+    let q = Quantization {
+        nf4: Nf4Settings {
+            block_size: v["bnb_4bit_blocksize"].as_u64().unwrap_or(64) as usize,
+            double_quant: v["bnb_4bit_use_double_quant"].as_bool().unwrap_or(false),
+        },
+        lm_head: !v["llm_int8_skip_modules"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x == "lm_head")),
+    };
+    q.nf4
+        .validate()
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(Some(q))
 }
 
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
@@ -174,6 +234,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         .with_context(|| format!("in {}", path.display()))?;
     Ok(AdapterConfig {
         settings,
+        quantization: read_quantization_config(dir)?,
         reward_model: field("task_type").and_then(Value::as_str) == Some("SEQ_CLS"),
         base_model: field("base_model_name_or_path")
             .and_then(Value::as_str)

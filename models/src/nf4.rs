@@ -395,6 +395,43 @@ impl<B: Backend> Nf4Weight<B> {
     }
 }
 
+impl<B: Backend> crate::CausalLm<B> {
+    /// How the base was quantised when it loaded, read back from its layers.
+    pub fn quantization(&self) -> Option<Quantization> {
+        let layers = self.linear_layers();
+        let q = layers.iter().find_map(|(_, _, p)| p.nf4.as_ref())?;
+        Some(Quantization {
+            nf4: Nf4Settings {
+                block_size: q.block_size,
+                double_quant: q.nested.is_some(),
+            },
+            lm_head: self.lm_head.as_ref().is_some_and(|h| h.nf4.is_some()),
+        })
+    }
+
+    /// Bytes the weights occupy on the device: NF4 layers at their packed size.
+    pub fn weight_bytes(&self) -> usize {
+        use burn::module::{ModuleVisitor, Param};
+        struct Dense(usize);
+        impl<B: Backend> ModuleVisitor<B> for Dense {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                self.0 += p.shape().num_elements() * 4;
+            }
+        }
+        let mut dense = Dense(0);
+        self.visit(&mut dense);
+        let mut projs: Vec<&crate::layers::Proj<B>> =
+            self.linear_layers().into_iter().map(|(_, _, p)| p).collect();
+        projs.extend(self.lm_head.iter());
+        let packed: usize = projs
+            .iter()
+            .filter_map(|p| p.nf4.as_ref())
+            .map(Nf4Weight::storage_bytes)
+            .sum();
+        dense.0 + packed
+    }
+}
+
 /// `x @ W^T` for `x: [rows, d_in]`. Under autodiff the backward recomputes `W` from the
 /// codes instead of keeping the dequantised copy alive until the backward pass (which
 /// would hold every layer's f32 weight at once and undo the memory saving).

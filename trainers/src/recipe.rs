@@ -9,6 +9,7 @@ use crate::dpo::DpoSettings;
 use crate::reward::RewardSettings;
 use datasets::config::DataConfig;
 use models::lora::LoraSettings;
+use models::nf4::{Nf4Settings, Quantization};
 
 /// Training methods the loop runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +56,55 @@ pub struct ModelSection {
     pub init_tokenizer: Option<PathBuf>,
     #[serde(default)]
     pub init_seed: u64,
+    /// `"nf4"`: load the frozen base's linear layers as 4-bit NormalFloat (QLoRA); needs
+    /// an [adapter] section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
+    /// Quantise the NF4 absmax constants too (QLoRA's double quantisation).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub double_quant: bool,
+    #[serde(default = "default_quant_block", skip_serializing_if = "is_default_quant_block")]
+    pub quant_block_size: usize,
+    /// Quantise the LM head too (it stays float32 by default, as in QLoRA).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quantize_lm_head: bool,
+}
+
+impl ModelSection {
+    /// The quantisation the base loads with, if any.
+    pub fn quantization(&self) -> Result<Option<Quantization>> {
+        match self.quantize.as_deref() {
+            None => Ok(None),
+            Some("nf4") => {
+                let q = Quantization {
+                    nf4: Nf4Settings {
+                        block_size: self.quant_block_size,
+                        double_quant: self.double_quant,
+                    },
+                    lm_head: self.quantize_lm_head,
+                };
+                q.nf4.validate().context("[model] quant_block_size")?;
+                Ok(Some(q))
+            }
+            Some(other) => bail!("[model] quantize = `{other}` is not supported; expected `nf4`"),
+        }
+    }
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+fn default_quant_block() -> usize {
+    Nf4Settings::default().block_size
+}
+
+fn is_default_quant_block(v: &usize) -> bool {
+    *v == default_quant_block()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,6 +335,11 @@ impl Recipe {
                 "[model] dtype `{}`: training runs in float32 (master weights, gradients and Adam state); \
                  use [train] export_dtype = \"bfloat16\" for a half-precision export",
                 self.model.dtype
+            );
+        }
+        if self.model.quantization()?.is_some() && self.adapter.is_none() {
+            bail!(
+                "[model] quantize = \"nf4\" freezes the base in 4 bits: it trains through adapters, so add an [adapter] section (QLoRA)"
             );
         }
         if let Some(a) = &self.adapter {

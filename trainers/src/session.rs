@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use checkpoints::TrainerState;
 use datasets::cache::Dataset;
 use datasets::prepare::{prepare, Prepared};
-use models::checkpoint::{load_config, load_model, load_tokenizer};
+use models::checkpoint::{load_config, load_model, load_model_quantized, load_tokenizer};
 use models::generate::{generate, SamplingParams};
 use models::presets::{new_model_config, write_new_model, NewModelSpec};
 use models::weights::{write_atomic, DiskDtype};
@@ -236,7 +236,14 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     let lora = recipe.adapter.as_ref().map(|a| a.lora());
     // Preference methods put chosen and rejected rows of each pair in one micro-batch.
     let rows = if expected == "pairs" { 2 * mb } else { mb };
-    let mut mem = estimate(&cfg, lora.as_ref(), rows, recipe.data.max_seq_len);
+    let quantization = recipe.model.quantization()?;
+    let mut mem = estimate(
+        &cfg,
+        lora.as_ref(),
+        quantization.as_ref(),
+        rows,
+        recipe.data.max_seq_len,
+    );
     // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
     let dpo = recipe.dpo.clone().unwrap_or_default();
     if recipe.method == MethodName::Dpo
@@ -342,7 +349,8 @@ fn load_policy<B: AutodiffBackend>(
         }
         Some(a) => {
             let settings = a.lora();
-            let (cfg, model) = load_model::<B>(base, device)?;
+            let quantization = recipe.model.quantization()?;
+            let (cfg, model) = load_model_quantized::<B>(base, device, quantization.as_ref())?;
             let (cfg, model) = as_reward(cfg, model);
             let model = match resume {
                 Some(dir) => checkpoints::peft::load_adapter(model, dir)?.0,

@@ -11,10 +11,10 @@ use burn::prelude::*;
 use datasets::cache::Dataset;
 use datasets::prepare::prepare;
 use models::backend::{Cpu, CpuTrain};
-use models::checkpoint::load_model;
+use models::checkpoint::{load_model, load_model_quantized};
 use models::presets::{write_new_model, NewModelSpec};
 use models::weights::{DiskDtype, SafetensorsReader};
-use models::CausalLm;
+use models::{CausalLm, ForwardInput};
 use serde_json::Value;
 use trainers::method::Method;
 use trainers::metrics::read_metrics;
@@ -207,6 +207,76 @@ fn lora_learns_and_leaves_the_base_untouched() {
         opt.iter().map(|x| &x.0).collect::<Vec<_>>()
     );
     assert!(opt.iter().all(|(n, _)| n.contains(".lora.")));
+}
+
+#[test]
+fn qlora_learns_tracks_lora_and_merges_into_the_dequantised_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
+    let sets = [
+        "train.max_steps=40",
+        "train.learning_rate=2e-2",
+        "train.eval_on_start=true",
+    ];
+    let plain = run(&recipe(&tmp.path().join("lora"), lora, &sets), None).unwrap();
+    let mut qsets = sets.to_vec();
+    qsets.push("model.quantize=\"nf4\"");
+    let q = run(&recipe(&tmp.path().join("qlora"), lora, &qsets), None).unwrap();
+    let (first, last) = (q.first_eval_loss.unwrap(), q.last_eval_loss.unwrap());
+    assert!(last < first - 0.5, "QLoRA held-out loss {first} -> {last}");
+    // The 4-bit base moves the curve only a little away from the f32 base's.
+    let lora_last = plain.last_eval_loss.unwrap();
+    assert!(
+        (last - lora_last).abs() < 0.05 * lora_last,
+        "QLoRA {last} vs LoRA {lora_last}"
+    );
+    for ((s1, a), (s2, b)) in losses(&tmp.path().join("lora/run"))
+        .iter()
+        .zip(&losses(&tmp.path().join("qlora/run")))
+    {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() < 0.05 * a, "step {s1}: LoRA {a} vs QLoRA {b}");
+    }
+
+    let fin = q.final_dir.unwrap();
+    let qcfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fin.join("quantization_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(qcfg["bnb_4bit_quant_type"], "nf4");
+    assert_eq!(qcfg["bnb_4bit_use_double_quant"], true);
+    assert!(!plain
+        .final_dir
+        .unwrap()
+        .join("quantization_config.json")
+        .exists());
+
+    // The merged export computes what the QLoRA model computes: adapters over the
+    // dequantised NF4 base.
+    let merged = tmp.path().join("merged");
+    checkpoints::export::export::<Cpu>(
+        &checkpoints::export::ExportRequest {
+            source: &fin,
+            out: &merged,
+            merge: true,
+            base: None,
+            dtype: DiskDtype::F32,
+        },
+        &Default::default(),
+    )
+    .unwrap();
+    let device = Default::default();
+    let quant = models::nf4::Quantization::default();
+    let (_, base) = load_model_quantized::<Cpu>(tiny_model(), &device, Some(&quant)).unwrap();
+    assert_eq!(base.quantization(), Some(quant));
+    let (adapted, _) = checkpoints::peft::load_adapter(base, &fin).unwrap();
+    let (_, merged) = load_model::<Cpu>(&merged, &device).unwrap();
+    assert!(merged.quantization().is_none());
+    let ids = vec![vec![1u32, 450, 3681, 338, 263, 1243, 29889, 2]];
+    let a = adapted.forward(ForwardInput::causal(&ids, &device));
+    let b = merged.forward(ForwardInput::causal(&ids, &device));
+    let diff = (a - b).abs().max().into_scalar();
+    assert!(diff < 1e-4, "merged logits differ by {diff}");
 }
 
 /// Largest |a - b| over the gradients of every parameter, and the largest |a|.
