@@ -6,25 +6,23 @@
 //! Each mode runs in its own process so peak RSS (VmHWM) is that mode's alone.
 //! Run: `cargo bench --bench train` (BURNISH_BENCH_STEPS=N measured steps, default 3).
 
+mod support;
+
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use datasets::pack::PackedRow;
-use datasets::tokenize::TokenizedPair;
 use models::backend::CpuTrain;
 use models::lora::LoraSettings;
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
 use trainers::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use trainers::method::BatchShape;
-use trainers::metrics::read_metrics;
-use trainers::optim::{trainable_params, AdamWSettings};
-use trainers::recipe::Schedule;
-use trainers::schedule::LrSchedule;
+use trainers::optim::trainable_params;
 use trainers::sft::Sft;
-use trainers::train_loop::{run_loop, LoopConfig};
+use trainers::train_loop::run_loop;
 use trainers::weights::WeightsFormat;
+
+use support::{loop_config, mean_tokens_per_s, pairs, peak_rss_mb, rows, run_child};
 
 // The same allocator as the burnish binary, so the figures are the binary's.
 #[global_allocator]
@@ -32,50 +30,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 8;
 const SEQ: usize = 256;
-
-fn random_ids(x: &mut u64, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n)
-        .map(|_| {
-            *x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((*x >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
-fn pairs(n: usize, vocab: usize) -> Vec<TokenizedPair> {
-    let mut x = 11u64;
-    (0..n)
-        .map(|_| TokenizedPair {
-            prompt: random_ids(&mut x, SEQ / 2, vocab),
-            chosen: random_ids(&mut x, SEQ / 2, vocab),
-            rejected: random_ids(&mut x, SEQ / 2, vocab),
-            margin: None,
-        })
-        .collect()
-}
-
-fn rows(n: usize, vocab: usize) -> Vec<PackedRow> {
-    let mut x = 7u64;
-    (0..n)
-        .map(|_| PackedRow {
-            ids: random_ids(&mut x, SEQ, vocab),
-            trained: vec![true; SEQ],
-            positions: (0..SEQ as u32).collect(),
-            segments: vec![0; SEQ],
-        })
-        .collect()
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn run_mode(mode: &str, steps: usize, dir: &Path) {
     let tokens = PresetTokens {
@@ -115,39 +69,13 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         .map(|(_, _, s)| s.iter().product::<usize>())
         .sum();
     let total = steps + 1;
-    let loop_cfg = LoopConfig {
-        total_steps: total,
-        micro_batches: 1,
-        schedule: LrSchedule {
-            peak: 1e-4,
-            warmup: 0,
-            total,
-            kind: Schedule::Constant,
-        },
-        adam: AdamWSettings {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-        max_grad_norm: 1.0,
-        eval_steps: 0,
-        eval_on_start: false,
-        save_steps: 0,
-        save_total_limit: 1,
-        logging_steps: 1,
-        seed: 0,
-        run_dir: dir.join("run"),
-        recipe_fingerprint: String::new(),
-        show_progress: false,
-        stop_after_steps: Some(total as u64),
-    };
+    let loop_cfg = loop_config(dir, total);
     std::fs::create_dir_all(&loop_cfg.run_dir).unwrap();
     let stop = AtomicBool::new(false);
     let mut precompute_s = 0.0;
     if mode.starts_with("dpo") {
         let pairs_per_step = BATCH / 2;
-        let data = pairs(pairs_per_step * total, cfg.vocab_size);
+        let data = pairs(pairs_per_step * total, SEQ, cfg.vocab_size);
         let reference = if mode == "dpo-precomputed" {
             let t0 = std::time::Instant::now();
             let mut base = burn::module::AutodiffModule::valid(&model);
@@ -171,7 +99,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
     } else {
         let mut method = Sft::new(
-            rows(BATCH * total, cfg.vocab_size),
+            rows(BATCH * total, SEQ, cfg.vocab_size),
             vec![],
             BATCH,
             BATCH,
@@ -181,18 +109,11 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         .unwrap();
         run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
     }
-    let metrics = read_metrics(&loop_cfg.run_dir.join("metrics.jsonl")).unwrap();
-    // Step 1 warms allocators and caches; report the mean of the rest.
-    let rates: Vec<f64> = metrics
-        .iter()
-        .skip(1)
-        .filter_map(|m| m["tokens_per_s"].as_f64())
-        .collect();
-    let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    let (mean, measured) = mean_tokens_per_s(&loop_cfg.run_dir);
     println!(
         "{{\"mode\":\"{mode}\",\"trainable\":{trainable},\"tokens_per_s\":{mean:.1},\"peak_rss_mb\":{:.0},\"steps\":{},\"precompute_s\":{precompute_s:.2}}}",
         peak_rss_mb(),
-        rates.len()
+        measured
     );
 }
 
@@ -206,21 +127,10 @@ fn main() {
         run_mode(&mode, steps, dir.path());
         return;
     }
-    let exe = std::env::current_exe().unwrap();
     println!("small preset (56M), micro-batch {BATCH} x {SEQ} tokens, 2 threads, {steps} measured steps (+1 warm-up)");
     let mut results = vec![];
     for mode in ["full", "lora", "dpo", "dpo-precomputed"] {
-        let out = Command::new(&exe)
-            .env("BURNISH_BENCH_MODE", mode)
-            .env("RAYON_NUM_THREADS", "2")
-            .output()
-            .expect("run benchmark child");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| panic!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr)));
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let v = run_child(mode, &[]);
         let tps = v["tokens_per_s"].as_f64().unwrap();
         let pairs = if mode.starts_with("dpo") {
             format!("   {:.3} pairs/s", tps / (2 * SEQ) as f64)
