@@ -41,17 +41,22 @@ fn load(dir: &Path, quant: &str) {
     let q = quantization(quant);
     let (cfg, model) = load_model_quantized::<Cpu>(dir, &Default::default(), q.as_ref()).unwrap();
     let quantized = q.map_or(0, |q| quantized_params(&cfg, &q));
-    let nf4_bytes: usize = model
-        .linear_layers()
-        .iter()
-        .filter_map(|(_, _, p)| p.nf4.as_ref().map(|w| w.storage_bytes()))
-        .sum();
+    let layers = model.linear_layers();
+    let nf4: Vec<_> = layers.iter().filter_map(|(_, _, p)| p.nf4.as_ref()).collect();
+    let nf4_bytes: usize = nf4.iter().map(|w| w.storage_bytes()).sum();
+    let (rss, peak) = (rss_mb(), peak_rss_mb());
+    // What each forward (and each backward) pays to dequantise every layer once.
+    let t0 = std::time::Instant::now();
+    for _ in 0..3 {
+        for w in &nf4 {
+            let _ = w.dequantize().into_data();
+        }
+    }
+    let dequant_ms = t0.elapsed().as_secs_f64() * 1000.0 / 3.0;
     println!(
-        "{{\"params\":{},\"quantized\":{quantized},\"nf4_bytes\":{nf4_bytes},\"weight_bytes\":{},\"rss_before_mb\":{before:.1},\"rss_mb\":{:.1},\"peak_rss_mb\":{:.1}}}",
+        "{{\"params\":{},\"quantized\":{quantized},\"nf4_bytes\":{nf4_bytes},\"weight_bytes\":{},\"rss_before_mb\":{before:.1},\"rss_mb\":{rss:.1},\"peak_rss_mb\":{peak:.1},\"dequant_ms\":{dequant_ms:.1}}}",
         cfg.num_parameters(),
         model.weight_bytes(),
-        rss_mb(),
-        peak_rss_mb()
     );
 }
 
@@ -156,9 +161,11 @@ fn main() {
             mb(&nf4_load, "weight_bytes") / mb(&f32_load, "weight_bytes")
         );
         println!(
-            "  quantised layers  {bits:.3} bits/weight ({:+.1}% vs {theory:.3}), {:.4} bytes per base weight",
+            "  quantised layers  {bits:.3} bits/weight ({:+.1}% vs {theory:.3}), {:.4} bytes per base weight; \
+             dequantising all of them once: {:.0} ms",
             100.0 * (bits / theory - 1.0),
-            bits / 8.0
+            bits / 8.0,
+            mb(&nf4_load, "dequant_ms")
         );
         println!(
             "  resident after load  f32 {:>7.1} MB   nf4 {:>7.1} MB   (x{:.2}); peak during load f32 {:.0} MB, nf4 {:.0} MB",

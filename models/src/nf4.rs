@@ -241,22 +241,21 @@ fn pack(codes: &[u8], bits: u32, len: usize, pad: u8) -> Vec<i32> {
     words
 }
 
-/// The inverse of [`pack`] on the device: `[words]` -> `[words * 32 / bits]` codes.
+/// The inverse of [`pack`] on the device: `[words]` -> `[words * 32 / bits]` codes, with
+/// one broadcast shift and one mask over all of them.
 fn unpack<B: Backend>(words: Tensor<B, 1, Int>, bits: u32) -> Tensor<B, 1, Int> {
-    let per_word = 32 / bits;
+    let per_word = (32 / bits) as usize;
     let n = words.dims()[0];
+    let device = words.device();
+    let shifts: Vec<i32> = (0..per_word as i32).map(|j| j * bits as i32).collect();
+    let shifts = Tensor::<B, 2, Int>::from_data(TensorData::new(shifts, [1, per_word]), &device);
     let mask = ((1i32 << bits) - 1).elem::<B::IntElem>();
-    let parts: Vec<Tensor<B, 2, Int>> = (0..per_word)
-        .map(|j| {
-            // Arithmetic shifts smear the sign bit in from the left; the mask drops it.
-            words
-                .clone()
-                .bitwise_right_shift_scalar(((bits * j) as i32).elem::<B::IntElem>())
-                .bitwise_and_scalar(mask)
-                .reshape([n, 1])
-        })
-        .collect();
-    Tensor::cat(parts, 1).reshape([n * per_word as usize])
+    // Arithmetic shifts smear the sign bit in from the left; the mask drops it.
+    words
+        .reshape([n, 1])
+        .bitwise_right_shift(shifts)
+        .bitwise_and_scalar(mask)
+        .reshape([n * per_word])
 }
 
 /// Second-level statistics of a double-quantised layer.

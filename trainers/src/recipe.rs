@@ -57,7 +57,7 @@ pub struct ModelSection {
     #[serde(default)]
     pub init_seed: u64,
     /// `"nf4"`: load the frozen base's linear layers as 4-bit NormalFloat (QLoRA); needs
-    /// an [adapter] section.
+    /// an [adapter] section. `"none"` (or absent): float32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
     /// Quantise the NF4 absmax constants too (QLoRA's double quantisation).
@@ -74,7 +74,7 @@ impl ModelSection {
     /// The quantisation the base loads with, if any.
     pub fn quantization(&self) -> Result<Option<Quantization>> {
         match self.quantize.as_deref() {
-            None => Ok(None),
+            None | Some("none") => Ok(None),
             Some("nf4") => {
                 let q = Quantization {
                     nf4: Nf4Settings {
@@ -86,7 +86,9 @@ impl ModelSection {
                 q.nf4.validate().context("[model] quant_block_size")?;
                 Ok(Some(q))
             }
-            Some(other) => bail!("[model] quantize = `{other}` is not supported; expected `nf4`"),
+            Some(other) => {
+                bail!("[model] quantize = `{other}` is not supported; expected `nf4` or `none`")
+            }
         }
     }
 }
