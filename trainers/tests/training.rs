@@ -576,6 +576,36 @@ fn dpo_with_lora_learns_the_preference_and_precompute_changes_nothing() {
 }
 
 #[test]
+fn dpo_and_reward_models_train_on_an_nf4_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
+    let dir = tmp.path().join("dpo");
+    run(&dpo_recipe(&dir, lora, &["model.quantize=\"nf4\""]), None).unwrap();
+    let acc = eval_metric(&dir.join("run"), "eval_rewards/accuracies");
+    assert!(*acc.last().unwrap() >= 0.8, "QLoRA DPO: {acc:?}");
+
+    let dir = tmp.path().join("reward");
+    let r = dpo_recipe(
+        &dir,
+        lora,
+        &[
+            "model.quantize=\"nf4\"",
+            "method=\"reward\"",
+            "train.learning_rate=2e-3",
+            "train.max_steps=20",
+        ],
+    );
+    let report = run(&r, None).unwrap();
+    let acc = eval_metric(&dir.join("run"), "eval_accuracy");
+    assert!(*acc.last().unwrap() >= 0.9, "QLoRA reward model: {acc:?}");
+    assert!(report
+        .final_dir
+        .unwrap()
+        .join("quantization_config.json")
+        .exists());
+}
+
+#[test]
 fn full_dpo_ipo_and_simpo_learn() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, loss) in [
