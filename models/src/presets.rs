@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::config::ModelConfig;
 use crate::llama::WeightSource;
 
-pub const PRESETS: &[&str] = &["tiny", "small", "base"];
+pub const PRESETS: &[&str] = &["micro", "tiny", "small", "base"];
 pub const ARCHS: &[&str] = &["llama", "qwen2"];
 
 /// Special token ids the config records.
@@ -34,6 +34,8 @@ pub fn preset_config(
 ) -> Result<ModelConfig> {
     // (hidden, layers, heads, kv heads, intermediate, max positions)
     let (h, l, nh, kv, i, maxp) = match preset {
+        // A student for distillation tests, smaller than `tiny`.
+        "micro" => (32, 1, 2, 1, 88, 512),
         "tiny" => (64, 2, 4, 2, 176, 512),
         "small" => (512, 8, 8, 4, 1408, 1024),
         // ~100M+ parameters with a 32k vocabulary, for memory benchmarks.
@@ -65,7 +67,7 @@ pub fn preset_config(
     raw.insert("initializer_range".into(), json!(0.02));
     raw.insert(
         "tie_word_embeddings".into(),
-        json!(preset == "tiny" || arch == "qwen2"),
+        json!(preset == "tiny" || preset == "micro" || arch == "qwen2"),
     );
     raw.insert("attention_dropout".into(), json!(0.0));
     if model_type == "llama" {

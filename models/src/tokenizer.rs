@@ -199,6 +199,10 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
     }
 
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -1,6 +1,7 @@
 //! The shared training loop and the methods that plug into it.
 
 pub mod data_order;
+pub mod distill;
 pub mod dpo;
 pub mod estimate;
 pub mod method;
@@ -11,6 +12,7 @@ pub mod reward;
 pub mod schedule;
 pub mod session;
 pub mod sft;
+pub mod teacher;
 pub mod train_loop;
 pub mod weights;
 

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use crate::distill::DistillSettings;
 use crate::dpo::DpoSettings;
 use crate::reward::RewardSettings;
 use datasets::config::DataConfig;
@@ -18,6 +19,7 @@ pub enum MethodName {
     Sft,
     Dpo,
     Reward,
+    Distill,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +40,9 @@ pub struct Recipe {
     /// `method = "reward"` settings (TRL `RewardConfig` names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<RewardSettings>,
+    /// `method = "distill"`: the teacher and the loss (GKD names); required for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -361,6 +366,16 @@ impl Recipe {
                 );
             }
             d.validate()?;
+        }
+        match (&self.distill, self.method) {
+            (Some(d), MethodName::Distill) => d.validate()?,
+            (None, MethodName::Distill) => {
+                bail!("method = \"distill\" needs a [distill] section with at least `teacher = \"DIR\"`")
+            }
+            (Some(_), other) => bail!(
+                "[distill] is set but method is {other:?}; remove the section or set method = \"distill\""
+            ),
+            (None, _) => {}
         }
         if self.reward.is_some() && self.method != MethodName::Reward {
             bail!(

@@ -18,6 +18,8 @@ use models::presets::{new_model_config, write_new_model, NewModelSpec};
 use models::weights::{write_atomic, DiskDtype};
 use models::{CausalLm, Message, ModelConfig, TextTokenizer};
 
+use crate::distill::Distill;
+use crate::teacher::{model_fingerprint, prepare_teacher};
 use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use crate::estimate::{estimate, human_bytes};
 use crate::method::{BatchShape, Method};
@@ -98,7 +100,7 @@ fn sft_rows(ds: Dataset, split: &str) -> Result<Vec<datasets::pack::PackedRow>> 
     match ds {
         Dataset::Sft(rows) => Ok(rows),
         other => bail!(
-            "method sft trains on conversations, but the {split} data are {} rows; use a conversation format (or the method for that data)",
+            "this method trains on conversations, but the {split} data are {} rows; use a conversation format (or the method for that data)",
             other.kind()
         ),
     }
@@ -218,7 +220,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     };
     let prepared = prepare(&recipe.data, &tok)?;
     let expected = match recipe.method {
-        MethodName::Sft => "sft",
+        MethodName::Sft | MethodName::Distill => "sft",
         MethodName::Dpo | MethodName::Reward => "pairs",
     };
     if prepared.train.kind() != expected {
@@ -439,6 +441,30 @@ pub fn train<B: AutodiffBackend>(
             let method = Dpo::new(train, eval, batch_shape(recipe, pad), settings, reference)?;
             drive(ctx, model, method)
         }
+        MethodName::Distill => {
+            let settings = recipe
+                .distill
+                .clone()
+                .context("method distill needs a [distill] section")?;
+            let (train, eval) = (
+                sft_rows(prepared.train, "train")?,
+                sft_rows(prepared.eval, "eval")?,
+            );
+            let teacher = prepare_teacher::<B>(
+                recipe, &settings, &cfg0, &train, &eval, &cache_dir, pad, opts, device,
+            )?;
+            let mut stop_ids = ctx.tok.stop_ids.clone();
+            stop_ids.extend(cfg0.eos_token_ids.iter().copied());
+            let method = Distill::<B>::new(
+                train,
+                eval,
+                batch_shape(recipe, pad),
+                stop_ids,
+                teacher,
+                settings,
+            )?;
+            drive(ctx, model, method)
+        }
         MethodName::Reward => {
             // Rewards are read at the last token that is not the config's pad id.
             let pad = ctx.model_cfg.pad_token_id.unwrap_or(pad);
@@ -507,18 +533,7 @@ fn dpo_reference<B: AutodiffBackend>(
             Reference::Frozen(Box::new(load_frozen()?))
         });
     }
-    let mut fp = datasets::cache::Fingerprint::new();
-    fp.file("config", &ref_dir.join("config.json"))?;
-    for e in std::fs::read_dir(&ref_dir)? {
-        let path = e?.path();
-        if path.extension().is_some_and(|x| x == "safetensors") {
-            fp.file(
-                &path.file_name().unwrap_or_default().to_string_lossy(),
-                &path,
-            )?;
-        }
-    }
-    let path = cache_dir.join(format!("ref_logps-{}.json", &fp.hex()[..16]));
+    let path = cache_dir.join(format!("ref_logps-{}.json", model_fingerprint(&ref_dir)?));
     if let Ok(text) = std::fs::read_to_string(&path) {
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
             format!(

@@ -50,14 +50,14 @@ impl Sft {
     }
 }
 
-/// `log p(target)` at every trained position of a collated batch, in row-major order, and
-/// the batch row of each. Only those positions go through the LM head and the log-softmax:
-/// with a chat mask and padding they are often under half of the batch, and the
+/// Logits `[n, vocab]` at the n trained positions of a collated batch, in row-major order,
+/// with their targets and the batch row of each. Only those positions go through the LM
+/// head: with a chat mask and padding they are often under half of the batch, and the
 /// `[positions, vocab]` logits dominate the cost of a small model.
-pub fn trained_token_logps<B: Backend>(
+pub fn trained_logits<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
-) -> Option<(Tensor<B, 1>, Vec<usize>)> {
+) -> Option<(Tensor<B, 2>, Tensor<B, 1, Int>, Vec<usize>)> {
     let device = model.device();
     let [b, t] = [batch.ids.len(), batch.ids.first().map_or(0, Vec::len)];
     let mut flat: Vec<i64> = Vec::new();
@@ -84,10 +84,20 @@ pub fn trained_token_logps<B: Backend>(
         .reshape([b * t, d])
         .select(0, flat)
         .reshape([1, n, d]);
-    let logp = log_softmax(model.logits(picked), 2);
+    let logits = model.logits(picked).reshape([n, model.vocab_size()]);
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
-    let logps = logp
-        .reshape([n, model.vocab_size()])
+    Some((logits, targets, rows))
+}
+
+/// `log p(target)` at every trained position of a collated batch, in row-major order, and
+/// the batch row of each.
+pub fn trained_token_logps<B: Backend>(
+    model: &CausalLm<B>,
+    batch: &SftBatch,
+) -> Option<(Tensor<B, 1>, Vec<usize>)> {
+    let (logits, targets, rows) = trained_logits(model, batch)?;
+    let n = rows.len();
+    let logps = log_softmax(logits, 1)
         .gather(1, targets.reshape([n, 1]))
         .reshape([n]);
     Some((logps, rows))

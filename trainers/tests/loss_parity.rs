@@ -210,3 +210,69 @@ fn reward_model_matches_transformers_sequence_classification_and_trl_loss() {
         assert!((loss - want).abs() < 1e-5, "{case}: {loss} vs TRL {want}");
     }
 }
+
+#[test]
+fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
+    use burn::prelude::*;
+    use trainers::distill::{kd_loss_sum, KdLoss, TeacherTargets};
+
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("losses/distill.json")).unwrap(),
+    )
+    .unwrap();
+    let matrix = |k: &str| -> Vec<Vec<f32>> { serde_json::from_value(f[k].clone()).unwrap() };
+    let (student, teacher) = (matrix("student_logits"), matrix("teacher_logits"));
+    let labels: Vec<i64> = serde_json::from_value(f["labels"].clone()).unwrap();
+    let trained: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] >= 0).collect();
+    let vocab = student[0].len();
+    let n = trained.len();
+    let device = Default::default();
+    let rows = |m: &[Vec<f32>]| -> Vec<f32> {
+        trained.iter().flat_map(|&i| m[i].iter().copied()).collect()
+    };
+    let student_logits =
+        Tensor::<Cpu, 2>::from_data(TensorData::new(rows(&student), [n, vocab]), &device);
+    let targets = Tensor::<Cpu, 1, Int>::from_data(
+        TensorData::new(trained.iter().map(|&i| labels[i]).collect::<Vec<_>>(), [n]),
+        &device,
+    );
+    let temperature = f["temperature"].as_f64().unwrap();
+    let teacher_full = {
+        let t = Tensor::<Cpu, 2>::from_data(TensorData::new(rows(&teacher), [n, vocab]), &device);
+        burn::tensor::activation::log_softmax(t.div_scalar(temperature), 1).into_data()
+    };
+    for case in f["cases"].as_array().unwrap() {
+        let p = KdLoss {
+            alpha: f["alpha"].as_f64().unwrap(),
+            temperature,
+            beta: case["beta"].as_f64().unwrap(),
+        };
+        let targets_of_teacher = match case["top_k"].as_u64() {
+            None => TeacherTargets::Full(teacher_full.clone()),
+            Some(k) => TeacherTargets::TopK {
+                ids: serde_json::from_value::<Vec<Vec<i32>>>(case["teacher_top_ids"].clone())
+                    .unwrap()
+                    .concat(),
+                logps: serde_json::from_value::<Vec<Vec<f32>>>(case["teacher_top_logps"].clone())
+                    .unwrap()
+                    .concat(),
+                k: k as usize,
+            },
+        };
+        let (loss, div, ce) = kd_loss_sum(
+            student_logits.clone(),
+            targets.clone(),
+            &targets_of_teacher,
+            &p,
+        );
+        let label = format!("{} beta {} top_k {:?}", case["divergence"], p.beta, case["top_k"]);
+        for (got, key) in [(loss, "loss_sum"), (div, "divergence_sum"), (ce, "ce_sum")] {
+            let got = got.into_scalar() as f64;
+            let want = case[key].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{label} {key}: {got} vs {want}"
+            );
+        }
+    }
+}

@@ -676,3 +676,105 @@ fn reward_models_learn_the_preference_full_and_lora() {
         }
     }
 }
+
+/// The quickstart conversations learned by the tiny model (full SFT): the teacher of the
+/// distillation tests.
+fn trained_teacher() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = recipe(tmp.path(), "", &["train.max_steps=60"]);
+        let fin = run(&r, None).unwrap().final_dir.unwrap();
+        (tmp, fin)
+    })
+    .1
+}
+
+/// A `micro` student (half the width, one layer) with the teacher's tokenizer.
+fn micro_student(dir: &Path) -> PathBuf {
+    let out = dir.join("student");
+    write_new_model(&NewModelSpec {
+        preset: "micro",
+        arch: "llama",
+        tokenizer_dir: &root().join("assets/tokenizers/phi3_vision"),
+        out: &out,
+        seed: 3,
+        chat_template: "chatml",
+        dtype: DiskDtype::F32,
+    })
+    .unwrap();
+    out
+}
+
+/// Share of held-out trained tokens whose most likely next token is the label.
+fn held_out_accuracy(r: &Recipe, model_dir: &Path) -> f64 {
+    let (cfg, model) = load_model::<Cpu>(model_dir, &Default::default()).unwrap();
+    let tok = models::checkpoint::load_tokenizer(model_dir, &cfg).unwrap();
+    let Dataset::Sft(rows) = prepare(&r.data, &tok).unwrap().eval else {
+        panic!("sft rows")
+    };
+    let batch = datasets::batch::collate_sft(&rows, 0);
+    let (logits, targets, _) = trainers::sft::trained_logits(&model, &batch).unwrap();
+    let hits = logits.argmax(1).reshape([targets.dims()[0]]).equal(targets);
+    hits.clone().int().sum().into_scalar() as f64 / hits.dims()[0] as f64
+}
+
+fn distill_recipe(dir: &Path, distill: &str, overrides: &[&str]) -> Recipe {
+    let student = micro_student(dir);
+    let model = format!("model.path=\"{}\"", student.display());
+    let mut sets = vec![
+        "method=\"distill\"",
+        model.as_str(),
+        "train.max_steps=30",
+        "train.eval_on_start=true",
+        "train.eval_steps=10",
+        "train.learning_rate=1e-2",
+    ];
+    sets.extend_from_slice(overrides);
+    let extra = format!(
+        "[distill]\nteacher = \"{}\"\n{distill}",
+        trained_teacher().display()
+    );
+    recipe(dir, &extra, &sets)
+}
+
+#[test]
+fn distillation_lowers_the_students_divergence_and_beats_plain_sft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kd = distill_recipe(&tmp.path().join("kd"), "alpha = 0.5\ntemperature = 2.0", &[]);
+    let report = run(&kd, None).unwrap();
+    let div = eval_metric(&tmp.path().join("kd/run"), "eval_divergence");
+    assert!(
+        *div.last().unwrap() < 0.5 * div[0],
+        "held-out KL to the teacher {div:?}"
+    );
+    // The same student, data and steps, trained on the labels alone.
+    let mut sft = distill_recipe(&tmp.path().join("sft"), "", &[]);
+    sft.method = trainers::recipe::MethodName::Sft;
+    sft.distill = None;
+    let plain = run(&sft, None).unwrap();
+    let kd_acc = held_out_accuracy(&kd, &report.final_dir.unwrap());
+    let sft_acc = held_out_accuracy(&sft, &plain.final_dir.unwrap());
+    eprintln!("held-out token accuracy: distilled {kd_acc:.3}, plain SFT {sft_acc:.3}");
+    assert!(kd_acc > sft_acc + 0.05, "distilled {kd_acc} vs SFT {sft_acc}");
+}
+
+#[test]
+fn cached_top_k_and_on_policy_distillation_learn() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, distill) in [
+        ("topk", "top_k = 20\ndivergence = \"jsd\"\nbeta = 0.5"),
+        ("onpolicy", "lmbda = 0.5\nmax_new_tokens = 16\ndivergence = \"reverse_kl\""),
+    ] {
+        let dir = tmp.path().join(name);
+        let r = distill_recipe(&dir, distill, &[]);
+        run(&r, None).unwrap();
+        let div = eval_metric(&dir.join("run"), "eval_divergence");
+        assert!(*div.last().unwrap() < 0.7 * div[0], "{name}: {div:?}");
+    }
+    let cached = std::fs::read_dir(tmp.path().join("topk/cache"))
+        .unwrap()
+        .flat_map(|e| std::fs::read_dir(e.unwrap().path()).unwrap())
+        .any(|f| f.unwrap().file_name().to_string_lossy().starts_with("teacher_topk20-"));
+    assert!(cached, "the teacher's top-k log-probs are cached beside the data");
+}

@@ -1,0 +1,492 @@
+//! Knowledge distillation from a frozen teacher (same tokenizer) into the trained student:
+//!
+//! `loss = alpha * T^2 * D(p_teacher^T || p_student^T) + (1 - alpha) * CE(labels)`
+//!
+//! summed over trained tokens (the loop averages over them), with D the forward KL, the
+//! reverse KL or GKD's generalised JSD (`beta`; 0 is forward, 1 reverse KL). Teacher
+//! log-probs come from a teacher forward each step, or from its top-k log-probs cached once
+//! beside the tokenized data. With `lmbda > 0` a step trains, with that probability, on the
+//! student's own samples of the prompts instead of the dataset completions (on-policy GKD).
+
+use anyhow::{bail, Result};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use datasets::batch::{collate_sft, SftBatch};
+use datasets::pack::PackedRow;
+use models::generate::{generate, SamplingParams};
+use models::CausalLm;
+
+use crate::data_order::{eval_chunks, EpochCursor};
+use crate::method::{LossOutput, Method};
+use crate::sft::trained_logits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    ForwardKl,
+    ReverseKl,
+    Jsd,
+}
+
+/// `[distill]`: the teacher and the loss, with GKD's names (`lmbda`, `beta`, `temperature`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSettings {
+    /// Teacher model directory; its tokenizer must be the student's.
+    pub teacher: PathBuf,
+    /// When `teacher` holds no model yet: an SFT recipe whose run exports it there (its
+    /// `output_dir/final`), trained first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_recipe: Option<PathBuf>,
+    /// Load the teacher's linear layers in NF4 (`"nf4"`) to save memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_quantize: Option<String>,
+    #[serde(default = "half")]
+    pub alpha: f64,
+    #[serde(default = "one")]
+    pub temperature: f64,
+    #[serde(default = "forward")]
+    pub divergence: Divergence,
+    /// JSD interpolation (GKD's `beta`).
+    #[serde(default = "half")]
+    pub beta: f64,
+    /// Train from the teacher's top-k log-probs, computed once and cached beside the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Probability that a step trains on the student's own samples (on-policy GKD).
+    #[serde(default)]
+    pub lmbda: f64,
+    /// Completion length of on-policy samples.
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one")]
+    pub sampling_temperature: f64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+fn one() -> f64 {
+    1.0
+}
+fn forward() -> Divergence {
+    Divergence::ForwardKl
+}
+fn default_new_tokens() -> usize {
+    64
+}
+
+impl DistillSettings {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.alpha) {
+            bail!("[distill] alpha must be in [0, 1], got {}", self.alpha);
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "[distill] temperature must be positive, got {}",
+                self.temperature
+            );
+        }
+        if !(0.0..=1.0).contains(&self.beta) {
+            bail!("[distill] beta must be in [0, 1], got {}", self.beta);
+        }
+        if !(0.0..=1.0).contains(&self.lmbda) {
+            bail!("[distill] lmbda must be in [0, 1], got {}", self.lmbda);
+        }
+        if self.top_k == Some(0) {
+            bail!("[distill] top_k must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The loss parameters, the divergence folded into a JSD `beta`.
+    pub fn loss(&self) -> KdLoss {
+        KdLoss {
+            alpha: self.alpha,
+            temperature: self.temperature,
+            beta: match self.divergence {
+                Divergence::ForwardKl => 0.0,
+                Divergence::ReverseKl => 1.0,
+                Divergence::Jsd => self.beta,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KdLoss {
+    pub alpha: f64,
+    pub temperature: f64,
+    /// 0: forward KL(teacher || student); 1: reverse KL; between: generalised JSD.
+    pub beta: f64,
+}
+
+/// What the teacher says about a batch's trained positions, in their row-major order.
+#[derive(Debug, Clone)]
+pub enum TeacherTargets {
+    /// Log-probs over the whole vocabulary at temperature T, `[positions, vocab]`.
+    Full(TensorData),
+    /// The k most likely ids and their log-probs at temperature 1, `[positions, k]` each.
+    TopK {
+        ids: Vec<i32>,
+        logps: Vec<f32>,
+        k: usize,
+    },
+}
+
+/// `D` summed over rows of `[n, m]` log-prob tensors (student `ls`, teacher `lt`).
+fn divergence_sum<B: Backend>(ls: Tensor<B, 2>, lt: Tensor<B, 2>, beta: f64) -> Tensor<B, 1> {
+    let kl = |p_log: Tensor<B, 2>, q_log: Tensor<B, 2>| {
+        (p_log.clone().exp() * (p_log - q_log)).sum()
+    };
+    if beta == 0.0 {
+        return kl(lt, ls);
+    }
+    if beta == 1.0 {
+        return kl(ls, lt);
+    }
+    // log m = log((1 - beta) p_s + beta p_t), with the max taken out for stability.
+    let a = ls.clone().add_scalar((1.0 - beta).ln());
+    let b = lt.clone().add_scalar(beta.ln());
+    let m = a.clone().max_pair(b.clone());
+    let lm = m.clone() + ((a - m.clone()).exp() + (b - m).exp()).log();
+    kl(lt, lm.clone()).mul_scalar(beta) + kl(ls, lm).mul_scalar(1.0 - beta)
+}
+
+/// `log_softmax` over dim 1 of an `[n, m]` tensor restricted to those m entries.
+fn renormalise<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().max_dim(1);
+    let lse = max.clone() + (x.clone() - max).exp().sum_dim(1).log();
+    x - lse
+}
+
+/// The summed loss of `[n, vocab]` student logits against the teacher and the labels, and
+/// the divergence and cross-entropy sums it is made of.
+pub fn kd_loss_sum<B: Backend>(
+    student_logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    teacher: &TeacherTargets,
+    p: &KdLoss,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let device = student_logits.device();
+    let n = targets.dims()[0];
+    let t = p.temperature;
+    let ce = log_softmax(student_logits.clone(), 1)
+        .gather(1, targets.reshape([n, 1]))
+        .sum()
+        .neg();
+    let ls = log_softmax(student_logits.div_scalar(t), 1);
+    let div = match teacher {
+        TeacherTargets::Full(data) => {
+            let lt = Tensor::<B, 2>::from_data(data.clone(), &device);
+            divergence_sum(ls, lt, p.beta)
+        }
+        TeacherTargets::TopK { ids, logps, k } => {
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [n, *k]), &device);
+            let top = Tensor::<B, 2>::from_data(TensorData::new(logps.clone(), [n, *k]), &device);
+            let lt = log_softmax(top.div_scalar(t), 1);
+            divergence_sum(renormalise(ls.gather(1, ids)), lt, p.beta)
+        }
+    };
+    let loss = div.clone().mul_scalar(p.alpha * t * t) + ce.clone().mul_scalar(1.0 - p.alpha);
+    (loss, div.detach(), ce.detach())
+}
+
+/// The teacher's targets for a collated batch: the full tempered distribution, or (with
+/// `top_k`) its k most likely tokens at temperature 1.
+pub fn teacher_targets<B: Backend>(
+    teacher: &CausalLm<B>,
+    batch: &SftBatch,
+    temperature: f64,
+    top_k: Option<usize>,
+) -> TeacherTargets {
+    let Some((logits, _, _)) = trained_logits(teacher, batch) else {
+        return TeacherTargets::TopK {
+            ids: vec![],
+            logps: vec![],
+            k: top_k.unwrap_or(1),
+        };
+    };
+    match top_k {
+        None => TeacherTargets::Full(log_softmax(logits.div_scalar(temperature), 1).into_data()),
+        Some(k) => {
+            let k = k.min(teacher.vocab_size());
+            let (values, ids) = log_softmax(logits, 1).topk_with_indices(k, 1);
+            TeacherTargets::TopK {
+                ids: ids.into_data().iter::<i64>().map(|v| v as i32).collect(),
+                logps: values.into_data().iter::<f32>().collect(),
+                k,
+            }
+        }
+    }
+}
+
+/// A student micro-batch and the teacher's targets for it.
+pub struct DistillBatch {
+    pub batch: SftBatch,
+    pub teacher: TeacherTargets,
+}
+
+/// Per row, the teacher's top-k at each trained position (the cached form).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RowTopK {
+    pub ids: Vec<i32>,
+    pub logps: Vec<f32>,
+}
+
+pub enum TeacherSource<B: Backend> {
+    /// A teacher forward for every batch.
+    Online(Box<CausalLm<B>>),
+    /// Cached top-k rows (train, eval); the model too when on-policy steps need it.
+    Cached {
+        train: Vec<RowTopK>,
+        eval: Vec<RowTopK>,
+        k: usize,
+        model: Option<Box<CausalLm<B>>>,
+    },
+}
+
+impl<B: Backend> TeacherSource<B> {
+    fn model(&self) -> Option<&CausalLm<B>> {
+        match self {
+            TeacherSource::Online(m) => Some(m),
+            TeacherSource::Cached { model, .. } => model.as_deref(),
+        }
+    }
+}
+
+/// Top-k rows of the teacher over `rows`, in micro-batches of `batch`.
+pub fn teacher_top_k<B: Backend>(
+    teacher: &CausalLm<B>,
+    rows: &[PackedRow],
+    batch: usize,
+    k: usize,
+    pad_id: u32,
+) -> Vec<RowTopK> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch.max(1)) {
+        let collated = collate_sft(chunk, pad_id);
+        let TeacherTargets::TopK { ids, logps, k } =
+            teacher_targets(teacher, &collated, 1.0, Some(k))
+        else {
+            unreachable!("top-k requested")
+        };
+        let mut at = 0;
+        for (r, w) in collated.weights.iter().enumerate() {
+            let n = w.iter().filter(|&&x| x).count();
+            let _ = r;
+            out.push(RowTopK {
+                ids: ids[at * k..(at + n) * k].to_vec(),
+                logps: logps[at * k..(at + n) * k].to_vec(),
+            });
+            at += n;
+        }
+    }
+    out
+}
+
+pub struct Distill<B: AutodiffBackend> {
+    train: Vec<PackedRow>,
+    eval: Vec<PackedRow>,
+    micro_batch: usize,
+    eval_batch: usize,
+    pad_id: u32,
+    seed: u64,
+    stop_ids: Vec<u32>,
+    cursor: EpochCursor,
+    teacher: TeacherSource<B::InnerBackend>,
+    settings: DistillSettings,
+    loss: KdLoss,
+    steps_taken: u64,
+}
+
+impl<B: AutodiffBackend> Distill<B> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        train: Vec<PackedRow>,
+        eval: Vec<PackedRow>,
+        shape: crate::method::BatchShape,
+        stop_ids: Vec<u32>,
+        teacher: TeacherSource<B::InnerBackend>,
+        settings: DistillSettings,
+    ) -> Result<Self> {
+        settings.validate()?;
+        if train.is_empty() {
+            bail!("the training split is empty: nothing to distil on");
+        }
+        if settings.lmbda > 0.0 {
+            if teacher.model().is_none() {
+                bail!("[distill] lmbda > 0 samples from the student: the teacher model must be loaded to score the samples");
+            }
+            if train.iter().any(|r| r.segments.iter().any(|&s| s > 1)) {
+                bail!("[distill] lmbda > 0 needs one conversation per row: set [data] packing = false");
+            }
+        }
+        Ok(Self {
+            cursor: EpochCursor::new(train.len(), shape.seed),
+            train,
+            eval,
+            micro_batch: shape.micro_batch,
+            eval_batch: shape.eval_batch,
+            pad_id: shape.pad_id,
+            seed: shape.seed,
+            stop_ids,
+            loss: settings.loss(),
+            teacher,
+            settings,
+            steps_taken: 0,
+        })
+    }
+
+    fn batch(&self, rows: &[usize], eval: bool) -> DistillBatch {
+        let from = if eval { &self.eval } else { &self.train };
+        let picked: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
+        let batch = collate_sft(&picked, self.pad_id);
+        let teacher = match &self.teacher {
+            TeacherSource::Online(m) => {
+                teacher_targets(m, &batch, self.loss.temperature, None)
+            }
+            TeacherSource::Cached {
+                train, eval: ev, k, ..
+            } => {
+                let table = if eval { ev } else { train };
+                TeacherTargets::TopK {
+                    ids: rows.iter().flat_map(|&i| table[i].ids.clone()).collect(),
+                    logps: rows.iter().flat_map(|&i| table[i].logps.clone()).collect(),
+                    k: *k,
+                }
+            }
+        };
+        DistillBatch { batch, teacher }
+    }
+
+    /// The rows' prompts completed by the student, every sampled token trained, scored by
+    /// the teacher online.
+    fn on_policy(&self, policy: &CausalLm<B>, rows: &[usize]) -> Result<DistillBatch> {
+        let student = policy.valid();
+        let prompts: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|&i| {
+                let r = &self.train[i];
+                let first = r.trained.iter().position(|&t| t).unwrap_or(r.ids.len());
+                r.ids[..first.max(1)].to_vec()
+            })
+            .collect();
+        let params = SamplingParams {
+            max_new_tokens: self.settings.max_new_tokens,
+            temperature: self.settings.sampling_temperature as f32,
+            top_k: 0,
+            top_p: 1.0,
+            seed: self.seed ^ self.steps_taken.wrapping_mul(0x9E37_79B9),
+            stop_ids: self.stop_ids.clone(),
+            pad_id: self.pad_id,
+        };
+        let generations = generate(&student, &prompts, &params, None)?;
+        let sampled: Vec<PackedRow> = prompts
+            .iter()
+            .zip(&generations)
+            .map(|(p, g)| {
+                let ids: Vec<u32> = p.iter().chain(&g.tokens).copied().collect();
+                let n = ids.len();
+                PackedRow {
+                    trained: (0..n).map(|i| i >= p.len()).collect(),
+                    positions: (0..n as u32).collect(),
+                    segments: vec![1; n],
+                    ids,
+                }
+            })
+            .collect();
+        let batch = collate_sft(&sampled, self.pad_id);
+        let teacher = self.teacher.model().expect("checked in new");
+        Ok(DistillBatch {
+            teacher: teacher_targets(teacher, &batch, self.loss.temperature, None),
+            batch,
+        })
+    }
+}
+
+impl<B: AutodiffBackend> Method<B> for Distill<B> {
+    type Batch = DistillBatch;
+
+    fn next_step(
+        &mut self,
+        policy: &CausalLm<B>,
+        micro_batches: usize,
+    ) -> Result<Option<Vec<DistillBatch>>> {
+        let steps = self
+            .cursor
+            .next_micro_batches(self.micro_batch, micro_batches);
+        // One draw per step, a function of (seed, step), so resumed runs repeat it.
+        let mut rng = StdRng::seed_from_u64(self.seed ^ (self.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+        let on_policy = self.settings.lmbda > 0.0 && rng.random::<f64>() < self.settings.lmbda;
+        let out = steps
+            .iter()
+            .map(|c| {
+                if on_policy {
+                    self.on_policy(policy, c)
+                } else {
+                    Ok(self.batch(c, false))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.steps_taken += 1;
+        Ok(Some(out))
+    }
+
+    fn weight(&self, batch: &DistillBatch) -> f64 {
+        batch.batch.num_trained() as f64
+    }
+
+    fn tokens(&self, batch: &DistillBatch) -> usize {
+        batch.batch.num_tokens()
+    }
+
+    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &DistillBatch) -> LossOutput<Bk> {
+        let Some((logits, targets, _)) = trained_logits(model, &batch.batch) else {
+            return LossOutput {
+                loss_sum: Tensor::zeros([1], &model.device()),
+                metric_sums: vec![],
+            };
+        };
+        let (loss, div, ce) = kd_loss_sum(logits, targets, &batch.teacher, &self.loss);
+        LossOutput {
+            loss_sum: loss,
+            metric_sums: vec![
+                ("divergence", div.into_scalar().elem::<f64>()),
+                ("ce", ce.into_scalar().elem::<f64>()),
+            ],
+        }
+    }
+
+    fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<DistillBatch>> {
+        let chunks = eval_chunks(self.eval.len(), self.eval_batch);
+        Ok(chunks.iter().map(|c| self.batch(c, true)).collect())
+    }
+
+    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
+        Some(
+            self.cursor
+                .steps_per_epoch(self.micro_batch * micro_batches),
+        )
+    }
+
+    fn epoch(&self) -> f64 {
+        self.cursor.epoch()
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        serde_json::json!({"data": self.cursor.to_json(), "steps": self.steps_taken})
+    }
+
+    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
+        self.steps_taken = cursor["steps"].as_u64().unwrap_or(0);
+        self.cursor.restore(&cursor["data"])
+    }
+}
