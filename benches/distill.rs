@@ -66,7 +66,8 @@ fn run_mode(mode: &str, steps: usize) {
         pad_id: 0,
         seed: 0,
     };
-    let mut method = Distill::<CpuTrain>::new(data, vec![], shape, vec![2], source, settings).unwrap();
+    let mut method =
+        Distill::<CpuTrain>::new(data, vec![], shape, vec![2], source, settings).unwrap();
     let work = tempfile::tempdir().unwrap();
     let cfg = loop_config(work.path(), total);
     std::fs::create_dir_all(&cfg.run_dir).unwrap();
@@ -74,7 +75,15 @@ fn run_mode(mode: &str, steps: usize) {
         cfg: Box::new(student_cfg),
         tokenizer_dir: work.path().to_path_buf(),
     };
-    run_loop(student, &mut method, &cfg, &weights, None, &AtomicBool::new(false)).unwrap();
+    run_loop(
+        student,
+        &mut method,
+        &cfg,
+        &weights,
+        None,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     let (tps, measured) = mean_tokens_per_s(&cfg.run_dir);
     println!(
         "{{\"tokens_per_s\":{tps:.1},\"steps\":{measured},\"peak_rss_mb\":{:.1},\"precompute_s\":{precompute_s:.2}}}",

@@ -42,7 +42,10 @@ fn load(dir: &Path, quant: &str) {
     let (cfg, model) = load_model_quantized::<Cpu>(dir, &Default::default(), q.as_ref()).unwrap();
     let quantized = q.map_or(0, |q| quantized_params(&cfg, &q));
     let layers = model.linear_layers();
-    let nf4: Vec<_> = layers.iter().filter_map(|(_, _, p)| p.nf4.as_ref()).collect();
+    let nf4: Vec<_> = layers
+        .iter()
+        .filter_map(|(_, _, p)| p.nf4.as_ref())
+        .collect();
     let nf4_bytes: usize = nf4.iter().map(|w| w.storage_bytes()).sum();
     let (rss, peak) = (rss_mb(), peak_rss_mb());
     // What each forward (and each backward) pays to dequantise every layer once.

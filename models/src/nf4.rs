@@ -419,8 +419,11 @@ impl<B: Backend> crate::CausalLm<B> {
         }
         let mut dense = Dense(0);
         self.visit(&mut dense);
-        let mut projs: Vec<&crate::layers::Proj<B>> =
-            self.linear_layers().into_iter().map(|(_, _, p)| p).collect();
+        let mut projs: Vec<&crate::layers::Proj<B>> = self
+            .linear_layers()
+            .into_iter()
+            .map(|(_, _, p)| p)
+            .collect();
         projs.extend(self.lm_head.iter());
         let packed: usize = projs
             .iter()

@@ -143,9 +143,8 @@ pub enum TeacherTargets {
 
 /// `D` summed over rows of `[n, m]` log-prob tensors (student `ls`, teacher `lt`).
 fn divergence_sum<B: Backend>(ls: Tensor<B, 2>, lt: Tensor<B, 2>, beta: f64) -> Tensor<B, 1> {
-    let kl = |p_log: Tensor<B, 2>, q_log: Tensor<B, 2>| {
-        (p_log.clone().exp() * (p_log - q_log)).sum()
-    };
+    let kl =
+        |p_log: Tensor<B, 2>, q_log: Tensor<B, 2>| (p_log.clone().exp() * (p_log - q_log)).sum();
     if beta == 0.0 {
         return kl(lt, ls);
     }
@@ -189,7 +188,8 @@ pub fn kd_loss_sum<B: Backend>(
             divergence_sum(ls, lt, p.beta)
         }
         TeacherTargets::TopK { ids, logps, k } => {
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [n, *k]), &device);
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [n, *k]), &device);
             let top = Tensor::<B, 2>::from_data(TensorData::new(logps.clone(), [n, *k]), &device);
             let lt = log_softmax(top.div_scalar(t), 1);
             divergence_sum(renormalise(ls.gather(1, ids)), lt, p.beta)
@@ -350,9 +350,7 @@ impl<B: AutodiffBackend> Distill<B> {
         let picked: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
         let batch = collate_sft(&picked, self.pad_id);
         let teacher = match &self.teacher {
-            TeacherSource::Online(m) => {
-                teacher_targets(m, &batch, self.loss.temperature, None)
-            }
+            TeacherSource::Online(m) => teacher_targets(m, &batch, self.loss.temperature, None),
             TeacherSource::Cached {
                 train, eval: ev, k, ..
             } => {
@@ -424,7 +422,9 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
             .cursor
             .next_micro_batches(self.micro_batch, micro_batches);
         // One draw per step, a function of (seed, step), so resumed runs repeat it.
-        let mut rng = StdRng::seed_from_u64(self.seed ^ (self.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut rng = StdRng::seed_from_u64(
+            self.seed ^ (self.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+        );
         let on_policy = self.settings.lmbda > 0.0 && rng.random::<f64>() < self.settings.lmbda;
         let out = steps
             .iter()

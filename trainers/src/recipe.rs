@@ -68,7 +68,10 @@ pub struct ModelSection {
     /// Quantise the NF4 absmax constants too (QLoRA's double quantisation).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub double_quant: bool,
-    #[serde(default = "default_quant_block", skip_serializing_if = "is_default_quant_block")]
+    #[serde(
+        default = "default_quant_block",
+        skip_serializing_if = "is_default_quant_block"
+    )]
     pub quant_block_size: usize,
     /// Quantise the LM head too (it stays float32 by default, as in QLoRA).
     #[serde(default, skip_serializing_if = "is_false")]

@@ -19,7 +19,6 @@ use models::weights::{write_atomic, DiskDtype};
 use models::{CausalLm, Message, ModelConfig, TextTokenizer};
 
 use crate::distill::Distill;
-use crate::teacher::{model_fingerprint, prepare_teacher};
 use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use crate::estimate::{estimate, human_bytes};
 use crate::method::{BatchShape, Method};
@@ -28,6 +27,7 @@ use crate::recipe::{MethodName, Recipe};
 use crate::reward::Reward;
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
+use crate::teacher::{model_fingerprint, prepare_teacher};
 use crate::train_loop::{find_resume, run_loop, LoopConfig, Outcome, Resume};
 use crate::weights::WeightsFormat;
 

@@ -29,7 +29,10 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
         .collect();
     files.sort();
     for path in files {
-        fp.file(&path.file_name().unwrap_or_default().to_string_lossy(), &path)?;
+        fp.file(
+            &path.file_name().unwrap_or_default().to_string_lossy(),
+            &path,
+        )?;
     }
     Ok(fp.hex()[..16].to_string())
 }
@@ -126,7 +129,9 @@ fn teacher_quantization(settings: &DistillSettings) -> Result<Option<Quantizatio
         None | Some("none") => Ok(None),
         Some("nf4") => Ok(Some(Quantization::default())),
         Some(other) => {
-            bail!("[distill] teacher_quantize = `{other}` is not supported; expected `nf4` or `none`")
+            bail!(
+                "[distill] teacher_quantize = `{other}` is not supported; expected `nf4` or `none`"
+            )
         }
     }
 }
@@ -156,7 +161,10 @@ pub fn prepare_teacher<B: AutodiffBackend>(
     let Some(k) = settings.top_k else {
         return Ok(TeacherSource::Online(load()?));
     };
-    let path = cache_dir.join(format!("teacher_topk{k}-{}.safetensors", model_fingerprint(dir)?));
+    let path = cache_dir.join(format!(
+        "teacher_topk{k}-{}.safetensors",
+        model_fingerprint(dir)?
+    ));
     let model = if settings.lmbda > 0.0 {
         Some(load()?)
     } else {
@@ -211,9 +219,24 @@ fn write_top_k(path: &Path, train: &[RowTopK], eval: &[RowTopK]) -> Result<()> {
         let ids: Vec<i32> = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
         let logps: Vec<f32> = rows.iter().flat_map(|r| r.logps.iter().copied()).collect();
         let lens: Vec<i32> = rows.iter().map(|r| r.ids.len() as i32).collect();
-        buffers.push((format!("{split}.ids"), Dtype::I32, vec![ids.len()], le_bytes(&ids, i32::to_le_bytes)));
-        buffers.push((format!("{split}.logps"), Dtype::F32, vec![logps.len()], le_bytes(&logps, f32::to_le_bytes)));
-        buffers.push((format!("{split}.lens"), Dtype::I32, vec![lens.len()], le_bytes(&lens, i32::to_le_bytes)));
+        buffers.push((
+            format!("{split}.ids"),
+            Dtype::I32,
+            vec![ids.len()],
+            le_bytes(&ids, i32::to_le_bytes),
+        ));
+        buffers.push((
+            format!("{split}.logps"),
+            Dtype::F32,
+            vec![logps.len()],
+            le_bytes(&logps, f32::to_le_bytes),
+        ));
+        buffers.push((
+            format!("{split}.lens"),
+            Dtype::I32,
+            vec![lens.len()],
+            le_bytes(&lens, i32::to_le_bytes),
+        ));
     }
     let views: Vec<(String, TensorView<'_>)> = buffers
         .iter()
@@ -232,17 +255,25 @@ fn read_top_k(
     let Ok(bytes) = std::fs::read(path) else {
         return Ok(None);
     };
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a valid cache; delete it to recompute", path.display()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).with_context(|| {
+        format!(
+            "{} is not a valid cache; delete it to recompute",
+            path.display()
+        )
+    })?;
     let mut tensors: HashMap<String, Vec<u8>> = HashMap::new();
     for (name, view) in file.tensors() {
         tensors.insert(name, view.data().to_vec());
     }
     let i32s = |b: &[u8]| -> Vec<i32> {
-        b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        b.chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     };
     let f32s = |b: &[u8]| -> Vec<f32> {
-        b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     };
     let split = |name: &str, expected: usize| -> Option<Vec<RowTopK>> {
         let ids = i32s(tensors.get(&format!("{name}.ids"))?);

@@ -265,7 +265,10 @@ fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
             &targets_of_teacher,
             &p,
         );
-        let label = format!("{} beta {} top_k {:?}", case["divergence"], p.beta, case["top_k"]);
+        let label = format!(
+            "{} beta {} top_k {:?}",
+            case["divergence"], p.beta, case["top_k"]
+        );
         for (got, key) in [(loss, "loss_sum"), (div, "divergence_sum"), (ce, "ce_sum")] {
             let got = got.into_scalar() as f64;
             let want = case[key].as_f64().unwrap();
