@@ -68,6 +68,12 @@ pub struct DataConfig {
     pub rejects_file: Option<PathBuf>,
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
+    /// `[data.dedup]`: deduplicate the rows before templating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<crate::dedup::DedupConfig>,
+    /// `[data.evolve]`: Evol-Instruct augmentation after dedup, before templating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evolve: Option<crate::evolve::EvolveConfig>,
 }
 
 impl DataConfig {
@@ -84,6 +90,8 @@ impl DataConfig {
             on_error: OnError::default(),
             rejects_file: None,
             cache_dir: default_cache_dir(),
+            dedup: None,
+            evolve: None,
         }
     }
 
@@ -102,6 +110,12 @@ impl DataConfig {
                 "[data] eval_fraction must be in [0, 1), got {}",
                 self.eval_fraction
             );
+        }
+        if let Some(d) = &self.dedup {
+            d.validate().map_err(|e| anyhow::anyhow!("[data.dedup] {e}"))?;
+        }
+        if let Some(e) = &self.evolve {
+            e.validate().map_err(|x| anyhow::anyhow!("[data.evolve] {x}"))?;
         }
         Ok(())
     }
