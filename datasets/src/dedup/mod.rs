@@ -389,7 +389,9 @@ mod tests {
         assert_eq!(out.report.stages[0].removed, 1);
         assert_eq!(out.report.stages[1].rows_in, 3);
         assert_eq!(out.report.stages[1].removed, 1);
-        assert_eq!(out.report.stages[1].params["bands"], 9);
+        let (bands, rows) = cfg.minhash.banding();
+        assert_eq!(out.report.stages[1].params["bands"], bands);
+        assert_eq!(out.report.stages[1].params["rows"], rows);
         assert_eq!(out.clusters[0].kept, "r0");
         assert_eq!(out.clusters[0].removed[0].id, "r1");
         assert_eq!(out.clusters[1].method, "minhash");
