@@ -89,9 +89,10 @@ fn main() {
     );
 
     // The semantic stage needs an embedder; none is available offline, so the bench builds
-    // a static one with a seeded random vector per token of the bundled tokenizer (mean
-    // pooling then measures weighted token overlap). A trained model2vec folder can be
-    // passed with BURNISH_BENCH_EMBEDDER=DIR.
+    // a static one with a seeded random vector per token of the bundled tokenizer, scaled
+    // by SIF weights from the corpus' token frequencies (mean pooling then measures
+    // weighted token overlap). A trained model2vec folder can be passed with
+    // BURNISH_BENCH_EMBEDDER=DIR.
     let tmp = tempfile::tempdir().unwrap();
     let emb_dir = match std::env::var("BURNISH_BENCH_EMBEDDER") {
         Ok(d) => PathBuf::from(d),
@@ -102,6 +103,7 @@ fn main() {
                 &root.join("assets/tokenizers/phi3_vision/tokenizer.json"),
                 256,
                 7,
+                Some(&texts),
             )
             .unwrap();
             d
@@ -131,9 +133,17 @@ fn main() {
         }
         let found = pairs_of(&c.groups);
         let tp = found.intersection(&truth).count();
-        let p = if found.is_empty() { 1.0 } else { tp as f64 / found.len() as f64 };
+        let p = if found.is_empty() {
+            1.0
+        } else {
+            tp as f64 / found.len() as f64
+        };
         let r = tp as f64 / truth.len() as f64;
-        let f1 = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
+        let f1 = if p + r > 0.0 {
+            2.0 * p * r / (p + r)
+        } else {
+            0.0
+        };
         let t1 = Instant::now();
         let cb = find_clusters(method, &big, &cfg, emb).unwrap();
         let big_secs = t1.elapsed().as_secs_f64();
@@ -153,7 +163,44 @@ fn main() {
             texts.len() as f64 / secs,
             big.len() as f64 / big_secs
         );
-        println!("          params (1x): {}", serde_json::Value::Object(c.params));
+        println!(
+            "          params (1x): {}",
+            serde_json::Value::Object(c.params)
+        );
+        if method == Method::Semantic {
+            // How much of the exact (brute-force) answer the SimHash index finds.
+            let mut brute = cfg.clone();
+            brute.semantic.index = datasets::dedup::semantic::IndexKind::Brute;
+            let t2 = Instant::now();
+            let b = find_clusters(method, &texts, &brute, emb).unwrap();
+            let bsecs = t2.elapsed().as_secs_f64();
+            let exact_pairs = pairs_of(&b.groups);
+            let bt = exact_pairs.intersection(&truth).count();
+            println!(
+                "          brute force (1x): {} pairs, precision {:.3}, recall {:.3}, {:.0} rows/s; index finds {:.1}% of its pairs",
+                exact_pairs.len(),
+                bt as f64 / exact_pairs.len().max(1) as f64,
+                bt as f64 / truth.len() as f64,
+                texts.len() as f64 / bsecs,
+                100.0 * found.intersection(&exact_pairs).count() as f64 / exact_pairs.len().max(1) as f64
+            );
+        }
+        if method == Method::Minhash {
+            for t in [0.5, 0.3] {
+                let mut low = cfg.clone();
+                low.minhash.threshold = t;
+                let l = find_clusters(method, &texts, &low, None).unwrap();
+                let lf = pairs_of(&l.groups);
+                let lt = lf.intersection(&truth).count();
+                println!(
+                    "          at threshold {t}: {} pairs, precision {:.3}, recall {:.3} (bands x rows {:?})",
+                    lf.len(),
+                    lt as f64 / lf.len().max(1) as f64,
+                    lt as f64 / truth.len() as f64,
+                    low.minhash.banding()
+                );
+            }
+        }
         println!(
             "          10x: {} clusters, params: {}",
             cb.groups.len(),
@@ -201,11 +248,19 @@ print(json.dumps({"rows": len(texts), "seconds": secs, "verified_pairs": pairs})
         .output()
         .unwrap();
     if !out.status.success() {
-        println!("\ndatasketch failed: {}", String::from_utf8_lossy(&out.stderr));
+        println!(
+            "\ndatasketch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return;
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').find(|l| l.starts_with(b"{")).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .find(|l| l.starts_with(b"{"))
+            .unwrap(),
+    )
+    .unwrap();
     let ds_secs = v["seconds"].as_f64().unwrap();
     println!(
         "\ndatasketch MinHashLSH (1x, single process): {:.2}s = {:.0} rows/s, {} verified pairs; burnish minhash {:.2}s = {:.0} rows/s -> {:.1}x faster",

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use datasets::config::{DataConfig, OnError};
 use datasets::convert::{convert_record, Target};
-use datasets::formats::Format;
 use datasets::dedup::Method;
 use datasets::evolve::run::BackendKind;
+use datasets::formats::Format;
 use datasets::prepare::{prepare_with, Hooks, Prepared};
 use datasets::read::read_file;
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, Truncation};
@@ -366,7 +366,14 @@ fn prepare_stages(cfg: &DataConfig, tok: &TextTokenizer) -> Result<Prepared> {
     let device = local_evolve
         .map(|e| e.local.device.clone())
         .unwrap_or_else(|| "cpu".into());
-    crate::device::dispatch(&device, WithModels { cfg, tok, embed_model })
+    crate::device::dispatch(
+        &device,
+        WithModels {
+            cfg,
+            tok,
+            embed_model,
+        },
+    )
 }
 
 struct WithModels<'a> {
@@ -395,7 +402,9 @@ impl crate::device::OnDevice for WithModels<'_> {
             self.cfg,
             self.tok,
             Hooks {
-                chat: chat.as_ref().map(|c| c as &dyn datasets::evolve::ChatBackend),
+                chat: chat
+                    .as_ref()
+                    .map(|c| c as &dyn datasets::evolve::ChatBackend),
                 embedder: embedder
                     .as_ref()
                     .map(|e| e as &dyn datasets::dedup::Embedder),

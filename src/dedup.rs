@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use datasets::dedup::minhash::Shingle;
 use datasets::dedup::semantic::IndexKind;
 use datasets::dedup::{
-    dedup, write_clusters, DedupConfig, DedupReport, Embedder, Fields, KeepRule, Method,
-    Normalize, StaticEmbedder,
+    dedup, write_clusters, DedupConfig, DedupReport, Embedder, Fields, KeepRule, Method, Normalize,
+    StaticEmbedder,
 };
 use datasets::read::read_raw;
 

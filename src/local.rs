@@ -144,7 +144,6 @@ impl<B: Backend> Embedder for ModelEmbedder<B> {
                 out.push(vec![0.0; d]);
                 continue;
             }
-            let n = ids.len();
             let h = model.hidden_states(ForwardInput::<B>::causal(&[ids], &device), None);
             let mean: Vec<f32> = h
                 .mean_dim(1)
@@ -152,7 +151,6 @@ impl<B: Backend> Embedder for ModelEmbedder<B> {
                 .into_data()
                 .iter::<f32>()
                 .collect();
-            debug_assert!(n > 0);
             let mut v = mean;
             normalize(&mut v);
             out.push(v);

@@ -37,7 +37,9 @@ fn gsm8k_ground_truth_parses_and_exact_and_minhash_find_its_pairs() {
         .collect();
     let mut by: HashMap<u64, Vec<usize>> = HashMap::new();
     for (i, r) in rows.iter().enumerate() {
-        by.entry(r.value["group"].as_u64().unwrap()).or_default().push(i);
+        by.entry(r.value["group"].as_u64().unwrap())
+            .or_default()
+            .push(i);
     }
     assert_eq!(by.len(), 1319);
     assert!(by.values().all(|g| g.len() == 7));
@@ -57,7 +59,10 @@ fn gsm8k_ground_truth_parses_and_exact_and_minhash_find_its_pairs() {
     let (p_min, r_min) = score(Method::Minhash);
     eprintln!("exact p={p_exact:.3} r={r_exact:.3}; minhash p={p_min:.3} r={r_min:.3}");
     // Measured: see the benchmark (cargo bench --bench dedup); bounds leave a margin.
-    assert!(p_exact >= 0.99 && r_exact >= 0.0, "exact p={p_exact} r={r_exact}");
+    assert!(
+        p_exact >= 0.99 && r_exact >= 0.0,
+        "exact p={p_exact} r={r_exact}"
+    );
     assert!(p_min >= 0.99, "minhash precision {p_min}");
     assert!(r_min >= 0.04, "minhash recall {r_min}");
     assert!(r_min > r_exact, "fuzzy finds more than exact");
@@ -94,11 +99,25 @@ fn cli_dedup_writes_kept_rows_clusters_and_report() {
         report.to_str().unwrap(),
     );
     let stdout = ok(&[
-        "data", "dedup", i, "--out", o, "--fields", "instruction", "--threshold", "0.7",
-        "--id-field", "id", "--report", r,
+        "data",
+        "dedup",
+        i,
+        "--out",
+        o,
+        "--fields",
+        "instruction",
+        "--threshold",
+        "0.7",
+        "--id-field",
+        "id",
+        "--report",
+        r,
     ]);
     assert!(stdout.contains("exact"), "{stdout}");
-    assert!(stdout.contains("bands=9 rows=13") || stdout.contains("bands=") , "{stdout}");
+    assert!(
+        stdout.contains("bands=9 rows=13") || stdout.contains("bands="),
+        "{stdout}"
+    );
     let kept: Vec<serde_json::Value> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
@@ -108,18 +127,20 @@ fn cli_dedup_writes_kept_rows_clusters_and_report() {
     assert_eq!(ids, vec!["a", "d"]);
     // Rows come back unchanged, key order included.
     assert_eq!(kept[0], alpaca_rows()[0]);
-    let clusters: Vec<serde_json::Value> = std::fs::read_to_string(tmp.path().join("out.clusters.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let clusters: Vec<serde_json::Value> =
+        std::fs::read_to_string(tmp.path().join("out.clusters.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
     assert_eq!(clusters.len(), 2);
     assert_eq!(clusters[0]["method"], "exact");
     assert_eq!(clusters[0]["kept"], "a");
     assert_eq!(clusters[0]["removed"][0]["id"], "b");
     assert_eq!(clusters[1]["method"], "minhash");
     assert_eq!(clusters[1]["removed"][0]["id"], "c");
-    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(rep["rows"], 4);
     assert_eq!(rep["kept"], 2);
     assert_eq!(rep["stages"][1]["params"]["num_perm"], 128);
@@ -127,8 +148,18 @@ fn cli_dedup_writes_kept_rows_clusters_and_report() {
     // --dry-run reports and writes nothing; --keep longest keeps "c".
     let out2 = tmp.path().join("dry.jsonl");
     let stdout = ok(&[
-        "data", "dedup", i, "--out", out2.to_str().unwrap(), "--fields", "instruction",
-        "--threshold", "0.7", "--keep", "longest", "--dry-run",
+        "data",
+        "dedup",
+        i,
+        "--out",
+        out2.to_str().unwrap(),
+        "--fields",
+        "instruction",
+        "--threshold",
+        "0.7",
+        "--keep",
+        "longest",
+        "--dry-run",
     ]);
     assert!(stdout.contains("dry run"), "{stdout}");
     assert!(stdout.contains("in.jsonl:3"), "{stdout}");
@@ -142,17 +173,48 @@ fn cli_dedup_bad_input_is_a_clear_error() {
     let input = tmp.path().join("bad.jsonl");
     std::fs::write(&input, "{\"instruction\": \"x\"}\n{not json\n").unwrap();
     let out = tmp.path().join("o.jsonl");
-    let e = err(&["data", "dedup", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert!(e.contains("bad.jsonl:2") && e.contains("invalid JSON"), "{e}");
+    let e = err(&[
+        "data",
+        "dedup",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("bad.jsonl:2") && e.contains("invalid JSON"),
+        "{e}"
+    );
     std::fs::write(&input, "{\"instruction\": \"x\"}\n{\"output\": \"y\"}\n").unwrap();
     let e = err(&[
-        "data", "dedup", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--fields",
+        "data",
+        "dedup",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--fields",
         "instruction",
     ]);
-    assert!(e.contains("bad.jsonl:2") && e.contains("field `instruction` is missing"), "{e}");
-    let e = err(&["data", "dedup", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", "semantic"]);
+    assert!(
+        e.contains("bad.jsonl:2") && e.contains("field `instruction` is missing"),
+        "{e}"
+    );
+    let e = err(&[
+        "data",
+        "dedup",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "semantic",
+    ]);
     assert!(e.contains("embedder"), "{e}");
-    let e = err(&["data", "dedup", input.to_str().unwrap(), "--method", "exact"]);
+    let e = err(&[
+        "data",
+        "dedup",
+        input.to_str().unwrap(),
+        "--method",
+        "exact",
+    ]);
     assert!(e.contains("--out"), "{e}");
     assert!(!out.exists());
 }
@@ -194,20 +256,39 @@ fn cli_semantic_dedup_with_a_static_embedder_and_a_model() {
     let out = tmp.path().join("out.jsonl");
     for index in ["simhash", "brute"] {
         let stdout = ok(&[
-            "data", "dedup", input.to_str().unwrap(), "--out", out.to_str().unwrap(),
-            "--method", "semantic", "--embedder", emb.to_str().unwrap(), "--index", index,
+            "data",
+            "dedup",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            "semantic",
+            "--embedder",
+            emb.to_str().unwrap(),
+            "--index",
+            index,
         ]);
         assert!(stdout.contains(&format!("index={index}")), "{stdout}");
         let kept = std::fs::read_to_string(&out).unwrap();
         assert_eq!(kept.lines().count(), 2, "{index}: {kept}");
-        assert!(kept.contains("\"car\"") && kept.contains("weather"), "{kept}");
+        assert!(
+            kept.contains("\"car\"") && kept.contains("weather"),
+            "{kept}"
+        );
     }
 
     // Mean-pooled hidden states of a (random) burnish model: identical texts are duplicates.
     let model = tmp.path().join("tiny");
     ok(&[
-        "new-model", "--preset", "tiny", "--tokenizer", "assets/tokenizers/phi3_vision",
-        "--out", model.to_str().unwrap(), "--seed", "3",
+        "new-model",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "assets/tokenizers/phi3_vision",
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "3",
     ]);
     write_jsonl(
         &input,
@@ -218,9 +299,17 @@ fn cli_semantic_dedup_with_a_static_embedder_and_a_model() {
         ],
     );
     let stdout = ok(&[
-        "data", "dedup", input.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--method", "semantic", "--embed-model", model.to_str().unwrap(),
-        "--semantic-threshold", "0.999",
+        "data",
+        "dedup",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "semantic",
+        "--embed-model",
+        model.to_str().unwrap(),
+        "--semantic-threshold",
+        "0.999",
     ]);
     assert!(stdout.contains("mean-pooled hidden states"), "{stdout}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
@@ -260,17 +349,30 @@ threshold = 0.7
     .unwrap();
     let report = tmp.path().join("rep.json");
     let stdout = ok(&[
-        "data", "prepare", "--recipe", recipe.to_str().unwrap(), "--report",
+        "data",
+        "prepare",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--report",
         report.to_str().unwrap(),
     ]);
-    assert!(stdout.contains("dedup    total    4 rows, 2 removed, 2 kept"), "{stdout}");
-    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(
+        stdout.contains("dedup    total    4 rows, 2 removed, 2 kept"),
+        "{stdout}"
+    );
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(rep["train_rows"], 2);
     assert_eq!(rep["dedup"]["removed"], 2);
-    assert_eq!(std::fs::read_to_string(&clusters).unwrap().lines().count(), 2);
+    assert_eq!(
+        std::fs::read_to_string(&clusters).unwrap().lines().count(),
+        2
+    );
 
     // Unknown keys are refused like everywhere else in the recipe.
-    let bad = std::fs::read_to_string(&recipe).unwrap().replace("threshold = 0.7", "treshold = 0.7");
+    let bad = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("threshold = 0.7", "treshold = 0.7");
     std::fs::write(&recipe, bad).unwrap();
     let e = err(&["data", "prepare", "--recipe", recipe.to_str().unwrap()]);
     assert!(e.contains("treshold"), "{e}");

@@ -36,7 +36,11 @@ fn completion(text: &str) -> String {
         .to_string()
 }
 
-fn handle(mut stream: TcpStream, seen: Arc<Mutex<HashMap<String, usize>>>, auth: Arc<Mutex<Vec<String>>>) {
+fn handle(
+    mut stream: TcpStream,
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    auth: Arc<Mutex<Vec<String>>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -55,7 +59,9 @@ fn handle(mut stream: TcpStream, seen: Arc<Mutex<HashMap<String, usize>>>, auth:
             len = v.trim().parse().unwrap();
         }
         if lower.starts_with("authorization:") {
-            auth.lock().unwrap().push(h["authorization:".len()..].trim().to_string());
+            auth.lock()
+                .unwrap()
+                .push(h["authorization:".len()..].trim().to_string());
         }
     }
     let mut body = vec![0; len];
@@ -65,7 +71,10 @@ fn handle(mut stream: TcpStream, seen: Arc<Mutex<HashMap<String, usize>>>, auth:
     }
     let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let msgs = req["messages"].as_array().unwrap();
-    let content = msgs.last().unwrap()["content"].as_str().unwrap().to_string();
+    let content = msgs.last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let n = {
         let mut s = seen.lock().unwrap();
         let c = s.entry(content.clone()).or_default();
@@ -73,10 +82,20 @@ fn handle(mut stream: TcpStream, seen: Arc<Mutex<HashMap<String, usize>>>, auth:
         *c
     };
     if content.contains("TRIGGER429") && n == 1 {
-        return reply(&mut stream, "429 Too Many Requests", "Retry-After: 0\r\n", "{\"error\":\"slow down\"}");
+        return reply(
+            &mut stream,
+            "429 Too Many Requests",
+            "Retry-After: 0\r\n",
+            "{\"error\":\"slow down\"}",
+        );
     }
     if content.contains("TRIGGER500") {
-        return reply(&mut stream, "500 Internal Server Error", "", "{\"error\":\"boom\"}");
+        return reply(
+            &mut stream,
+            "500 Internal Server Error",
+            "",
+            "{\"error\":\"boom\"}",
+        );
     }
     if content.contains("TRIGGERMALFORMED") {
         return reply(&mut stream, "200 OK", "", "this is not json");
@@ -100,11 +119,18 @@ fn handle(mut stream: TcpStream, seen: Arc<Mutex<HashMap<String, usize>>>, auth:
             format!("{orig} Answer in exactly three sentences.")
         }
     } else if content.contains("Reply with exactly \"Equal\" or \"Not Equal\"") {
-        if content.contains("SAME") { "Equal".into() } else { "Not Equal".into() }
+        if content.contains("SAME") {
+            "Equal".into()
+        } else {
+            "Not Equal".into()
+        }
     } else if content.contains("REFUSE") {
         "I'm sorry, but I cannot help with that.".into()
     } else {
-        format!("Here is a detailed answer. {}", content.chars().rev().collect::<String>())
+        format!(
+            "Here is a detailed answer. {}",
+            content.chars().rev().collect::<String>()
+        )
     };
     reply(&mut stream, "200 OK", "", &completion(&text))
 }
@@ -124,7 +150,11 @@ fn start_server() -> Server {
             std::thread::spawn(move || handle(stream, s, a));
         }
     });
-    Server { url, requests, auth }
+    Server {
+        url,
+        requests,
+        auth,
+    }
 }
 
 fn client(server: &Server, timeout_s: f64, retries: u32) -> OpenAiClient {
@@ -175,7 +205,11 @@ fn http_client_retries_429_and_reports_500_malformed_and_timeout() {
         fast.complete(&ChatRequest::user("TRIGGERSLOW")),
         Err(BackendError::Timeout(_))
     ));
-    assert!(t0.elapsed() < Duration::from_millis(1400), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 fn seeds_file(dir: &std::path::Path) -> std::path::PathBuf {
@@ -208,10 +242,30 @@ fn cli_evolve_eliminates_keeps_lineage_resumes_and_never_logs_the_key() {
     let out = tmp.path().join("evolved.jsonl");
     let report = tmp.path().join("report.json");
     let args = [
-        "data", "evolve", seeds.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--rounds", "2", "--backend", "openai", "--model", "test-model", "--base-url",
-        &server.url, "--api-key-env", "BURNISH_TEST_EVOLVE_KEY", "--max-retries", "1",
-        "--backoff", "0.01", "--timeout", "5", "--concurrency", "3", "--report",
+        "data",
+        "evolve",
+        seeds.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rounds",
+        "2",
+        "--backend",
+        "openai",
+        "--model",
+        "test-model",
+        "--base-url",
+        &server.url,
+        "--api-key-env",
+        "BURNISH_TEST_EVOLVE_KEY",
+        "--max-retries",
+        "1",
+        "--backoff",
+        "0.01",
+        "--timeout",
+        "5",
+        "--concurrency",
+        "3",
+        "--report",
         report.to_str().unwrap(),
     ];
     let run = || {
@@ -240,7 +294,8 @@ fn cli_evolve_eliminates_keeps_lineage_resumes_and_never_logs_the_key() {
 
     let rows = read_lines(&out);
     let gone = read_lines(&tmp.path().join("evolved.eliminated.jsonl"));
-    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     // Sky and haiku evolve twice each; the leak is eliminated in both rounds; the refusal's
     // answers are eliminated in both rounds.
     assert_eq!(rows.len(), 4, "{rows:?}");
@@ -252,17 +307,28 @@ fn cli_evolve_eliminates_keeps_lineage_resumes_and_never_logs_the_key() {
         let root_id = r["root_id"].as_str().unwrap();
         assert!(root_id.ends_with("seeds.jsonl:1") || root_id.ends_with("seeds.jsonl:2"));
         let round = r["round"].as_u64().unwrap();
-        let expect_parent = if round == 1 { root_id.to_string() } else { format!("{root_id}#r1") };
+        let expect_parent = if round == 1 {
+            root_id.to_string()
+        } else {
+            format!("{root_id}#r1")
+        };
         assert_eq!(r["parent_id"], expect_parent.as_str());
         assert_eq!(r["messages"][0]["role"], "user");
         assert_eq!(r["messages"][1]["role"], "assistant");
         let instr = r["messages"][0]["content"].as_str().unwrap();
-        assert_eq!(instr.matches("three sentences").count() as u64, round, "{instr}");
+        assert_eq!(
+            instr.matches("three sentences").count() as u64,
+            round,
+            "{instr}"
+        );
         assert!(r["operation"].is_string());
     }
     // The output reads back as training data.
     let inspect = ok(&["data", "inspect", out.to_str().unwrap()]);
-    assert!(inspect.contains("format:   openai") && inspect.contains("4 kept"), "{inspect}");
+    assert!(
+        inspect.contains("format:   openai") && inspect.contains("4 kept"),
+        "{inspect}"
+    );
 
     // A rerun only retries the failed row; then everything is done and nothing is asked.
     let before = server.requests.load(Ordering::SeqCst);
@@ -278,8 +344,15 @@ fn cli_evolve_with_the_local_backend_on_a_tiny_model() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
     ok(&[
-        "new-model", "--preset", "tiny", "--tokenizer", "assets/tokenizers/phi3_vision",
-        "--out", model.to_str().unwrap(), "--seed", "5",
+        "new-model",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "assets/tokenizers/phi3_vision",
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "5",
     ]);
     let seeds = tmp.path().join("s.jsonl");
     std::fs::write(
@@ -290,17 +363,37 @@ fn cli_evolve_with_the_local_backend_on_a_tiny_model() {
     let out = tmp.path().join("e.jsonl");
     let report = tmp.path().join("r.json");
     let stdout = ok(&[
-        "data", "evolve", seeds.to_str().unwrap(), "--out", out.to_str().unwrap(), "--backend",
-        "local", "--model", model.to_str().unwrap(), "--max-tokens", "12", "--info-gain",
-        "similarity", "--min-answer-words", "0", "--report", report.to_str().unwrap(),
+        "data",
+        "evolve",
+        seeds.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--backend",
+        "local",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--info-gain",
+        "similarity",
+        "--min-answer-words",
+        "0",
+        "--report",
+        report.to_str().unwrap(),
     ]);
     assert!(stdout.contains("via local:"), "{stdout}");
-    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     // A random model writes noise: every step is either kept or eliminated with a reason.
     let evolved = rep["evolved"].as_u64().unwrap();
-    let eliminated: u64 = rep["eliminated"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    let eliminated: u64 = rep["eliminated"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
     assert_eq!(evolved + eliminated, 2, "{rep}");
-    assert_eq!(rep["requests"].as_u64().unwrap() >= 2, true);
+    assert!(rep["requests"].as_u64().unwrap() >= 2);
     assert_eq!(read_lines(&out).len() as u64, evolved);
 }
 

@@ -112,10 +112,12 @@ impl DataConfig {
             );
         }
         if let Some(d) = &self.dedup {
-            d.validate().map_err(|e| anyhow::anyhow!("[data.dedup] {e}"))?;
+            d.validate()
+                .map_err(|e| anyhow::anyhow!("[data.dedup] {e}"))?;
         }
         if let Some(e) = &self.evolve {
-            e.validate().map_err(|x| anyhow::anyhow!("[data.evolve] {x}"))?;
+            e.validate()
+                .map_err(|x| anyhow::anyhow!("[data.evolve] {x}"))?;
         }
         Ok(())
     }

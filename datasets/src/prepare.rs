@@ -13,14 +13,14 @@ use std::time::Instant;
 
 use crate::cache::{read_parquet, write_parquet, Dataset, Fingerprint};
 use crate::config::{DataConfig, OnError};
+use crate::dedup::{DedupReport, Embedder};
+use crate::evolve::{ChatBackend, EvolveReport};
 use crate::formats::Format;
 use crate::pack::{pack_best_fit, PackedRow, PackingStats};
 use crate::read::read_file;
 use crate::records::{Reject, Row};
 use crate::split::is_eval;
 use crate::tokenize::{Templater, TokenizeError, Tokenized};
-use crate::dedup::{DedupReport, Embedder};
-use crate::evolve::{ChatBackend, EvolveReport};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FileReport {

@@ -372,7 +372,10 @@ pub fn read_raw(path: &Path) -> Result<Vec<RawRow>> {
                     "{}:{}: {}{}",
                     path.display(),
                     row.line,
-                    fault.field.map(|f| format!("field `{f}`: ")).unwrap_or_default(),
+                    fault
+                        .field
+                        .map(|f| format!("field `{f}`: "))
+                        .unwrap_or_default(),
                     fault.reason
                 ))
             }

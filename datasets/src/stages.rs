@@ -4,10 +4,12 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use crate::dedup::{dedup, write_clusters, DedupConfig, DedupReport, Embedder, Fields, Method};
 use crate::dedup::StaticEmbedder;
+use crate::dedup::{dedup, write_clusters, DedupConfig, DedupReport, Embedder, Fields, Method};
 use crate::evolve::run::BackendKind;
-use crate::evolve::{evolve, seeds_from_rows, ChatBackend, EvolveConfig, EvolveReport, OpenAiClient};
+use crate::evolve::{
+    evolve, seeds_from_rows, ChatBackend, EvolveConfig, EvolveReport, OpenAiClient,
+};
 use crate::read::read_raw;
 use crate::records::{Conversation, Message, Origin, Record, Row, ASSISTANT, USER};
 
@@ -15,7 +17,11 @@ use crate::records::{Conversation, Message, Origin, Record, Row, ASSISTANT, USER
 /// (`{"kind": "conversation", "system": .., "messages": [{"role", "content"}]}`, preference
 /// `prompt`/`chosen`/`rejected`, prompt task `prompt`/`answer`), e.g. `messages.0.content`.
 pub fn row_text(row: &Row, fields: &Fields) -> Result<String> {
-    let value = serde_json::to_value(&row.record)?;
+    let mut value = serde_json::to_value(&row.record)?;
+    if let Some(obj) = value.as_object_mut() {
+        // The record's kind tag is the same for every row of a run: not content.
+        obj.remove("kind");
+    }
     fields.extract(&value).map_err(|e| {
         anyhow::anyhow!(
             "{}: [data.dedup] {e} in this {} row (fields are dot paths into the canonical record, e.g. messages.0.content)",
@@ -79,7 +85,11 @@ pub fn evolve_rows(
     out: &Path,
     stop: Option<&AtomicBool>,
 ) -> Result<(Vec<Row>, EvolveReport)> {
-    if cfg.keep_original && rows.iter().any(|r| !matches!(r.record, Record::Conversation(_))) {
+    if cfg.keep_original
+        && rows
+            .iter()
+            .any(|r| !matches!(r.record, Record::Conversation(_)))
+    {
         bail!(
             "[data.evolve] evolved rows are conversations, but the input has {} rows: set keep_original = false to train on the evolved rows only",
             rows.iter().find(|r| !matches!(r.record, Record::Conversation(_))).map(|r| r.record.kind()).unwrap_or("other")
@@ -110,7 +120,11 @@ pub fn evolve_rows(
         );
     }
     let roots: std::collections::HashSet<&str> = seeds.iter().map(|s| s.id.as_str()).collect();
-    let mut all = if cfg.keep_original { rows.clone() } else { vec![] };
+    let mut all = if cfg.keep_original {
+        rows.clone()
+    } else {
+        vec![]
+    };
     all.extend(read_evolved(out, &roots)?);
     Ok((all, report))
 }
@@ -131,7 +145,9 @@ pub fn read_evolved(out: &Path, roots: &std::collections::HashSet<&str>) -> Resu
             v.pointer(&format!("/messages/{i}/content"))
                 .and_then(|c| c.as_str())
                 .map(String::from)
-                .with_context(|| format!("{}:{}: no messages[{i}].content", out.display(), raw.line))
+                .with_context(|| {
+                    format!("{}:{}: no messages[{i}].content", out.display(), raw.line)
+                })
         };
         rows.push(Row {
             origin: Origin {
@@ -140,7 +156,10 @@ pub fn read_evolved(out: &Path, roots: &std::collections::HashSet<&str>) -> Resu
             },
             record: Record::Conversation(Conversation {
                 system: None,
-                messages: vec![Message::new(USER, &text(0)?), Message::new(ASSISTANT, &text(1)?)],
+                messages: vec![
+                    Message::new(USER, &text(0)?),
+                    Message::new(ASSISTANT, &text(1)?),
+                ],
             }),
         });
     }

@@ -35,6 +35,9 @@ pub fn auto_params(n: usize, threshold: f64) -> AnnParams {
     }
 }
 
+/// One table's verified pairs and how many pairs it compared.
+type TablePairs = (Vec<(u32, u32, f32)>, usize);
+
 pub struct SimHashIndex {
     params: AnnParams,
     dim: usize,
@@ -48,7 +51,11 @@ impl SimHashIndex {
         let planes = (0..params.tables * params.bits * dim)
             .map(|_| rng.normal() as f32)
             .collect();
-        Self { params, dim, planes }
+        Self {
+            params,
+            dim,
+            planes,
+        }
     }
 
     fn codes(&self, v: &[f32]) -> Vec<u32> {
@@ -64,6 +71,50 @@ impl SimHashIndex {
                 code
             })
             .collect()
+    }
+
+    /// Pairs `(i, j, cosine)`, `i < j`, that share a bucket in some table and reach
+    /// `threshold`, and how many bucket pairs were compared (with repeats across tables).
+    /// Pairs are verified inside each bucket, so memory holds only the verified ones.
+    pub fn near_pairs(
+        &self,
+        vectors: &[Vec<f32>],
+        threshold: f32,
+    ) -> (Vec<(usize, usize, f32)>, usize) {
+        let codes: Vec<Vec<u32>> = vectors.par_iter().map(|v| self.codes(v)).collect();
+        let per_table: Vec<TablePairs> = (0..self.params.tables)
+            .into_par_iter()
+            .map(|t| {
+                let mut buckets: HashMap<u32, Vec<u32>> = HashMap::new();
+                for (i, c) in codes.iter().enumerate() {
+                    buckets.entry(c[t]).or_default().push(i as u32);
+                }
+                let mut pairs = Vec::new();
+                let mut compared = 0usize;
+                for m in buckets.values().filter(|m| m.len() > 1) {
+                    for (k, &a) in m.iter().enumerate() {
+                        for &b in &m[k + 1..] {
+                            compared += 1;
+                            let c = cosine(&vectors[a as usize], &vectors[b as usize]);
+                            if c >= threshold {
+                                pairs.push((a, b, c));
+                            }
+                        }
+                    }
+                }
+                (pairs, compared)
+            })
+            .collect();
+        let compared = per_table.iter().map(|(_, n)| n).sum();
+        let mut seen = HashSet::new();
+        let mut out: Vec<(usize, usize, f32)> = per_table
+            .into_iter()
+            .flat_map(|(p, _)| p)
+            .filter(|&(a, b, _)| seen.insert((a, b)))
+            .map(|(a, b, c)| (a as usize, b as usize, c))
+            .collect();
+        out.sort_unstable_by_key(|&(a, b, _)| (a, b));
+        (out, compared)
     }
 
     /// Candidate pairs `(i, j)`, `i < j`, sharing a bucket in some table.
@@ -151,7 +202,18 @@ mod tests {
             .filter(|(i, j, _)| cands.contains(&(*i as u32, *j as u32)))
             .count();
         assert!(truth.len() >= 290, "{}", truth.len());
-        assert!(found as f64 >= 0.97 * truth.len() as f64, "{found} of {}", truth.len());
+        assert!(
+            found as f64 >= 0.97 * truth.len() as f64,
+            "{found} of {}",
+            truth.len()
+        );
+        // Inline verification finds the same pairs as verifying the candidates.
+        let (near, _) = index.near_pairs(&vectors, 0.9);
+        let verified = cands
+            .iter()
+            .filter(|&&(i, j)| cosine(&vectors[i as usize], &vectors[j as usize]) >= 0.9)
+            .count();
+        assert_eq!(near.len(), verified);
         // It prunes: far fewer candidates than all pairs (more so as n grows).
         let all = vectors.len() * (vectors.len() - 1) / 2;
         assert!(cands.len() < all / 5, "{} candidates of {all}", cands.len());

@@ -69,7 +69,8 @@ impl StaticEmbedder {
             );
         }
         let dim = t.shape()[1];
-        let matrix = to_f32(&t).with_context(|| format!("{}: tensor `{name}`", st_path.display()))?;
+        let matrix =
+            to_f32(&t).with_context(|| format!("{}: tensor `{name}`", st_path.display()))?;
         if dim == 0 {
             bail!("{}: embedding dimension is 0", st_path.display());
         }
@@ -183,25 +184,55 @@ pub fn write_static_embedder(
     let bytes: Vec<u8> = matrix.iter().flat_map(|x| x.to_le_bytes()).collect();
     let view = TensorView::new(Dtype::F32, vec![matrix.len() / dim, dim], &bytes)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let out = safetensors::serialize([("embeddings", view)], None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out =
+        safetensors::serialize([("embeddings", view)], None).map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::write(dir.join("model.safetensors"), out)?;
     Ok(())
 }
 
 /// A static embedder with a seeded random Gaussian row per token of `tokenizer_json`: the
-/// mean-pooled vectors then compare texts by their (weighted) token overlap. For tests and
-/// benchmarks where no trained embedding is available offline.
+/// mean-pooled vectors then compare texts by their weighted token overlap. With a `corpus`,
+/// each row is scaled by the SIF weight `a / (a + p(token))` (`a = 1e-3`, `p` the token's
+/// frequency in the corpus), as model2vec weights its vectors, so frequent tokens stop
+/// dominating the mean. For tests and benchmarks where no trained embedding is available
+/// offline.
 pub fn write_random_static_embedder(
     dir: &Path,
     tokenizer_json: &Path,
     dim: usize,
     seed: u64,
+    corpus: Option<&[String]>,
 ) -> Result<()> {
     let tok = tokenizers::Tokenizer::from_file(tokenizer_json)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tokenizer_json.display()))?;
     let vocab = tok.get_vocab_size(true);
     let mut rng = SplitMix(seed);
-    let matrix: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
+    let mut matrix: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
+    if let Some(corpus) = corpus {
+        let counts: Vec<Vec<u32>> = corpus
+            .par_iter()
+            .map(|t| {
+                tok.encode(t.as_str(), false)
+                    .map(|e| e.get_ids().to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut freq = vec![0u64; vocab];
+        let mut total = 0u64;
+        for id in counts.iter().flatten() {
+            if let Some(f) = freq.get_mut(*id as usize) {
+                *f += 1;
+                total += 1;
+            }
+        }
+        let a = 1e-3f64;
+        for (id, &f) in freq.iter().enumerate() {
+            let p = f as f64 / total.max(1) as f64;
+            let w = (a / (a + p)) as f32;
+            matrix[id * dim..(id + 1) * dim]
+                .iter_mut()
+                .for_each(|x| *x *= w);
+        }
+    }
     write_static_embedder(dir, tokenizer_json, &matrix, dim)
 }

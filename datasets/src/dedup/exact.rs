@@ -37,8 +37,10 @@ mod tests {
     fn normalisation_decides_what_is_equal() {
         let texts = ["Hello  World", "hello world", "Hello, world", "other"];
         assert_eq!(groups(&texts, &Normalize::default()), vec![vec![0, 1]]);
-        let mut n = Normalize::default();
-        n.punctuation = true;
+        let n = Normalize {
+            punctuation: true,
+            ..Default::default()
+        };
         assert_eq!(groups(&texts, &n), vec![vec![0, 1, 2]]);
         assert!(groups(&texts, &Normalize::none()).is_empty());
     }

@@ -261,10 +261,16 @@ impl Default for MinHashConfig {
 impl MinHashConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.threshold > 0.0 && self.threshold <= 1.0) {
-            anyhow::bail!("minhash threshold must be in (0, 1], got {}", self.threshold);
+            anyhow::bail!(
+                "minhash threshold must be in (0, 1], got {}",
+                self.threshold
+            );
         }
         if self.num_perm < 2 || self.num_perm > 4096 {
-            anyhow::bail!("minhash num_perm must be in 2..=4096, got {}", self.num_perm);
+            anyhow::bail!(
+                "minhash num_perm must be in 2..=4096, got {}",
+                self.num_perm
+            );
         }
         if self.ngram == 0 {
             anyhow::bail!("minhash ngram must be at least 1");

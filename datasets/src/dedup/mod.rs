@@ -53,7 +53,9 @@ impl Method {
                 "exact" => Method::Exact,
                 "minhash" | "fuzzy" => Method::Minhash,
                 "semantic" => Method::Semantic,
-                other => bail!("unknown dedup method `{other}`; expected exact, minhash or semantic"),
+                other => {
+                    bail!("unknown dedup method `{other}`; expected exact, minhash or semantic")
+                }
             };
             if !out.contains(&m) {
                 out.push(m);
@@ -225,10 +227,14 @@ pub fn find_clusters(
             put("rows", r.into());
             put(
                 "shingle",
-                format!("{}-{}", m.ngram, match m.shingle {
-                    minhash::Shingle::Word => "word",
-                    minhash::Shingle::Char => "char",
-                })
+                format!(
+                    "{}-{}",
+                    m.ngram,
+                    match m.shingle {
+                        minhash::Shingle::Word => "word",
+                        minhash::Shingle::Char => "char",
+                    }
+                )
                 .into(),
             );
             put("verified_pairs", pairs.len().into());
@@ -251,7 +257,9 @@ pub fn find_clusters(
             }
             pb.finish_and_clear();
             let (pairs, stats) = semantic::near_duplicates(&vectors, &cfg.semantic);
-            put("threshold", (cfg.semantic.threshold as f64).into());
+            // Through its decimal form, so 0.9f32 reports as 0.9.
+            let t: f64 = cfg.semantic.threshold.to_string().parse().unwrap_or(0.0);
+            put("threshold", t.into());
             put("embedder", embedder.describe().into());
             put("index", stats.index.into());
             if stats.bits > 0 {

@@ -128,6 +128,9 @@ mod tests {
         assert_eq!(Normalize::parse("none").unwrap(), Normalize::none());
         let n = Normalize::parse("lower,punct").unwrap();
         assert!(n.lowercase && n.punctuation && !n.nfkc && !n.whitespace);
-        assert!(Normalize::parse("bogus").unwrap_err().to_string().contains("bogus"));
+        assert!(Normalize::parse("bogus")
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
     }
 }

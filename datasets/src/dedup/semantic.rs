@@ -4,8 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use super::ann::{auto_params, brute_force_pairs, cosine, AnnParams, SimHashIndex};
-use rayon::prelude::*;
+use super::ann::{auto_params, brute_force_pairs, AnnParams, SimHashIndex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -64,7 +63,10 @@ impl Default for SemanticConfig {
 impl SemanticConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.threshold > -1.0 && self.threshold <= 1.0) {
-            anyhow::bail!("semantic threshold must be in (-1, 1], got {}", self.threshold);
+            anyhow::bail!(
+                "semantic threshold must be in (-1, 1], got {}",
+                self.threshold
+            );
         }
         if self.embedder.is_some() && self.model.is_some() {
             anyhow::bail!("semantic dedup: give either an embedder folder or a model, not both");
@@ -95,6 +97,7 @@ pub struct SearchStats {
     pub index: String,
     pub bits: usize,
     pub tables: usize,
+    /// Pairs whose cosine was computed (for the index: bucket pairs, repeats included).
     pub candidates: usize,
 }
 
@@ -122,22 +125,14 @@ pub fn near_duplicates(
         IndexKind::Simhash => {
             let params = cfg.params(vectors.len());
             let index = SimHashIndex::new(dim, params, cfg.seed);
-            let cands = index.candidate_pairs(vectors);
-            let pairs = cands
-                .par_iter()
-                .filter_map(|&(i, j)| {
-                    let (i, j) = (i as usize, j as usize);
-                    let c = cosine(&vectors[i], &vectors[j]);
-                    (c >= cfg.threshold).then_some((i, j, c))
-                })
-                .collect();
+            let (pairs, compared) = index.near_pairs(vectors, cfg.threshold);
             (
                 pairs,
                 SearchStats {
                     index: "simhash".into(),
                     bits: params.bits,
                     tables: params.tables,
-                    candidates: cands.len(),
+                    candidates: compared,
                 },
             )
         }

@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 /// Keys left out when no fields are chosen: identifiers and provenance, which would make
-/// every row unique.
+/// every row unique, and chat roles, which are structure rather than content.
 pub const METADATA_KEYS: &[&str] = &[
     "id",
     "_id",
@@ -15,6 +15,8 @@ pub const METADATA_KEYS: &[&str] = &[
     "metadata",
     "schemaVersion",
     "evol",
+    "role",
+    "from",
 ];
 
 /// Field selection: dot paths such as `instruction`, `messages.0.content` or `messages.content`
@@ -36,20 +38,17 @@ impl Fields {
     }
 
     /// The row's text: the selected strings joined by newlines (numbers and booleans under a
-    /// chosen path count too). `None` when a chosen field is absent from the row.
+    /// chosen path count too). An error names a chosen field the row lacks.
     pub fn extract(&self, row: &Value) -> Result<String, String> {
         let mut parts = Vec::new();
         if self.0.is_empty() {
             leaves(row, true, &mut parts);
         } else {
             for path in &self.0 {
-                let before = parts.len();
                 let segs: Vec<&str> = path.split('.').collect();
+                // Present but empty ("" or []) is fine: it adds nothing.
                 if !select(row, &segs, &mut parts) {
                     return Err(format!("field `{path}` is missing"));
-                }
-                if parts.len() == before {
-                    // present but empty (e.g. "" or []) is fine: an empty contribution
                 }
             }
         }
@@ -128,6 +127,9 @@ mod tests {
         let f = Fields::parse(&["messages.content".into()]);
         assert_eq!(f.extract(&row).unwrap(), "hi\nhello");
         let f = Fields::parse(&["instruction".into()]);
-        assert_eq!(f.extract(&row).unwrap_err(), "field `instruction` is missing");
+        assert_eq!(
+            f.extract(&row).unwrap_err(),
+            "field `instruction` is missing"
+        );
     }
 }

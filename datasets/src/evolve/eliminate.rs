@@ -112,10 +112,10 @@ const STOP_WORDS: &[&str] = &[
     "further", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his", "how",
     "i", "if", "in", "into", "is", "it", "its", "just", "me", "more", "most", "my", "no", "nor",
     "not", "now", "of", "off", "on", "once", "only", "or", "other", "our", "out", "over", "own",
-    "same", "she", "should", "so", "some", "such", "than", "that", "the", "their", "them",
-    "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until",
-    "up", "very", "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom",
-    "why", "will", "with", "would", "you", "your", "yes", "ok", "okay",
+    "same", "she", "should", "so", "some", "such", "than", "that", "the", "their", "them", "then",
+    "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up",
+    "very", "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "why",
+    "will", "with", "would", "you", "your", "yes", "ok", "okay",
 ];
 
 fn words(text: &str) -> Vec<String> {
@@ -209,7 +209,10 @@ mod tests {
     fn instruction_rules() {
         let c = EliminationConfig::default();
         let orig = "Write a poem about the sea.";
-        assert_eq!(c.check_instruction(orig, "  "), Some(Reason::EmptyInstruction));
+        assert_eq!(
+            c.check_instruction(orig, "  "),
+            Some(Reason::EmptyInstruction)
+        );
         assert_eq!(
             c.check_instruction(orig, "#Rewritten Prompt#: Write a sonnet"),
             Some(Reason::CopiedPrompt)
@@ -218,10 +221,19 @@ mod tests {
             c.check_instruction(orig, "Here is the evolved instruction: write"),
             Some(Reason::CopiedPrompt)
         );
-        assert_eq!(c.check_instruction(orig, "... the, of and!"), Some(Reason::OnlyStopWords));
-        assert_eq!(c.check_instruction(orig, orig), Some(Reason::NoInformationGain));
         assert_eq!(
-            c.check_instruction(orig, "Write a sonnet about the sea at night, in iambic pentameter."),
+            c.check_instruction(orig, "... the, of and!"),
+            Some(Reason::OnlyStopWords)
+        );
+        assert_eq!(
+            c.check_instruction(orig, orig),
+            Some(Reason::NoInformationGain)
+        );
+        assert_eq!(
+            c.check_instruction(
+                orig,
+                "Write a sonnet about the sea at night, in iambic pentameter."
+            ),
             None
         );
         let sim = EliminationConfig {
@@ -238,13 +250,22 @@ mod tests {
     #[test]
     fn answer_rules() {
         let c = EliminationConfig::default();
-        assert_eq!(c.check_answer("I'm sorry, I cannot help."), Some(Reason::Refusal));
-        assert_eq!(c.check_answer("As an AI, I have no opinions."), Some(Reason::Refusal));
+        assert_eq!(
+            c.check_answer("I'm sorry, I cannot help."),
+            Some(Reason::Refusal)
+        );
+        assert_eq!(
+            c.check_answer("As an AI, I have no opinions."),
+            Some(Reason::Refusal)
+        );
         assert_eq!(c.check_answer("It is."), Some(Reason::OnlyStopWords));
         assert_eq!(c.check_answer("Paris."), Some(Reason::TooShort));
         assert_eq!(c.check_answer("The capital of France is Paris."), None);
         // A long answer that apologises once is kept (the paper's 80-word rule).
-        let long = format!("Sorry for the delay. {}", "Here is more detail. ".repeat(30));
+        let long = format!(
+            "Sorry for the delay. {}",
+            "Here is more detail. ".repeat(30)
+        );
         assert_eq!(c.check_answer(&long), None);
     }
 

@@ -110,7 +110,7 @@ impl OpenAiClient {
                 cfg.base_url
             );
         }
-        if !(cfg.timeout_s > 0.0) {
+        if cfg.timeout_s.is_nan() || cfg.timeout_s <= 0.0 {
             anyhow::bail!("openai timeout_s must be positive, got {}", cfg.timeout_s);
         }
         let key = std::env::var(&cfg.api_key_env)
@@ -277,8 +277,14 @@ mod tests {
     fn replies_parse_or_say_why_not() {
         let ok = r#"{"choices":[{"message":{"role":"assistant","content":"hi"}}]}"#;
         assert_eq!(parse_reply(ok).unwrap(), "hi");
-        assert!(matches!(parse_reply("<html>"), Err(BackendError::Malformed(_))));
-        assert!(matches!(parse_reply("{\"choices\":[]}"), Err(BackendError::Malformed(_))));
+        assert!(matches!(
+            parse_reply("<html>"),
+            Err(BackendError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_reply("{\"choices\":[]}"),
+            Err(BackendError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -63,7 +63,10 @@ const DEFAULTS: [(&str, &str); 7] = [
         "add_constraints.txt",
         include_str!("../../../assets/evol_instruct/add_constraints.txt"),
     ),
-    ("deepen.txt", include_str!("../../../assets/evol_instruct/deepen.txt")),
+    (
+        "deepen.txt",
+        include_str!("../../../assets/evol_instruct/deepen.txt"),
+    ),
     (
         "concretize.txt",
         include_str!("../../../assets/evol_instruct/concretize.txt"),
@@ -76,7 +79,10 @@ const DEFAULTS: [(&str, &str); 7] = [
         "complicate_input.txt",
         include_str!("../../../assets/evol_instruct/complicate_input.txt"),
     ),
-    ("breadth.txt", include_str!("../../../assets/evol_instruct/breadth.txt")),
+    (
+        "breadth.txt",
+        include_str!("../../../assets/evol_instruct/breadth.txt"),
+    ),
     (
         "judge_equal.txt",
         include_str!("../../../assets/evol_instruct/judge_equal.txt"),
@@ -186,7 +192,9 @@ mod tests {
         std::fs::write(dir.path().join("deepen.txt"), "DEEPER: {instruction}").unwrap();
         let t = Templates::load(Some(dir.path())).unwrap();
         assert_eq!(t.evolve_prompt(Operation::Deepen, "x"), "DEEPER: x");
-        assert!(t.evolve_prompt(Operation::Breadth, "x").contains("inspiration"));
+        assert!(t
+            .evolve_prompt(Operation::Breadth, "x")
+            .contains("inspiration"));
         std::fs::write(dir.path().join("breadth.txt"), "no placeholder").unwrap();
         assert!(Templates::load(Some(dir.path())).is_err());
     }

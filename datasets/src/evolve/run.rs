@@ -237,7 +237,11 @@ impl EvolveReport {
             self.resumed_steps,
             fmt(&self.eliminated),
             fmt(&self.failed),
-            if self.interrupted { " (interrupted)" } else { "" },
+            if self.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            },
             self.requests,
             self.seconds,
             self.out.display()
@@ -328,7 +332,11 @@ fn pick(cfg: &EvolveConfig, root: &str, round: usize) -> Operation {
 }
 
 fn blake3_u64(s: &str) -> u64 {
-    u64::from_le_bytes(blake3::hash(s.as_bytes()).as_bytes()[..8].try_into().expect("8"))
+    u64::from_le_bytes(
+        blake3::hash(s.as_bytes()).as_bytes()[..8]
+            .try_into()
+            .expect("8"),
+    )
 }
 
 struct Shared<'a> {
@@ -367,12 +375,7 @@ impl Shared<'_> {
     }
 
     /// Runs the remaining rounds of one seed; returns early on a backend failure or stop.
-    fn run_seed(
-        &self,
-        seed: &Seed,
-        done: usize,
-        current: Option<(String, String)>,
-    ) -> Result<()> {
+    fn run_seed(&self, seed: &Seed, done: usize, current: Option<(String, String)>) -> Result<()> {
         let (mut instruction, mut parent) =
             current.unwrap_or_else(|| (seed.instruction.clone(), seed.id.clone()));
         for round in (done + 1)..=self.cfg.rounds {
@@ -380,12 +383,14 @@ impl Shared<'_> {
                 return Ok(());
             }
             let op = pick(self.cfg, &seed.id, round);
+            // A backend failure ends this row for now; the next run retries the step.
             let fail = |e: BackendError| {
                 self.count(|r| *r.failed.entry(e.kind()).or_default() += 1);
+                Ok(())
             };
             let evolved = match self.call(self.templates.evolve_prompt(op, &instruction)) {
                 Ok(t) => t.trim().to_string(),
-                Err(e) => return Ok(fail(e)),
+                Err(e) => return fail(e),
             };
             let mut reason = self.cfg.eliminate.check_instruction(&instruction, &evolved);
             if reason.is_none() && self.cfg.eliminate.info_gain == InfoGain::Judge {
@@ -398,7 +403,7 @@ impl Shared<'_> {
                         Some(false) => {}
                         None => self.count(|r| r.judge_unclear += 1),
                     },
-                    Err(e) => return Ok(fail(e)),
+                    Err(e) => return fail(e),
                 }
             }
             let mut answer = None;
@@ -412,7 +417,7 @@ impl Shared<'_> {
                         reason = self.cfg.eliminate.check_answer(&a);
                         answer = Some(a);
                     }
-                    Err(e) => return Ok(fail(e)),
+                    Err(e) => return fail(e),
                 }
             }
             let id = format!("{}#r{round}", seed.id);
@@ -480,7 +485,10 @@ pub fn evolve(
     let mut ids = std::collections::HashSet::new();
     for s in seeds {
         if !ids.insert(&s.id) {
-            bail!("two input rows share the id `{}`; ids must be unique to resume", s.id);
+            bail!(
+                "two input rows share the id `{}`; ids must be unique to resume",
+                s.id
+            );
         }
     }
     let files = (open_append(out)?, open_append(&elim_path)?);
@@ -526,10 +534,7 @@ pub fn evolve(
                 }
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(seed) = seeds.get(i) else { return };
-                let (done, current) = progress
-                    .get(&seed.id)
-                    .cloned()
-                    .unwrap_or((0, None));
+                let (done, current) = progress.get(&seed.id).cloned().unwrap_or((0, None));
                 if done >= cfg.rounds {
                     continue;
                 }
@@ -571,7 +576,7 @@ mod tests {
         }
         fn complete(&self, req: &ChatRequest) -> Result<String, BackendError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-            if self.fail_every > 0 && n % self.fail_every == 0 {
+            if self.fail_every > 0 && n.is_multiple_of(self.fail_every) {
                 return Err(BackendError::Http {
                     status: 503,
                     body: "busy".into(),
@@ -618,7 +623,10 @@ mod tests {
             fail_every: 4,
         };
         let r1 = evolve(&seeds(), &cfg, &flaky, &out, &stop).unwrap();
-        assert!(r1.failed.get("http_503").copied().unwrap_or(0) > 0, "{r1:?}");
+        assert!(
+            r1.failed.get("http_503").copied().unwrap_or(0) > 0,
+            "{r1:?}"
+        );
         let good = Fake {
             calls: AtomicUsize::new(0),
             fail_every: 0,
