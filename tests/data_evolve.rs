@@ -100,6 +100,9 @@ fn handle(
     if content.contains("TRIGGERMALFORMED") {
         return reply(&mut stream, "200 OK", "", "this is not json");
     }
+    if content.contains("DELAY") {
+        std::thread::sleep(Duration::from_millis(120));
+    }
     if content.contains("TRIGGERSLOW") {
         std::thread::sleep(Duration::from_millis(1500));
         return reply(&mut stream, "200 OK", "", &completion("late"));
@@ -226,6 +229,15 @@ fn seeds_file(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
+/// Complete lines so far (a line being written may be cut).
+fn read_lines_lenient(p: &std::path::Path) -> usize {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        .count()
+}
+
 fn read_lines(p: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap_or_default()
@@ -340,6 +352,71 @@ fn cli_evolve_eliminates_keeps_lineage_resumes_and_never_logs_the_key() {
 }
 
 #[test]
+fn ctrl_c_stops_evolve_without_losing_rows_and_a_rerun_finishes() {
+    let server = start_server();
+    let tmp = tempfile::tempdir().unwrap();
+    let seeds = tmp.path().join("seeds.jsonl");
+    let body: String = (0..8)
+        .map(|i| format!("{{\"instruction\": \"DELAY task number {i}: describe a river.\", \"output\": \"ok\"}}\n"))
+        .collect();
+    std::fs::write(&seeds, body).unwrap();
+    let out = tmp.path().join("e.jsonl");
+    let args = [
+        "data",
+        "evolve",
+        seeds.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--backend",
+        "openai",
+        "--model",
+        "m",
+        "--base-url",
+        &server.url,
+        "--concurrency",
+        "1",
+        "--backoff",
+        "0.01",
+    ];
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_burnish"))
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first row is on disk (each row takes 3 slow requests).
+    let t0 = Instant::now();
+    while read_lines_lenient(&out) == 0 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let first = child.wait_with_output().unwrap();
+    assert_eq!(
+        first.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("(interrupted)"));
+    let done = read_lines(&out).len();
+    assert!(done >= 1 && done < 8, "{done} rows before Ctrl-C");
+    // Every line written is whole; the rerun adds exactly the missing rows.
+    ok(&args);
+    let rows = read_lines(&out);
+    assert_eq!(rows.len(), 8);
+    let roots: std::collections::HashSet<&str> = rows
+        .iter()
+        .map(|r| r["root_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(roots.len(), 8);
+}
+
+#[test]
 fn cli_evolve_with_the_local_backend_on_a_tiny_model() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
@@ -395,6 +472,54 @@ fn cli_evolve_with_the_local_backend_on_a_tiny_model() {
     assert_eq!(evolved + eliminated, 2, "{rep}");
     assert!(rep["requests"].as_u64().unwrap() >= 2);
     assert_eq!(read_lines(&out).len() as u64, evolved);
+
+    // The same model as `data prepare` stages: local evolve and semantic dedup by its
+    // mean-pooled hidden states, in one recipe.
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"[model]
+path = "{model}"
+
+[data]
+files = ["{seeds}"]
+eval_fraction = 0.0
+cache_dir = "{cache}"
+
+[data.dedup]
+methods = ["exact", "semantic"]
+
+[data.dedup.semantic]
+model = "{model}"
+threshold = 0.9999
+
+[data.evolve]
+backend = "local"
+out = "{out}"
+
+[data.evolve.local]
+model = "{model}"
+max_new_tokens = 8
+
+[data.evolve.eliminate]
+info_gain = "none"
+min_answer_words = 0
+"#,
+            model = model.display(),
+            seeds = seeds.display(),
+            cache = tmp.path().join("cache").display(),
+            out = tmp.path().join("prep-evolved.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let stdout = ok(&["data", "prepare", "--recipe", recipe.to_str().unwrap()]);
+    assert!(stdout.contains("dedup    semantic"), "{stdout}");
+    assert!(stdout.contains("mean-pooled hidden states"), "{stdout}");
+    assert!(
+        stdout.contains("evolve   2 seeds x 1 rounds via local:"),
+        "{stdout}"
+    );
 }
 
 #[test]
