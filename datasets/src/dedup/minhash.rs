@@ -303,16 +303,18 @@ pub fn near_duplicates(texts: &[String], cfg: &MinHashConfig) -> Vec<(usize, usi
         .par_iter()
         .map(|t| hasher.signature(&shingles(t, cfg.shingle, cfg.ngram)))
         .collect();
+    // Rows with identical signatures are duplicates at estimate 1; LSH runs on one of each.
+    let (reps, copies) = super::union_find::collapse_identical(&sigs);
+    let rep_sigs: Vec<Vec<u64>> = reps.iter().map(|&i| sigs[i].clone()).collect();
     let (b, r) = cfg.banding();
-    let cands = candidate_pairs(&sigs, b, r);
-    cands
-        .par_iter()
-        .filter_map(|&(i, j)| {
-            let (i, j) = (i as usize, j as usize);
-            let s = estimate(&sigs[i], &sigs[j]);
-            (s >= cfg.threshold).then_some((i, j, s as f32))
-        })
-        .collect()
+    let cands = candidate_pairs(&rep_sigs, b, r);
+    let mut out: Vec<(usize, usize, f32)> = copies.into_iter().map(|(a, c)| (a, c, 1.0)).collect();
+    out.par_extend(cands.par_iter().filter_map(|&(i, j)| {
+        let (i, j) = (i as usize, j as usize);
+        let s = estimate(&rep_sigs[i], &rep_sigs[j]);
+        (s >= cfg.threshold).then_some((reps[i], reps[j], s as f32))
+    }));
+    out
 }
 
 #[cfg(test)]
@@ -371,5 +373,15 @@ mod tests {
         pairs.sort();
         assert!(pairs.contains(&(0, 3)), "{pairs:?}");
         assert!(pairs.iter().all(|&(i, j)| i != 2 && j != 2));
+    }
+
+    #[test]
+    fn many_copies_cluster_without_quadratic_pairs() {
+        let mut texts = vec!["one two three four five six seven eight nine ten".to_string(); 2000];
+        texts.push("something else entirely with other words in it".into());
+        let pairs = near_duplicates(&texts, &MinHashConfig::default());
+        // Each copy links to the first occurrence: n - 1 pairs, not n^2 / 2.
+        assert_eq!(pairs.len(), 1999);
+        assert!(pairs.iter().all(|&(a, _, s)| a == 0 && s == 1.0));
     }
 }

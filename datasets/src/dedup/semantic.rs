@@ -123,9 +123,20 @@ pub fn near_duplicates(
             )
         }
         IndexKind::Simhash => {
-            let params = cfg.params(vectors.len());
+            // Identical vectors (identical texts) are duplicates at cosine 1; the index
+            // searches one of each.
+            let keys: Vec<Vec<u32>> = vectors
+                .iter()
+                .map(|v| v.iter().map(|x| x.to_bits()).collect())
+                .collect();
+            let (reps, copies) = super::union_find::collapse_identical(&keys);
+            let rep_vecs: Vec<Vec<f32>> = reps.iter().map(|&i| vectors[i].clone()).collect();
+            let params = cfg.params(rep_vecs.len());
             let index = SimHashIndex::new(dim, params, cfg.seed);
-            let (pairs, compared) = index.near_pairs(vectors, cfg.threshold);
+            let (found, compared) = index.near_pairs(&rep_vecs, cfg.threshold);
+            let mut pairs: Vec<(usize, usize, f32)> =
+                copies.into_iter().map(|(a, c)| (a, c, 1.0)).collect();
+            pairs.extend(found.into_iter().map(|(i, j, c)| (reps[i], reps[j], c)));
             (
                 pairs,
                 SearchStats {

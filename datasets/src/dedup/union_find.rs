@@ -51,6 +51,27 @@ impl UnionFind {
     }
 }
 
+/// Items equal to an earlier one: returns the indices of first occurrences and, for every
+/// later copy, the pair (first occurrence, copy). Searching only the first occurrences keeps
+/// buckets full of copies from costing a quadratic number of comparisons.
+pub fn collapse_identical<K: std::hash::Hash + Eq>(
+    keys: &[K],
+) -> (Vec<usize>, Vec<(usize, usize)>) {
+    let mut first: std::collections::HashMap<&K, usize> = Default::default();
+    let mut reps = Vec::new();
+    let mut copies = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        match first.get(k) {
+            Some(&f) => copies.push((f, i)),
+            None => {
+                first.insert(k, i);
+                reps.push(i);
+            }
+        }
+    }
+    (reps, copies)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +85,12 @@ mod tests {
         uf.union(1, 2);
         assert_eq!(uf.groups(), vec![vec![0, 3, 5], vec![1, 2]]);
         assert_eq!(uf.find(4), 4);
+    }
+
+    #[test]
+    fn copies_point_at_their_first_occurrence() {
+        let (reps, copies) = collapse_identical(&["a", "b", "a", "c", "b", "a"]);
+        assert_eq!(reps, vec![0, 1, 3]);
+        assert_eq!(copies, vec![(0, 2), (1, 4), (0, 5)]);
     }
 }

@@ -356,6 +356,15 @@ impl Shared<'_> {
         self.backend.complete(&ChatRequest::user(prompt))
     }
 
+    /// The Equal / Not Equal judgement: greedy and short.
+    fn judge(&self, prompt: String) -> Result<String, BackendError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut req = ChatRequest::user(prompt);
+        req.temperature = Some(0.0);
+        req.max_tokens = Some(16);
+        self.backend.complete(&req)
+    }
+
     fn write(&self, line: &Line) -> Result<()> {
         let text = serde_json::to_string(line)? + "\n";
         let mut files = self.files.lock().expect("writer lock");
@@ -397,7 +406,7 @@ impl Shared<'_> {
                 if self.stop.load(Ordering::SeqCst) {
                     return Ok(());
                 }
-                match self.call(self.templates.judge_prompt(&instruction, &evolved)) {
+                match self.judge(self.templates.judge_prompt(&instruction, &evolved)) {
                     Ok(reply) => match parse_judgement(&reply) {
                         Some(true) => reason = Some(Reason::NoInformationGain),
                         Some(false) => {}
