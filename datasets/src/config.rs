@@ -122,3 +122,63 @@ impl DataConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_and_evolve_tables_round_trip_through_toml() {
+        let text = r#"
+files = ["a.jsonl"]
+
+[dedup]
+methods = ["exact", "minhash", "semantic"]
+fields = ["messages.0.content"]
+keep = "longest"
+
+[dedup.normalize]
+punctuation = true
+
+[dedup.minhash]
+threshold = 0.7
+shingle = "char"
+ngram = 7
+
+[dedup.semantic]
+embedder = "emb"
+
+[evolve]
+rounds = 3
+operations = ["deepen", "breadth"]
+
+[evolve.openai]
+model = "m"
+
+[evolve.eliminate]
+info_gain = "similarity"
+"#;
+        let cfg: DataConfig = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        let d = cfg.dedup.as_ref().unwrap();
+        assert!(d.normalize.punctuation && d.normalize.nfkc);
+        assert_eq!(d.minhash.ngram, 7);
+        assert_eq!(d.minhash.num_perm, 128);
+        let e = cfg.evolve.as_ref().unwrap();
+        assert_eq!(e.rounds, 3);
+        assert!(e.keep_original);
+        // The resolved recipe a run directory stores reads back the same.
+        let back: DataConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+
+        let bad = text.replace("rounds = 3", "rounds = 0");
+        let e = toml::from_str::<DataConfig>(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("[data.evolve] evolve rounds"), "{e}");
+        let unknown = text.replace("ngram = 7", "ngrams = 7");
+        let e = toml::from_str::<DataConfig>(&unknown).unwrap_err();
+        assert!(e.to_string().contains("ngrams"), "{e}");
+    }
+}
