@@ -1,4 +1,4 @@
-//! `burnish data inspect | convert | prepare`.
+//! `burnish data inspect | convert | dedup | evolve | prepare`.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 
 use datasets::config::{DataConfig, OnError};
 use datasets::convert::{convert_record, Target};
+use datasets::dedup::Method;
+use datasets::evolve::run::BackendKind;
 use datasets::formats::Format;
-use datasets::prepare::prepare;
+use datasets::prepare::{prepare_with, Hooks, Prepared};
 use datasets::read::read_file;
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, Truncation};
 use models::TextTokenizer;
@@ -25,7 +27,11 @@ enum DataCommand {
     Inspect(InspectArgs),
     /// Rewrite a file in another format.
     Convert(ConvertArgs),
-    /// Read, validate, template, split, pack and cache a dataset.
+    /// Remove exact, near (MinHash-LSH) and semantic duplicates.
+    Dedup(crate::dedup::DedupArgs),
+    /// Evol-Instruct: evolve instructions with an LLM and answer them.
+    Evolve(crate::evolve::EvolveArgs),
+    /// Read, validate, (dedup, evolve,) template, split, pack and cache a dataset.
     Prepare(PrepareArgs),
 }
 
@@ -98,6 +104,8 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         DataCommand::Inspect(a) => inspect(a),
         DataCommand::Convert(a) => convert(a),
+        DataCommand::Dedup(a) => crate::dedup::run(a),
+        DataCommand::Evolve(a) => crate::evolve::run(a),
         DataCommand::Prepare(a) => prepare_cmd(a),
     }
 }
@@ -321,11 +329,87 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
         .or(recipe_model)
         .context("no model: give --model DIR or set [model] path in the recipe")?;
     let tok = TextTokenizer::from_dir(&model)?;
-    let prepared = prepare(&cfg, &tok)?;
+    let prepared = prepare_stages(&cfg, &tok)?;
     print!("{}", prepared.report.summary());
     if let Some(p) = &a.report {
         std::fs::write(p, serde_json::to_string_pretty(&prepared.report)?)
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
+}
+
+/// `prepare` with the dedup/evolve stages' model backends loaded when the recipe asks for
+/// them (a local evolve model, a semantic-dedup model), and Ctrl-C wired to evolve.
+fn prepare_stages(cfg: &DataConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    if cfg.evolve.is_some() {
+        crate::evolve::install_ctrlc()?;
+    }
+    let local_evolve = cfg
+        .evolve
+        .as_ref()
+        .filter(|e| e.backend == BackendKind::Local);
+    let embed_model = cfg
+        .dedup
+        .as_ref()
+        .filter(|d| d.methods.contains(&Method::Semantic))
+        .and_then(|d| d.semantic.model.clone());
+    if local_evolve.is_none() && embed_model.is_none() {
+        return prepare_with(
+            cfg,
+            tok,
+            Hooks {
+                stop: Some(&crate::evolve::STOP),
+                ..Default::default()
+            },
+        );
+    }
+    let device = local_evolve
+        .map(|e| e.local.device.clone())
+        .unwrap_or_else(|| "cpu".into());
+    crate::device::dispatch(
+        &device,
+        WithModels {
+            cfg,
+            tok,
+            embed_model,
+        },
+    )
+}
+
+struct WithModels<'a> {
+    cfg: &'a DataConfig,
+    tok: &'a TextTokenizer,
+    embed_model: Option<PathBuf>,
+}
+
+impl crate::device::OnDevice for WithModels<'_> {
+    type Output = Prepared;
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<Prepared> {
+        let chat = match &self.cfg.evolve {
+            Some(e) if e.backend == BackendKind::Local => {
+                Some(crate::evolve::local_chat::<B>(e, &device)?)
+            }
+            _ => None,
+        };
+        let embedder = match &self.embed_model {
+            Some(dir) => Some(crate::local::ModelEmbedder::new(
+                crate::local::load::<B>(dir, &device)?,
+                512,
+            )),
+            None => None,
+        };
+        prepare_with(
+            self.cfg,
+            self.tok,
+            Hooks {
+                chat: chat
+                    .as_ref()
+                    .map(|c| c as &dyn datasets::evolve::ChatBackend),
+                embedder: embedder
+                    .as_ref()
+                    .map(|e| e as &dyn datasets::dedup::Embedder),
+                stop: Some(&crate::evolve::STOP),
+            },
+        )
+    }
 }

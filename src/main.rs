@@ -1,9 +1,12 @@
 //! `burnish`: fine-tuning and alignment of language models on burn.
 
 mod data;
+mod dedup;
 mod device;
+mod evolve;
 mod export;
 mod generate;
+mod local;
 mod new_model;
 mod reward_score;
 mod score;
@@ -35,7 +38,7 @@ enum Command {
     Generate(generate::Args),
     /// Write the log-probability of each row's completion given its prompt.
     Score(score::Args),
-    /// Inspect, convert and prepare datasets.
+    /// Inspect, convert, deduplicate, evolve and prepare datasets.
     Data(data::Args),
     /// Train with a recipe (SFT or LoRA; more methods follow the same loop).
     Train(train::Args),

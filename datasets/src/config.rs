@@ -68,6 +68,12 @@ pub struct DataConfig {
     pub rejects_file: Option<PathBuf>,
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
+    /// `[data.dedup]`: deduplicate the rows before templating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<crate::dedup::DedupConfig>,
+    /// `[data.evolve]`: Evol-Instruct augmentation after dedup, before templating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evolve: Option<crate::evolve::EvolveConfig>,
 }
 
 impl DataConfig {
@@ -84,6 +90,8 @@ impl DataConfig {
             on_error: OnError::default(),
             rejects_file: None,
             cache_dir: default_cache_dir(),
+            dedup: None,
+            evolve: None,
         }
     }
 
@@ -103,6 +111,74 @@ impl DataConfig {
                 self.eval_fraction
             );
         }
+        if let Some(d) = &self.dedup {
+            d.validate()
+                .map_err(|e| anyhow::anyhow!("[data.dedup] {e}"))?;
+        }
+        if let Some(e) = &self.evolve {
+            e.validate()
+                .map_err(|x| anyhow::anyhow!("[data.evolve] {x}"))?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_and_evolve_tables_round_trip_through_toml() {
+        let text = r#"
+files = ["a.jsonl"]
+
+[dedup]
+methods = ["exact", "minhash", "semantic"]
+fields = ["messages.0.content"]
+keep = "longest"
+
+[dedup.normalize]
+punctuation = true
+
+[dedup.minhash]
+threshold = 0.7
+shingle = "char"
+ngram = 7
+
+[dedup.semantic]
+embedder = "emb"
+
+[evolve]
+rounds = 3
+operations = ["deepen", "breadth"]
+
+[evolve.openai]
+model = "m"
+
+[evolve.eliminate]
+info_gain = "similarity"
+"#;
+        let cfg: DataConfig = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        let d = cfg.dedup.as_ref().unwrap();
+        assert!(d.normalize.punctuation && d.normalize.nfkc);
+        assert_eq!(d.minhash.ngram, 7);
+        assert_eq!(d.minhash.num_perm, 128);
+        let e = cfg.evolve.as_ref().unwrap();
+        assert_eq!(e.rounds, 3);
+        assert!(e.keep_original);
+        // The resolved recipe a run directory stores reads back the same.
+        let back: DataConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+
+        let bad = text.replace("rounds = 3", "rounds = 0");
+        let e = toml::from_str::<DataConfig>(&bad)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("[data.evolve] evolve rounds"), "{e}");
+        let unknown = text.replace("ngram = 7", "ngrams = 7");
+        let e = toml::from_str::<DataConfig>(&unknown).unwrap_err();
+        assert!(e.to_string().contains("ngrams"), "{e}");
     }
 }

@@ -13,6 +13,8 @@ use std::time::Instant;
 
 use crate::cache::{read_parquet, write_parquet, Dataset, Fingerprint};
 use crate::config::{DataConfig, OnError};
+use crate::dedup::{DedupReport, Embedder};
+use crate::evolve::{ChatBackend, EvolveReport};
 use crate::formats::Format;
 use crate::pack::{pack_best_fit, PackedRow, PackingStats};
 use crate::read::read_file;
@@ -54,6 +56,10 @@ pub struct PrepareReport {
     pub train_rows: usize,
     pub eval_rows: usize,
     pub packing: Option<PackingStats>,
+    #[serde(default)]
+    pub dedup: Option<DedupReport>,
+    #[serde(default)]
+    pub evolve: Option<EvolveReport>,
     pub tokens: usize,
     pub trained_tokens: usize,
     pub seconds: f64,
@@ -74,6 +80,12 @@ impl PrepareReport {
             for w in &f.warnings {
                 s += &format!("         warning: {w}\n");
             }
+        }
+        if let Some(d) = &self.dedup {
+            s += &d.summary();
+        }
+        if let Some(e) = &self.evolve {
+            s += &e.summary();
         }
         let t = &self.tokenize;
         s += &format!(
@@ -135,6 +147,12 @@ fn fingerprint(cfg: &DataConfig, tok: &TextTokenizer, template_source: &str) -> 
     fp.field("eval_fraction", &cfg.eval_fraction.to_le_bytes());
     // A "fail" run must not reuse an entry that a "skip" run wrote despite rejects.
     fp.field("on_error", format!("{:?}", cfg.on_error).as_bytes());
+    if let Some(d) = &cfg.dedup {
+        fp.field("dedup", serde_json::to_string(d)?.as_bytes());
+    }
+    if let Some(e) = &cfg.evolve {
+        fp.field("evolve", serde_json::to_string(e)?.as_bytes());
+    }
     Ok(fp.hex())
 }
 
@@ -177,8 +195,24 @@ fn reason_key(reason: &str) -> String {
         .to_string()
 }
 
+/// What the caller can plug into the dedup and evolve stages: the backends that need a
+/// model on a device (the CLI builds them), and the Ctrl-C flag of an evolve run.
+#[derive(Default, Clone, Copy)]
+pub struct Hooks<'a> {
+    /// Used by `[data.evolve]` (required for `backend = "local"`).
+    pub chat: Option<&'a dyn ChatBackend>,
+    /// Used by semantic dedup (required for `semantic.model`).
+    pub embedder: Option<&'a dyn Embedder>,
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
 /// Run the pipeline, or reuse the cache entry with the same fingerprint.
 pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    prepare_with(cfg, tok, Hooks::default())
+}
+
+/// [`prepare`] with backends for the dedup and evolve stages.
+pub fn prepare_with(cfg: &DataConfig, tok: &TextTokenizer, hooks: Hooks<'_>) -> Result<Prepared> {
     cfg.validate()?;
     let start = Instant::now();
     let template = tok.template(Some(&cfg.template))?;
@@ -208,6 +242,20 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<Prepared> {
         });
         rows.extend(out.rows);
         rejects.extend(out.rejects);
+    }
+    if let Some(d) = &cfg.dedup {
+        let (kept, r) = crate::stages::dedup_rows(rows, d, hooks.embedder)?;
+        rows = kept;
+        report.dedup = Some(r);
+    }
+    if let Some(e) = &cfg.evolve {
+        let out = e
+            .out
+            .clone()
+            .unwrap_or_else(|| cfg.cache_dir.join(format!("evolve-{}.jsonl", &fp[..16])));
+        let (all, r) = crate::stages::evolve_rows(rows, e, hooks.chat, &out, hooks.stop)?;
+        rows = all;
+        report.evolve = Some(r);
     }
     let kinds: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.record.kind()).collect();
     if kinds.len() > 1 {

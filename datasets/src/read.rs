@@ -347,3 +347,39 @@ fn json_error(e: &serde_json::Error) -> String {
         .map_or(full.as_str(), |(message, _)| message);
     format!("invalid JSON at column {}: {message}", e.column())
 }
+
+/// One raw input row: its 1-based line (or element/row index + 1) and its JSON.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub line: usize,
+    pub value: Value,
+}
+
+/// Reads a file's rows as JSON without format parsing (for stages such as dedup that keep
+/// rows as they are). Same containers as [`read_file`]; a row that is not valid JSON fails
+/// with file, line and reason.
+pub fn read_raw(path: &Path) -> Result<Vec<RawRow>> {
+    let mut out = Vec::new();
+    for row in open_rows(path)? {
+        let row = row.with_context(|| format!("cannot read {}", path.display()))?;
+        match row.value {
+            Ok(value) => out.push(RawRow {
+                line: row.line,
+                value,
+            }),
+            Err(fault) => {
+                return Err(anyhow!(
+                    "{}:{}: {}{}",
+                    path.display(),
+                    row.line,
+                    fault
+                        .field
+                        .map(|f| format!("field `{f}`: "))
+                        .unwrap_or_default(),
+                    fault.reason
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
