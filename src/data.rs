@@ -31,6 +31,8 @@ enum DataCommand {
     Dedup(crate::dedup::DedupArgs),
     /// Evol-Instruct: evolve instructions with an LLM and answer them.
     Evolve(crate::evolve::EvolveArgs),
+    /// Sequence-level distillation: a teacher (model or endpoint) answers prompts as SFT rows.
+    Distill(crate::distill_data::Args),
     /// Read, validate, (dedup, evolve,) template, split, pack and cache a dataset.
     Prepare(PrepareArgs),
 }
@@ -106,6 +108,7 @@ pub fn run(a: Args) -> Result<()> {
         DataCommand::Convert(a) => convert(a),
         DataCommand::Dedup(a) => crate::dedup::run(a),
         DataCommand::Evolve(a) => crate::evolve::run(a),
+        DataCommand::Distill(a) => crate::distill_data::run(a),
         DataCommand::Prepare(a) => prepare_cmd(a),
     }
 }

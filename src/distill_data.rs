@@ -9,15 +9,15 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 use datasets::convert::{convert_record, Target};
+use datasets::evolve::{ChatBackend, ChatRequest, OpenAiClient, OpenAiConfig};
 use datasets::formats::Format;
 use datasets::read::read_file;
 use datasets::records::{Conversation, Record, Row, ASSISTANT, USER};
-use models::checkpoint::{load_model, load_tokenizer};
-use models::generate::{generate, SamplingParams};
 use models::weights::write_atomic;
 use models::Message;
 
 use crate::device::{dispatch, OnDevice};
+use crate::local::LocalChat;
 
 #[derive(Parser, Clone)]
 pub struct Args {
@@ -44,9 +44,9 @@ pub struct Args {
     pub temperature: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Prompts per generation batch (local teacher) or requests in flight (endpoint).
+    /// Requests in flight to an endpoint (a local teacher answers one at a time).
     #[arg(long, default_value_t = 8)]
-    pub batch: usize,
+    pub concurrency: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Model name sent to the endpoint.
@@ -72,15 +72,7 @@ fn prompt_of(record: &Record) -> Option<Conversation> {
     Some(c)
 }
 
-/// Something that answers chats.
-pub trait Answerer {
-    fn answer(&mut self, prompts: &[Conversation]) -> Result<Vec<String>>;
-}
-
 pub fn run(a: Args) -> Result<()> {
-    if a.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
     let format = a.format.as_deref().map(Format::parse).transpose()?;
     let read = read_file(&a.input, format)?;
     for r in &read.rejects {
@@ -102,8 +94,17 @@ pub fn run(a: Args) -> Result<()> {
     }
     match a.teacher.strip_prefix("openai:") {
         Some(url) => {
-            let mut teacher = crate::openai_teacher::OpenAiTeacher::new(url, &a)?;
-            write_answers(&a, &rows, &mut teacher)
+            let client = OpenAiClient::new(OpenAiConfig {
+                base_url: url.to_string(),
+                model: a.model_name.clone(),
+                api_key_env: a.api_key_env.clone(),
+                timeout_s: a.timeout_s as f64,
+                concurrency: a.concurrency.max(1),
+                temperature: a.temperature,
+                max_tokens: a.max_new_tokens,
+                ..Default::default()
+            })?;
+            write_answers(&a, &rows, &client)
         }
         None => {
             let device = a.device.clone();
@@ -122,53 +123,22 @@ impl OnDevice for LocalRun {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let dir = PathBuf::from(&self.args.teacher);
-        let (cfg, model) = load_model::<B>(&dir, &device)
+        let loaded = crate::local::load::<B>(&dir, &device)
             .with_context(|| format!("loading the teacher {}", dir.display()))?;
-        let tok = load_tokenizer(&dir, &cfg)?;
-        let template = tok.template(Some(&self.args.template))?;
-        let mut stop_ids = tok.stop_ids.clone();
-        stop_ids.extend(cfg.eos_token_ids.iter().copied());
-        let mut teacher = LocalTeacher {
-            generate: Box::new(move |prompts: &[Conversation]| {
-                let ids = prompts
-                    .iter()
-                    .map(|c| {
-                        let text = template.render(&c.to_messages(), true, &tok.template_tokens())?;
-                        tok.encode(&text, false)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let params = SamplingParams {
-                    max_new_tokens: self.args.max_new_tokens,
-                    temperature: self.args.temperature,
-                    seed: self.args.seed,
-                    stop_ids: stop_ids.clone(),
-                    pad_id: tok.pad_id.or(cfg.pad_token_id).unwrap_or(0),
-                    ..Default::default()
-                };
-                generate(&model, &ids, &params, None)?
-                    .iter()
-                    .map(|g| tok.decode(&g.tokens, true).map(|s| s.trim().to_string()))
-                    .collect()
-            }),
-        };
-        write_answers(&self.args, &self.rows, &mut teacher)
+        let teacher = LocalChat::new(
+            loaded,
+            self.args.max_new_tokens,
+            self.args.temperature,
+            1.0,
+            self.args.seed,
+        )?;
+        write_answers(&self.args, &self.rows, &teacher)
     }
 }
 
-type GenerateFn<'a> = Box<dyn FnMut(&[Conversation]) -> Result<Vec<String>> + 'a>;
-
-struct LocalTeacher<'a> {
-    generate: GenerateFn<'a>,
-}
-
-impl Answerer for LocalTeacher<'_> {
-    fn answer(&mut self, prompts: &[Conversation]) -> Result<Vec<String>> {
-        (self.generate)(prompts)
-    }
-}
-
-/// Answer every prompt in batches and write the rows (atomically, when all are done).
-fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &mut dyn Answerer) -> Result<()> {
+/// Answer every prompt (`concurrency` at a time) and write the rows atomically when all
+/// are done; the first request that fails for good stops the run with its row named.
+fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &dyn ChatBackend) -> Result<()> {
     let bar = ProgressBar::new(rows.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")
@@ -177,19 +147,47 @@ fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &mut dyn Answe
     bar.set_message("distilling");
     let mut out = String::new();
     let mut empty = 0usize;
-    for chunk in rows.chunks(a.batch) {
-        let prompts: Vec<Conversation> = chunk.iter().map(|(_, p)| p.clone()).collect();
-        let answers = teacher.answer(&prompts)?;
+    for chunk in rows.chunks(teacher.concurrency().max(1)) {
+        let answers: Vec<Result<String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(row, prompt)| {
+                    s.spawn(move || {
+                        let req = ChatRequest {
+                            messages: prompt.to_messages(),
+                            temperature: Some(a.temperature),
+                            max_tokens: Some(a.max_new_tokens),
+                        };
+                        teacher.complete(&req).map_err(|e| {
+                            anyhow::anyhow!(
+                                "{}: the teacher {} failed: {e}",
+                                row.origin,
+                                teacher.describe()
+                            )
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("teacher thread"))
+                .collect()
+        });
         for ((row, prompt), answer) in chunk.iter().zip(answers) {
+            let answer = answer?.trim().to_string();
             if answer.is_empty() {
                 // Kept out of the SFT data, but reported: nothing is dropped silently.
                 empty += 1;
-                eprintln!("{}: the teacher's answer is empty; row left out", row.origin);
+                eprintln!(
+                    "{}: the teacher's answer is empty; row left out",
+                    row.origin
+                );
                 continue;
             }
             let mut conv = prompt.clone();
             conv.messages.push(Message::new(ASSISTANT, &answer));
-            let (mut v, _) = convert_record(&Record::Conversation(conv), Target::BedrockConversation)?;
+            let (mut v, _) =
+                convert_record(&Record::Conversation(conv), Target::BedrockConversation)?;
             if let Value::Object(m) = &mut v {
                 m.insert(
                     "lineage".into(),

@@ -3,6 +3,7 @@
 mod data;
 mod dedup;
 mod device;
+mod distill_data;
 mod evolve;
 mod export;
 mod generate;

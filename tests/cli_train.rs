@@ -134,6 +134,7 @@ fn recipe_mistakes_are_named() {
         "recipes/lora.toml",
         "recipes/quickstart.toml",
         "recipes/qlora.toml",
+        "recipes/distill.toml",
     ] {
         trainers::Recipe::load(&root().join(r), &[]).unwrap();
     }

@@ -1,0 +1,152 @@
+//! `burnish data distill`: a local teacher and an OpenAI-compatible endpoint (a server on
+//! loopback) answer prompts; the rows come out in Bedrock conversation format with lineage
+//! and read back as SFT data.
+
+mod common;
+
+use common::{err, ok};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use datasets::read::read_file;
+use datasets::records::Record;
+
+const PROMPTS: &str = "{\"instruction\": \"What is 2 + 2?\", \"output\": \"old answer\"}\n{\"instruction\": \"Name a colour.\", \"output\": \"Red.\"}\n";
+
+fn read_rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Answers every chat-completions request with "4", recording the request bodies.
+fn endpoint() -> (String, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0u8; len];
+            reader.read_exact(&mut body).unwrap();
+            tx.send(String::from_utf8(body).unwrap()).unwrap();
+            let reply = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"4"},"finish_reason":"stop"}]}"#;
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            )
+            .unwrap();
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn an_endpoint_teacher_answers_prompts_as_sft_rows_with_lineage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("prompts.jsonl");
+    std::fs::write(&input, PROMPTS).unwrap();
+    let out = tmp.path().join("sft.jsonl");
+    let (url, requests) = endpoint();
+    ok(&[
+        "data",
+        "distill",
+        "--teacher",
+        &format!("openai:{url}"),
+        "--model-name",
+        "teacher-70b",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let first: serde_json::Value = serde_json::from_str(&requests.recv().unwrap()).unwrap();
+    assert_eq!(first["model"], "teacher-70b");
+    let rows = read_rows(&out);
+    assert_eq!(rows.len(), 2);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(
+            row["lineage"]["source"],
+            format!("{}:{}", input.display(), i + 1)
+        );
+        assert!(row["lineage"]["teacher"]
+            .as_str()
+            .unwrap()
+            .starts_with("openai:"));
+    }
+    // The dataset's old answer is replaced by the teacher's, and the file reads back as
+    // conversations for SFT.
+    let back = read_file(&out, None).unwrap();
+    assert!(back.rejects.is_empty(), "{:?}", back.rejects);
+    let Record::Conversation(c) = &back.rows[0].record else {
+        panic!("a conversation")
+    };
+    assert_eq!(c.messages.last().unwrap().content, "4");
+    assert!(!std::fs::read_to_string(&out)
+        .unwrap()
+        .contains("old answer"));
+}
+
+#[test]
+fn a_local_teacher_answers_and_bad_teachers_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("teacher");
+    ok(&[
+        "new-model",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "assets/tokenizers/phi3_vision",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    let input = tmp.path().join("prompts.jsonl");
+    std::fs::write(&input, PROMPTS).unwrap();
+    let out = tmp.path().join("sft.jsonl");
+    let run = common::burnish(&[
+        "data",
+        "distill",
+        "--teacher",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+    ]);
+    let text = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{text}");
+    // A random teacher may say nothing: such rows are reported, never silently dropped.
+    let answered = read_rows(&out).len();
+    let empty = text.matches("answer is empty").count();
+    assert_eq!(answered + empty, 2, "{text}");
+
+    let e = err(&[
+        "data",
+        "distill",
+        "--teacher",
+        tmp.path().join("missing").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("missing"), "{e}");
+}
