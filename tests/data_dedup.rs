@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{err, ok, root};
+use common::{err, new_tiny_model, ok, root};
 use datasets::dedup::embed::write_static_embedder;
 use datasets::dedup::{find_clusters, DedupConfig, Method};
 use datasets::read::read_raw;
@@ -278,18 +278,7 @@ fn cli_semantic_dedup_with_a_static_embedder_and_a_model() {
     }
 
     // Mean-pooled hidden states of a (random) burnish model: identical texts are duplicates.
-    let model = tmp.path().join("tiny");
-    ok(&[
-        "new-model",
-        "--preset",
-        "tiny",
-        "--tokenizer",
-        "assets/tokenizers/phi3_vision",
-        "--out",
-        model.to_str().unwrap(),
-        "--seed",
-        "3",
-    ]);
+    let model = new_tiny_model(&tmp.path().join("tiny"), 3);
     write_jsonl(
         &input,
         &[

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{err, ok};
+use common::{err, new_tiny_model, ok};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -106,16 +106,7 @@ fn an_endpoint_teacher_answers_prompts_as_sft_rows_with_lineage() {
 #[test]
 fn a_local_teacher_answers_and_bad_teachers_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("teacher");
-    ok(&[
-        "new-model",
-        "--preset",
-        "tiny",
-        "--tokenizer",
-        "assets/tokenizers/phi3_vision",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
+    let model = new_tiny_model(&tmp.path().join("teacher"), 0);
     let input = tmp.path().join("prompts.jsonl");
     std::fs::write(&input, PROMPTS).unwrap();
     let out = tmp.path().join("sft.jsonl");

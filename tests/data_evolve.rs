@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{burnish, ok, root};
+use common::{burnish, new_tiny_model, ok, root};
 use datasets::evolve::{BackendError, ChatBackend, ChatRequest, OpenAiClient, OpenAiConfig};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -419,18 +419,7 @@ fn ctrl_c_stops_evolve_without_losing_rows_and_a_rerun_finishes() {
 #[test]
 fn cli_evolve_with_the_local_backend_on_a_tiny_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    ok(&[
-        "new-model",
-        "--preset",
-        "tiny",
-        "--tokenizer",
-        "assets/tokenizers/phi3_vision",
-        "--out",
-        model.to_str().unwrap(),
-        "--seed",
-        "5",
-    ]);
+    let model = new_tiny_model(&tmp.path().join("tiny"), 5);
     let seeds = tmp.path().join("s.jsonl");
     std::fs::write(
         &seeds,

@@ -1,7 +1,7 @@
 //! Helpers shared by the CLI end-to-end tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn root() -> PathBuf {
@@ -32,4 +32,20 @@ pub fn err(args: &[&str]) -> String {
     let e = String::from_utf8(out.stderr).unwrap();
     assert!(!e.contains("panicked"), "{e}");
     e
+}
+
+/// `burnish new-model --preset tiny` with the bundled tokenizer, written to `out`.
+pub fn new_tiny_model(out: &Path, seed: u64) -> PathBuf {
+    ok(&[
+        "new-model",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "assets/tokenizers/phi3_vision",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    out.to_path_buf()
 }

@@ -89,14 +89,35 @@ fn check_same_vocabulary(
     teacher_dir: &Path,
     teacher: &ModelConfig,
 ) -> Result<()> {
-    let s_tok = load_tokenizer(student_dir, student)?;
-    let t_tok = load_tokenizer(teacher_dir, teacher)?;
     let mismatch = if student.vocab_size != teacher.vocab_size {
         Some(format!(
             "vocab_size {} vs {}",
             student.vocab_size, teacher.vocab_size
         ))
-    } else if s_tok.vocab_size() != t_tok.vocab_size() {
+    } else {
+        tokenizer_mismatch(student_dir, student, teacher_dir, teacher)?
+    };
+    match mismatch {
+        Some(m) => bail!(
+            "[distill] the teacher {} and the student {} do not share a vocabulary ({m}); distillation compares \
+             their distributions token by token, so both need the same tokenizer",
+            teacher_dir.display(),
+            student_dir.display()
+        ),
+        None => Ok(()),
+    }
+}
+
+/// The first difference between two models' tokenizers, if any.
+fn tokenizer_mismatch(
+    student_dir: &Path,
+    student: &ModelConfig,
+    teacher_dir: &Path,
+    teacher: &ModelConfig,
+) -> Result<Option<String>> {
+    let s_tok = load_tokenizer(student_dir, student)?;
+    let t_tok = load_tokenizer(teacher_dir, teacher)?;
+    Ok(if s_tok.vocab_size() != t_tok.vocab_size() {
         Some(format!(
             "tokenizers of {} vs {} tokens",
             s_tok.vocab_size(),
@@ -112,16 +133,7 @@ fn check_same_vocabulary(
                     t_tok.id_to_token(id)
                 )
             })
-    };
-    match mismatch {
-        Some(m) => bail!(
-            "[distill] the teacher {} and the student {} do not share a vocabulary ({m}); distillation compares \
-             their distributions token by token, so both need the same tokenizer",
-            teacher_dir.display(),
-            student_dir.display()
-        ),
-        None => Ok(()),
-    }
+    })
 }
 
 fn teacher_quantization(settings: &DistillSettings) -> Result<Option<Quantization>> {

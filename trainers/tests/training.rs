@@ -774,7 +774,10 @@ fn distillation_lowers_the_students_divergence_and_matches_plain_sft() {
 fn cached_top_k_and_on_policy_distillation_learn() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, distill) in [
-        ("topk", "top_k = 20\ndivergence = \"jsd\"\nbeta = 0.5"),
+        (
+            "topk",
+            "top_k = 20\ndivergence = \"jsd\"\nbeta = 0.5\nteacher_quantize = \"nf4\"",
+        ),
         (
             "onpolicy",
             "lmbda = 0.5\nmax_new_tokens = 16\ndivergence = \"reverse_kl\"",
