@@ -25,7 +25,7 @@ use models::CausalLm;
 
 use crate::data_order::{eval_chunks, EpochCursor};
 use crate::method::{LossOutput, Method};
-use crate::sft::trained_logits;
+use crate::sft::{trained_logits, TrainedLogits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -207,7 +207,7 @@ pub fn teacher_targets<B: Backend>(
     temperature: f64,
     top_k: Option<usize>,
 ) -> TeacherTargets {
-    let Some((logits, _, _)) = trained_logits(teacher, batch) else {
+    let Some(TrainedLogits { logits, .. }) = trained_logits(teacher, batch) else {
         return TeacherTargets::TopK {
             ids: vec![],
             logps: vec![],
@@ -449,7 +449,10 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
     }
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &DistillBatch) -> LossOutput<Bk> {
-        let Some((logits, targets, _)) = trained_logits(model, &batch.batch) else {
+        let Some(TrainedLogits {
+            logits, targets, ..
+        }) = trained_logits(model, &batch.batch)
+        else {
             return LossOutput {
                 loss_sum: Tensor::zeros([1], &model.device()),
                 metric_sums: vec![],

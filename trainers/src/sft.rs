@@ -50,14 +50,23 @@ impl Sft {
     }
 }
 
-/// Logits `[n, vocab]` at the n trained positions of a collated batch, in row-major order,
-/// with their targets and the batch row of each. Only those positions go through the LM
-/// head: with a chat mask and padding they are often under half of the batch, and the
-/// `[positions, vocab]` logits dominate the cost of a small model.
+/// The model's outputs at the trained positions of a collated batch, in row-major order.
+pub struct TrainedLogits<B: Backend> {
+    /// `[n, vocab]`.
+    pub logits: Tensor<B, 2>,
+    /// `[n]`: the next token at each position.
+    pub targets: Tensor<B, 1, Int>,
+    /// The batch row of each position.
+    pub rows: Vec<usize>,
+}
+
+/// Logits at the n trained positions of a collated batch. Only those positions go through
+/// the LM head: with a chat mask and padding they are often under half of the batch, and
+/// the `[positions, vocab]` logits dominate the cost of a small model.
 pub fn trained_logits<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
-) -> Option<(Tensor<B, 2>, Tensor<B, 1, Int>, Vec<usize>)> {
+) -> Option<TrainedLogits<B>> {
     let device = model.device();
     let [b, t] = [batch.ids.len(), batch.ids.first().map_or(0, Vec::len)];
     let mut flat: Vec<i64> = Vec::new();
@@ -86,7 +95,11 @@ pub fn trained_logits<B: Backend>(
         .reshape([1, n, d]);
     let logits = model.logits(picked).reshape([n, model.vocab_size()]);
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
-    Some((logits, targets, rows))
+    Some(TrainedLogits {
+        logits,
+        targets,
+        rows,
+    })
 }
 
 /// `log p(target)` at every trained position of a collated batch, in row-major order, and
@@ -95,12 +108,12 @@ pub fn trained_token_logps<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
 ) -> Option<(Tensor<B, 1>, Vec<usize>)> {
-    let (logits, targets, rows) = trained_logits(model, batch)?;
-    let n = rows.len();
-    let logps = log_softmax(logits, 1)
-        .gather(1, targets.reshape([n, 1]))
+    let t = trained_logits(model, batch)?;
+    let n = t.rows.len();
+    let logps = log_softmax(t.logits, 1)
+        .gather(1, t.targets.reshape([n, 1]))
         .reshape([n]);
-    Some((logps, rows))
+    Some((logps, t.rows))
 }
 
 /// `-sum(log p(target))` over the trained positions of a collated batch.

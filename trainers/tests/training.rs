@@ -714,8 +714,12 @@ fn held_out_accuracy(r: &Recipe, model_dir: &Path) -> f64 {
         panic!("sft rows")
     };
     let batch = datasets::batch::collate_sft(&rows, 0);
-    let (logits, targets, _) = trainers::sft::trained_logits(&model, &batch).unwrap();
-    let hits = logits.argmax(1).reshape([targets.dims()[0]]).equal(targets);
+    let t = trainers::sft::trained_logits(&model, &batch).unwrap();
+    let hits = t
+        .logits
+        .argmax(1)
+        .reshape([t.targets.dims()[0]])
+        .equal(t.targets);
     hits.clone().int().sum().into_scalar() as f64 / hits.dims()[0] as f64
 }
 
