@@ -279,9 +279,8 @@ pub fn teacher_top_k<B: Backend>(
             unreachable!("top-k requested")
         };
         let mut at = 0;
-        for (r, w) in collated.weights.iter().enumerate() {
+        for w in &collated.weights {
             let n = w.iter().filter(|&&x| x).count();
-            let _ = r;
             out.push(RowTopK {
                 ids: ids[at * k..(at + n) * k].to_vec(),
                 logps: logps[at * k..(at + n) * k].to_vec(),
