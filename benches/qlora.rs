@@ -10,20 +10,18 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use models::backend::{Cpu, CpuTrain};
 use models::checkpoint::load_model_quantized;
-use models::lora::LoraSettings;
 use models::nf4::Quantization;
 use models::presets::{write_new_model, NewModelSpec};
 use models::weights::DiskDtype;
 use trainers::estimate::quantized_params;
-use trainers::sft::Sft;
-use trainers::train_loop::run_loop;
 use trainers::weights::WeightsFormat;
 
-use support::{loop_config, mean_tokens_per_s, peak_rss_mb, rows, rss_mb, run_child};
+use support::{
+    bench_lora, loop_config, mean_tokens_per_s, peak_rss_mb, rss_mb, run_child, run_sft,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -67,14 +65,8 @@ fn load(dir: &Path, quant: &str) {
 fn step(dir: &Path, quant: &str, steps: usize) {
     let q = quantization(quant);
     let device = Default::default();
-    let (cfg, model) = load_model_quantized::<CpuTrain>(dir, &device, q.as_ref()).unwrap();
-    let lora = LoraSettings {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target_modules: vec!["all-linear".into()],
-        use_rslora: false,
-    };
+    let (_, model) = load_model_quantized::<CpuTrain>(dir, &device, q.as_ref()).unwrap();
+    let lora = bench_lora();
     let model = model.with_lora(&lora, 0).unwrap();
     let weights = WeightsFormat::Adapter {
         settings: lora,
@@ -83,18 +75,7 @@ fn step(dir: &Path, quant: &str, steps: usize) {
     let work = tempfile::tempdir().unwrap();
     let total = steps + 1;
     let loop_cfg = loop_config(work.path(), total);
-    std::fs::create_dir_all(&loop_cfg.run_dir).unwrap();
-    let mut method = Sft::new(
-        rows(BATCH * total, SEQ, cfg.vocab_size),
-        vec![],
-        BATCH,
-        BATCH,
-        0,
-        0,
-    )
-    .unwrap();
-    let stop = AtomicBool::new(false);
-    run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
+    run_sft(model, &weights, &loop_cfg, BATCH, SEQ);
     let (tps, measured) = mean_tokens_per_s(&loop_cfg.run_dir);
     println!(
         "{{\"tokens_per_s\":{tps:.1},\"steps\":{measured},\"peak_rss_mb\":{:.1}}}",

@@ -12,17 +12,15 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use models::backend::CpuTrain;
-use models::lora::LoraSettings;
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
 use trainers::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use trainers::method::BatchShape;
 use trainers::optim::trainable_params;
-use trainers::sft::Sft;
 use trainers::train_loop::run_loop;
 use trainers::weights::WeightsFormat;
 
-use support::{loop_config, mean_tokens_per_s, pairs, peak_rss_mb, rows, run_child};
+use support::{bench_lora, loop_config, mean_tokens_per_s, pairs, peak_rss_mb, run_child, run_sft};
 
 // The same allocator as the burnish binary, so the figures are the binary's.
 #[global_allocator]
@@ -41,13 +39,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
     let device = Default::default();
     let model =
         CausalLm::<CpuTrain>::from_source(&cfg, &mut RandomInit::new(0, 0.02), &device).unwrap();
-    let lora = LoraSettings {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target_modules: vec!["all-linear".into()],
-        use_rslora: false,
-    };
+    let lora = bench_lora();
     let (model, weights) = match mode {
         "full" => (
             model,
@@ -98,16 +90,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         let mut method = Dpo::new(data, vec![], shape, DpoSettings::default(), reference).unwrap();
         run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
     } else {
-        let mut method = Sft::new(
-            rows(BATCH * total, SEQ, cfg.vocab_size),
-            vec![],
-            BATCH,
-            BATCH,
-            0,
-            0,
-        )
-        .unwrap();
-        run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
+        run_sft(model, &weights, &loop_cfg, BATCH, SEQ);
     }
     let (mean, measured) = mean_tokens_per_s(&loop_cfg.run_dir);
     println!(

@@ -5,13 +5,19 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
 
+use burn::tensor::backend::AutodiffBackend;
 use datasets::pack::PackedRow;
 use datasets::tokenize::TokenizedPair;
+use models::lora::LoraSettings;
+use models::CausalLm;
 use trainers::optim::AdamWSettings;
 use trainers::recipe::Schedule;
 use trainers::schedule::LrSchedule;
-use trainers::train_loop::LoopConfig;
+use trainers::sft::Sft;
+use trainers::train_loop::{run_loop, LoopConfig};
+use trainers::weights::WeightsFormat;
 
 /// A deterministic LCG stream of token ids below `vocab`.
 pub fn random_ids(x: &mut u64, n: usize, vocab: usize) -> Vec<u32> {
@@ -133,4 +139,45 @@ pub fn run_child(mode: &str, env: &[(&str, String)]) -> serde_json::Value {
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("{mode} failed: {}", String::from_utf8_lossy(&out.stderr)));
     serde_json::from_str(line).unwrap()
+}
+
+/// The adapters every LoRA benchmark trains: r = 16, alpha = 32 on every linear layer.
+pub fn bench_lora() -> LoraSettings {
+    LoraSettings {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        use_rslora: false,
+    }
+}
+
+/// `cfg.total_steps` SFT steps of `batch` random rows of `seq` tokens through the loop.
+pub fn run_sft<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    weights: &WeightsFormat,
+    cfg: &LoopConfig,
+    batch: usize,
+    seq: usize,
+) {
+    let vocab = model.vocab_size();
+    let mut method = Sft::new(
+        rows(batch * cfg.total_steps, seq, vocab),
+        vec![],
+        batch,
+        batch,
+        0,
+        0,
+    )
+    .unwrap();
+    std::fs::create_dir_all(&cfg.run_dir).unwrap();
+    run_loop(
+        model,
+        &mut method,
+        cfg,
+        weights,
+        None,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
 }
