@@ -30,7 +30,7 @@ pub async fn os_shutdown_signal() {
 
 pub(crate) fn init_logging() {
     let layer = tracing_subscriber::fmt::layer()
-        .with_filter(LevelFilter::INFO)
+        .with_filter(LevelFilter::WARN) // burnish patch: was INFO, a line per tensor transfer
         .with_filter(filter_fn(|m| {
             if let Some(path) = m.module_path() {
                 // The wgpu crate is logging too much, so we skip `info` level.

@@ -190,7 +190,12 @@ impl<B: Backend> LocalCollectiveServer<B> {
         let cfg = cfg.into();
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.channel_capacity);
 
-        get_collective_server_runtime().spawn(async {
+        // burnish patch: the server loop blocks on a std channel, so it runs on its own
+        // thread (driving the runtime with `block_on`) rather than as a task that would
+        // hold one of the runtime's workers forever: with one worker (a 1-CPU container)
+        // the websocket and data-service tasks of global operations could never run.
+        let handle = get_collective_server_runtime().handle().clone();
+        let server_loop = async {
             let typeid = TypeId::of::<B>();
             log::info!("Starting server for backend: {typeid:?}");
             let mut server = LocalCollectiveServer::new(rx);
@@ -206,7 +211,11 @@ impl<B: Backend> LocalCollectiveServer<B> {
                     }
                 }
             }
-        });
+        };
+        std::thread::Builder::new()
+            .name("burn-collective-server".into())
+            .spawn(move || handle.block_on(server_loop))
+            .expect("can spawn the collective server thread");
 
         LocalCollectiveClient { channel: tx }
     }

@@ -67,7 +67,9 @@ impl CommunicationChannel for WsClientChannel {
                 Err(err) => Err(WsClientError::Tungstenite(err)),
                 msg => Err(WsClientError::UnknownMessage(format!("{msg:?}"))),
             },
-            None => todo!(),
+            // burnish patch: the stream ended (the peer went away): report a closed
+            // channel instead of panicking with `todo!()`.
+            None => Ok(None),
         }
     }
 

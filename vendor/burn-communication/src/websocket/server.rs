@@ -100,7 +100,9 @@ impl CommunicationChannel for WsServerChannel {
                 Err(err) => Err(WsServerError::Axum(err)),
                 msg => Err(WsServerError::UnknownMessage(format!("{msg:?}"))),
             },
-            None => todo!(),
+            // burnish patch: the stream ended (the peer went away): report a closed
+            // channel instead of panicking with `todo!()`.
+            None => Ok(None),
         }
     }
 

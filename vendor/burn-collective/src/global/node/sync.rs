@@ -66,22 +66,32 @@ impl<P: Protocol> SyncService<P> {
                 .expect("Peer closed connection unexpectedly");
         }
         loop {
+            // burnish patch: register for the notification *before* checking, so a sync
+            // request that lands between the check and the wait is not lost (it was: a
+            // `notify_waiters` with no registered waiter wakes nobody).
+            let notified = self.sync_notif.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             {
-                // compare currently synced peers with list of all nodes
-                let mut syncing_peers = self.syncing_peers.lock().unwrap().to_vec();
-                syncing_peers.sort();
-
-                let mut all_node_ids = node_state.nodes.keys().cloned().collect::<Vec<_>>();
-                all_node_ids.sort();
-
-                if syncing_peers == all_node_ids {
-                    // all nodes have synced
-                    syncing_peers.clear();
+                let mut syncing_peers = self.syncing_peers.lock().unwrap();
+                let all_synced = node_state
+                    .nodes
+                    .keys()
+                    .all(|id| syncing_peers.contains(id));
+                if all_synced {
+                    // burnish patch: consume this round's requests from the shared list. The
+                    // original cleared a *copy* of it, so requests piled up across rounds and
+                    // the second global all-reduce after `register` never completed.
+                    for id in node_state.nodes.keys() {
+                        if let Some(i) = syncing_peers.iter().position(|p| p == id) {
+                            syncing_peers.remove(i);
+                        }
+                    }
                     return;
                 }
             }
             // Wait for the next sync to come in
-            self.sync_notif.notified().await
+            notified.await
         }
     }
 

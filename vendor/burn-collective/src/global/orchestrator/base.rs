@@ -136,3 +136,17 @@ pub async fn start_global_orchestrator(port: u16) {
         log::error!("Global Collective Orchestrator error: {err:?}");
     }
 }
+
+/// burnish patch: [start_global_orchestrator] that stops when `shutdown` completes instead
+/// of on the process's SIGINT/SIGTERM: installing those handlers would keep SIGTERM from
+/// ending an embedding process (a training rank) and take Ctrl-C away from it.
+pub async fn start_global_orchestrator_with_shutdown<F>(port: u16, shutdown: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let server = WsServer::new(port);
+    let res = GlobalOrchestrator::start(shutdown, server).await;
+    if let Err(err) = res {
+        log::error!("Global Collective Orchestrator error: {err:?}");
+    }
+}
