@@ -7,6 +7,7 @@ pub mod estimate;
 pub mod method;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod recipe;
 pub mod reward;
 pub mod schedule;

@@ -23,12 +23,13 @@ use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
 use crate::estimate::{estimate, human_bytes};
 use crate::method::{BatchShape, Method};
 use crate::optim::{trainable_params, AdamWSettings};
+use crate::parallel::Replica;
 use crate::recipe::{MethodName, Recipe};
 use crate::reward::Reward;
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
 use crate::teacher::{model_fingerprint, prepare_teacher};
-use crate::train_loop::{find_resume, run_loop, LoopConfig, Outcome, Resume};
+use crate::train_loop::{find_resume, run_loop_on, LoopConfig, Outcome, Resume};
 use crate::weights::WeightsFormat;
 
 pub struct TrainOptions<'a> {
@@ -379,6 +380,8 @@ struct RunContext<'a> {
     tok: TextTokenizer,
     model_cfg: ModelConfig,
     weights: WeightsFormat,
+    /// This process's replica when training data-parallel.
+    dp: Option<&'a mut Replica>,
 }
 
 pub fn train<B: AutodiffBackend>(
@@ -386,10 +389,29 @@ pub fn train<B: AutodiffBackend>(
     opts: &TrainOptions<'_>,
     device: &B::Device,
 ) -> Result<TrainReport> {
+    train_on::<B>(recipe, opts, device, None)
+}
+
+/// [`train`] as one replica of a data-parallel job (see [`crate::parallel`]). Rank 0 sets
+/// the run up first (clears it, builds a missing model, fills the data and reference
+/// caches); the other ranks wait for it, then set up from what it wrote.
+pub fn train_on<B: AutodiffBackend>(
+    recipe: &Recipe,
+    opts: &TrainOptions<'_>,
+    device: &B::Device,
+    mut dp: Option<&mut Replica>,
+) -> Result<TrainReport> {
+    let main = dp.as_ref().is_none_or(|d| d.is_main());
+    if let Some(d) = dp.as_deref_mut() {
+        d.register::<B::InnerBackend>(device.clone())?;
+        if !main {
+            d.barrier::<B::InnerBackend>("setup", device, d.timeouts.setup)?;
+        }
+    }
     let run_dir = recipe.train.output_dir.clone();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    if recipe.train.overwrite_output_dir && opts.resume.is_none() {
+    if recipe.train.overwrite_output_dir && opts.resume.is_none() && main {
         clear_run(&run_dir)?;
     }
     let resume_dir = find_resume(&run_dir, opts.resume.as_deref())?;
@@ -416,6 +438,7 @@ pub fn train<B: AutodiffBackend>(
         tok,
         model_cfg,
         weights,
+        dp,
     };
     match recipe.method {
         MethodName::Sft => {
@@ -596,14 +619,19 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
         tok,
         model_cfg,
         weights,
+        mut dp,
     } = ctx;
     let t = &recipe.train;
-    let total = total_steps(
-        recipe,
-        method.steps_per_epoch(t.gradient_accumulation_steps),
-    )?;
-    let cfg = loop_config(recipe, total, opts);
-    write_atomic(&run_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+    // Data-parallel: a step is `world` times the micro-batches, shared among the ranks.
+    let main = dp.as_ref().is_none_or(|d| d.is_main());
+    let world = dp.as_ref().map_or(1, |d| d.world);
+    let micro_batches = t.gradient_accumulation_steps * world;
+    let total = total_steps(recipe, method.steps_per_epoch(micro_batches))?;
+    let mut cfg = loop_config(recipe, total, opts);
+    cfg.micro_batches = micro_batches;
+    if main {
+        write_atomic(&run_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+    }
     let trainable: usize = trainable_params::<B, _>(&model)
         .iter()
         .map(|(_, _, s)| s.iter().product::<usize>())
@@ -631,7 +659,7 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
                 .unwrap_or_default()
         ),
     );
-    let samples_before = if resume.is_none() {
+    let samples_before = if resume.is_none() && main {
         let s = sample(&model.valid(), &model_cfg, &tok, recipe)?;
         if opts.verbose {
             print_samples(recipe, "before", &s);
@@ -641,7 +669,13 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
         vec![]
     };
 
-    let result = run_loop(model, &mut method, &cfg, &weights, resume, opts.stop)?;
+    if let Some(d) = dp.as_deref_mut() {
+        if main {
+            // Setup done: the other ranks may set up from what rank 0 wrote.
+            d.barrier::<B::InnerBackend>("setup", &model.device(), d.timeouts.setup)?;
+        }
+    }
+    let result = run_loop_on(model, &mut method, &cfg, &weights, resume, opts.stop, dp)?;
     let mut report = TrainReport {
         outcome: result.outcome,
         steps: result.steps,
@@ -657,6 +691,9 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
             opts.verbose,
             format!("interrupted after step {step}: checkpoint saved; continue with --resume auto"),
         );
+        return Ok(report);
+    }
+    if !main {
         return Ok(report);
     }
     let final_dir = run_dir.join("final");

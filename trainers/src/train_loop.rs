@@ -21,6 +21,7 @@ use models::CausalLm;
 use crate::method::Method;
 use crate::metrics::MetricsLog;
 use crate::optim::{global_grad_norm, AdamW, AdamWSettings};
+use crate::parallel::Replica;
 use crate::schedule::LrSchedule;
 use crate::weights::WeightsFormat;
 
@@ -69,7 +70,7 @@ pub struct Resume {
 
 /// Per-step seed of the backend RNG (dropout): a function of (seed, step), so a resumed run
 /// draws exactly the masks the uninterrupted run drew.
-fn step_seed(seed: u64, step: u64) -> u64 {
+pub(crate) fn step_seed(seed: u64, step: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
@@ -92,6 +93,8 @@ struct Checkpointer<'a> {
     cfg: &'a LoopConfig,
     weights: &'a WeightsFormat,
     last_saved: Option<u64>,
+    /// Only data-parallel rank 0 writes; the others name the directory it writes.
+    enabled: bool,
 }
 
 impl Checkpointer<'_> {
@@ -105,7 +108,7 @@ impl Checkpointer<'_> {
         elapsed_s: f64,
     ) -> Result<PathBuf> {
         let dir = step_dir(&self.cfg.run_dir, step);
-        if self.last_saved == Some(step) {
+        if self.last_saved == Some(step) || !self.enabled {
             return Ok(dir);
         }
         let state = TrainerState {
@@ -215,6 +218,17 @@ pub fn accumulate_gradients<B: AutodiffBackend, M: Method<B>>(
     if total_weight <= 0.0 {
         bail!("the batch has nothing to train on (zero loss weight)");
     }
+    accumulate_gradients_over(model, method, batches, total_weight)
+}
+
+/// [`accumulate_gradients`] over some of a step's micro-batches, each loss divided by
+/// `total_weight`, the weight of the whole step (a data-parallel rank's share of it).
+pub fn accumulate_gradients_over<B: AutodiffBackend, M: Method<B>>(
+    model: &CausalLm<B>,
+    method: &M,
+    batches: &[M::Batch],
+    total_weight: f64,
+) -> Result<StepGradients> {
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut out = StepGradients {
         grads: GradientsParams::new(),
@@ -244,19 +258,36 @@ pub fn accumulate_gradients<B: AutodiffBackend, M: Method<B>>(
 /// Run the loop from step 0 or from `resume` until `total_steps`, Ctrl-C (`stop`), or a
 /// non-finite loss or gradient (an error, after saving the last good state).
 pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
-    mut model: CausalLm<B>,
+    model: CausalLm<B>,
     method: &mut M,
     cfg: &LoopConfig,
     weights: &WeightsFormat,
     resume: Option<Resume>,
     stop: &AtomicBool,
 ) -> Result<LoopResult<B>> {
+    run_loop_on(model, method, cfg, weights, resume, stop, None)
+}
+
+/// [`run_loop`] as one replica of a data-parallel job (`dp`), or alone (`None`): each step's
+/// micro-batches are shared among the ranks and their gradients summed; only rank 0 logs
+/// and writes checkpoints; a stop (Ctrl-C) takes effect on every rank at the same step.
+pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
+    mut model: CausalLm<B>,
+    method: &mut M,
+    cfg: &LoopConfig,
+    weights: &WeightsFormat,
+    resume: Option<Resume>,
+    stop: &AtomicBool,
+    mut dp: Option<&mut Replica>,
+) -> Result<LoopResult<B>> {
+    let main = dp.as_ref().is_none_or(|d| d.is_main());
     let device = model.device();
     let mut opt = AdamW::<B>::new(cfg.adam);
     let mut ckpt = Checkpointer {
         cfg,
         weights,
         last_saved: None,
+        enabled: main,
     };
     let (mut step, mut tokens_seen, elapsed_before) = match &resume {
         Some(r) => {
@@ -276,7 +307,13 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
         }
         None => (0, 0, 0.0),
     };
-    let mut log = MetricsLog::open(&cfg.run_dir.join("metrics.jsonl"), step)?;
+    let mut log = match main {
+        true => Some(MetricsLog::open(&cfg.run_dir.join("metrics.jsonl"), step)?),
+        false => None,
+    };
+    if let Some(d) = dp.as_deref_mut() {
+        model = d.sync_params(model)?;
+    }
     let started = Instant::now();
     let elapsed = || elapsed_before + started.elapsed().as_secs_f64();
     let mut first_eval_loss = None;
@@ -289,13 +326,19 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
             rec.insert("step".into(), json!(0));
             rec.insert("epoch".into(), json!(0.0));
             rec.insert("elapsed_s".into(), json!(elapsed()));
-            log.write(&rec)?;
+            if let Some(log) = &mut log {
+                log.write(&rec)?;
+            }
         }
     }
     let pb = progress_bar(cfg, step);
     let total = cfg.total_steps as u64;
     while step < total {
-        if stop.load(Ordering::SeqCst) || cfg.stop_after_steps.is_some_and(|n| step >= n) {
+        let stopping = match &dp {
+            Some(d) => d.stop_agreed(),
+            None => stop.load(Ordering::SeqCst),
+        };
+        if stopping || cfg.stop_after_steps.is_some_and(|n| step >= n) {
             let dir = ckpt.save(
                 &model,
                 &opt,
@@ -322,7 +365,17 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
         let Some(batches) = method.next_step(&model, cfg.micro_batches)? else {
             break;
         };
-        let acc = accumulate_gradients(&model, method, &batches)?;
+        let acc = match dp.as_deref_mut() {
+            Some(d) => d.gradients(
+                &model,
+                method,
+                &batches,
+                step,
+                seed,
+                stop.load(Ordering::SeqCst),
+            )?,
+            None => accumulate_gradients(&model, method, &batches)?,
+        };
         if let Some((i, value)) = acc.non_finite {
             let dir = ckpt.save(&model, &opt, &before, step, tokens_seen, elapsed())?;
             bail!(
@@ -381,7 +434,9 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
         }
         rec.insert("elapsed_s".into(), json!(elapsed()));
         if step % cfg.logging_steps.max(1) as u64 == 0 || last || rec.contains_key("eval_loss") {
-            log.write(&rec)?;
+            if let Some(log) = &mut log {
+                log.write(&rec)?;
+            }
         }
         pb.set_position(step);
         pb.set_message(format!(
