@@ -25,6 +25,14 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     /// Fingerprint of the recipe fields that change the loss curve; resume refuses a mismatch.
     pub recipe_fingerprint: String,
+    /// Data-parallel replicas the run trained with (a step is their combined batch);
+    /// resume needs the same number. Absent in checkpoints from before data parallelism.
+    #[serde(default = "one")]
+    pub world_size: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl TrainerState {

@@ -95,6 +95,7 @@ struct Checkpointer<'a> {
     last_saved: Option<u64>,
     /// Only data-parallel rank 0 writes; the others name the directory it writes.
     enabled: bool,
+    world_size: u64,
 }
 
 impl Checkpointer<'_> {
@@ -121,6 +122,7 @@ impl Checkpointer<'_> {
             tokens_seen,
             elapsed_s,
             recipe_fingerprint: self.cfg.recipe_fingerprint.clone(),
+            world_size: self.world_size,
         };
         write_dir_atomically(&dir, |tmp| {
             self.weights
@@ -288,6 +290,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         weights,
         last_saved: None,
         enabled: main,
+        world_size: dp.as_ref().map_or(1, |d| d.world as u64),
     };
     let (mut step, mut tokens_seen, elapsed_before) = match &resume {
         Some(r) => {
@@ -296,6 +299,15 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
                     "checkpoint {} was made with a different recipe (model, data, adapter or optimizer settings changed); \
                      resume needs the same recipe, or start a new output_dir",
                     r.dir.display()
+                );
+            }
+            if r.state.world_size != ckpt.world_size {
+                bail!(
+                    "checkpoint {} was trained on {} data-parallel replica(s), this run has {}: a step is the \
+                     replicas' combined batch, so resume with the same number of devices and processes",
+                    r.dir.display(),
+                    r.state.world_size,
+                    ckpt.world_size
                 );
             }
             let saved = load_tensors(&r.dir.join(OPTIMIZER_FILE))?;

@@ -154,7 +154,11 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<ServerState>>) {
         let mut st = lock(&state);
         match cmd {
             "HELLO" => {
-                let Some(r) = rest.trim().parse::<usize>().ok().filter(|r| *r < st.ranks.len())
+                let Some(r) = rest
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|r| *r < st.ranks.len())
                 else {
                     break;
                 };
@@ -453,7 +457,10 @@ mod tests {
         while c1.abort_message().is_none() && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(c1.abort_message().unwrap(), "watchdog: rank 1 did not arrive");
+        assert_eq!(
+            c1.abort_message().unwrap(),
+            "watchdog: rank 1 did not arrive"
+        );
         assert!(c0.abort_message().is_none());
         c0.bye();
         c1.bye();

@@ -78,13 +78,14 @@ pub fn train_data_parallel<B: AutodiffBackend>(
 where
     B::Device: 'static,
 {
-    let _one = ONE_RUN_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Forget what an earlier run in this process left (a run that failed mid-collective).
     burn_collective::reset_collective::<B::InnerBackend>();
     let local = devices.len();
-    anyhow::ensure!(local > 0, "data-parallel training needs at least one device");
+    anyhow::ensure!(
+        local > 0,
+        "data-parallel training needs at least one device"
+    );
     let (processes, process_rank) = topology
         .as_ref()
         .map_or((1, 0), |t| (t.processes, t.process_rank));
@@ -100,7 +101,10 @@ where
         }
         Some(t) => {
             let server = if t.process_rank == 0 {
-                Some(ControlServer::start(&format!("0.0.0.0:{}", t.control_port()), world)?)
+                Some(ControlServer::start(
+                    &format!("0.0.0.0:{}", t.control_port()),
+                    world,
+                )?)
             } else {
                 None
             };
@@ -135,7 +139,8 @@ where
             .spawn(move || {
                 let run = || -> Result<TrainReport> {
                     let deadline = Instant::now() + timeouts.setup;
-                    let control = ControlClient::connect(&control_addr, rank, deadline, multi_process)?;
+                    let control =
+                        ControlClient::connect(&control_addr, rank, deadline, multi_process)?;
                     let mut replica =
                         Replica::new(rank, world, local, topology, control, timeouts, fault);
                     let res = train_on::<B>(&recipe, &rank_opts, &device, Some(&mut replica));
@@ -155,7 +160,11 @@ where
         match rx.recv() {
             Ok((_, Err(e))) => return Err(e),
             Ok((rank, Ok(r))) => reports.push((rank, r)),
-            Err(_) => return Err(anyhow!("a data-parallel rank ended without a result (it panicked)")),
+            Err(_) => {
+                return Err(anyhow!(
+                    "a data-parallel rank ended without a result (it panicked)"
+                ))
+            }
         }
     }
     for h in handles {

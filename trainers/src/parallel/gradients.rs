@@ -135,10 +135,7 @@ fn scalars<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
 }
 
 fn host(t: Tensor<impl Backend, 1>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 values")
+    t.into_data().convert::<f32>().to_vec().expect("f32 values")
 }
 
 /// Tokens as two exactly summable f32 parts (low 12 bits, the rest).
@@ -187,7 +184,9 @@ impl Replica {
         }
         let (lo, hi) = shard_range(batches.len(), self.rank, self.world);
         // Each rank draws its own dropout masks.
-        models::lora::reseed_dropout(step_seed ^ (self.rank as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        models::lora::reseed_dropout(
+            step_seed ^ (self.rank as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+        );
         let local = accumulate_gradients_over(model, method, &batches[lo..hi], total_weight)?;
         if local.metric_sums.len() > MAX_METRICS {
             bail!(

@@ -187,7 +187,12 @@ impl Replica {
     }
 
     /// Wait until every rank gets here (an all-reduce of nothing).
-    pub fn barrier<B: Backend>(&mut self, what: &str, device: &B::Device, timeout: Duration) -> Result<()> {
+    pub fn barrier<B: Backend>(
+        &mut self,
+        what: &str,
+        device: &B::Device,
+        timeout: Duration,
+    ) -> Result<()> {
         let t = Tensor::<B, 1>::zeros([self.world], device);
         self.all_reduce_sum(t, &format!("barrier({what})"), timeout)
             .map(|_| ())
@@ -283,9 +288,12 @@ impl Replica {
             timeout.as_secs_f64(),
             self.rank
         );
-        let tail = "stopping every rank (raise --collective-timeout if a rank is legitimately this slow)";
+        let tail =
+            "stopping every rank (raise --collective-timeout if a rank is legitimately this slow)";
         let Some(states) = self.control.states(Duration::from_secs(5)) else {
-            return format!("{head}; the coordinator did not answer, so the missing rank is unknown; {tail}");
+            return format!(
+                "{head}; the coordinator did not answer, so the missing rank is unknown; {tail}"
+            );
         };
         let missing: Vec<String> = states
             .iter()
@@ -312,14 +320,20 @@ impl Replica {
         }
         match f.kind {
             FaultKind::Kill => {
-                eprintln!("rank {}: injected fault: killing this process at step {step}", self.rank);
+                eprintln!(
+                    "rank {}: injected fault: killing this process at step {step}",
+                    self.rank
+                );
                 // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
                 unsafe {
                     libc::kill(libc::getpid(), libc::SIGKILL);
                 }
             }
             FaultKind::Stall => {
-                eprintln!("rank {}: injected fault: stalling forever at step {step}", self.rank);
+                eprintln!(
+                    "rank {}: injected fault: stalling forever at step {step}",
+                    self.rank
+                );
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
                 }

@@ -52,7 +52,8 @@ impl Topology {
             let rank = num("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
             (w, rank, num("LOCAL_RANK")?.unwrap_or(0))
         } else if let Some(w) = num("SLURM_STEP_NUM_TASKS")? {
-            let rank = num("SLURM_PROCID")?.context("SLURM_STEP_NUM_TASKS is set but SLURM_PROCID is not")?;
+            let rank = num("SLURM_PROCID")?
+                .context("SLURM_STEP_NUM_TASKS is set but SLURM_PROCID is not")?;
             (w, rank, num("SLURM_LOCALID")?.unwrap_or(0))
         } else {
             return Ok(None);
@@ -150,7 +151,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((t.processes, t.process_rank, t.local_rank), (4, 3, 1));
-        assert_eq!((t.orchestrator_port(), t.control_port(), t.data_port), (30000, 30001, 30003));
+        assert_eq!(
+            (t.orchestrator_port(), t.control_port(), t.data_port),
+            (30000, 30001, 30003)
+        );
     }
 
     #[test]
@@ -166,15 +170,22 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((t.processes, t.process_rank), (2, 1));
-        assert_eq!((t.master_addr.as_str(), t.master_port), ("10.1.2.3", DEFAULT_MASTER_PORT));
+        assert_eq!(
+            (t.master_addr.as_str(), t.master_port),
+            ("10.1.2.3", DEFAULT_MASTER_PORT)
+        );
     }
 
     #[test]
     fn one_process_is_no_job_and_bad_values_are_named() {
         let one = [("WORLD_SIZE", "1"), ("RANK", "0")];
         assert_eq!(Topology::from_vars(vars(&one)).unwrap(), None);
-        let e = Topology::from_vars(vars(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h")]))
-            .unwrap_err();
+        let e = Topology::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "2"),
+            ("MASTER_ADDR", "h"),
+        ]))
+        .unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
         let e = Topology::from_vars(vars(&[("WORLD_SIZE", "2"), ("RANK", "0")])).unwrap_err();
         assert!(e.to_string().contains("MASTER_ADDR"), "{e}");

@@ -469,6 +469,10 @@ impl<B: Backend> LocalCollectiveServer<B> {
 
     /// Reinitializes the collective server
     fn reset(&mut self) {
+        // burnish patch: also forget registrations still waiting for their peers; their
+        // callers are gone, and answering them later would panic the server.
+        self.callbacks_register.clear();
+        self.devices.clear();
         self.peers.clear();
         self.all_reduce_op = None;
         self.reduce_op = None;
