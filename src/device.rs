@@ -21,24 +21,60 @@ pub fn dispatch<C: OnDevice>(spec: &str, cmd: C) -> Result<C::Output> {
     }
 }
 
-/// A training command body, generic over an autodiff backend.
+/// A training command body, generic over an autodiff backend, on one device or several of
+/// one kind (one data-parallel replica each).
 pub trait OnTrainDevice {
     type Output;
     fn run<B: burn::tensor::backend::AutodiffBackend>(
         self,
-        device: B::Device,
+        devices: Vec<B::Device>,
     ) -> Result<Self::Output>;
 }
 
-pub fn dispatch_train<C: OnTrainDevice>(spec: &str, cmd: C) -> Result<C::Output> {
-    let spec: DeviceSpec = spec.parse()?;
-    match spec.ensure_available()? {
-        DeviceSpec::Cpu => cmd.run::<models::backend::CpuTrain>(Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => {
-            cmd.run::<models::backend::GpuTrain>(models::backend::cuda_device(i))
+/// `cpu`, `cuda:1`, or a comma-separated list of one kind (`cuda:0,cuda:1`; `cpu,cpu` runs
+/// two CPU replicas, for tests). Under a multi-process launch (`local_rank`), a bare `cuda`
+/// is `cuda:LOCAL_RANK`.
+pub fn parse_devices(list: &str, local_rank: Option<usize>) -> Result<Vec<DeviceSpec>> {
+    let specs = list
+        .split(',')
+        .map(|s| match (s.trim(), local_rank) {
+            ("cuda", Some(r)) => Ok(DeviceSpec::Cuda(r)),
+            (s, _) => s.parse::<DeviceSpec>()?.ensure_available(),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cpu = specs.iter().filter(|d| **d == DeviceSpec::Cpu).count();
+    if cpu != 0 && cpu != specs.len() {
+        anyhow::bail!("--device {list}: data-parallel replicas must all be CPU or all CUDA");
+    }
+    for (i, d) in specs.iter().enumerate() {
+        if let DeviceSpec::Cuda(n) = d {
+            if specs[..i].contains(d) {
+                anyhow::bail!("--device {list}: cuda:{n} is listed twice");
+            }
         }
+    }
+    Ok(specs)
+}
+
+pub fn dispatch_train<C: OnTrainDevice>(specs: &[DeviceSpec], cmd: C) -> Result<C::Output> {
+    match specs.first() {
+        None => anyhow::bail!("no device given"),
+        Some(DeviceSpec::Cpu) => {
+            cmd.run::<models::backend::CpuTrain>(vec![Default::default(); specs.len()])
+        }
+        #[cfg(feature = "cuda")]
+        Some(DeviceSpec::Cuda(_)) => cmd.run::<models::backend::GpuTrain>(
+            specs
+                .iter()
+                .map(|d| match d {
+                    DeviceSpec::Cuda(i) => models::backend::cuda_device(*i),
+                    DeviceSpec::Cpu => unreachable!("checked by parse_devices"),
+                })
+                .collect(),
+        ),
         #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => unreachable!("ensure_available refuses CUDA without the feature"),
+        Some(DeviceSpec::Cuda(_)) => {
+            unreachable!("ensure_available refuses CUDA without the feature")
+        }
     }
 }

@@ -7,6 +7,7 @@ mod distill_data;
 mod evolve;
 mod export;
 mod generate;
+mod launch;
 mod local;
 mod new_model;
 mod reward_score;
@@ -43,6 +44,8 @@ enum Command {
     Data(data::Args),
     /// Train with a recipe (SFT or LoRA; more methods follow the same loop).
     Train(train::Args),
+    /// Start this machine's ranks of a data-parallel job: `launch --nproc-per-node N -- train ...`.
+    Launch(launch::Args),
     /// Write a run, checkpoint or adapter as a Hugging Face model (or PEFT adapter).
     Export(export::Args),
 }
@@ -55,6 +58,7 @@ fn main() {
         Command::Score(a) => score::run(a),
         Command::Data(a) => data::run(a),
         Command::Train(a) => train::run(a),
+        Command::Launch(a) => launch::run(a),
         Command::Export(a) => export::run(a),
     };
     if let Err(e) = result {

@@ -1,16 +1,20 @@
-//! `burnish train --recipe R [--set section.key=value]... [--dry-run] [--resume auto|DIR]`.
+//! `burnish train --recipe R [--set section.key=value]... [--dry-run] [--resume auto|DIR]
+//! [--device cpu|cuda:0,cuda:1,...]`: one device, or data-parallel replicas on several (and,
+//! under `burnish launch`, torchrun or `srun`, one process of a multi-process job).
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use trainers::parallel::{train_data_parallel, Fault, ParallelOptions, Timeouts, Topology};
 use trainers::train_loop::Outcome;
 use trainers::{dry_run, train, Recipe, TrainOptions};
 
-use crate::device::{dispatch_train, OnTrainDevice};
+use crate::device::{dispatch_train, parse_devices, OnTrainDevice};
 
 #[derive(Parser)]
 pub struct Args {
@@ -30,8 +34,20 @@ pub struct Args {
     /// continue with --resume auto).
     #[arg(long)]
     pub stop_after_steps: Option<u64>,
-    #[arg(long, default_value = "cpu")]
+    /// `cpu`, `cuda:N`, or several of one kind (`cuda:0,cuda:1`): one data-parallel
+    /// replica per device. Under a multi-process launch, `cuda` is `cuda:LOCAL_RANK`.
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
+    /// Data-parallel watchdog: seconds a rank waits in a collective of the training loop
+    /// for the others before every rank stops with a message naming the missing one
+    /// (default 600, or BURNISH_COLLECTIVE_TIMEOUT). Must exceed the longest pause of
+    /// rank 0 alone (evaluation, checkpoint).
+    #[arg(long, value_name = "SECONDS")]
+    pub collective_timeout: Option<f64>,
+    /// The same for setup (registration, and the others waiting while rank 0 prepares the
+    /// data and caches): default 1800, or BURNISH_SETUP_TIMEOUT.
+    #[arg(long, value_name = "SECONDS")]
+    pub setup_timeout: Option<f64>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -40,12 +56,14 @@ struct Run {
     recipe: Recipe,
     resume: Option<String>,
     stop_after_steps: Option<u64>,
+    topology: Option<Topology>,
+    parallel: ParallelOptions,
 }
 
 impl OnTrainDevice for Run {
     type Output = Outcome;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
+    fn run<B: AutodiffBackend>(self, mut devices: Vec<B::Device>) -> Result<Outcome> {
         let opts = TrainOptions {
             resume: self.resume,
             show_progress: std::io::stderr().is_terminal(),
@@ -53,8 +71,30 @@ impl OnTrainDevice for Run {
             verbose: true,
             stop_after_steps: self.stop_after_steps,
         };
-        Ok(train::<B>(&self.recipe, &opts, &device)?.outcome)
+        if devices.len() == 1 && self.topology.is_none() {
+            let device = devices.remove(0);
+            return Ok(train::<B>(&self.recipe, &opts, &device)?.outcome);
+        }
+        let report =
+            train_data_parallel::<B>(&self.recipe, &opts, devices, self.topology, &self.parallel)?;
+        Ok(report.outcome)
     }
+}
+
+/// A timeout from the flag, else the environment variable, else the default.
+fn seconds(flag: Option<f64>, var: &str, default: Duration) -> Result<Duration> {
+    let v = match (flag, std::env::var(var).ok()) {
+        (Some(s), _) => s,
+        (None, Some(v)) => v
+            .trim()
+            .parse::<f64>()
+            .with_context(|| format!("{var}={v} is not a number of seconds"))?,
+        (None, None) => return Ok(default),
+    };
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("a timeout must be a positive number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -70,12 +110,35 @@ pub fn run(a: Args) -> Result<()> {
         }
         eprintln!("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)");
     })?;
+    let topology = Topology::from_env()?;
+    if topology.is_some() {
+        crate::launch::watch_launcher();
+    }
+    let defaults = Timeouts::default();
+    let parallel = ParallelOptions {
+        timeouts: Timeouts {
+            step: seconds(
+                a.collective_timeout,
+                "BURNISH_COLLECTIVE_TIMEOUT",
+                defaults.step,
+            )?,
+            setup: seconds(a.setup_timeout, "BURNISH_SETUP_TIMEOUT", defaults.setup)?,
+        },
+        // Test hook: `kill:RANK:STEP` or `stall:RANK:STEP` (see trainers::parallel::Fault).
+        fault: match std::env::var("BURNISH_FAULT_INJECT") {
+            Ok(f) => Some(f.parse::<Fault>()?),
+            Err(_) => None,
+        },
+    };
+    let devices = parse_devices(&a.device, topology.as_ref().map(|t| t.local_rank))?;
     let outcome = dispatch_train(
-        &a.device,
+        &devices,
         Run {
             recipe,
             resume: a.resume,
             stop_after_steps: a.stop_after_steps,
+            topology,
+            parallel,
         },
     )?;
     // Ctrl-C ends with the shell's SIGINT status; --stop-after-steps is a normal end.

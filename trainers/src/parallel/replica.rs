@@ -169,11 +169,19 @@ impl Replica {
         })
     }
 
-    /// Leave the collective after a run that finished. Across processes the orchestrator
-    /// is not told (it may already be gone); the processes simply end.
+    /// Leave the collective after a run that finished (across processes this closes the
+    /// connections to the orchestrator and the peers cleanly), then tell the coordinator.
+    /// Best effort: the run is over whatever happens here.
     pub fn finish<B: Backend>(&mut self) {
-        if self.topology.is_none() {
-            let _ = finish_collective::<B>(self.peer());
+        let peer = self.peer();
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("collective-finish-{}", self.rank))
+            .spawn(move || {
+                let _ = tx.send(finish_collective::<B>(peer));
+            });
+        if spawned.is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
         }
         self.control.bye();
     }
