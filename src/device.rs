@@ -31,8 +31,8 @@ pub trait OnTrainDevice {
     ) -> Result<Self::Output>;
 }
 
-/// `cpu`, `cuda:1`, or a comma-separated list of one kind (`cuda:0,cuda:1`; `cpu,cpu` runs
-/// two CPU replicas, for tests). Under a multi-process launch (`local_rank`), a bare `cuda`
+/// `cpu`, `cuda:1`, or a comma-separated list of one kind (`cuda:0,cuda:1`; a device listed
+/// twice holds two replicas, as `cpu,cpu` does for tests). Under a multi-process launch (`local_rank`), a bare `cuda`
 /// is `cuda:LOCAL_RANK`.
 pub fn parse_devices(list: &str, local_rank: Option<usize>) -> Result<Vec<DeviceSpec>> {
     let specs = list
@@ -45,13 +45,6 @@ pub fn parse_devices(list: &str, local_rank: Option<usize>) -> Result<Vec<Device
     let cpu = specs.iter().filter(|d| **d == DeviceSpec::Cpu).count();
     if cpu != 0 && cpu != specs.len() {
         anyhow::bail!("--device {list}: data-parallel replicas must all be CPU or all CUDA");
-    }
-    for (i, d) in specs.iter().enumerate() {
-        if let DeviceSpec::Cuda(n) = d {
-            if specs[..i].contains(d) {
-                anyhow::bail!("--device {list}: cuda:{n} is listed twice");
-            }
-        }
     }
     Ok(specs)
 }

@@ -36,8 +36,9 @@ pub struct Args {
     /// Lines of a failed rank's output repeated at the end.
     #[arg(long, default_value_t = 30)]
     pub tail_lines: usize,
-    /// Seconds the other ranks get to exit once one failed, before they are killed.
-    #[arg(long, default_value_t = 10.0)]
+    /// Once a rank failed: seconds the others get to stop by themselves (their watchdog
+    /// notices within moments and says why), then after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 5.0)]
     pub grace: f64,
     /// The burnish command every rank runs, after `--` (`train --recipe R ...`).
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -205,6 +206,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut failed: Option<usize> = None;
     let mut stopping_since: Option<Instant> = None;
     let mut interrupted = false;
+    let mut terminated = false;
     let grace = Duration::from_secs_f64(a.grace.max(0.0));
     let send_all = |alive: &[bool], sig: i32| {
         for (pid, _) in pids.iter().zip(alive).filter(|(_, a)| **a) {
@@ -221,9 +223,12 @@ pub fn run(a: Args) -> Result<()> {
             send_all(&alive, libc::SIGTERM);
         }
         if let Some(t) = stopping_since {
-            if t.elapsed() >= grace {
+            if t.elapsed() >= 2 * grace {
                 send_all(&alive, libc::SIGKILL);
                 stopping_since = None;
+            } else if t.elapsed() >= grace && !terminated {
+                send_all(&alive, libc::SIGTERM);
+                terminated = true;
             }
         }
         match done_rx.recv_timeout(Duration::from_millis(50)) {
@@ -234,7 +239,6 @@ pub fn run(a: Args) -> Result<()> {
                     failed = Some(local);
                     if !interrupted {
                         // One rank failed: the others cannot finish without it.
-                        send_all(&alive, libc::SIGTERM);
                         stopping_since = Some(Instant::now());
                     }
                 }
@@ -258,7 +262,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut e = std::io::stderr().lock();
     let _ = writeln!(
         e,
-        "burnish launch: rank {rank} (pid {}) {} first; the other ranks were stopped. Its last lines:",
+        "burnish launch: rank {rank} (pid {}) {} first, and the job stopped. Its last lines:",
         pids[local],
         describe(status)
     );

@@ -212,7 +212,8 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<ServerState>>) {
         st.conns[r] = None;
         if st.ranks[r].status == RankStatus::Alive {
             st.ranks[r].status = RankStatus::Dead;
-            st.broadcast(&format!("DEAD {r}"), Some(r));
+            let last = st.ranks[r].describe();
+            st.broadcast(&format!("DEAD {r} {last}"), Some(r));
         }
     }
 }
@@ -361,9 +362,9 @@ fn read_loop(
                 break;
             }
             "DEAD" => {
+                let (rank, last) = rest.split_once(' ').unwrap_or((rest, "?"));
                 reason = Some(format!(
-                    "rank {} died (its process exited or was killed without finishing); stopping every rank",
-                    rest.trim()
+                    "watchdog: rank {rank} died (its process ended without finishing; last seen at {last}); stopping every rank"
                 ));
                 break;
             }

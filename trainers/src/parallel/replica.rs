@@ -263,11 +263,21 @@ impl Replica {
         match res {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                let msg = format!(
-                    "rank {}: {op} at {} failed in the collective layer: {e:?}",
+                let failed = format!(
+                    "rank {} was in {op} at {}, which failed in the collective layer: {e:?}",
                     self.rank,
                     self.at()
                 );
+                // A peer that died fails the collective; the coordinator says which one,
+                // usually within milliseconds.
+                let waited = Instant::now();
+                while waited.elapsed() < Duration::from_secs(2) {
+                    if let Some(told) = self.control.abort_message() {
+                        bail!("{told}; {failed}");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let msg = failed;
                 self.control.abort(&msg);
                 bail!(msg)
             }

@@ -79,7 +79,8 @@ where
         .position(|id| *id == node)
         .expect("Node is in ring");
     let prev_node_idx = (send_slice_idx + ring.len() - 1) % ring.len(); // +ring.len for overflow
-    let prev_node = nodes.get(&ring[prev_node_idx]).unwrap();
+    let prev_id = ring[prev_node_idx];
+    let prev_node = nodes.get(&prev_id).unwrap();
     let mut transfer_counter: u64 = 0;
 
     // Phase 1: add
@@ -88,6 +89,7 @@ where
         &mut transfer_counter,
         &mut send_slice_idx,
         true,
+        prev_id,
         prev_node.clone(),
         &data_service,
         device,
@@ -100,6 +102,7 @@ where
         &mut transfer_counter,
         &mut send_slice_idx,
         false,
+        prev_id,
         prev_node.clone(),
         &data_service,
         device,
@@ -126,6 +129,7 @@ async fn do_cycles<B, P>(
     transfer_counter: &mut u64,
     send_slice_idx: &mut usize,
     is_phase_one: bool,
+    prev_id: NodeId,
     prev_node: Address,
     data_service: &Arc<TensorDataService<B, P>>,
     device: &B::Device,
@@ -156,13 +160,16 @@ where
         };
 
         upload.await.unwrap();
-        let download = download.await.unwrap();
+        // burnish patch: a peer that died (the download task panicked on connecting, or
+        // the connection closed) is an error for the caller, not a panic of the server.
+        let Ok(Some(download)) = download.await else {
+            return Err(GlobalCollectiveError::PeerLost(prev_id));
+        };
         if is_phase_one {
-            let download = download.expect("Peer closed download connection");
             let tensor = B::float_from_data(download, device);
             slices[recv_slice_idx] = B::float_add(slices[recv_slice_idx].clone(), tensor);
         } else {
-            let tensor = B::float_from_data(download.unwrap(), device);
+            let tensor = B::float_from_data(download, device);
             let old_shape = slices[recv_slice_idx].shape();
             if old_shape != tensor.shape() {
                 return Err(GlobalCollectiveError::PeerSentIncoherentTensor);
