@@ -392,8 +392,8 @@ pub fn train<B: AutodiffBackend>(
     train_on::<B>(recipe, opts, device, None)
 }
 
-/// [`train`] as one replica of a data-parallel job (see [`crate::parallel`]). Rank 0 sets
-/// the run up first (clears it, builds a missing model, fills the data and reference
+/// [`train`] as one replica of a data-parallel job (`dp`, registered: see
+/// [`crate::parallel::run_replicas`]). Rank 0 sets the run up first (clears it, builds a missing model, fills the data and reference
 /// caches); the other ranks wait for it, then set up from what it wrote.
 pub fn train_on<B: AutodiffBackend>(
     recipe: &Recipe,
@@ -403,7 +403,6 @@ pub fn train_on<B: AutodiffBackend>(
 ) -> Result<TrainReport> {
     let main = dp.as_ref().is_none_or(|d| d.is_main());
     if let Some(d) = dp.as_deref_mut() {
-        d.register::<B::InnerBackend>(device.clone())?;
         if !main {
             d.barrier::<B::InnerBackend>("setup", device, d.timeouts.setup)?;
         }

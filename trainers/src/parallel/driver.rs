@@ -63,20 +63,23 @@ impl Drop for Orchestrator {
     }
 }
 
-/// Train `recipe` data-parallel: one replica per device of `devices`, in threads of this
-/// process; with `topology`, this process is one of several, each running as many
-/// replicas (ranks are numbered process by process). Returns rank 0's report on process 0
-/// (on others, that of their first replica). The first failure of any rank stops every
-/// rank and is returned.
-pub fn train_data_parallel<B: AutodiffBackend>(
-    recipe: &Recipe,
-    opts: &TrainOptions<'static>,
+/// Run `body` once per device of `devices`, each in its own thread with its [`Replica`],
+/// registered with the collective: this process's replicas of a data-parallel job. With
+/// `topology`, this process is one of several, each with as many devices (ranks are
+/// numbered process by process); process 0 hosts the watchdog's coordinator and
+/// burn-collective's orchestrator. Returns this process's results in rank order; the first
+/// failure of any rank stops every rank and is returned.
+pub fn run_replicas<B, T, F>(
     devices: Vec<B::Device>,
     topology: Option<Topology>,
     popts: &ParallelOptions,
-) -> Result<TrainReport>
+    body: F,
+) -> Result<Vec<T>>
 where
+    B: AutodiffBackend,
     B::Device: 'static,
+    T: Send + 'static,
+    F: Fn(&mut Replica, &B::Device) -> Result<T> + Send + Sync + 'static,
 {
     let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Forget what an earlier run in this process left (a run that failed mid-collective).
@@ -116,34 +119,30 @@ where
         _ => None,
     };
 
-    let (tx, rx) = mpsc::channel::<(usize, Result<TrainReport>)>();
+    let body = std::sync::Arc::new(body);
+    let (tx, rx) = mpsc::channel::<(usize, Result<T>)>();
     let mut handles = Vec::with_capacity(local);
     for (i, device) in devices.into_iter().enumerate() {
         let rank = first_rank + i;
         let tx = tx.clone();
-        let recipe = recipe.clone();
+        let body = body.clone();
         let control_addr = control_addr.clone();
         let topology = topology.clone();
         let fault = popts.fault;
-        let rank_opts = TrainOptions {
-            resume: opts.resume.clone(),
-            show_progress: opts.show_progress && rank == 0,
-            stop: opts.stop,
-            verbose: opts.verbose && rank == 0,
-            stop_after_steps: opts.stop_after_steps,
-        };
         let multi_process = topology.is_some();
         let h = std::thread::Builder::new()
             .name(format!("rank-{rank}"))
             .stack_size(64 << 20)
             .spawn(move || {
-                let run = || -> Result<TrainReport> {
+                let run = || -> Result<T> {
                     let deadline = Instant::now() + timeouts.setup;
                     let control =
                         ControlClient::connect(&control_addr, rank, deadline, multi_process)?;
                     let mut replica =
                         Replica::new(rank, world, local, topology, control, timeouts, fault);
-                    let res = train_on::<B>(&recipe, &rank_opts, &device, Some(&mut replica));
+                    let res = replica
+                        .register::<B::InnerBackend>(device.clone())
+                        .and_then(|()| body(&mut replica, &device));
                     match &res {
                         Ok(_) => replica.finish::<B::InnerBackend>(),
                         Err(e) => replica.fail(e),
@@ -155,11 +154,11 @@ where
         handles.push(h);
     }
     drop(tx);
-    let mut reports: Vec<(usize, TrainReport)> = Vec::with_capacity(local);
+    let mut results: Vec<(usize, T)> = Vec::with_capacity(local);
     for _ in 0..local {
         match rx.recv() {
             Ok((_, Err(e))) => return Err(e),
-            Ok((rank, Ok(r))) => reports.push((rank, r)),
+            Ok((rank, Ok(r))) => results.push((rank, r)),
             Err(_) => {
                 return Err(anyhow!(
                     "a data-parallel rank ended without a result (it panicked)"
@@ -175,6 +174,41 @@ where
         // orchestrator) up for them.
         s.wait_all_finished(Duration::from_secs(60));
     }
-    reports.sort_by_key(|(r, _)| *r);
-    Ok(reports.swap_remove(0).1)
+    results.sort_by_key(|(r, _)| *r);
+    Ok(results.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Train `recipe` data-parallel (see [`run_replicas`]): only rank 0 is verbose, shows
+/// progress, logs and writes. Returns the report of this process's first replica (rank
+/// 0's on process 0).
+pub fn train_data_parallel<B: AutodiffBackend>(
+    recipe: &Recipe,
+    opts: &TrainOptions<'static>,
+    devices: Vec<B::Device>,
+    topology: Option<Topology>,
+    popts: &ParallelOptions,
+) -> Result<TrainReport>
+where
+    B::Device: 'static,
+{
+    let recipe = recipe.clone();
+    let (resume, show_progress, stop, verbose, stop_after_steps) = (
+        opts.resume.clone(),
+        opts.show_progress,
+        opts.stop,
+        opts.verbose,
+        opts.stop_after_steps,
+    );
+    let reports = run_replicas::<B, _, _>(devices, topology, popts, move |replica, device| {
+        let main = replica.is_main();
+        let rank_opts = TrainOptions {
+            resume: resume.clone(),
+            show_progress: show_progress && main,
+            stop,
+            verbose: verbose && main,
+            stop_after_steps,
+        };
+        train_on::<B>(&recipe, &rank_opts, device, Some(replica))
+    })?;
+    Ok(reports.into_iter().next().expect("one report per device"))
 }

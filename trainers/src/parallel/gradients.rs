@@ -13,6 +13,7 @@ use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
 
 use models::CausalLm;
 
@@ -33,11 +34,14 @@ pub fn shard_range(n: usize, rank: usize, world: usize) -> (usize, usize) {
 
 /// Flattened trainable gradients in visiting order, with one presence flag per parameter
 /// (a parameter the loss does not reach has no gradient, and must get none after the sum).
+/// They travel as f32 (a bf16 model's gradients are summed in f32) and come back in the
+/// parameter's dtype.
 struct FlattenGrads<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
     device: B::Device,
     parts: Vec<Tensor<B::InnerBackend, 1>>,
     present: Vec<f32>,
+    dtypes: Vec<DType>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
@@ -48,10 +52,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
         let n: usize = p.shape().num_elements();
         match self.grads.get::<B::InnerBackend, D>(p.id) {
             Some(g) => {
-                self.parts.push(g.reshape([n]));
+                self.dtypes.push(g.dtype());
+                self.parts.push(g.reshape([n]).cast(FloatDType::F32));
                 self.present.push(1.0);
             }
             None => {
+                self.dtypes.push(p.val().dtype());
                 self.parts.push(Tensor::zeros([n], &self.device));
                 self.present.push(0.0);
             }
@@ -64,6 +70,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
 struct UnflattenGrads<'a, B: AutodiffBackend> {
     flat: Tensor<B::InnerBackend, 1>,
     present: &'a [f32],
+    dtypes: &'a [DType],
     offset: usize,
     index: usize,
     out: GradientsParams,
@@ -81,7 +88,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UnflattenGrads<'_, B> {
                 .flat
                 .clone()
                 .slice([self.offset..self.offset + n])
-                .reshape(shape);
+                .reshape(shape)
+                .cast(self.dtypes[self.index]);
             self.out.register::<B::InnerBackend, D>(p.id, g);
         }
         self.offset += n;
@@ -99,7 +107,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenParams<B> {
         if p.is_require_grad() {
             let v = p.val().inner();
             let n = v.shape().num_elements();
-            self.parts.push(v.reshape([n]));
+            self.parts.push(v.reshape([n]).cast(FloatDType::F32));
         }
     }
 }
@@ -116,13 +124,14 @@ impl<B: AutodiffBackend> ModuleMapper<B> for AssignParams<B> {
             return param;
         }
         let (id, tensor, mapper) = param.consume();
-        let shape = tensor.shape();
+        let (shape, dtype) = (tensor.shape(), tensor.dtype());
         let n = shape.num_elements();
         let v = self
             .flat
             .clone()
             .slice([self.offset..self.offset + n])
-            .reshape(shape);
+            .reshape(shape)
+            .cast(dtype);
         self.offset += n;
         let t = Tensor::<B, D>::from_inner(v).require_grad();
         Param::from_mapped_value(id, t, mapper)
@@ -202,9 +211,11 @@ impl Replica {
             device: device.clone(),
             parts: vec![],
             present: vec![],
+            dtypes: vec![],
         };
         model.visit(&mut flat);
         let n_params = flat.present.len();
+        let flat_dtypes = flat.dtypes.clone();
         // Scalars: [presence per parameter][loss, stop, tokens lo, tokens hi]
         // [failed micro-batch + 1, per rank][metric sums].
         let mut extra = flat.present.clone();
@@ -228,11 +239,11 @@ impl Replica {
         let n_extra = extra.len();
         let mut parts = flat.parts;
         parts.push(scalars::<B::InnerBackend>(extra, &device));
-        let summed = self.all_reduce_sum(
-            Tensor::cat(parts, 0),
-            "all_reduce(gradients)",
-            self.timeouts.step,
-        )?;
+        let flat = Tensor::cat(parts, 0);
+        let started = std::time::Instant::now();
+        let summed = self.all_reduce_sum(flat, "all_reduce(gradients)", self.timeouts.step)?;
+        self.gradient_sync_time += started.elapsed();
+        self.gradient_syncs += 1;
 
         let total = summed.dims()[0];
         let extra = host(summed.clone().slice([total - n_extra..total]));
@@ -245,6 +256,7 @@ impl Replica {
         let mut unflat = UnflattenGrads::<B> {
             flat: summed,
             present,
+            dtypes: &flat_dtypes,
             offset: 0,
             index: 0,
             out: GradientsParams::new(),

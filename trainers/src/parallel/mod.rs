@@ -11,7 +11,7 @@ mod gradients;
 mod replica;
 pub mod topology;
 
-pub use driver::{train_data_parallel, ParallelOptions};
+pub use driver::{run_replicas, train_data_parallel, ParallelOptions};
 pub use gradients::shard_range;
 pub use replica::{Fault, FaultKind, Replica, Timeouts};
 pub use topology::Topology;

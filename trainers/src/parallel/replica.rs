@@ -92,8 +92,11 @@ pub struct Replica {
     pub(crate) step: u64,
     /// Whether any rank asked to stop (Ctrl-C), as of the last gradient all-reduce.
     stop_agreed: bool,
-    /// Time spent in collectives (waiting included), for benchmarks.
+    /// Time spent in collectives (waiting for the other ranks included), for benchmarks:
+    /// all of them, and the gradient all-reduces of the steps alone (and their count).
     pub collective_time: Duration,
+    pub gradient_sync_time: Duration,
+    pub gradient_syncs: u64,
 }
 
 impl Replica {
@@ -118,6 +121,8 @@ impl Replica {
             step: 0,
             stop_agreed: false,
             collective_time: Duration::ZERO,
+            gradient_sync_time: Duration::ZERO,
+            gradient_syncs: 0,
         }
     }
 
@@ -141,7 +146,7 @@ impl Replica {
     /// Join the collective (every rank of the process registers; across processes,
     /// through the orchestrator on rank 0's machine). `B` is the backend gradients live on
     /// (the inner backend of the autodiff one).
-    pub fn register<B: Backend>(&mut self, device: B::Device) -> Result<()>
+    pub(crate) fn register<B: Backend>(&mut self, device: B::Device) -> Result<()>
     where
         B::Device: 'static,
     {
