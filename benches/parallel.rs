@@ -136,9 +136,14 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
                         .env("LOCAL_RANK", rank.to_string())
                         .env("MASTER_ADDR", "127.0.0.1")
                         .env("MASTER_PORT", port.to_string())
-                        .output()
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
                         .unwrap()
                 })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|c| c.wait_with_output().unwrap())
                 .collect();
             for c in &children {
                 print!("{}", String::from_utf8_lossy(&c.stdout));

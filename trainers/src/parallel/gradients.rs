@@ -87,7 +87,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UnflattenGrads<'_, B> {
             let g = self
                 .flat
                 .clone()
-                .slice([self.offset..self.offset + n])
+                .slice(self.offset..self.offset + n)
                 .reshape(shape)
                 .cast(self.dtypes[self.index]);
             self.out.register::<B::InnerBackend, D>(p.id, g);
@@ -129,7 +129,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for AssignParams<B> {
         let v = self
             .flat
             .clone()
-            .slice([self.offset..self.offset + n])
+            .slice(self.offset..self.offset + n)
             .reshape(shape)
             .cast(dtype);
         self.offset += n;
@@ -246,7 +246,7 @@ impl Replica {
         self.gradient_syncs += 1;
 
         let total = summed.dims()[0];
-        let extra = host(summed.clone().slice([total - n_extra..total]));
+        let extra = host(summed.clone().slice(total - n_extra..total));
         let (present, rest) = extra.split_at(n_params);
         let loss = rest[0] as f64;
         self.set_stop_agreed(rest[1] > 0.0);

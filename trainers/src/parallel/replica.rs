@@ -226,7 +226,7 @@ impl Replica {
         let mut out = Vec::with_capacity(buckets);
         for b in 0..buckets {
             let (lo, hi) = (b * n / buckets, (b + 1) * n / buckets);
-            out.push(self.all_reduce_one(t.clone().slice([lo..hi]), op, timeout)?);
+            out.push(self.all_reduce_one(t.clone().slice(lo..hi), op, timeout)?);
         }
         Ok(Tensor::cat(out, 0))
     }
