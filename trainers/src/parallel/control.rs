@@ -432,8 +432,16 @@ mod tests {
         c0.arrive(4, 2, "all_reduce(gradients)");
         c1.arrive(4, 2, "all_reduce(gradients)");
         c2.arrive(3, 1, "all_reduce(gradients)");
-        let s = c0.states(Duration::from_secs(5)).unwrap();
-        assert_eq!(s[2].seq, 3);
+        // Each connection has its own thread on the coordinator: wait for all three.
+        let t = Instant::now();
+        let s = loop {
+            let s = c0.states(Duration::from_secs(5)).unwrap();
+            if s.iter().map(|r| r.seq).collect::<Vec<_>>() == [4, 4, 3] {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{s:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert_eq!(s[2].describe(), "step 1, all_reduce(gradients)");
         assert_eq!(s[1].status, RankStatus::Alive);
         drop(c2);
