@@ -92,6 +92,8 @@ pub struct Replica {
     pub(crate) step: u64,
     /// Whether any rank asked to stop (Ctrl-C), as of the last gradient all-reduce.
     stop_agreed: bool,
+    /// Whether this rank already told the others to stop.
+    aborted: bool,
     /// Time spent in collectives (waiting for the other ranks included), for benchmarks:
     /// all of them, and the gradient all-reduces of the steps alone (and their count).
     pub collective_time: Duration,
@@ -120,6 +122,7 @@ impl Replica {
             seq: 0,
             step: 0,
             stop_agreed: false,
+            aborted: false,
             collective_time: Duration::ZERO,
             gradient_sync_time: Duration::ZERO,
             gradient_syncs: 0,
@@ -191,11 +194,18 @@ impl Replica {
         self.control.bye();
     }
 
-    /// Tell every rank to stop because this one failed.
-    pub fn fail(&self, err: &anyhow::Error) {
+    /// Tell every rank to stop because this one failed (unless the failure came from
+    /// them, or this rank said so already).
+    pub fn fail(&mut self, err: &anyhow::Error) {
         if self.control.abort_message().is_none() {
-            self.control
-                .abort(&format!("rank {} failed: {err:#}", self.rank));
+            self.abort(&format!("rank {} failed: {err:#}", self.rank));
+        }
+    }
+
+    fn abort(&mut self, msg: &str) {
+        if !self.aborted {
+            self.aborted = true;
+            self.control.abort(msg);
         }
     }
 
@@ -283,13 +293,13 @@ impl Replica {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let msg = failed;
-                self.control.abort(&msg);
+                self.abort(&msg);
                 bail!(msg)
             }
             Err(Some(told)) => bail!("{told}"),
             Err(None) => {
                 let msg = self.missing_message(op, timeout);
-                self.control.abort(&msg);
+                self.abort(&msg);
                 bail!(msg)
             }
         }
