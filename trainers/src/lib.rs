@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod recipe;
 pub mod reward;
+pub mod rl;
 pub mod schedule;
 pub mod session;
 pub mod sft;

@@ -25,6 +25,7 @@ use crate::method::{BatchShape, Method};
 use crate::optim::{trainable_params, AdamWSettings};
 use crate::recipe::{MethodName, Recipe};
 use crate::reward::Reward;
+use crate::rl::setup::{with_value_head, OnlineSetup};
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
 use crate::teacher::{model_fingerprint, prepare_teacher};
@@ -222,6 +223,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     let expected = match recipe.method {
         MethodName::Sft | MethodName::Distill => "sft",
         MethodName::Dpo | MethodName::Reward => "pairs",
+        MethodName::Grpo | MethodName::Ppo => "prompts",
     };
     if prepared.train.kind() != expected {
         bail!(
@@ -407,6 +409,11 @@ pub fn train<B: AutodiffBackend>(
         None => None,
     };
     let (model_cfg, model, weights) = load_policy::<B>(recipe, resume_dir.as_deref(), device)?;
+    let model = if recipe.method == MethodName::Ppo {
+        with_value_head(model, &model_cfg, recipe.seed, resume_dir.as_deref())?
+    } else {
+        model
+    };
     let cache_dir = prepared.report.cache_dir.clone();
     let ctx = RunContext {
         recipe,
@@ -464,6 +471,21 @@ pub fn train<B: AutodiffBackend>(
                 settings,
             )?;
             drive(ctx, model, method)
+        }
+        MethodName::Grpo | MethodName::Ppo => {
+            let setup = OnlineSetup {
+                recipe,
+                tok: &ctx.tok,
+                cfg: &cfg0,
+                pad,
+            };
+            if recipe.method == MethodName::Grpo {
+                let method = setup.grpo::<B>(prepared.train, prepared.eval, device)?;
+                drive(ctx, model, method)
+            } else {
+                let method = setup.ppo::<B>(prepared.train, prepared.eval, device)?;
+                drive(ctx, model, method)
+            }
         }
         MethodName::Reward => {
             // Rewards are read at the last token that is not the config's pad id.
