@@ -12,7 +12,7 @@ use datasets::tokenize::TokenizedPrompt;
 use models::CausalLm;
 
 use super::math::{
-    clip_fraction, clipped_policy_loss, combine_rewards, group_advantages, k3, ScaleRewards,
+    clip_fraction, clipped_policy_loss, combine_rewards, group_advantages, k3, nanstd, ScaleRewards,
 };
 use super::rollout::{
     completion_batch, flat_tensor, host_f32, token_outputs, Completion, RolloutEngine,
@@ -212,38 +212,19 @@ impl<B: AutodiffBackend> Grpo<B> {
             zero_std_fraction(&rewards, g),
         ));
         let s = &self.settings;
-        let masked = |c: &Completion| s.mask_truncated_completions && !c.eos;
         let mut out = vec![];
         for (rows, adv) in rollout
             .completions
             .chunks(self.micro_batch)
             .zip(advantages.chunks(self.micro_batch))
         {
-            let tokens: usize = rows
+            let lens: Vec<usize> = rows.iter().map(|c| c.tokens.len()).collect();
+            let masked: Vec<bool> = rows
                 .iter()
-                .filter(|c| !masked(c))
-                .map(|c| c.tokens.len())
-                .sum();
-            let mut token_weights = Vec::new();
-            for c in rows {
-                let len = c.tokens.len();
-                let w = if masked(c) {
-                    0.0
-                } else {
-                    match s.loss_type {
-                        GrpoLoss::Grpo => 1.0 / len.max(1) as f64,
-                        GrpoLoss::Bnpo => 1.0 / tokens.max(1) as f64,
-                        GrpoLoss::DrGrpo => 1.0 / s.max_completion_length as f64,
-                        GrpoLoss::Dapo => 1.0,
-                    }
-                };
-                token_weights.extend(std::iter::repeat_n(w as f32, len));
-            }
-            let weight = match s.loss_type {
-                GrpoLoss::Grpo | GrpoLoss::DrGrpo => rows.len() as f64,
-                GrpoLoss::Bnpo => 1.0,
-                GrpoLoss::Dapo => tokens as f64,
-            };
+                .map(|c| s.mask_truncated_completions && !c.eos)
+                .collect();
+            let (token_weights, weight) =
+                token_weights(s.loss_type, &lens, &masked, s.max_completion_length);
             out.push(GrpoRows {
                 completions: rows.to_vec(),
                 advantages: adv.iter().map(|&a| a as f32).collect(),
@@ -261,11 +242,76 @@ impl<B: AutodiffBackend> Grpo<B> {
     }
 }
 
+/// Each completion token's share of a micro-batch's loss sum, and the micro-batch's weight
+/// in the loop (which divides by the step's total weight): together they give TRL's
+/// normalisation for `loss_type`. `masked` rows (truncated, with
+/// `mask_truncated_completions`) count for nothing.
+pub fn token_weights(
+    loss_type: GrpoLoss,
+    lens: &[usize],
+    masked: &[bool],
+    max_completion_length: usize,
+) -> (Vec<f32>, f64) {
+    let tokens: usize = lens
+        .iter()
+        .zip(masked)
+        .filter(|(_, &m)| !m)
+        .map(|(l, _)| l)
+        .sum();
+    let mut weights = Vec::with_capacity(lens.iter().sum());
+    for (&len, &m) in lens.iter().zip(masked) {
+        let w = if m {
+            0.0
+        } else {
+            match loss_type {
+                GrpoLoss::Grpo => 1.0 / len.max(1) as f64,
+                GrpoLoss::Bnpo => 1.0 / tokens.max(1) as f64,
+                GrpoLoss::DrGrpo => 1.0 / max_completion_length as f64,
+                GrpoLoss::Dapo => 1.0,
+            }
+        };
+        weights.extend(std::iter::repeat_n(w as f32, len));
+    }
+    let weight = match loss_type {
+        GrpoLoss::Grpo | GrpoLoss::DrGrpo => lens.len() as f64,
+        GrpoLoss::Bnpo => 1.0,
+        GrpoLoss::Dapo => tokens as f64,
+    };
+    (weights, weight)
+}
+
+/// GRPO's summed loss over flat completion tokens (see [`token_weights`]), the mean k3 KL
+/// (when `beta > 0`), and the ratios.
+pub fn grpo_loss_sum<B: Backend>(
+    logps: Tensor<B, 1>,
+    old_logps: Tensor<B, 1>,
+    ref_logps: Option<Tensor<B, 1>>,
+    advantages: Tensor<B, 1>,
+    token_weights: Tensor<B, 1>,
+    s: &GrpoSettings,
+) -> (Tensor<B, 1>, Option<f64>, Tensor<B, 1>) {
+    let (mut loss, ratio) = clipped_policy_loss(
+        logps.clone(),
+        old_logps,
+        advantages,
+        s.epsilon,
+        s.epsilon_high(),
+    );
+    let mut kl_mean = None;
+    if s.beta > 0.0 {
+        let reference = ref_logps.expect("reference log-probs are taken when beta > 0");
+        let kl = k3(logps, reference);
+        kl_mean = Some(kl.clone().detach().mean().into_scalar().elem::<f64>());
+        loss = loss + kl.mul_scalar(s.beta);
+    }
+    ((loss * token_weights).sum(), kl_mean, ratio)
+}
+
 fn zero_std_fraction(rewards: &[f64], g: usize) -> f64 {
     let groups: Vec<&[f64]> = rewards.chunks(g).collect();
     let zero = groups
         .iter()
-        .filter(|grp| super::math::nanstd(grp).abs() < 1e-8 || super::math::nanstd(grp).is_nan())
+        .filter(|grp| !(nanstd(grp).abs() >= 1e-8))
         .count();
     zero as f64 / groups.len().max(1) as f64
 }
@@ -329,16 +375,8 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
             .iter()
             .flat_map(|c| c.old_logps.iter().copied())
             .collect();
-        let (mut loss, ratio) = clipped_policy_loss(
-            out.logps.clone(),
-            flat_tensor(old, &device),
-            flat_tensor(adv.clone(), &device),
-            s.epsilon,
-            s.epsilon_high(),
-        );
-        let mut kl_mean = None;
-        if s.beta > 0.0 {
-            let reference: Vec<f32> = b
+        let reference = (s.beta > 0.0).then(|| {
+            let r: Vec<f32> = b
                 .completions
                 .iter()
                 .flat_map(|c| {
@@ -347,12 +385,16 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
                         .expect("reference log-probs are taken when beta > 0")
                 })
                 .collect();
-            let kl = k3(out.logps.clone(), flat_tensor(reference, &device));
-            kl_mean = Some(kl.clone().detach().mean().into_scalar().elem::<f64>());
-            loss = loss + kl.mul_scalar(s.beta);
-        }
-        let weights = flat_tensor(b.token_weights.clone(), &device);
-        let loss_sum = (loss * weights).sum();
+            flat_tensor(r, &device)
+        });
+        let (loss_sum, kl_mean, ratio) = grpo_loss_sum(
+            out.logps,
+            flat_tensor(old, &device),
+            reference,
+            flat_tensor(adv.clone(), &device),
+            flat_tensor(b.token_weights.clone(), &device),
+            s,
+        );
         let ratio = host_f32(ratio.detach());
         let clipped = clip_fraction(&ratio, &adv, s.epsilon, s.epsilon_high()) / n as f64;
         // Token means of this micro-batch, and rollout means, both weighted so that the

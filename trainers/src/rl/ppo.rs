@@ -165,11 +165,81 @@ pub struct Ppo<B: AutodiffBackend> {
 }
 
 /// A rollout batch turned into PPO's training targets.
-struct Targets {
-    advantages: Vec<Vec<f64>>,
-    returns: Vec<Vec<f64>>,
-    values: Vec<Vec<f32>>,
-    stats: Vec<(String, f64)>,
+pub struct PpoTargets {
+    pub advantages: Vec<Vec<f64>>,
+    pub returns: Vec<Vec<f64>>,
+    pub stats: Vec<(String, f64)>,
+}
+
+/// Per-token KL estimates (policy vs reference at rollout) and sequence scores -> per-token
+/// rewards (KL penalty, score on the last token) -> GAE advantages and returns, the
+/// advantages whitened over the whole rollout batch.
+pub fn ppo_targets(
+    s: &PpoSettings,
+    kl: &[Vec<f64>],
+    scores: &[f64],
+    values: &[Vec<f64>],
+) -> PpoTargets {
+    let mut token_rewards: Vec<Vec<f64>> = kl
+        .iter()
+        .zip(scores)
+        .map(|(k, &score)| ppo_token_rewards(k, score, s.kl_coef))
+        .collect();
+    if s.whiten_rewards {
+        token_rewards = whiten(&token_rewards, false);
+    }
+    let (mut advantages, mut returns) = (vec![], vec![]);
+    for (r, v) in token_rewards.iter().zip(values) {
+        let (a, ret) = gae(r, v, s.gamma, s.lam);
+        advantages.push(a);
+        returns.push(ret);
+    }
+    let advantages = whiten(&advantages, true);
+    let n = scores.len().max(1) as f64;
+    let kl_sum: f64 = kl.iter().flatten().sum();
+    let mean_score = scores.iter().sum::<f64>() / n;
+    let non_score = -s.kl_coef * kl_sum / n;
+    PpoTargets {
+        advantages,
+        returns,
+        stats: vec![
+            ("objective/scores".to_string(), mean_score),
+            ("objective/kl".to_string(), kl_sum / n),
+            ("objective/non_score_reward".to_string(), non_score),
+            ("objective/rlhf_reward".to_string(), mean_score + non_score),
+        ],
+    }
+}
+
+/// PPO's loss pieces for one micro-batch of flat completion tokens: the clipped policy
+/// loss (token mean), the clipped value loss (`0.5 *` token mean), the ratios and which
+/// tokens' value loss took the clipped branch.
+pub struct PpoLoss<B: Backend> {
+    pub policy: Tensor<B, 1>,
+    pub value: Tensor<B, 1>,
+    pub ratio: Tensor<B, 1>,
+    pub value_clipped: Tensor<B, 1, Bool>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn ppo_loss<B: Backend>(
+    logps: Tensor<B, 1>,
+    old_logps: Tensor<B, 1>,
+    advantages: Tensor<B, 1>,
+    values: Tensor<B, 1>,
+    old_values: Tensor<B, 1>,
+    returns: Tensor<B, 1>,
+    s: &PpoSettings,
+) -> PpoLoss<B> {
+    let n = logps.dims()[0] as f64;
+    let (pg, ratio) = clipped_policy_loss(logps, old_logps, advantages, s.cliprange, s.cliprange);
+    let (vf, value_clipped) = clipped_value_loss(values, old_values, returns, s.cliprange_value);
+    PpoLoss {
+        policy: pg.sum().div_scalar(n),
+        value: vf.sum().div_scalar(n).mul_scalar(0.5),
+        ratio,
+        value_clipped,
+    }
 }
 
 impl<B: AutodiffBackend> Ppo<B> {
@@ -196,60 +266,6 @@ impl<B: AutodiffBackend> Ppo<B> {
             micro_batch,
             eval_batch,
         })
-    }
-
-    /// Scores -> per-token rewards (KL penalty + score at the last token) -> GAE.
-    fn targets(
-        &self,
-        completions: &mut [Completion],
-        scores: &[f64],
-        values: Vec<Vec<f32>>,
-    ) -> Targets {
-        let s = &self.settings;
-        let mut token_rewards = Vec::with_capacity(completions.len());
-        let (mut kl_sum, mut non_score) = (0.0, 0.0);
-        for (c, &score) in completions.iter().zip(scores) {
-            let kl: Vec<f64> = match &c.ref_logps {
-                Some(r) => c
-                    .old_logps
-                    .iter()
-                    .zip(r)
-                    .map(|(&lp, &rl)| s.kl_estimator.host(lp as f64, rl as f64))
-                    .collect(),
-                None => vec![0.0; c.tokens.len()],
-            };
-            kl_sum += kl.iter().sum::<f64>();
-            non_score -= s.kl_coef * kl.iter().sum::<f64>();
-            token_rewards.push(ppo_token_rewards(&kl, score, s.kl_coef));
-        }
-        if s.whiten_rewards {
-            token_rewards = whiten(&token_rewards, false);
-        }
-        let (mut advantages, mut returns) = (vec![], vec![]);
-        for (r, v) in token_rewards.iter().zip(&values) {
-            let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-            let (a, ret) = gae(r, &v, s.gamma, s.lam);
-            advantages.push(a);
-            returns.push(ret);
-        }
-        let advantages = whiten(&advantages, true);
-        let n = completions.len().max(1) as f64;
-        let mean_score = scores.iter().sum::<f64>() / n;
-        let stats = vec![
-            ("objective/scores".to_string(), mean_score),
-            ("objective/kl".to_string(), kl_sum / n),
-            ("objective/non_score_reward".to_string(), non_score / n),
-            (
-                "objective/rlhf_reward".to_string(),
-                mean_score + non_score / n,
-            ),
-        ];
-        Targets {
-            advantages,
-            returns,
-            values,
-            stats,
-        }
     }
 
     /// Roll out one batch and queue its `num_ppo_epochs x num_mini_batches` steps.
@@ -283,9 +299,24 @@ impl<B: AutodiffBackend> Ppo<B> {
                 }
             })
             .collect();
-        let mut completions = std::mem::take(&mut rollout.completions);
-        let t = self.targets(&mut completions, &scores, values);
-        rollout.completions = completions;
+        let kl: Vec<Vec<f64>> = rollout
+            .completions
+            .iter()
+            .map(|c| match &c.ref_logps {
+                Some(r) => c
+                    .old_logps
+                    .iter()
+                    .zip(r)
+                    .map(|(&lp, &rl)| s.kl_estimator.host(lp as f64, rl as f64))
+                    .collect(),
+                None => vec![0.0; c.tokens.len()],
+            })
+            .collect();
+        let values64: Vec<Vec<f64>> = values
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f64).collect())
+            .collect();
+        let t = ppo_targets(&s, &kl, &scores, &values64);
         let mut stats = rollout_stats(&rollout, &rewards, &self.engine.reward_names());
         stats.extend(t.stats.iter().cloned());
         let mut rng = StdRng::seed_from_u64(seed);
@@ -308,7 +339,7 @@ impl<B: AutodiffBackend> Ppo<B> {
                                 .collect(),
                             old_values: rows
                                 .iter()
-                                .flat_map(|&i| t.values[i].iter().copied())
+                                .flat_map(|&i| values[i].iter().copied())
                                 .collect(),
                             returns: f32s(&t.returns),
                             advantages: f32s(&t.advantages),
@@ -373,22 +404,18 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
             .iter()
             .flat_map(|c| c.old_logps.iter().copied())
             .collect();
-        let (pg, ratio) = clipped_policy_loss(
+        let values = out.values.expect("PPO's policy has a value head");
+        let l = ppo_loss(
             out.logps.clone(),
             flat_tensor(old.clone(), &device),
             flat_tensor(b.advantages.clone(), &device),
-            s.cliprange,
-            s.cliprange,
-        );
-        let values = out.values.expect("PPO's policy has a value head");
-        let (vf, value_clipped) = clipped_value_loss(
             values,
             flat_tensor(b.old_values.clone(), &device),
             flat_tensor(b.returns.clone(), &device),
-            s.cliprange_value,
+            s,
         );
-        let pg_loss = pg.sum().div_scalar(n);
-        let vf_loss = vf.sum().div_scalar(n).mul_scalar(0.5);
+        let (pg_loss, vf_loss, ratio, value_clipped) =
+            (l.policy, l.value, l.ratio, l.value_clipped);
         let scalar = |t: &Tensor<Bk, 1>| t.clone().detach().into_scalar().elem::<f64>();
         let (pg_v, vf_v) = (scalar(&pg_loss), scalar(&vf_loss));
         let ratio = host_f32(ratio.detach());
