@@ -475,6 +475,7 @@ pub fn train<B: AutodiffBackend>(
         MethodName::Grpo | MethodName::Ppo => {
             let setup = OnlineSetup {
                 recipe,
+                opts,
                 tok: &ctx.tok,
                 cfg: &cfg0,
                 pad,

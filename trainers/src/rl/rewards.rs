@@ -58,6 +58,10 @@ pub struct RewardSpec {
     /// `model`: a reward model directory (full model, or a reward LoRA adapter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// `model`: a `method = "reward"` recipe that trains the reward model into `path`
+    /// (its output_dir/final) first, when `path` holds none yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<PathBuf>,
     /// `command`: program and arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,

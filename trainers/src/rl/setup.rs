@@ -1,6 +1,6 @@
 //! From a recipe to a GRPO or PPO method: prompts, reward functions, the reference model.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use std::path::Path;
 
@@ -11,9 +11,10 @@ use models::{CausalLm, ModelConfig, TextTokenizer};
 
 use super::grpo::Grpo;
 use super::ppo::Ppo;
-use super::rewards::RewardFn;
+use super::rewards::{RewardFn, RewardSpec};
 use super::rollout::{RefPolicy, RolloutEngine, SamplingSettings};
-use crate::recipe::Recipe;
+use crate::recipe::{MethodName, Recipe};
+use crate::TrainOptions;
 use crate::teacher::tokenizer_mismatch;
 
 pub fn prompt_rows(ds: Dataset, split: &str) -> Result<Vec<TokenizedPrompt>> {
@@ -30,6 +31,7 @@ pub fn prompt_rows(ds: Dataset, split: &str) -> Result<Vec<TokenizedPrompt>> {
 /// Everything shared by GRPO and PPO runs.
 pub struct OnlineSetup<'a> {
     pub recipe: &'a Recipe,
+    pub opts: &'a TrainOptions<'a>,
     pub tok: &'a TextTokenizer,
     pub cfg: &'a ModelConfig,
     pub pad: u32,
@@ -53,6 +55,9 @@ impl OnlineSetup<'_> {
             }
             Ok(())
         };
+        for spec in &self.recipe.rewards {
+            self.ensure_reward_model::<B>(spec, device)?;
+        }
         let rewards = self
             .recipe
             .rewards
@@ -92,6 +97,46 @@ impl OnlineSetup<'_> {
             rewards,
             reference,
         })
+    }
+
+    /// Train a `type = "model"` reward source from its `recipe` when its `path` is empty.
+    fn ensure_reward_model<B: AutodiffBackend>(
+        &self,
+        spec: &RewardSpec,
+        device: &B::Device,
+    ) -> Result<()> {
+        let (Some(path), Some(recipe_path)) = (&spec.path, &spec.recipe) else {
+            return Ok(());
+        };
+        if path.join("config.json").exists() || path.join("adapter_config.json").exists() {
+            return Ok(());
+        }
+        let recipe = Recipe::load(recipe_path, &[])
+            .with_context(|| format!("[[rewards]] recipe {}", recipe_path.display()))?;
+        let exported = recipe.train.output_dir.join("final");
+        if recipe.method != MethodName::Reward || exported != *path {
+            bail!(
+                "[[rewards]] recipe {} must be a method = \"reward\" recipe whose output_dir/final is the reward model {} \
+                 (it exports to {})",
+                recipe_path.display(),
+                path.display(),
+                exported.display()
+            );
+        }
+        if self.opts.verbose {
+            println!(
+                "training the reward model first: {} -> {}",
+                recipe_path.display(),
+                path.display()
+            );
+        }
+        let sub = TrainOptions {
+            resume: None,
+            stop_after_steps: None,
+            ..*self.opts
+        };
+        crate::train::<B>(&recipe, &sub, device)?;
+        Ok(())
     }
 
     pub fn grpo<B: AutodiffBackend>(
