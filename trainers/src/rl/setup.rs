@@ -14,8 +14,8 @@ use super::ppo::Ppo;
 use super::rewards::{RewardFn, RewardSpec};
 use super::rollout::{RefPolicy, RolloutEngine, SamplingSettings};
 use crate::recipe::{MethodName, Recipe};
-use crate::TrainOptions;
 use crate::teacher::tokenizer_mismatch;
+use crate::TrainOptions;
 
 pub fn prompt_rows(ds: Dataset, split: &str) -> Result<Vec<TokenizedPrompt>> {
     match ds {
