@@ -199,6 +199,7 @@ impl<B: AutodiffBackend> Grpo<B> {
         policy: &CausalLm<B>,
         micro_batches: usize,
     ) -> Result<Vec<GrpoBatch>> {
+        let started = std::time::Instant::now();
         let g = self.settings.num_generations;
         let n_prompts = self.micro_batch * micro_batches / g;
         let (idx, seed) = self.cursor.next_prompts(n_prompts);
@@ -211,6 +212,8 @@ impl<B: AutodiffBackend> Grpo<B> {
             "frac_reward_zero_std".into(),
             zero_std_fraction(&rewards, g),
         ));
+        // Sampling, reference pass and rewards: what the step spent before training.
+        stats.push(("rollout_s".into(), started.elapsed().as_secs_f64()));
         let s = &self.settings;
         let mut out = vec![];
         for (rows, adv) in rollout

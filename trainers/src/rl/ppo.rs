@@ -270,6 +270,7 @@ impl<B: AutodiffBackend> Ppo<B> {
 
     /// Roll out one batch and queue its `num_ppo_epochs x num_mini_batches` steps.
     fn rollout_steps(&mut self, policy: &CausalLm<B>, micro_batches: usize) -> Result<()> {
+        let started = std::time::Instant::now();
         let s = self.settings.clone();
         let mini = self.micro_batch * micro_batches;
         let (idx, seed) = self.cursor.next_prompts(mini * s.num_mini_batches);
@@ -319,6 +320,9 @@ impl<B: AutodiffBackend> Ppo<B> {
         let t = ppo_targets(&s, &kl, &scores, &values64);
         let mut stats = rollout_stats(&rollout, &rewards, &self.engine.reward_names());
         stats.extend(t.stats.iter().cloned());
+        // Sampling, reference and reward passes, old log-probs and values: the rollout's
+        // cost, paid by the first step that trains on it.
+        stats.push(("rollout_s".into(), started.elapsed().as_secs_f64()));
         let mut rng = StdRng::seed_from_u64(seed);
         for _ in 0..s.num_ppo_epochs {
             let mut order: Vec<usize> = (0..rollout.completions.len()).collect();
