@@ -80,6 +80,24 @@ impl<B: Backend> KvCache<B> {
             capacity,
         }
     }
+
+    /// Repeat every cached row `copies` times in place (row r becomes rows r*copies ..
+    /// (r+1)*copies): a prompt prefilled once serves a whole group of samples.
+    pub fn repeat_rows(&mut self, copies: usize) {
+        if copies == 1 {
+            return;
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let rows = k.dims()[0];
+            let idx: Vec<i64> = (0..rows as i64)
+                .flat_map(|r| std::iter::repeat_n(r, copies))
+                .collect();
+            let idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows * copies]), &k.device());
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
+        }
+    }
 }
 
 impl<B: Backend> Mlp<B> {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use datasets::batch::{collate_sft, SftBatch};
 use datasets::pack::PackedRow;
 use datasets::tokenize::TokenizedPrompt;
-use models::generate::{generate, FinishReason, SamplingParams};
+use models::generate::{generate_groups, FinishReason, SamplingParams};
 use models::{CausalLm, TextTokenizer};
 
 use super::rewards::{RewardFn, Scored};
@@ -101,10 +101,7 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
         greedy: bool,
     ) -> Result<Rollout> {
         let inner = policy.valid();
-        let ids: Vec<Vec<u32>> = prompts
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.prompt.clone(), copies))
-            .collect();
+        let unique: Vec<Vec<u32>> = prompts.iter().map(|p| p.prompt.clone()).collect();
         let s = &self.sampling;
         let params = SamplingParams {
             max_new_tokens: s.max_completion_length,
@@ -116,10 +113,12 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             pad_id: self.pad_id,
         };
         let started = Instant::now();
-        let generations = generate(&inner, &ids, &params, None)?;
+        let generations = generate_groups(&inner, &unique, copies, &params, None)?;
+        let ids = unique
+            .into_iter()
+            .flat_map(|p| std::iter::repeat_n(p, copies));
         let generation_s = started.elapsed().as_secs_f64();
         let mut completions: Vec<Completion> = ids
-            .into_iter()
             .zip(generations)
             .map(|(prompt, g)| Completion {
                 prompt,
