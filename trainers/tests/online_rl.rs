@@ -221,7 +221,7 @@ fn grpo_raises_a_verifiable_format_reward() {
 }
 
 #[test]
-fn grpo_with_lora_takes_the_kl_to_the_base_and_resumes_exactly_mid_iterations() {
+fn grpo_with_qlora_takes_the_kl_to_the_base_and_resumes_exactly_mid_iterations() {
     let tmp = tempfile::tempdir().unwrap();
     let extra = r#"
 [grpo]
@@ -245,7 +245,7 @@ pattern = '^\s*\d'
         "grpo",
         &fixture().prompts,
         extra,
-        &["train.max_steps=5"],
+        &["train.max_steps=5", "model.quantize=\"nf4\""],
     );
     run(&r, None, None);
     let kl = metric(&straight.join("run"), "kl");
@@ -262,7 +262,7 @@ pattern = '^\s*\d'
         "grpo",
         &fixture().prompts,
         extra,
-        &["train.max_steps=5"],
+        &["train.max_steps=5", "model.quantize=\"nf4\""],
     );
     run(&r, None, Some(3));
     run(&r, Some("auto"), None);

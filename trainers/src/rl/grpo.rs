@@ -175,7 +175,7 @@ impl<B: AutodiffBackend> Grpo<B> {
             bail!("the training split has no prompts: nothing to roll out");
         }
         let per_step = micro_batch * micro_batches;
-        if per_step % settings.num_generations != 0 {
+        if !per_step.is_multiple_of(settings.num_generations) {
             bail!(
                 "[grpo] num_generations = {} must divide the completions of one step, per_device_train_batch_size x \
                  gradient_accumulation_steps = {micro_batch} x {micro_batches} = {per_step}",
@@ -314,7 +314,7 @@ fn zero_std_fraction(rewards: &[f64], g: usize) -> f64 {
     let groups: Vec<&[f64]> = rewards.chunks(g).collect();
     let zero = groups
         .iter()
-        .filter(|grp| !(nanstd(grp).abs() >= 1e-8))
+        .filter(|grp| nanstd(grp).is_nan() || nanstd(grp).abs() < 1e-8)
         .count();
     zero as f64 / groups.len().max(1) as f64
 }

@@ -21,7 +21,7 @@ pub fn prompt_rows(ds: Dataset, split: &str) -> Result<Vec<TokenizedPrompt>> {
     match ds {
         Dataset::Prompts(rows) => Ok(rows),
         // An empty split (eval_fraction = 0) carries no row kind.
-        other if other.len() == 0 => Ok(vec![]),
+        other if other.is_empty() => Ok(vec![]),
         other => bail!(
             "online methods roll out prompts, but the {split} data are {} rows; use a prompt format \
              (GSM8K question/answer, Bedrock RFT `messages` + `ground_truth`, or `prompt` with an optional `answer`)",
