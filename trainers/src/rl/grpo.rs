@@ -15,8 +15,8 @@ use super::math::{
     clip_fraction, clipped_policy_loss, combine_rewards, group_advantages, k3, nanstd, ScaleRewards,
 };
 use super::rollout::{
-    completion_batch, flat_tensor, host_f32, token_outputs, Completion, RolloutEngine,
-    SamplingSettings,
+    completion_batch, flat_tensor, host_f32, rollout_tokens, token_outputs, Completion,
+    RolloutEngine, SamplingSettings,
 };
 use super::stats::{rollout_stats, HeldOut, RolloutCursor};
 use crate::method::{LossOutput, Method};
@@ -102,12 +102,10 @@ impl GrpoSettings {
         if self.num_generations < 2 {
             bail!("[grpo] num_generations must be at least 2: advantages compare completions of the same prompt");
         }
-        if self.max_completion_length == 0 || self.num_iterations == 0 {
-            bail!("[grpo] max_completion_length and num_iterations must be at least 1");
+        if self.num_iterations == 0 {
+            bail!("[grpo] num_iterations must be at least 1");
         }
-        if !(self.temperature >= 0.0 && self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("[grpo] temperature must be >= 0 and top_p in (0, 1]");
-        }
+        self.sampling().validate("[grpo]")?;
         if !(self.epsilon > 0.0 && self.epsilon_high.is_none_or(|e| e > 0.0) && self.beta >= 0.0) {
             bail!("[grpo] epsilon and epsilon_high must be positive, beta >= 0");
         }
@@ -346,11 +344,7 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
 
     fn tokens(&self, batch: &GrpoBatch) -> usize {
         match batch {
-            GrpoBatch::Train(b) => b
-                .completions
-                .iter()
-                .map(|c| c.prompt.len() + c.tokens.len())
-                .sum(),
+            GrpoBatch::Train(b) => rollout_tokens(&b.completions),
             GrpoBatch::HeldOut(_) => 0,
         }
     }
@@ -420,17 +414,8 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
     }
 
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<GrpoBatch>> {
-        let mut out = vec![];
-        for chunk in self.eval.chunks(self.eval_batch.max(1)) {
-            let prompts: Vec<&TokenizedPrompt> = chunk.iter().collect();
-            let rollout = self.engine.roll_out(policy, &prompts, 1, 0, true)?;
-            out.push(GrpoBatch::HeldOut(HeldOut::new(
-                &rollout,
-                &self.engine.reward_weights(),
-                &self.engine.reward_names(),
-            )));
-        }
-        Ok(out)
+        let held = self.engine.held_out(policy, &self.eval, self.eval_batch)?;
+        Ok(held.into_iter().map(GrpoBatch::HeldOut).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {

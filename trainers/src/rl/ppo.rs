@@ -20,8 +20,8 @@ use super::math::{
     ppo_token_rewards, whiten, KlEstimator,
 };
 use super::rollout::{
-    completion_batch, flat_tensor, host_f32, host_outputs, metric_name, token_outputs, Completion,
-    RolloutEngine, SamplingSettings,
+    completion_batch, flat_tensor, host_f32, host_outputs, metric_name, rollout_tokens,
+    token_outputs, Completion, RolloutEngine, SamplingSettings,
 };
 use super::stats::{rollout_stats, HeldOut, RolloutCursor};
 use crate::method::{LossOutput, Method};
@@ -107,13 +107,10 @@ impl Default for PpoSettings {
 
 impl PpoSettings {
     pub fn validate(&self) -> Result<()> {
-        if self.max_completion_length == 0 || self.num_ppo_epochs == 0 || self.num_mini_batches == 0
-        {
-            bail!("[ppo] max_completion_length, num_ppo_epochs and num_mini_batches must be at least 1");
+        if self.num_ppo_epochs == 0 || self.num_mini_batches == 0 {
+            bail!("[ppo] num_ppo_epochs and num_mini_batches must be at least 1");
         }
-        if !(self.temperature >= 0.0 && self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("[ppo] temperature must be >= 0 and top_p in (0, 1]");
-        }
+        self.sampling().validate("[ppo]")?;
         if !(self.cliprange > 0.0
             && self.cliprange_value > 0.0
             && self.kl_coef >= 0.0
@@ -382,11 +379,7 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
 
     fn tokens(&self, batch: &PpoBatch) -> usize {
         match batch {
-            PpoBatch::Train(b) => b
-                .completions
-                .iter()
-                .map(|c| c.prompt.len() + c.tokens.len())
-                .sum(),
+            PpoBatch::Train(b) => rollout_tokens(&b.completions),
             PpoBatch::HeldOut(_) => 0,
         }
     }
@@ -452,17 +445,8 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
     }
 
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<PpoBatch>> {
-        let mut out = vec![];
-        for chunk in self.eval.chunks(self.eval_batch.max(1)) {
-            let prompts: Vec<&TokenizedPrompt> = chunk.iter().collect();
-            let rollout = self.engine.roll_out(policy, &prompts, 1, 0, true)?;
-            out.push(PpoBatch::HeldOut(HeldOut::new(
-                &rollout,
-                &self.engine.reward_weights(),
-                &self.engine.reward_names(),
-            )));
-        }
-        Ok(out)
+        let held = self.engine.held_out(policy, &self.eval, self.eval_batch)?;
+        Ok(held.into_iter().map(PpoBatch::HeldOut).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {

@@ -17,6 +17,7 @@ use models::generate::{generate_groups, FinishReason, SamplingParams};
 use models::{CausalLm, TextTokenizer};
 
 use super::rewards::{RewardFn, Scored};
+use super::stats::HeldOut;
 use crate::sft::trained_hidden;
 
 /// How completions are sampled (TRL's generation settings of GRPO/PPO).
@@ -29,6 +30,17 @@ pub struct SamplingSettings {
 }
 
 impl SamplingSettings {
+    /// `section` names the recipe section in errors.
+    pub fn validate(&self, section: &str) -> Result<()> {
+        if self.max_completion_length == 0 {
+            anyhow::bail!("{section} max_completion_length must be at least 1");
+        }
+        if !(self.temperature >= 0.0 && self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("{section} temperature must be >= 0 and top_p in (0, 1]");
+        }
+        Ok(())
+    }
+
     /// What log-probs are divided by in training, as TRL does with the sampling
     /// temperature (greedy decoding counts as 1).
     pub fn logit_scale(&self) -> f64 {
@@ -157,6 +169,24 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
         })
     }
 
+    /// Held-out prompts completed greedily and scored, in batches of `batch_size`.
+    pub fn held_out(
+        &self,
+        policy: &CausalLm<B>,
+        prompts: &[TokenizedPrompt],
+        batch_size: usize,
+    ) -> Result<Vec<HeldOut>> {
+        let (weights, names) = (self.reward_weights(), self.reward_names());
+        prompts
+            .chunks(batch_size.max(1))
+            .map(|chunk| {
+                let prompts: Vec<&TokenizedPrompt> = chunk.iter().collect();
+                let rollout = self.roll_out(policy, &prompts, 1, 0, true)?;
+                Ok(HeldOut::new(&rollout, &weights, &names))
+            })
+            .collect()
+    }
+
     fn score(
         &self,
         completions: &[Completion],
@@ -191,6 +221,14 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             .map(|i| per_fn.iter().map(|f| f[i]).collect())
             .collect())
     }
+}
+
+/// Tokens through the model when training on `completions` (prompts included).
+pub fn rollout_tokens(completions: &[Completion]) -> usize {
+    completions
+        .iter()
+        .map(|c| c.prompt.len() + c.tokens.len())
+        .sum()
 }
 
 /// `[prompt | completion]` rows whose completion tokens are the trained targets.
