@@ -135,6 +135,8 @@ fn recipe_mistakes_are_named() {
         "recipes/quickstart.toml",
         "recipes/qlora.toml",
         "recipes/distill.toml",
+        "recipes/grpo.toml",
+        "recipes/ppo.toml",
     ] {
         trainers::Recipe::load(&root().join(r), &[]).unwrap();
     }
@@ -278,4 +280,100 @@ fn dpo_and_reward_recipes_run_and_the_reward_model_scores_rows() {
     ]);
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("not a reward model"));
+}
+
+/// The GRPO recipe on the full GSM8K test split and on Bedrock RFT rows (../shared/data),
+/// an external verifier command, and the PPO recipe with a reward model trained first.
+#[test]
+fn grpo_and_ppo_recipes_run_on_gsm8k_and_bedrock_rft_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = root().join("../shared/data");
+    for (name, file) in [
+        ("gsm8k", shared.join("gsm8k/test.jsonl")),
+        ("rft", shared.join("bedrock/rft_gsm8k_train.jsonl")),
+    ] {
+        let owned = train_args(
+            "grpo",
+            &tmp.path().join(name),
+            "run",
+            &[
+                &format!("data.files=[\"{}\"]", file.display()),
+                "train.max_steps=2",
+                "grpo.max_completion_length=8",
+            ],
+        );
+        let args = strs(&owned);
+        let mut dry = args.clone();
+        dry.push("--dry-run");
+        assert!(ok(&dry).contains("# memory estimate"));
+        ok(&args);
+        let metrics =
+            std::fs::read_to_string(tmp.path().join(name).join("run/metrics.jsonl")).unwrap();
+        for key in [
+            "rewards/accuracy/mean",
+            "eval_reward",
+            "completions/mean_length",
+        ] {
+            assert!(metrics.contains(key), "{name}: {key} missing in {metrics}");
+        }
+    }
+
+    // A verifier program: 1 when the completion has any digit. Then one that is too slow.
+    let verifier = "[{type=\"command\", command=[\"sh\", \"-c\", \"while read -r l; do case $l in *completion*[0-9]*answer*) echo 1;; *) echo 0;; esac; done\"]}]";
+    let owned = train_args(
+        "grpo",
+        &tmp.path().join("cmd"),
+        "run",
+        &[
+            "train.max_steps=1",
+            "grpo.max_completion_length=4",
+            &format!("rewards={verifier}"),
+        ],
+    );
+    ok(&strs(&owned));
+    let metrics = std::fs::read_to_string(tmp.path().join("cmd/run/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("rewards/command/mean"), "{metrics}");
+    let slow = "rewards=[{type=\"command\", command=[\"sleep\", \"30\"], timeout_s=0.5}]";
+    let owned = train_args(
+        "grpo",
+        &tmp.path().join("slow"),
+        "run",
+        &["train.max_steps=1", "grpo.max_completion_length=4", slow],
+    );
+    let started = std::time::Instant::now();
+    let e = common::err(&strs(&owned));
+    assert!(e.contains("did not finish within 0.5 s"), "{e}");
+    assert!(started.elapsed().as_secs() < 60);
+
+    let rm = train_args(
+        "reward",
+        &tmp.path().join("rm"),
+        "run",
+        &["train.max_steps=2"],
+    );
+    ok(&strs(&rm));
+    let rm_final = tmp.path().join("rm/run/final");
+    let owned = train_args(
+        "ppo",
+        &tmp.path().join("ppo"),
+        "run",
+        &[
+            "train.max_steps=2",
+            "ppo.max_completion_length=6",
+            "ppo.num_ppo_epochs=2",
+            &format!(
+                "rewards=[{{type=\"model\", path=\"{}\"}}]",
+                rm_final.display()
+            ),
+        ],
+    );
+    ok(&strs(&owned));
+    let metrics = std::fs::read_to_string(tmp.path().join("ppo/run/metrics.jsonl")).unwrap();
+    for key in ["objective/scores", "loss/value", "eval_reward"] {
+        assert!(metrics.contains(key), "{key} missing in {metrics}");
+    }
+    assert!(tmp
+        .path()
+        .join("ppo/run/final/value_head.safetensors")
+        .exists());
 }

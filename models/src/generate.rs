@@ -146,6 +146,12 @@ fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     flat.chunks(v).map(|c| c.to_vec()).collect()
 }
 
+fn repeat_rows<T: Clone>(rows: Vec<T>, copies: usize) -> Vec<T> {
+    rows.into_iter()
+        .flat_map(|r| std::iter::repeat_n(r, copies))
+        .collect()
+}
+
 /// Generate continuations for every prompt in one left-padded batch.
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
@@ -153,6 +159,22 @@ pub fn generate<B: Backend>(
     params: &SamplingParams,
     stop: Option<&StopFn<'_>>,
 ) -> Result<Vec<Generation>> {
+    generate_groups(model, prompts, 1, params, stop)
+}
+
+/// Sample `copies` continuations of every prompt (rows `p * copies ..`), prefilling each
+/// prompt once and sharing its KV cache across the group, as GRPO's groups need: with
+/// long prompts and short completions the prefill is most of the work.
+pub fn generate_groups<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    copies: usize,
+    params: &SamplingParams,
+    stop: Option<&StopFn<'_>>,
+) -> Result<Vec<Generation>> {
+    if copies == 0 {
+        bail!("copies must be at least 1");
+    }
     if prompts.is_empty() {
         return Ok(vec![]);
     }
@@ -164,7 +186,7 @@ pub fn generate<B: Backend>(
         bail!("prompt token id {bad} is outside the model's vocabulary (size {vocab})");
     }
     let device = model.device();
-    let batch = prompts.len();
+    let batch = prompts.len() * copies;
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(batch);
     let mut attn = Vec::with_capacity(batch);
@@ -174,7 +196,10 @@ pub fn generate<B: Backend>(
         attn.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
     }
     let positions = positions_from_attention_mask(&attn);
-    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut next_pos: Vec<i64> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.len() as i64, copies))
+        .collect();
     let mut layout = AttentionLayout::from_attention_mask(&attn);
     let mut cache = model.new_cache(width + params.max_new_tokens);
     let mut rng = StdRng::seed_from_u64(params.seed);
@@ -189,7 +214,12 @@ pub fn generate<B: Backend>(
 
     let input = ForwardInput::from_host(&ids, &positions, &layout, &device);
     let hidden = model.hidden_states(input, Some(&mut cache));
-    let mut logits = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
+    let prefill = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
+    cache.repeat_rows(copies);
+    layout.key_valid = repeat_rows(std::mem::take(&mut layout.key_valid), copies);
+    layout.segments = layout.segments.take().map(|s| repeat_rows(s, copies));
+    layout.batch = batch;
+    let mut logits = repeat_rows(prefill, copies);
 
     for _ in 0..params.max_new_tokens {
         let mut step_ids = Vec::with_capacity(batch);

@@ -48,6 +48,8 @@ pub struct CausalLm<B: Backend> {
     pub lm_head: Option<Proj<B>>,
     /// Reward models (`*ForSequenceClassification`, one label): `[hidden, 1]`, HF `score.weight`.
     pub score: Option<Proj<B>>,
+    /// PPO's value head `[hidden, 1]` on the policy's backbone; never part of an HF export.
+    pub value_head: Option<Proj<B>>,
     #[module(skip)]
     pub inv_freq: Vec<f32>,
 }
@@ -76,6 +78,24 @@ impl<B: Backend> KvCache<B> {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
             capacity,
+        }
+    }
+
+    /// Repeat every cached row `copies` times in place (row r becomes rows r*copies ..
+    /// (r+1)*copies): a prompt prefilled once serves a whole group of samples.
+    pub fn repeat_rows(&mut self, copies: usize) {
+        if copies == 1 {
+            return;
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let rows = k.dims()[0];
+            let idx: Vec<i64> = (0..rows as i64)
+                .flat_map(|r| std::iter::repeat_n(r, copies))
+                .collect();
+            let idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows * copies]), &k.device());
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
         }
     }
 }
@@ -317,6 +337,31 @@ impl<B: Backend> CausalLm<B> {
         self
     }
 
+    /// Add PPO's value head, drawn like a fresh classification head (normal(0, `std`),
+    /// seeded). It trains in full, with or without adapters.
+    pub fn with_value_head(mut self, std: f64, seed: u64) -> Self {
+        let d = self.hidden_size();
+        let w = crate::presets::RandomInit::new(seed, std as f32)
+            .take("value_head.weight", &[1, d])
+            .expect("random init does not fail");
+        let device = self.device();
+        self.value_head = Some(Proj::from_tensors(
+            Tensor::from_data(TensorData::new(w, [d, 1]), &device),
+            None,
+        ));
+        self
+    }
+
+    /// Values `[n]` of hidden states `[n, hidden]` from the value head.
+    pub fn values(&self, hidden: Tensor<B, 2>) -> Tensor<B, 1> {
+        let head = self
+            .value_head
+            .as_ref()
+            .expect("values() needs a value head (with_value_head)");
+        let n = hidden.dims()[0];
+        head.forward(hidden).reshape([n])
+    }
+
     pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
         KvCache::new(self.num_layers(), capacity)
     }
@@ -507,6 +552,7 @@ impl<B: Backend> CausalLm<B> {
             norm,
             lm_head,
             score,
+            value_head: None,
             inv_freq: rope_inv_freq(cfg),
         })
     }

@@ -266,3 +266,34 @@ fn scores_equal_log_softmax_of_reference_logits() {
         );
     }
 }
+
+/// A group that shares one prefill samples exactly what the prompt repeated in the batch
+/// samples: the same tokens (same seed, same row order) and the same log-probs.
+#[test]
+fn grouped_prefill_equals_repeated_prompts() {
+    let model = load("tiny-llama");
+    let prompts = vec![vec![17, 3, 44, 81, 120, 7, 99], vec![250, 4]];
+    let params = SamplingParams {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 3,
+        stop_ids: vec![2],
+        ..Default::default()
+    };
+    let repeated: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), 3))
+        .collect();
+    let want = generate(&model, &repeated, &params, None).unwrap();
+    let got = models::generate::generate_groups(&model, &prompts, 3, &params, None).unwrap();
+    assert_eq!(got.len(), 6);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.tokens, w.tokens);
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+    let distinct: std::collections::HashSet<&Vec<u32>> = got.iter().map(|g| &g.tokens).collect();
+    assert!(distinct.len() > 2, "samples within a group differ");
+}

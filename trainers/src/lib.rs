@@ -10,6 +10,7 @@ pub mod optim;
 pub mod parallel;
 pub mod recipe;
 pub mod reward;
+pub mod rl;
 pub mod schedule;
 pub mod session;
 pub mod sft;

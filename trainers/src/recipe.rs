@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::distill::DistillSettings;
 use crate::dpo::DpoSettings;
 use crate::reward::RewardSettings;
+use crate::rl::grpo::GrpoSettings;
+use crate::rl::ppo::PpoSettings;
+use crate::rl::rewards::RewardSpec;
 use datasets::config::DataConfig;
 use models::lora::LoraSettings;
 use models::nf4::{Nf4Settings, Quantization};
@@ -20,6 +23,15 @@ pub enum MethodName {
     Dpo,
     Reward,
     Distill,
+    Grpo,
+    Ppo,
+}
+
+impl MethodName {
+    /// Online RL methods train on prompts they complete themselves.
+    pub fn is_online(self) -> bool {
+        matches!(self, MethodName::Grpo | MethodName::Ppo)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +55,15 @@ pub struct Recipe {
     /// `method = "distill"`: the teacher and the loss (GKD names); required for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillSettings>,
+    /// `method = "grpo"` settings (TRL `GRPOConfig` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GrpoSettings>,
+    /// `method = "ppo"` settings (TRL `PPOConfig` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppo: Option<PpoSettings>,
+    /// GRPO/PPO reward sources (`[[rewards]]` tables), summed with their weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -386,8 +407,48 @@ impl Recipe {
                 self.method
             );
         }
+        self.validate_online()?;
         if self.model.init_preset.is_some() != self.model.init_tokenizer.is_some() {
             bail!("[model] init_preset and init_tokenizer go together: set both or neither");
+        }
+        Ok(())
+    }
+
+    fn validate_online(&self) -> Result<()> {
+        let section = |name: &str, set: bool, method: MethodName| -> Result<()> {
+            if set && self.method != method {
+                bail!(
+                    "[{name}] is set but method is {:?}; remove the section or set method = \"{name}\"",
+                    self.method
+                );
+            }
+            Ok(())
+        };
+        section("grpo", self.grpo.is_some(), MethodName::Grpo)?;
+        section("ppo", self.ppo.is_some(), MethodName::Ppo)?;
+        if let Some(g) = &self.grpo {
+            g.validate()?;
+        }
+        if let Some(p) = &self.ppo {
+            p.validate()?;
+        }
+        if !self.method.is_online() {
+            if !self.rewards.is_empty() {
+                bail!(
+                    "[[rewards]] are for online methods (grpo, ppo), but method is {:?}",
+                    self.method
+                );
+            }
+            return Ok(());
+        }
+        if self.rewards.is_empty() {
+            bail!(
+                "method = \"{}\" needs at least one [[rewards]] table, e.g.\n[[rewards]]\ntype = \"accuracy\"",
+                format!("{:?}", self.method).to_lowercase()
+            );
+        }
+        for (i, r) in self.rewards.iter().enumerate() {
+            r.validate(i)?;
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ use crate::optim::{trainable_params, AdamWSettings};
 use crate::parallel::Replica;
 use crate::recipe::{MethodName, Recipe};
 use crate::reward::Reward;
+use crate::rl::setup::{with_value_head, OnlineSetup};
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
 use crate::teacher::{model_fingerprint, prepare_teacher};
@@ -223,6 +224,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     let expected = match recipe.method {
         MethodName::Sft | MethodName::Distill => "sft",
         MethodName::Dpo | MethodName::Reward => "pairs",
+        MethodName::Grpo | MethodName::Ppo => "prompts",
     };
     if prepared.train.kind() != expected {
         bail!(
@@ -234,19 +236,32 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     let train_rows = prepared.train.len();
     let eval_rows = prepared.eval.len();
     let mb = recipe.train.per_device_train_batch_size;
-    let per_epoch = train_rows.div_ceil(mb * recipe.train.gradient_accumulation_steps);
+    let per_step = mb * recipe.train.gradient_accumulation_steps;
+    // Online methods: a step's rows are completions, and a rollout may feed several steps.
+    let (per_epoch, seq) = match recipe.method {
+        MethodName::Grpo => {
+            let g = recipe.grpo.clone().unwrap_or_default();
+            (
+                train_rows.div_ceil((per_step / g.num_generations).max(1)) * g.num_iterations,
+                recipe.data.max_seq_len + g.max_completion_length,
+            )
+        }
+        MethodName::Ppo => {
+            let p = recipe.ppo.clone().unwrap_or_default();
+            let per_rollout = per_step * p.num_mini_batches;
+            (
+                train_rows.div_ceil(per_rollout) * p.num_ppo_epochs * p.num_mini_batches,
+                recipe.data.max_seq_len + p.max_completion_length,
+            )
+        }
+        _ => (train_rows.div_ceil(per_step), recipe.data.max_seq_len),
+    };
     let total = total_steps(recipe, Some(per_epoch))?;
     let lora = recipe.adapter.as_ref().map(|a| a.lora());
     // Preference methods put chosen and rejected rows of each pair in one micro-batch.
     let rows = if expected == "pairs" { 2 * mb } else { mb };
     let quantization = recipe.model.quantization()?;
-    let mut mem = estimate(
-        &cfg,
-        lora.as_ref(),
-        quantization.as_ref(),
-        rows,
-        recipe.data.max_seq_len,
-    );
+    let mut mem = estimate(&cfg, lora.as_ref(), quantization.as_ref(), rows, seq);
     // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
     let dpo = recipe.dpo.clone().unwrap_or_default();
     if recipe.method == MethodName::Dpo
@@ -268,7 +283,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     s.push_str(&format!(
         "\n# memory estimate (float32 training, micro-batch of {rows} rows x {} tokens)\n\
          parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\ntotal       {}\n",
-        recipe.data.max_seq_len,
+        seq,
         mem.params as f64 / 1e6,
         mem.trainable as f64 / 1e6,
         human_bytes(mem.weights),
@@ -428,6 +443,11 @@ pub fn train_on<B: AutodiffBackend>(
         None => None,
     };
     let (model_cfg, model, weights) = load_policy::<B>(recipe, resume_dir.as_deref(), device)?;
+    let model = if recipe.method == MethodName::Ppo {
+        with_value_head(model, &model_cfg, recipe.seed, resume_dir.as_deref())?
+    } else {
+        model
+    };
     let cache_dir = prepared.report.cache_dir.clone();
     let ctx = RunContext {
         recipe,
@@ -486,6 +506,22 @@ pub fn train_on<B: AutodiffBackend>(
                 settings,
             )?;
             drive(ctx, model, method)
+        }
+        MethodName::Grpo | MethodName::Ppo => {
+            let setup = OnlineSetup {
+                recipe,
+                opts,
+                tok: &ctx.tok,
+                cfg: &cfg0,
+                pad,
+            };
+            if recipe.method == MethodName::Grpo {
+                let method = setup.grpo::<B>(prepared.train, prepared.eval, device)?;
+                drive(ctx, model, method)
+            } else {
+                let method = setup.ppo::<B>(prepared.train, prepared.eval, device)?;
+                drive(ctx, model, method)
+            }
         }
         MethodName::Reward => {
             // Rewards are read at the last token that is not the config's pad id.
@@ -701,8 +737,13 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
     report.samples_after = sample(&inner, &model_cfg, &tok, recipe)?;
     if opts.verbose {
         print_samples(recipe, "after", &report.samples_after);
-        if let (Some(a), Some(b)) = (report.first_eval_loss, report.last_eval_loss) {
-            println!("eval loss {a:.4} -> {b:.4}");
+        match (report.first_eval_loss, report.last_eval_loss) {
+            // Online methods log minus the held-out reward as their eval loss.
+            (Some(a), Some(b)) if recipe.method.is_online() => {
+                println!("eval reward {:.4} -> {:.4}", -a, -b)
+            }
+            (Some(a), Some(b)) => println!("eval loss {a:.4} -> {b:.4}"),
+            _ => {}
         }
         println!(
             "wrote {} ({}) and {}",

@@ -60,13 +60,21 @@ pub struct TrainedLogits<B: Backend> {
     pub rows: Vec<usize>,
 }
 
-/// Logits at the n trained positions of a collated batch. Only those positions go through
-/// the LM head: with a chat mask and padding they are often under half of the batch, and
-/// the `[positions, vocab]` logits dominate the cost of a small model.
-pub fn trained_logits<B: Backend>(
+/// Final hidden states at the trained positions of a collated batch, in row-major order.
+pub struct TrainedHidden<B: Backend> {
+    /// `[n, hidden]`.
+    pub hidden: Tensor<B, 2>,
+    /// `[n]`: the next token at each position.
+    pub targets: Tensor<B, 1, Int>,
+    /// The batch row of each position.
+    pub rows: Vec<usize>,
+}
+
+/// Hidden states at the n trained positions of a collated batch (None when there are none).
+pub fn trained_hidden<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
-) -> Option<TrainedLogits<B>> {
+) -> Option<TrainedHidden<B>> {
     let device = model.device();
     let [b, t] = [batch.ids.len(), batch.ids.first().map_or(0, Vec::len)];
     let mut flat: Vec<i64> = Vec::new();
@@ -89,16 +97,32 @@ pub fn trained_logits<B: Backend>(
     let hidden = model.hidden_states(input, None);
     let d = hidden.dims()[2];
     let flat = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [n]), &device);
-    let picked = hidden
-        .reshape([b * t, d])
-        .select(0, flat)
-        .reshape([1, n, d]);
-    let logits = model.logits(picked).reshape([n, model.vocab_size()]);
+    let hidden = hidden.reshape([b * t, d]).select(0, flat);
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
-    Some(TrainedLogits {
-        logits,
+    Some(TrainedHidden {
+        hidden,
         targets,
         rows,
+    })
+}
+
+/// Logits at the n trained positions of a collated batch. Only those positions go through
+/// the LM head: with a chat mask and padding they are often under half of the batch, and
+/// the `[positions, vocab]` logits dominate the cost of a small model.
+pub fn trained_logits<B: Backend>(
+    model: &CausalLm<B>,
+    batch: &SftBatch,
+) -> Option<TrainedLogits<B>> {
+    let h = trained_hidden(model, batch)?;
+    let n = h.rows.len();
+    let d = h.hidden.dims()[1];
+    let logits = model
+        .logits(h.hidden.reshape([1, n, d]))
+        .reshape([n, model.vocab_size()]);
+    Some(TrainedLogits {
+        logits,
+        targets: h.targets,
+        rows: h.rows,
     })
 }
 

@@ -109,7 +109,7 @@ fn check_same_vocabulary(
 }
 
 /// The first difference between two models' tokenizers, if any.
-fn tokenizer_mismatch(
+pub(crate) fn tokenizer_mismatch(
     student_dir: &Path,
     student: &ModelConfig,
     teacher_dir: &Path,

@@ -279,3 +279,207 @@ fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
         }
     }
 }
+
+/// GRPO advantages and losses, and PPO's GAE targets and losses, equal the PyTorch
+/// reference that follows TRL's source (scripts/parity/rl_reference.py).
+mod rl {
+    use super::*;
+    use burn::prelude::*;
+    use trainers::rl::grpo::{grpo_loss_sum, token_weights, GrpoLoss, GrpoSettings};
+    use trainers::rl::math::{
+        clip_fraction, combine_rewards, group_advantages, KlEstimator, ScaleRewards,
+    };
+    use trainers::rl::ppo::{ppo_loss, ppo_targets, PpoSettings};
+
+    fn fixture() -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/rl.json")).unwrap())
+            .unwrap()
+    }
+
+    fn close(a: f64, b: f64, tol: f64, what: &str) {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}: {a} vs reference {b}"
+        );
+    }
+
+    fn nan_rows(v: &Value) -> Vec<Vec<f64>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap_or(f64::NAN))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn rows(v: &Value) -> Vec<Vec<f64>> {
+        serde_json::from_value(v.clone()).unwrap()
+    }
+
+    fn flat(rows: &[Vec<f64>]) -> Tensor<Cpu, 1> {
+        let v: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+        let n = v.len();
+        Tensor::from_data(TensorData::new(v, [n]), &Default::default())
+    }
+
+    fn scalar(t: Tensor<Cpu, 1>) -> f64 {
+        t.into_scalar().elem::<f64>()
+    }
+
+    #[test]
+    fn grpo_group_advantages_match_trl() {
+        let f = fixture();
+        let g = &f["grpo"];
+        let weights: Vec<f64> = serde_json::from_value(g["reward_weights"].clone()).unwrap();
+        let rewards = combine_rewards(&nan_rows(&g["rewards_per_func"]), &weights);
+        let group = g["num_generations"].as_u64().unwrap() as usize;
+        for case in g["advantages"].as_array().unwrap() {
+            let scale: ScaleRewards =
+                serde_json::from_value(case["scale_rewards"].clone()).unwrap();
+            for (r, want) in rewards.iter().zip(case["rewards"].as_array().unwrap()) {
+                match want.as_f64() {
+                    Some(w) => close(*r, w, 1e-12, "combined reward"),
+                    None => assert!(r.is_nan(), "an unscorable row stays NaN"),
+                }
+            }
+            let adv = group_advantages(&rewards, group, scale);
+            let want: Vec<f64> = serde_json::from_value(case["advantages"].clone()).unwrap();
+            for (a, w) in adv.iter().zip(&want) {
+                // TRL's nanstd takes its Bessel factor count / (count - 1) in float32.
+                close(*a, *w, 1e-6, &format!("advantage ({scale:?})"));
+            }
+        }
+    }
+
+    #[test]
+    fn grpo_losses_match_trl_for_every_normalisation() {
+        let f = fixture();
+        let g = &f["grpo"];
+        let (logps, old, reference) = (
+            rows(&g["logps"]),
+            rows(&g["old_logps"]),
+            rows(&g["ref_logps"]),
+        );
+        let lens: Vec<usize> = logps.iter().map(Vec::len).collect();
+        let adv: Vec<f64> =
+            serde_json::from_value(g["advantages"][0]["advantages"].clone()).unwrap();
+        let adv_tokens: Vec<Vec<f64>> = lens.iter().zip(&adv).map(|(&l, &a)| vec![a; l]).collect();
+        let max_len = g["max_completion_length"].as_u64().unwrap() as usize;
+        for case in g["losses"].as_array().unwrap() {
+            let loss_type: GrpoLoss = serde_json::from_value(case["loss_type"].clone()).unwrap();
+            let s = GrpoSettings {
+                loss_type,
+                epsilon: case["epsilon"].as_f64().unwrap(),
+                epsilon_high: case["epsilon_high"].as_f64(),
+                beta: case["beta"].as_f64().unwrap(),
+                max_completion_length: max_len,
+                ..Default::default()
+            };
+            let (w, weight) = token_weights(loss_type, &lens, &vec![false; lens.len()], max_len);
+            let n = w.len();
+            let w = Tensor::<Cpu, 1>::from_data(TensorData::new(w, [n]), &Default::default());
+            let (loss_sum, kl, ratio) = grpo_loss_sum(
+                flat(&logps),
+                flat(&old),
+                Some(flat(&reference)),
+                flat(&adv_tokens),
+                w,
+                &s,
+            );
+            let what = format!("{case}");
+            close(
+                scalar(loss_sum) / weight,
+                case["loss"].as_f64().unwrap(),
+                1e-5,
+                &what,
+            );
+            if s.beta > 0.0 {
+                close(kl.unwrap(), case["kl"].as_f64().unwrap(), 1e-5, "k3 KL");
+            }
+            let ratio: Vec<f32> = ratio.into_data().to_vec().unwrap();
+            let adv32: Vec<f32> = adv_tokens.iter().flatten().map(|&a| a as f32).collect();
+            let clipped =
+                clip_fraction(&ratio, &adv32, s.epsilon, s.epsilon_high.unwrap()) / n as f64;
+            close(
+                clipped,
+                case["clip_ratio"].as_f64().unwrap(),
+                1e-9,
+                "clip ratio",
+            );
+        }
+    }
+
+    #[test]
+    fn ppo_gae_targets_and_clipped_losses_match_trl() {
+        let f = fixture();
+        let p = &f["ppo"];
+        let s = PpoSettings {
+            kl_coef: p["kl_coef"].as_f64().unwrap(),
+            kl_estimator: KlEstimator::K1,
+            gamma: p["gamma"].as_f64().unwrap(),
+            lam: p["lam"].as_f64().unwrap(),
+            cliprange: p["cliprange"].as_f64().unwrap(),
+            cliprange_value: p["cliprange_value"].as_f64().unwrap(),
+            vf_coef: p["vf_coef"].as_f64().unwrap(),
+            ..Default::default()
+        };
+        let (logps, reference, values) =
+            (rows(&p["logps"]), rows(&p["ref_logps"]), rows(&p["values"]));
+        let kl: Vec<Vec<f64>> = logps
+            .iter()
+            .zip(&reference)
+            .map(|(l, r)| {
+                l.iter()
+                    .zip(r)
+                    .map(|(&a, &b)| s.kl_estimator.host(a, b))
+                    .collect()
+            })
+            .collect();
+        let scores: Vec<f64> = serde_json::from_value(p["scores"].clone()).unwrap();
+        let t = ppo_targets(&s, &kl, &scores, &values);
+        for (key, got) in [("advantages", &t.advantages), ("returns", &t.returns)] {
+            for (g, w) in got.iter().flatten().zip(rows(&p[key]).iter().flatten()) {
+                close(*g, *w, 1e-9, key);
+            }
+        }
+        let l = ppo_loss(
+            flat(&rows(&p["new_logps"])),
+            flat(&logps),
+            flat(&t.advantages),
+            flat(&rows(&p["vpred"])),
+            flat(&values),
+            flat(&t.returns),
+            &s,
+        );
+        let (pg, vf) = (scalar(l.policy), scalar(l.value));
+        close(pg, p["pg_loss"].as_f64().unwrap(), 1e-5, "policy loss");
+        close(vf, p["vf_loss"].as_f64().unwrap(), 1e-5, "value loss");
+        close(
+            pg + s.vf_coef * vf,
+            p["loss"].as_f64().unwrap(),
+            1e-5,
+            "PPO loss",
+        );
+        let n = t.advantages.iter().flatten().count() as f64;
+        let ratio: Vec<f32> = l.ratio.into_data().to_vec().unwrap();
+        let adv32: Vec<f32> = t.advantages.iter().flatten().map(|&a| a as f32).collect();
+        close(
+            clip_fraction(&ratio, &adv32, s.cliprange, s.cliprange) / n,
+            p["pg_clipfrac"].as_f64().unwrap(),
+            1e-9,
+            "policy clip fraction",
+        );
+        let vclip: Vec<f32> = l.value_clipped.float().into_data().to_vec().unwrap();
+        close(
+            vclip.iter().sum::<f32>() as f64 / n,
+            p["vf_clipfrac"].as_f64().unwrap(),
+            1e-9,
+            "value clip fraction",
+        );
+    }
+}
