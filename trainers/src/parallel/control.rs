@@ -446,7 +446,10 @@ mod tests {
         assert_eq!(s[1].status, RankStatus::Alive);
         drop(c2);
         let t = Instant::now();
-        while c0.abort_message().is_none() && t.elapsed() < Duration::from_secs(5) {
+        // The notice reaches each surviving rank on its own connection: wait for both.
+        while (c0.abort_message().is_none() || c1.abort_message().is_none())
+            && t.elapsed() < Duration::from_secs(5)
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(c0.abort_message().unwrap().contains("rank 2 died"));
