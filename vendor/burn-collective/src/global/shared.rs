@@ -123,6 +123,9 @@ pub enum GlobalCollectiveError {
     WrongOrchestratorResponse,
     /// Node couldn't connect to coordinator
     OrchestratorUnreachable,
+    /// burnish patch: an operation the global level does not implement (reduce,
+    /// broadcast), reported instead of `unimplemented!()` panicking a training rank.
+    Unsupported(String),
 }
 
 impl<E: CommunicationError> From<E> for GlobalCollectiveError {

@@ -180,7 +180,8 @@ where
         _root: PeerId,
         _op: ReduceOperation,
     ) -> Result<Option<B::FloatTensorPrimitive>, GlobalCollectiveError> {
-        unimplemented!("Global reduce unimplemented");
+        // burnish patch: an error, not `unimplemented!()` (burnish only all-reduces).
+        Err(GlobalCollectiveError::Unsupported("global reduce".into()))
     }
 
     pub async fn broadcast(
@@ -188,7 +189,9 @@ where
         _tensor: Option<B::FloatTensorPrimitive>,
         _strategy: BroadcastStrategy,
     ) -> Result<B::FloatTensorPrimitive, GlobalCollectiveError> {
-        unimplemented!("Global broadcast unimplemented");
+        // burnish patch: an error, not `unimplemented!()` (burnish broadcasts weights as a
+        // sum all-reduce).
+        Err(GlobalCollectiveError::Unsupported("global broadcast".into()))
     }
 
     pub async fn finish(&mut self) {
