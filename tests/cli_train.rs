@@ -27,6 +27,16 @@ fn train_args(name: &str, dir: &Path, out: &str, extra: &[&str]) -> Vec<String> 
     args
 }
 
+/// `--dry-run` (it must print a memory estimate), then the run itself; its metrics.jsonl.
+fn dry_run_then_train(owned: &[String], run_dir: &Path) -> String {
+    let args = strs(owned);
+    let mut dry = args.clone();
+    dry.push("--dry-run");
+    assert!(ok(&dry).contains("# memory estimate"));
+    ok(&args);
+    std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap()
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -230,13 +240,7 @@ fn dpo_and_reward_recipes_run_and_the_reward_model_scores_rows() {
                 "data.max_seq_len=256",
             ],
         );
-        let args = strs(&owned);
-        let mut dry = args.clone();
-        dry.push("--dry-run");
-        assert!(ok(&dry).contains("# memory estimate"));
-        ok(&args);
-        let metrics =
-            std::fs::read_to_string(tmp.path().join(recipe).join("run/metrics.jsonl")).unwrap();
+        let metrics = dry_run_then_train(&owned, &tmp.path().join(recipe).join("run"));
         let key = if recipe == "dpo" {
             "eval_rewards/accuracies"
         } else {
@@ -302,13 +306,7 @@ fn grpo_and_ppo_recipes_run_on_gsm8k_and_bedrock_rft_rows() {
                 "grpo.max_completion_length=8",
             ],
         );
-        let args = strs(&owned);
-        let mut dry = args.clone();
-        dry.push("--dry-run");
-        assert!(ok(&dry).contains("# memory estimate"));
-        ok(&args);
-        let metrics =
-            std::fs::read_to_string(tmp.path().join(name).join("run/metrics.jsonl")).unwrap();
+        let metrics = dry_run_then_train(&owned, &tmp.path().join(name).join("run"));
         for key in [
             "rewards/accuracy/mean",
             "eval_reward",

@@ -2,14 +2,15 @@
 //! same global batch (SFT and DPO), resume is exact, and a stalled replica stops every rank
 //! with the watchdog's message instead of hanging.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{root, tiny_model};
 use models::backend::CpuTrain;
-use models::presets::{write_new_model, NewModelSpec};
-use models::weights::{DiskDtype, SafetensorsReader};
+use models::weights::SafetensorsReader;
 use serde_json::Value;
 use trainers::metrics::read_metrics;
 use trainers::parallel::{train_data_parallel, Fault, ParallelOptions, Timeouts};
@@ -17,30 +18,6 @@ use trainers::train_loop::Outcome;
 use trainers::{train, Recipe, TrainOptions, TrainReport};
 
 static NO_STOP: AtomicBool = AtomicBool::new(false);
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tiny_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("tiny");
-        write_new_model(&NewModelSpec {
-            preset: "tiny",
-            arch: "llama",
-            tokenizer_dir: &root().join("assets/tokenizers/phi3_vision"),
-            out: &out,
-            seed: 1,
-            chat_template: "chatml",
-            dtype: DiskDtype::F32,
-        })
-        .unwrap();
-        (tmp, out)
-    })
-    .1
-}
 
 /// SFT on the bundled conversations; `extra` is appended, `overrides` are `--set`s.
 fn recipe(dir: &Path, extra: &str, overrides: &[String]) -> Recipe {

@@ -1,6 +1,8 @@
 //! The shared loop on a tiny model: SFT and LoRA learn, accumulation is invariant, runs are
 //! deterministic, resume is exact, bad runs stop cleanly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
@@ -8,6 +10,7 @@ use std::sync::OnceLock;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use common::{root, tiny_model};
 use datasets::cache::Dataset;
 use datasets::prepare::prepare;
 use models::backend::{Cpu, CpuTrain};
@@ -22,31 +25,6 @@ use trainers::sft::Sft;
 use trainers::train_loop::accumulate_gradients;
 use trainers::train_loop::Outcome;
 use trainers::{train, Recipe, TrainOptions, TrainReport};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// One tiny random-init model (bundled tokenizer) shared by every test of this file.
-fn tiny_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("tiny");
-        write_new_model(&NewModelSpec {
-            preset: "tiny",
-            arch: "llama",
-            tokenizer_dir: &root().join("assets/tokenizers/phi3_vision"),
-            out: &out,
-            seed: 1,
-            chat_template: "chatml",
-            dtype: DiskDtype::F32,
-        })
-        .unwrap();
-        (tmp, out)
-    })
-    .1
-}
 
 fn recipe(dir: &Path, extra: &str, overrides: &[&str]) -> Recipe {
     let text = format!(
