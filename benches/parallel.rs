@@ -30,7 +30,7 @@ use trainers::weights::WeightsFormat;
 use support::{loop_config, mean_tokens_per_s, peak_rss_mb, rows, run_child};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: trainers::allocator::MiMalloc = trainers::allocator::MiMalloc;
 
 const MICRO: usize = 4;
 const SEQ: usize = 256;
@@ -157,6 +157,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
 }
 
 fn main() {
+    trainers::allocator::tune_for_training();
     let steps: usize = std::env::var("BURNISH_BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -24,7 +24,7 @@ use support::{
 };
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: trainers::allocator::MiMalloc = trainers::allocator::MiMalloc;
 
 const BATCH: usize = 2;
 const SEQ: usize = 256;
@@ -98,6 +98,7 @@ fn write_model(preset: &str, out: &Path) {
 }
 
 fn main() {
+    trainers::allocator::tune_for_training();
     let steps: usize = std::env::var("BURNISH_BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -24,7 +24,7 @@ use support::{bench_lora, loop_config, mean_tokens_per_s, pairs, peak_rss_mb, ru
 
 // The same allocator as the burnish binary, so the figures are the binary's.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: trainers::allocator::MiMalloc = trainers::allocator::MiMalloc;
 
 const BATCH: usize = 8;
 const SEQ: usize = 256;
@@ -101,6 +101,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
 }
 
 fn main() {
+    trainers::allocator::tune_for_training();
     let steps: usize = std::env::var("BURNISH_BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -17,9 +17,10 @@ mod train;
 use clap::{Parser, Subcommand};
 
 // Training allocates and frees logits-sized buffers every step; the system allocator
-// returns them to the OS each time (mmap/munmap and page faults), mimalloc reuses them.
+// returns them to the OS each time (mmap/munmap and page faults), mimalloc reuses them
+// (tuned in `main`, see `trainers::allocator`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: trainers::allocator::MiMalloc = trainers::allocator::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +52,7 @@ enum Command {
 }
 
 fn main() {
+    trainers::allocator::tune_for_training();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::NewModel(a) => new_model::run(a),

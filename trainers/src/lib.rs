@@ -1,5 +1,6 @@
 //! The shared training loop and the methods that plug into it.
 
+pub mod allocator;
 pub mod data_order;
 pub mod distill;
 pub mod dpo;
