@@ -295,6 +295,18 @@ impl FlexTensor {
     }
 
     /// Copy to contiguous layout if needed.
+    /// burnish patch: [`Self::to_contiguous`] that hands back `self` (and so keeps it
+    /// uniquely owned) when no copy is needed.
+    pub fn into_contiguous(self) -> Self {
+        if self.is_contiguous()
+            && self.layout.start_offset() == 0
+            && self.data.len() == self.layout.num_elements() * dtype_size(self.dtype)
+        {
+            return self;
+        }
+        self.to_contiguous()
+    }
+
     pub fn to_contiguous(&self) -> Self {
         // Fast path requires the logical tensor to cover the whole buffer.
         // A contiguous prefix view (e.g. [8, 5] sliced to [5, 5]) has

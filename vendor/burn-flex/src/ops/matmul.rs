@@ -264,6 +264,25 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let mut output = FlexTensor::empty(out_shape, T::dtype());
     let out_data: &mut [T] = output.storage_mut();
 
+    // burnish patch: a few rows times a large matrix (decoding: one token per sequence)
+    // reads the matrix once for all rows, split by columns across threads. gemm packs the
+    // whole right-hand side on every call, which for a batch of 8 cost 4x one row.
+    if T::dtype() == DType::F32 && crate::ops::small_m::applies(m, n, k, [rhs_row_stride, rhs_col_stride]) {
+        // SAFETY: T is f32 (checked above), so the casts only rename the element type.
+        unsafe {
+            let out = core::slice::from_raw_parts_mut(out_data.as_mut_ptr() as *mut f32, m * n);
+            crate::ops::small_m::matmul(
+                out,
+                lhs_ptr as *const f32,
+                [lhs_row_stride, lhs_col_stride],
+                rhs_ptr as *const f32,
+                [rhs_row_stride, rhs_col_stride],
+                [m, n, k],
+            );
+        }
+        return output;
+    }
+
     let parallelism = get_parallelism(m, n, k);
 
     unsafe {

@@ -98,12 +98,12 @@ pub(crate) fn zip_map_collect<E: Copy + Sync, R: bytemuck::Pod + Send>(
 
 /// burnish patch: `exp(x)` for f32 without a libm call, so loops over it vectorise:
 /// Cody-Waite range reduction `x = k ln2 + r` and Cephes' `expf` polynomial on `r`
-/// (relative error about 1e-7, as libm's). Below -87 it returns 0 (the true value is
-/// under 1.7e-38) and above 88.72 infinity; NaN stays NaN.
+/// (relative error about 1e-7, as libm's). Below -88 it returns 0 (the true value is a
+/// subnormal under 6.1e-39) and above ln(f32::MAX) infinity; NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    const HI: f32 = 88.72;
-    const LO: f32 = -87.0;
+    const HI: f32 = 88.722_83; // ln(f32::MAX)
+    const LO: f32 = -88.0;
     const LOG2E: f32 = core::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -118,9 +118,12 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         * r
         + 5.000_000_1e-1;
     let y = p * (r * r) + r + 1.0;
-    // 2^k as 2^(k-1) * 2 keeps the biased exponent in 1..=254 for k in -125..=128.
-    let scale = f32::from_bits(((k as i32 + 126) as u32) << 23) * 2.0;
-    let out = y * scale;
+    // 2^k as 2^(k/2) * 2^(k - k/2): both biased exponents stay normal for k in -127..=128.
+    let k = k as i32;
+    let half = k >> 1;
+    let s1 = f32::from_bits(((half + 127) as u32) << 23);
+    let s2 = f32::from_bits(((k - half + 127) as u32) << 23);
+    let out = y * s1 * s2;
     if x < LO {
         0.0
     } else if x > HI {
@@ -228,6 +231,7 @@ mod qtensor;
 pub mod reduce;
 pub mod repeat_dim;
 pub mod slice;
+pub(crate) mod small_m;
 pub mod sort;
 mod transaction;
 pub mod unary;

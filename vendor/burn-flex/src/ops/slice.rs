@@ -233,7 +233,10 @@ fn slice_write_impl<E: Element + bytemuck::Pod>(
     slices: &[Slice],
     source: WriteSource<'_, E>,
 ) -> FlexTensor {
-    let mut tensor = tensor.to_contiguous();
+    // burnish patch: consume the tensor; `let mut tensor = tensor.to_contiguous()` kept
+    // the original alive, so the write below copied the whole buffer (copy-on-write) even
+    // when it was uniquely owned: a full KV-cache copy per layer per decoded token.
+    let mut tensor = tensor.into_contiguous();
     let dst_layout = tensor.layout().clone();
     let ndims = dst_layout.num_dims();
 
