@@ -206,6 +206,9 @@ pub struct StepGradients {
     /// The first micro-batch (1-based) whose loss was NaN/Inf, and that value; the
     /// gradients are then incomplete and must not be applied.
     pub non_finite: Option<(usize, f64)>,
+    /// Wall seconds in the loss forward passes and in the backward passes (this rank's).
+    pub forward_s: f64,
+    pub backward_s: f64,
 }
 
 /// Backward through every micro-batch, each loss divided by the weight of the *whole*
@@ -239,19 +242,25 @@ pub fn accumulate_gradients_over<B: AutodiffBackend, M: Method<B>>(
         tokens: 0,
         total_weight,
         non_finite: None,
+        forward_s: 0.0,
+        backward_s: 0.0,
     };
     for (i, b) in batches.iter().enumerate() {
         out.tokens += method.tokens(b);
+        let t0 = Instant::now();
         let o = method.loss(model, b);
         let l = o.loss_sum.div_scalar(total_weight);
         let value = l.clone().into_scalar().elem::<f64>();
+        out.forward_s += t0.elapsed().as_secs_f64();
         if !value.is_finite() {
             out.non_finite = Some((i + 1, value));
             return Ok(out);
         }
         out.loss += value;
         accumulate_metrics(&mut out.metric_sums, &o.metric_sums);
+        let t0 = Instant::now();
         acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
+        out.backward_s += t0.elapsed().as_secs_f64();
     }
     out.grads = acc.grads();
     Ok(out)
@@ -377,6 +386,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         let Some(batches) = method.next_step(&model, cfg.micro_batches)? else {
             break;
         };
+        let data_s = t0.elapsed().as_secs_f64();
         let acc = match dp.as_deref_mut() {
             Some(d) => d.gradients(
                 &model,
@@ -403,8 +413,11 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             metric_sums: sums,
             tokens,
             total_weight,
+            forward_s,
+            backward_s,
             ..
         } = acc;
+        let t_opt = Instant::now();
         let grad_norm = global_grad_norm(&model, &grads);
         if !grad_norm.is_finite() {
             let dir = ckpt.save(&model, &opt, &before, step, tokens_seen, elapsed())?;
@@ -421,6 +434,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         };
         let lr = cfg.schedule.lr(step as usize);
         model = opt.step(model, grads, lr, clip);
+        let optimizer_s = t_opt.elapsed().as_secs_f64();
         step += 1;
         tokens_seen += tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
@@ -436,6 +450,13 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         rec.insert("grad_norm".into(), json!(grad_norm));
         rec.insert("tokens".into(), json!(tokens_seen));
         rec.insert("tokens_per_s".into(), json!(tokens as f64 / secs.max(1e-9)));
+        // Where the step's wall time went: batches (and rollouts), loss forward, backward,
+        // optimizer (norm, clipping, AdamW); the rest is gradient exchange and bookkeeping.
+        rec.insert("time/step_s".into(), json!(secs));
+        rec.insert("time/data_s".into(), json!(data_s));
+        rec.insert("time/forward_s".into(), json!(forward_s));
+        rec.insert("time/backward_s".into(), json!(backward_s));
+        rec.insert("time/optimizer_s".into(), json!(optimizer_s));
         let last = step == total;
         if (cfg.eval_steps > 0 && step % cfg.eval_steps as u64 == 0) || last {
             if let Some((l, m)) = evaluate(&model, method)? {

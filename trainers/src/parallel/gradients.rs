@@ -282,6 +282,8 @@ impl Replica {
             tokens,
             total_weight,
             non_finite,
+            forward_s: local.forward_s,
+            backward_s: local.backward_s,
         })
     }
 }
