@@ -69,25 +69,56 @@ fn small_row_matmul_matches_reference_for_both_layouts() {
 #[test]
 fn exp_and_sigmoid_match_libm() {
     let mut xs: Vec<f32> = (0..200_000).map(|i| -100.0 + i as f32 * 0.001).collect();
-    xs.extend([-88.5, -88.0, -87.5, -87.0, -86.99, 0.0, -0.0, 88.0, 88.7, 89.0, f32::NEG_INFINITY]);
+    xs.extend([
+        -88.5,
+        -88.0,
+        -87.5,
+        -87.0,
+        -86.99,
+        0.0,
+        -0.0,
+        88.0,
+        88.7,
+        89.0,
+        f32::NEG_INFINITY,
+    ]);
     let n = xs.len();
-    let got = tensor(xs.clone(), [n]).exp().into_data().to_vec::<f32>().unwrap();
+    let got = tensor(xs.clone(), [n])
+        .exp()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     for (&x, &g) in xs.iter().zip(&got) {
         let want = (x as f64).exp();
         if want < 1.2e-38 {
-            assert!((g as f64 - want).abs() < 1e-38, "exp({x}) = {g}, want {want}");
+            assert!(
+                (g as f64 - want).abs() < 1e-38,
+                "exp({x}) = {g}, want {want}"
+            );
         } else if want > 3.4e38 {
             // At the edge of the f32 range either infinity or the rounded value is fine.
-            assert!(g.is_infinite() || ((g as f64 - want) / want).abs() < 3e-7, "exp({x}) = {g}");
+            assert!(
+                g.is_infinite() || ((g as f64 - want) / want).abs() < 3e-7,
+                "exp({x}) = {g}"
+            );
         } else {
-            assert!(((g as f64 - want) / want).abs() < 3e-7, "exp({x}) = {g}, want {want}");
+            assert!(
+                ((g as f64 - want) / want).abs() < 3e-7,
+                "exp({x}) = {g}, want {want}"
+            );
         }
     }
     assert!(tensor(vec![f32::NAN], [1]).exp().into_scalar().is_nan());
-    let got = sigmoid(tensor(xs.clone(), [n])).into_data().to_vec::<f32>().unwrap();
+    let got = sigmoid(tensor(xs.clone(), [n]))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     for (&x, &g) in xs.iter().zip(&got) {
         let want = 1.0 / (1.0 + (-(x as f64)).exp());
-        assert!((g as f64 - want).abs() < 1e-7 + 3e-7 * want, "sigmoid({x}) = {g}");
+        assert!(
+            (g as f64 - want).abs() < 1e-7 + 3e-7 * want,
+            "sigmoid({x}) = {g}"
+        );
     }
 }
 

@@ -344,19 +344,19 @@ save_total_limit = 1
 logging_steps = 1
 export_dtype = "float32"
 """
-    sft_data = f"""
+    def data_section(file, fmt, extra, eval_fraction=0.0):
+        return f"""
 [data]
-files = [{toml_str(data / "sft.jsonl")}]
-format = "openai"
+files = [{toml_str(data / file)}]
+format = "{fmt}"
 template = "auto"
 max_seq_len = {SEQ}
-mask = "all"
-truncation = "left"
-packing = true
-eval_fraction = 0.0
+{extra}eval_fraction = {eval_fraction}
 on_error = "fail"
 cache_dir = {toml_str(cache)}
 """
+
+    sft_data = data_section("sft.jsonl", "openai", 'mask = "all"\ntruncation = "left"\npacking = true\n')
     head = f'# written by scripts/bench/vs_trl.py\nmethod = "{{method}}"\nseed = 42\n\n[model]\npath = {{path}}\n'
     if job in ("sft", "lora"):
         return head.format(method="sft", path=toml_str(model)) + (lora if job == "lora" else "") + sft_data + train
@@ -371,18 +371,7 @@ loss_type = "sigmoid"
 beta = 0.1
 label_smoothing = 0.0
 precompute_ref_log_probs = false
-""" + f"""
-[data]
-files = [{toml_str(data / "dpo.jsonl")}]
-format = "preference"
-template = "auto"
-max_seq_len = {SEQ}
-truncation = "drop"
-packing = false
-eval_fraction = 0.02
-on_error = "fail"
-cache_dir = {toml_str(cache)}
-""" + train)
+""" + data_section("dpo.jsonl", "preference", 'truncation = "drop"\npacking = false\n', 0.02) + train)
     if job == "grpo":
         return (head.format(method="grpo", path=toml_str(model)) + lora + """
 [grpo]
