@@ -127,6 +127,10 @@ fn full_sft_learns_held_out() {
         "grad_norm",
         "tokens_per_s",
         "elapsed_s",
+        "time/step_s",
+        "time/forward_s",
+        "time/backward_s",
+        "time/optimizer_s",
     ] {
         assert!(
             last_rec.get(key).is_some(),
