@@ -162,7 +162,8 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 /// cos/sin tables for the given positions, shaped `[B, 1, T, head_dim]` to broadcast over heads.
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+    /// `[-sin, sin]` over the two halves of `head_dim`.
+    pub sin_signed: Tensor<B, 4>,
 }
 
 impl<B: Backend> RopeTables<B> {
@@ -173,20 +174,23 @@ impl<B: Backend> RopeTables<B> {
         let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
             .reshape([1, 1, half]);
         let freqs = positions.float().reshape([b, t, 1]) * inv;
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, 2 * half]);
+        let emb = Tensor::cat(vec![freqs.clone(), freqs.clone()], 2).reshape([b, 1, t, 2 * half]);
+        let sin = freqs.sin();
         Self {
-            cos: emb.clone().cos(),
-            sin: emb.sin(),
+            cos: emb.cos(),
+            sin_signed: Tensor::cat(vec![sin.clone().neg(), sin], 2).reshape([b, 1, t, 2 * half]),
         }
     }
 
-    /// `x * cos + rotate_half(x) * sin` for `x: [B, H, T, head_dim]`.
+    /// `x * cos + rotate_half(x) * sin` for `x: [B, H, T, head_dim]`, where
+    /// `rotate_half(x) * sin = [x2, x1] * [-sin, sin]`: the sign lives in the table (built
+    /// once per forward) instead of a negation of every query and key. Negation is exact, so
+    /// the result is bit-identical to HF's.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
+        let d = x.dims()[3];
         let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
         let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let _ = (b, h, t);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let swapped = Tensor::cat(vec![x2, x1], 3);
+        x * self.cos.clone() + swapped * self.sin_signed.clone()
     }
 }

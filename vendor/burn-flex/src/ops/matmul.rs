@@ -261,13 +261,13 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let rhs_ptr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) };
 
     let out_shape = Shape::from(vec![m, n]);
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
-    let out_data: &mut [T] = output.storage_mut();
 
     // burnish patch: a few rows times a large matrix (decoding: one token per sequence)
     // reads the matrix once for all rows, split by columns across threads. gemm packs the
     // whole right-hand side on every call, which for a batch of 8 cost 4x one row.
     if T::dtype() == DType::F32 && crate::ops::small_m::applies(m, n, k, [rhs_row_stride, rhs_col_stride]) {
+        let mut output = FlexTensor::empty(out_shape, T::dtype());
+        let out_data: &mut [T] = output.storage_mut();
         // SAFETY: T is f32 (checked above), so the casts only rename the element type.
         unsafe {
             let out = core::slice::from_raw_parts_mut(out_data.as_mut_ptr() as *mut f32, m * n);
@@ -284,13 +284,14 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     }
 
     let parallelism = get_parallelism(m, n, k);
+    let mut out = GemmOutput::<T>::new(checked_size(m, n));
 
     unsafe {
         gemm_call(
             m,
             n,
             k,
-            out_data.as_mut_ptr(),
+            out.as_mut_ptr(),
             1,
             n as isize,
             lhs_ptr,
@@ -301,9 +302,55 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             rhs_row_stride,
             parallelism,
         );
+        out.into_tensor(out_shape)
+    }
+}
+
+/// burnish patch: the output buffer of gemm calls, not zero-filled. gemm is called with
+/// `read_dst = false`, which writes every element of `dst` without reading it (alpha is
+/// forced to zero and its kernels store rather than accumulate; `k = 0` stores zeros), so
+/// zeroing first was a serial memset of every matmul output (~4% of a training step).
+struct GemmOutput<T> {
+    buf: Vec<T>,
+    len: usize,
+}
+
+impl<T: GemmScalar> GemmOutput<T> {
+    fn new(len: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(len),
+            len,
+        }
     }
 
-    output
+    fn as_mut_ptr(&mut self) -> *mut T {
+        self.buf.as_mut_ptr()
+    }
+
+    /// # Safety
+    /// gemm (with `read_dst = false`) has written all `len` elements through `as_mut_ptr`.
+    unsafe fn into_tensor(mut self, shape: Shape) -> FlexTensor {
+        debug_assert_eq!(shape.num_elements(), self.len);
+        unsafe { self.buf.set_len(self.len) };
+        FlexTensor::new(
+            Bytes::from_elems(self.buf),
+            Layout::contiguous(shape),
+            T::dtype(),
+        )
+    }
+}
+
+/// A raw pointer shared by the threads that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(*mut T);
+unsafe impl<T> Send for SharedPtr<T> {}
+unsafe impl<T> Sync for SharedPtr<T> {}
+
+impl<T> SharedPtr<T> {
+    // A method, so closures capture the whole (Send + Sync) wrapper, not its field.
+    fn get(self) -> *mut T {
+        self.0
+    }
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
@@ -383,15 +430,18 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     out_dims.push(n);
     let out_shape = Shape::from(out_dims);
 
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
+    let mut out = GemmOutput::<T>::new(checked_size(batch_size, out_matrix_size));
+    let out_ptr = SharedPtr(out.as_mut_ptr());
 
     let lhs_data: &[T] = lhs.storage();
     let rhs_data: &[T] = rhs.storage();
     let lhs_start = lhs.layout().start_offset() as isize;
     let rhs_start = rhs.layout().start_offset() as isize;
-    let out_data: &mut [T] = output.storage_mut();
 
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
+
+    // Each batch matrix is a disjoint `out_matrix_size` block of the output.
+    let matrix_ptr = move |b: usize| unsafe { out_ptr.get().add(b * out_matrix_size) };
 
     // Closure: run gemm for one batch slice at the given pointers
     let run_one = |out_ptr: *mut T, b: usize, parallelism: gemm::Parallelism| {
@@ -428,24 +478,17 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         if per_matrix_ops >= PARALLEL_THRESHOLD && !prefer_batch_parallel {
             let parallelism = gemm::Parallelism::Rayon(0);
             for b in 0..batch_size {
-                run_one(out_data[b * out_matrix_size..].as_mut_ptr(), b, parallelism);
+                run_one(matrix_ptr(b), b, parallelism);
             }
         } else if total_ops >= BATCH_PARALLEL_THRESHOLD && batch_size > 1 {
             use rayon::prelude::*;
 
-            out_data
-                .par_chunks_mut(out_matrix_size)
-                .enumerate()
-                .for_each(|(b, out_chunk)| {
-                    run_one(out_chunk.as_mut_ptr(), b, gemm::Parallelism::None);
-                });
+            (0..batch_size).into_par_iter().for_each(|b| {
+                run_one(matrix_ptr(b), b, gemm::Parallelism::None);
+            });
         } else {
             for b in 0..batch_size {
-                run_one(
-                    out_data[b * out_matrix_size..].as_mut_ptr(),
-                    b,
-                    gemm::Parallelism::None,
-                );
+                run_one(matrix_ptr(b), b, gemm::Parallelism::None);
             }
         }
     }
@@ -454,15 +497,12 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     {
         let _ = per_matrix_ops;
         for b in 0..batch_size {
-            run_one(
-                out_data[b * out_matrix_size..].as_mut_ptr(),
-                b,
-                gemm::Parallelism::None,
-            );
+            run_one(matrix_ptr(b), b, gemm::Parallelism::None);
         }
     }
 
-    output
+    // SAFETY: every batch matrix `b` was written by `run_one(matrix_ptr(b), ..)`.
+    unsafe { out.into_tensor(out_shape) }
 }
 
 // ============================================================================

@@ -55,17 +55,21 @@ pub(crate) fn chunks_zip_mut<E: Send, R: Sync>(
     f(data, other)
 }
 
-/// burnish patch: `src.iter().map(f).collect()`, in parallel when `src` is large.
+/// burnish patch: `src.iter().map(f).collect()`, in parallel when `src` is large. Writes
+/// straight into the new vector's spare capacity: zero-filling it first was a serial memset.
 pub(crate) fn map_collect<E: Copy + Sync, R: bytemuck::Pod + Send>(
     src: &[E],
     f: impl Fn(E) -> R + Sync + Send,
 ) -> Vec<R> {
-    let mut out: Vec<R> = alloc::vec![R::zeroed(); src.len()];
-    chunks_zip_mut(&mut out, src, |o, s| {
+    let n = src.len();
+    let mut out: Vec<R> = Vec::with_capacity(n);
+    chunks_zip_mut(&mut out.spare_capacity_mut()[..n], src, |o, s| {
         for (o, &x) in o.iter_mut().zip(s) {
-            *o = f(x);
+            o.write(f(x));
         }
     });
+    // SAFETY: the chunks cover all `n` slots and each was written above.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -75,24 +79,31 @@ pub(crate) fn zip_map_collect<E: Copy + Sync, R: bytemuck::Pod + Send>(
     b: &[E],
     f: impl Fn(E, E) -> R + Sync + Send,
 ) -> Vec<R> {
-    debug_assert_eq!(a.len(), b.len());
-    let mut out: Vec<R> = alloc::vec![R::zeroed(); a.len()];
+    assert_eq!(a.len(), b.len());
+    let n = a.len();
+    let mut out: Vec<R> = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    let fill = |o: &mut [core::mem::MaybeUninit<R>], a: &[E], b: &[E]| {
+        for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+            o.write(f(x, y));
+        }
+    };
     #[cfg(feature = "rayon")]
-    if a.len() >= PARALLEL_MIN_ELEMS {
+    if n >= PARALLEL_MIN_ELEMS {
         use rayon::prelude::*;
-        out.par_chunks_mut(PARALLEL_CHUNK_ELEMS)
+        spare
+            .par_chunks_mut(PARALLEL_CHUNK_ELEMS)
             .zip(a.par_chunks(PARALLEL_CHUNK_ELEMS))
             .zip(b.par_chunks(PARALLEL_CHUNK_ELEMS))
-            .for_each(|((o, a), b)| {
-                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                    *o = f(x, y);
-                }
-            });
-        return out;
+            .for_each(|((o, a), b)| fill(o, a, b));
+    } else {
+        fill(spare, a, b);
     }
-    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *o = f(x, y);
-    }
+    #[cfg(not(feature = "rayon"))]
+    fill(spare, a, b);
+    // SAFETY: the chunks cover all `n` slots (a, b and the spare slots have length n) and
+    // each was written above.
+    unsafe { out.set_len(n) };
     out
 }
 

@@ -119,6 +119,13 @@ where
         );
     }
 
+    // burnish patch: a large strided view (a slice of heads permuted by `swap_dims`) is
+    // copied with the threaded row copy and then mapped in place across threads; the block
+    // walk below runs on one thread.
+    if n >= crate::ops::PARALLEL_MIN_ELEMS && !layout.is_contiguous() {
+        return unary_op_typed(tensor.to_contiguous(), op);
+    }
+
     // General path for views/slices with offset or extra storage
     let blocks = layout.strided_blocks();
     let result = match &blocks {
