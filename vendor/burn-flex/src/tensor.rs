@@ -393,13 +393,13 @@ impl FlexTensor {
             // SAFETY: capacity is n; `copy_2d_tiled` writes every
             // `(row, col)` position exactly once.
             unsafe { dst.set_len(n) };
-            copy_2d_tiled(
+            copy_2d_banded(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
-        } else if shape.len() > 2 && strides[shape.len() - 1] == 1 {
-            // burnish patch: ND with a contiguous innermost run (permuted heads
-            // `[B, T, H, D] -> [B, H, T, D]`, expanded KV heads): copy whole rows
-            // instead of walking every element with `StridedIter`.
+        } else if shape.len() > 2 && all_positive {
+            // burnish patch: ND views (permuted heads `[B, T, H, D] -> [B, H, T, D]`,
+            // expanded KV heads, their gradients) copy row by row across threads
+            // instead of walking every element with `StridedIter` on one thread.
             // SAFETY: capacity is n; `copy_rows` writes every row exactly once.
             unsafe { dst.set_len(n) };
             copy_rows(&mut dst, src, offset, shape, strides);
@@ -577,6 +577,39 @@ fn collapse_for_copy(shape: &[usize], strides: &[isize]) -> CollapsedLayout {
 /// source stride is smaller, which keeps the hot loop in cache even
 /// for transpose-like layouts.
 #[inline]
+/// burnish patch: `copy_2d_tiled` over bands of rows across threads once the copy is large
+/// (transposed weights and gradients); upstream ran it on one thread.
+fn copy_2d_banded<E: Copy + Send + Sync>(
+    dst: &mut [E],
+    src: &[E],
+    offset: isize,
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+) {
+    #[cfg(feature = "rayon")]
+    if dst.len() >= crate::ops::PARALLEL_MIN_ELEMS && cols > 0 {
+        use rayon::prelude::*;
+        // Whole 16-row tiles per band, so each band keeps the tiled access pattern.
+        let band = (crate::ops::PARALLEL_CHUNK_ELEMS / cols).max(1).next_multiple_of(16);
+        dst.par_chunks_mut(band * cols).enumerate().for_each(|(i, chunk)| {
+            let first = i * band;
+            copy_2d_tiled(
+                chunk,
+                src,
+                offset + first as isize * row_stride,
+                chunk.len() / cols,
+                cols,
+                row_stride,
+                col_stride,
+            );
+        });
+        return;
+    }
+    copy_2d_tiled(dst, src, offset, rows, cols, row_stride, col_stride);
+}
+
 fn copy_2d_tiled<E: Copy>(
     dst: &mut [E],
     src: &[E],
@@ -630,24 +663,9 @@ fn copy_2d_tiled<E: Copy>(
     }
 }
 
-/// Get the size in bytes for a dtype element.
-///
-/// Matches `burn_std::DType::size()` semantics: Bool(Native) and Bool(U8) are
-/// 1 byte, Bool(U32) is 4 bytes. This makes buffer-size validation correct
-/// regardless of which BoolStore variant the dtype carries.
-///
-/// # Panics
-///
-/// Panics if the dtype has a zero-byte element size. `burn_std::DType::size()`
-/// returns 0 for sub-byte quantized dtypes (Q4F, Q4S, Q2F, Q2S, and most
-/// `QuantStore::PackedNative` variants). burn-flex does not yet support these
-/// packed quantization formats; passing them here would silently produce
-/// empty allocations in `FlexTensor::empty`, truncated buffers in `into_data`,
-/// and zero-byte memcpys in `repeat_dim`. The panic turns all three into a
-/// loud, actionable failure at the dispatch boundary.
-/// burnish patch: copy a strided ND view whose innermost stride is 1 into `dst`, one
-/// contiguous row of `shape[last]` elements at a time, rows split across rayon threads when
-/// the copy is large.
+/// burnish patch: copy a strided ND view (positive strides) into `dst`, one row of
+/// `shape[last]` elements at a time (a slice copy when the innermost stride is 1), rows
+/// split across rayon threads when the copy is large.
 fn copy_rows<E: Copy + Send + Sync>(
     dst: &mut [E],
     src: &[E],
@@ -669,10 +687,17 @@ fn copy_rows<E: Copy + Send + Sync>(
         }
         off as usize
     };
+    let inner_stride = strides[last];
     let copy_chunk = |first_row: usize, chunk: &mut [E]| {
         for (i, row) in chunk.chunks_exact_mut(inner).enumerate() {
             let s = start_of(first_row + i);
-            row.copy_from_slice(&src[s..s + inner]);
+            if inner_stride == 1 {
+                row.copy_from_slice(&src[s..s + inner]);
+            } else {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = src[s + j * inner_stride as usize];
+                }
+            }
         }
     };
     #[cfg(feature = "rayon")]
@@ -687,6 +712,21 @@ fn copy_rows<E: Copy + Send + Sync>(
     copy_chunk(0, dst);
 }
 
+/// Get the size in bytes for a dtype element.
+///
+/// Matches `burn_std::DType::size()` semantics: Bool(Native) and Bool(U8) are
+/// 1 byte, Bool(U32) is 4 bytes. This makes buffer-size validation correct
+/// regardless of which BoolStore variant the dtype carries.
+///
+/// # Panics
+///
+/// Panics if the dtype has a zero-byte element size. `burn_std::DType::size()`
+/// returns 0 for sub-byte quantized dtypes (Q4F, Q4S, Q2F, Q2S, and most
+/// `QuantStore::PackedNative` variants). burn-flex does not yet support these
+/// packed quantization formats; passing them here would silently produce
+/// empty allocations in `FlexTensor::empty`, truncated buffers in `into_data`,
+/// and zero-byte memcpys in `repeat_dim`. The panic turns all three into a
+/// loud, actionable failure at the dispatch boundary.
 pub(crate) fn dtype_size(dtype: DType) -> usize {
     // Delegate to burn-std's canonical size to stay in sync.
     let size = dtype.size();
