@@ -1,6 +1,7 @@
 //! The CPU backend's patched kernels (vendor/burn-flex, see vendor/PATCHES.md) against
 //! plain host arithmetic: small-row matmuls, the vectorised exp and sigmoid, row-wise N-D
-//! copies, element-wise ops split across threads, and in-place slice writes.
+//! copies, element-wise ops split across threads, in-place slice writes, and matmul outputs
+//! written without a zero fill.
 
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
@@ -201,4 +202,83 @@ fn slice_assign_writes_only_its_slice() {
     let total: f32 = out.clone().abs().sum().into_scalar();
     let inside: f32 = out.slice(s![.., .., 5..7, ..]).abs().sum().into_scalar();
     assert_eq!(total, inside);
+}
+
+#[test]
+fn transposed_and_fully_permuted_copies_keep_every_element() {
+    // 2-D transpose copied in row bands across threads; 301 rows is not a whole band.
+    let (rows, cols) = (301, 700);
+    let a = values(rows * cols, 11);
+    let got = tensor(a.clone(), [rows, cols])
+        .transpose()
+        .reshape([cols * rows])
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    for i in 0..rows {
+        for j in 0..cols {
+            assert_eq!(got[j * rows + i], a[i * cols + j]);
+        }
+    }
+    // N-D view whose innermost dimension is strided: [A, B, C] -> [C, B, A].
+    let (x, y, z) = (6, 50, 130);
+    let v = values(x * y * z, 12);
+    let got = tensor(v.clone(), [x, y, z])
+        .permute([2, 1, 0])
+        .reshape([x * y * z])
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    for i in 0..x {
+        for j in 0..y {
+            for k in 0..z {
+                assert_eq!(got[(k * y + j) * x + i], v[(i * y + j) * z + k]);
+            }
+        }
+    }
+}
+
+#[test]
+fn unary_ops_on_large_strided_views_and_batched_matmuls_cover_every_element() {
+    let (b, t, h, d) = (4, 64, 8, 32);
+    let x = values(b * t * h * d, 13);
+    // The second half of each head of a [B, T, H, D] -> [B, H, T, D] view, negated.
+    let got = tensor(x.clone(), [b, t, h, d])
+        .swap_dims(1, 2)
+        .slice(s![.., .., .., d / 2..d])
+        .neg()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let half = d / 2;
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                for di in 0..half {
+                    let want = -x[((bi * t + ti) * h + hi) * d + half + di];
+                    assert_eq!(got[((bi * h + hi) * t + ti) * half + di], want);
+                }
+            }
+        }
+    }
+    // Batched matmul outputs are written by gemm without a zero fill: every matrix of the
+    // batch must hold its product.
+    let (nb, m, k, n) = (6, 37, 40, 53);
+    let lhs = values(nb * m * k, 14);
+    let rhs = values(nb * k * n, 15);
+    let got = tensor(lhs.clone(), [nb, m, k])
+        .matmul(tensor(rhs.clone(), [nb, k, n]))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    for bi in 0..nb {
+        let want = reference_matmul(
+            &lhs[bi * m * k..(bi + 1) * m * k],
+            &rhs[bi * k * n..(bi + 1) * k * n],
+            m,
+            k,
+            n,
+        );
+        assert_close(&got[bi * m * n..(bi + 1) * m * n], &want, 1e-5, "batched matmul");
+    }
 }
