@@ -37,6 +37,16 @@ impl Dataset {
         self.len() == 0
     }
 
+    /// No rows, of the same kind (an empty eval split of a pairs or prompts dataset is still
+    /// pairs or prompts).
+    pub fn empty_like(&self) -> Dataset {
+        match self {
+            Dataset::Sft(_) => Dataset::Sft(vec![]),
+            Dataset::Pairs(_) => Dataset::Pairs(vec![]),
+            Dataset::Prompts(_) => Dataset::Prompts(vec![]),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Dataset::Sft(_) => "sft",

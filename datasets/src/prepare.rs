@@ -333,7 +333,11 @@ pub fn prepare_with(cfg: &DataConfig, tok: &TextTokenizer, hooks: Hooks<'_>) -> 
     report.train_rows = train.len();
     report.eval_rows = eval.len();
     let (train, packing) = to_dataset(train, cfg)?;
-    let (eval, _) = to_dataset(eval, cfg)?;
+    let (eval, _) = match eval.is_empty() {
+        // `to_dataset` cannot tell the kind of no rows; an empty split has the train's kind.
+        true => (train.empty_like(), None),
+        false => to_dataset(eval, cfg)?,
+    };
     report.packing = packing;
     report.kind = train.kind().to_string();
     let (tokens, trained) = count_tokens(&train);
@@ -416,11 +420,7 @@ fn write_entry(
     write_parquet(&tmp.join("train.parquet"), train)?;
     // An empty eval split still gets a file with the right columns.
     let eval = if eval.is_empty() {
-        match train {
-            Dataset::Sft(_) => Dataset::Sft(vec![]),
-            Dataset::Pairs(_) => Dataset::Pairs(vec![]),
-            Dataset::Prompts(_) => Dataset::Prompts(vec![]),
-        }
+        train.empty_like()
     } else {
         eval.clone()
     };

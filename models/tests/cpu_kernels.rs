@@ -279,6 +279,11 @@ fn unary_ops_on_large_strided_views_and_batched_matmuls_cover_every_element() {
             k,
             n,
         );
-        assert_close(&got[bi * m * n..(bi + 1) * m * n], &want, 1e-5, "batched matmul");
+        assert_close(
+            &got[bi * m * n..(bi + 1) * m * n],
+            &want,
+            1e-5,
+            "batched matmul",
+        );
     }
 }

@@ -361,17 +361,13 @@ cache_dir = {toml_str(cache)}
     if job in ("sft", "lora"):
         return head.format(method="sft", path=toml_str(model)) + (lora if job == "lora" else "") + sft_data + train
     if job == "dpo":
-        # eval_fraction = 0 fails for preference data (burnish takes the empty eval split for
-        # SFT rows), so hold out 2% and run one step more than measured: the end-of-run
-        # evaluation then comes after the measured window.
-        train = train.replace(f"max_steps = {total_steps}", f"max_steps = {total_steps + 1}")
         return (head.format(method="dpo", path=toml_str(model)) + lora + """
 [dpo]
 loss_type = "sigmoid"
 beta = 0.1
 label_smoothing = 0.0
 precompute_ref_log_probs = false
-""" + data_section("dpo.jsonl", "preference", 'truncation = "drop"\npacking = false\n', 0.02) + train)
+""" + data_section("dpo.jsonl", "preference", 'truncation = "drop"\npacking = false\n') + train)
     if job == "grpo":
         return (head.format(method="grpo", path=toml_str(model)) + lora + """
 [grpo]
@@ -699,8 +695,6 @@ def main():
         notes = notes_for(job, b, r)
         if job == "distill-cached":
             notes.append(f"burnish top-{args.top_k} cached teacher vs PyTorch online teacher")
-        if job == "dpo":
-            notes.append("burnish holds out 2% of pairs (eval_fraction 0 fails for pairs)")
         row = {"label": job, "burnish": b, "ref": r, "notes": notes}
         if job == "distill-cached" and "ref" in results["runs"].get("distill", {}):
             row["shared_ref"] = True

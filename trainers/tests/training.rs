@@ -499,6 +499,28 @@ fn eval_metric(run_dir: &Path, key: &str) -> Vec<f64> {
 }
 
 #[test]
+fn dpo_trains_with_no_eval_split() {
+    // All pairs go to training: the empty eval split is still a pairs dataset.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = dpo_recipe(
+        tmp.path(),
+        "",
+        &[
+            "data.eval_fraction=0.0",
+            "train.max_steps=2",
+            "train.eval_on_start=false",
+        ],
+    );
+    run(&r, None).unwrap();
+    let steps = eval_metric(&tmp.path().join("run"), "step");
+    assert_eq!(steps.last(), Some(&2.0), "{steps:?}");
+    assert!(eval_metric(&tmp.path().join("run"), "loss")
+        .iter()
+        .all(|l| l.is_finite()));
+    assert!(eval_metric(&tmp.path().join("run"), "eval_loss").is_empty());
+}
+
+#[test]
 fn dpo_with_lora_learns_the_preference_and_precompute_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
