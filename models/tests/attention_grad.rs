@@ -1,0 +1,113 @@
+//! The training backend's attention (vendor/burn-autodiff: its own backward from the saved
+//! probabilities) against the same attention written op by op, whose gradient autodiff
+//! derives: outputs and the gradients of query, key and value must agree, with a padding
+//! mask that leaves a row fully masked and a causal mask broadcast over heads.
+
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{activation::softmax, Bool};
+use models::backend::CpuTrain;
+
+type B = CpuTrain;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn param(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
+    let n = shape.iter().product();
+    Tensor::<B, 4>::from_data(TensorData::new(values(n, seed), shape), &Default::default())
+        .require_grad()
+}
+
+/// Causal mask `[b, 1, t, t]` (true = masked) where the last row of batch 0 is masked entirely.
+fn mask(b: usize, t: usize) -> Tensor<B, 4, Bool> {
+    let mut m = vec![false; b * t * t];
+    for bi in 0..b {
+        for i in 0..t {
+            for j in 0..t {
+                m[(bi * t + i) * t + j] = j > i || (bi == 0 && i == t - 1);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [b, 1, t, t]), &Default::default())
+}
+
+/// Attention op by op, NaN-safe for fully masked rows as burn's fallback is.
+fn reference(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let [b, h, t, s] = scores.dims();
+    let full = mask.clone().expand([b, h, t, s]);
+    let probs = softmax(scores.mask_fill(full.clone(), -1e30), 3);
+    probs.mask_fill(full, 0.0).matmul(v)
+}
+
+fn host(t: Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 4>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-5 * (1.0 + scale),
+        "{what}: largest difference {worst} (largest value {scale})"
+    );
+}
+
+#[test]
+fn attention_gradients_match_the_op_by_op_attention() {
+    let (b, h, t, d) = (2, 3, 17, 8);
+    let scale = 1.0 / (d as f64).sqrt();
+    let upstream = values(b * h * t * d, 99);
+    let upstream =
+        Tensor::<B, 4>::from_data(TensorData::new(upstream, [b, h, t, d]), &Default::default());
+    let run = |fused: bool| {
+        let (q, k, v) = (
+            param([b, h, t, d], 1),
+            param([b, h, t, d], 2),
+            param([b, h, t, d], 3),
+        );
+        let out = if fused {
+            let m = mask(b, t).expand([b, h, t, t]);
+            let options = AttentionModuleOptions {
+                scale: Some(scale),
+                softcap: None,
+                is_causal: false,
+            };
+            attention(q.clone(), k.clone(), v.clone(), Some(m), None, options)
+        } else {
+            reference(q.clone(), k.clone(), v.clone(), mask(b, t), scale)
+        };
+        let grads = (out.clone() * upstream.clone()).sum().backward();
+        let g = |x: &Tensor<B, 4>| host(x.grad(&grads).unwrap());
+        (host(out.inner()), g(&q), g(&k), g(&v))
+    };
+    let (fused, reference) = (run(true), run(false));
+    assert_close(&fused.0, &reference.0, "output");
+    assert_close(&fused.1, &reference.1, "query gradient");
+    assert_close(&fused.2, &reference.2, "key gradient");
+    assert_close(&fused.3, &reference.3, "value gradient");
+    // The fully masked row gives zeros, not NaN.
+    assert!(fused.0[(t - 1) * d..t * d].iter().all(|&x| x == 0.0));
+}
