@@ -89,6 +89,80 @@ impl<B: Backend, C: CheckpointStrategy> ActivationOps<Autodiff<B, C>> for Autodi
         }
     }
 
+    // burnish patch: softmax and log-softmax with their own backward. Upstream's default
+    // builds them from max, subtract, exp, sum, log/divide, each recorded in the graph with
+    // its saved inputs: for a language-model loss, several passes and copies of the
+    // `[positions, vocabulary]` logits. Here the forward is the inner backend's (burn-flex
+    // has a fused softmax), the output is the only state, and the backward is
+    // dx = dy - exp(y) sum(dy) (log-softmax) or dx = y (dy - sum(dy y)) (softmax).
+    fn log_softmax(tensor: FloatTensor<Self>, dim: usize) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LogSoftmax;
+
+        impl<B: Backend> Backward<B, 1> for LogSoftmax {
+            type State = (B::FloatTensorPrimitive, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let (output, dim) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    let sum = B::float_sum_dim(grad.clone(), dim);
+                    B::float_sub(grad, B::float_mul(B::float_exp(output), sum))
+                });
+            }
+        }
+
+        match LogSoftmax
+            .prepare::<C>([tensor.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::log_softmax(tensor.primitive, dim);
+                prep.finish((output.clone(), dim), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::log_softmax(tensor.primitive, dim)),
+        }
+    }
+
+    fn softmax(tensor: FloatTensor<Self>, dim: usize) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Softmax;
+
+        impl<B: Backend> Backward<B, 1> for Softmax {
+            type State = (B::FloatTensorPrimitive, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let (output, dim) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    let dot = B::float_sum_dim(B::float_mul(grad.clone(), output.clone()), dim);
+                    B::float_mul(output, B::float_sub(grad, dot))
+                });
+            }
+        }
+
+        match Softmax
+            .prepare::<C>([tensor.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::softmax(tensor.primitive, dim);
+                prep.finish((output.clone(), dim), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::softmax(tensor.primitive, dim)),
+        }
+    }
+
     fn sigmoid(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct Sigmoid;

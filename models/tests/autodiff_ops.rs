@@ -1,7 +1,7 @@
-//! The training backend's attention (vendor/burn-autodiff: its own backward from the saved
-//! probabilities) against the same attention written op by op, whose gradient autodiff
-//! derives: outputs and the gradients of query, key and value must agree, with a padding
-//! mask that leaves a row fully masked and a causal mask broadcast over heads.
+//! The training backend's patched ops (vendor/burn-autodiff: attention, softmax and
+//! log-softmax with their own backward) against the same functions written op by op, whose
+//! gradients autodiff derives: outputs and gradients must agree. Attention is checked with a
+//! causal mask broadcast over heads and a fully masked row.
 
 use burn::prelude::*;
 use burn::tensor::module::attention;
@@ -110,4 +110,52 @@ fn attention_gradients_match_the_op_by_op_attention() {
     assert_close(&fused.3, &reference.3, "value gradient");
     // The fully masked row gives zeros, not NaN.
     assert!(fused.0[(t - 1) * d..t * d].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn softmax_and_log_softmax_gradients_match_the_op_by_op_versions() {
+    let (rows, cols) = (7, 300);
+    let device = Default::default();
+    let x0 = values(rows * cols, 21)
+        .iter()
+        .map(|v| v * 8.0)
+        .collect::<Vec<_>>();
+    let upstream = Tensor::<B, 2>::from_data(
+        TensorData::new(values(rows * cols, 22), [rows, cols]),
+        &device,
+    );
+    let run = |patched: bool, log: bool| {
+        let x = Tensor::<B, 2>::from_data(TensorData::new(x0.clone(), [rows, cols]), &device)
+            .require_grad();
+        let y = match (patched, log) {
+            (true, true) => burn::tensor::activation::log_softmax(x.clone(), 1),
+            (true, false) => softmax(x.clone(), 1),
+            (false, _) => {
+                let shifted = x.clone() - x.clone().detach().max_dim(1);
+                let lse = shifted.clone().exp().sum_dim(1).log();
+                let logp = shifted - lse;
+                if log {
+                    logp
+                } else {
+                    logp.exp()
+                }
+            }
+        };
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        let g = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        (y.inner().into_data().to_vec::<f32>().unwrap(), g)
+    };
+    for log in [true, false] {
+        let (a, b) = (run(true, log), run(false, log));
+        assert_close(&a.0, &b.0, if log { "log_softmax" } else { "softmax" });
+        assert_close(
+            &a.1,
+            &b.1,
+            if log {
+                "log_softmax gradient"
+            } else {
+                "softmax gradient"
+            },
+        );
+    }
 }
