@@ -66,7 +66,11 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--freq", type=int, default=299)
     ap.add_argument("--top", type=int, default=15, help="symbols to list")
+    ap.add_argument("--perf-data", type=Path, help="classify this perf.data instead of recording one")
     args = ap.parse_args()
+    if args.perf_data:
+        report(perf_report(args.perf_data, "pid"), perf_report(args.perf_data, "symbol"), args, f"{args.perf_data} (recorded earlier")
+        return
     if not args.recipe.exists():
         sys.exit(f"{args.recipe} does not exist: run `scripts/bench/vs_trl.sh --sides burnish --jobs sft` first")
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,12 +79,16 @@ def main():
                str(args.burnish), "train", "--recipe", str(args.recipe),
                "--set", f"train.output_dir={tmp}/run", "--set", f"train.max_steps={args.steps}"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        by_thread = sorted(perf_report(data, "pid"), key=lambda r: r[0])
+        by_thread = perf_report(data, "pid")
         symbols = perf_report(data, "symbol")
+    report(by_thread, symbols, args, f"`burnish train --recipe {args.recipe}` ({args.steps} steps")
+
+
+def report(by_thread, symbols, args, what):
     kinds = defaultdict(float)
     for pct, sym in symbols:
         kinds[classify(sym)] += pct
-    print(f"perf samples of `burnish train --recipe {args.recipe}` ({args.steps} steps, whole process)\n")
+    print(f"perf samples of {what}, whole process)\n")
     print("| kind of work | share of CPU samples |\n|---|---|")
     for kind, pct in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {pct:.1f}% |")
