@@ -11,17 +11,8 @@ use models::backend::CpuTrain;
 
 type B = CpuTrain;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 fn param(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
     let n = shape.iter().product();

@@ -7,17 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use models::backend::Cpu;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 fn tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Cpu, D> {
     Tensor::from_data(TensorData::new(data, shape), &Default::default())
