@@ -174,11 +174,11 @@ impl<B: Backend> RopeTables<B> {
         let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
             .reshape([1, 1, half]);
         let freqs = positions.float().reshape([b, t, 1]) * inv;
-        let emb = Tensor::cat(vec![freqs.clone(), freqs.clone()], 2).reshape([b, 1, t, 2 * half]);
-        let sin = freqs.sin();
+        let (cos, sin) = (freqs.clone().cos(), freqs.sin());
+        let table = |halves: Vec<Tensor<B, 3>>| Tensor::cat(halves, 2).reshape([b, 1, t, 2 * half]);
         Self {
-            cos: emb.cos(),
-            sin_signed: Tensor::cat(vec![sin.clone().neg(), sin], 2).reshape([b, 1, t, 2 * half]),
+            cos: table(vec![cos.clone(), cos]),
+            sin_signed: table(vec![sin.clone().neg(), sin]),
         }
     }
 

@@ -33,7 +33,6 @@ KINDS = [
     ("allocator", r"mi_|mimalloc|_mi_"),
     ("autodiff bookkeeping", r"burn_autodiff"),
     ("checkpoint writing", r"write_safetensors|ext4|folio|HfTensor"),
-    ("kernel (other)", r"^\[k\]"),
 ]
 
 
@@ -54,9 +53,9 @@ def classify(sym: str) -> str:
     kernel = sym.startswith("[k]")
     name = re.sub(r"^\[[.k]\]\s*", "", sym)
     for kind, pat in KINDS:
-        if re.search(pat, name) or (kernel and kind == "kernel (other)"):
+        if re.search(pat, name):
             return kind
-    return "other"
+    return "kernel (other)" if kernel else "other"
 
 
 def main():
@@ -69,7 +68,7 @@ def main():
     ap.add_argument("--perf-data", type=Path, help="classify this perf.data instead of recording one")
     args = ap.parse_args()
     if args.perf_data:
-        report(perf_report(args.perf_data, "pid"), perf_report(args.perf_data, "symbol"), args, f"{args.perf_data} (recorded earlier")
+        report(perf_report(args.perf_data, "pid"), perf_report(args.perf_data, "symbol"), args, str(args.perf_data))
         return
     if not args.recipe.exists():
         sys.exit(f"{args.recipe} does not exist: run `scripts/bench/vs_trl.sh --sides burnish --jobs sft` first")
@@ -81,14 +80,14 @@ def main():
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         by_thread = perf_report(data, "pid")
         symbols = perf_report(data, "symbol")
-    report(by_thread, symbols, args, f"`burnish train --recipe {args.recipe}` ({args.steps} steps")
+    report(by_thread, symbols, args, f"`burnish train --recipe {args.recipe}`, {args.steps} steps")
 
 
 def report(by_thread, symbols, args, what):
     kinds = defaultdict(float)
     for pct, sym in symbols:
         kinds[classify(sym)] += pct
-    print(f"perf samples of {what}, whole process)\n")
+    print(f"perf samples of {what} (whole process)\n")
     print("| kind of work | share of CPU samples |\n|---|---|")
     for kind, pct in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {pct:.1f}% |")
@@ -98,7 +97,7 @@ def report(by_thread, symbols, args, what):
     if tids:
         main_pct = min(tids)[1]
         print(f"\nmain thread alone: {main_pct:.1f}% of samples (work the second core waits through); "
-              f"threads: {', '.join(f'{p:.1f}%' for p, _ in reversed(by_thread))}")
+              f"threads: {', '.join(f'{p:.1f}%' for p, _ in sorted(by_thread, reverse=True))}")
     print(f"\ntop {args.top} symbols:")
     for pct, sym in symbols[: args.top]:
         print(f"  {pct:5.2f}%  {sym[:110]}")

@@ -340,19 +340,6 @@ impl<T: GemmScalar> GemmOutput<T> {
     }
 }
 
-/// A raw pointer shared by the threads that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedPtr<T>(*mut T);
-unsafe impl<T> Send for SharedPtr<T> {}
-unsafe impl<T> Sync for SharedPtr<T> {}
-
-impl<T> SharedPtr<T> {
-    // A method, so closures capture the whole (Send + Sync) wrapper, not its field.
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -431,7 +418,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     let out_shape = Shape::from(out_dims);
 
     let mut out = GemmOutput::<T>::new(checked_size(batch_size, out_matrix_size));
-    let out_ptr = SharedPtr(out.as_mut_ptr());
+    let out_ptr = crate::ops::SendMutPtr::new(out.as_mut_ptr());
 
     let lhs_data: &[T] = lhs.storage();
     let rhs_data: &[T] = rhs.storage();
@@ -441,7 +428,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
     // Each batch matrix is a disjoint `out_matrix_size` block of the output.
-    let matrix_ptr = move |b: usize| unsafe { out_ptr.get().add(b * out_matrix_size) };
+    let matrix_ptr = |b: usize| unsafe { out_ptr.ptr_add(b * out_matrix_size) };
 
     // Closure: run gemm for one batch slice at the given pointers
     let run_one = |out_ptr: *mut T, b: usize, parallelism: gemm::Parallelism| {
