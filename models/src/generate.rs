@@ -59,11 +59,32 @@ pub struct Generation {
 /// Extra stop test, called with (row, tokens generated so far) after each new token.
 pub type StopFn<'a> = dyn Fn(usize, &[u32]) -> bool + 'a;
 
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
-    logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
+/// One row's softmax, computed once: `exp(logit - max)` per token and their f64 sum.
+struct Softmax {
+    unnormalised: Vec<f32>,
+    sum: f64,
+    log_z: f64,
+}
+
+impl Softmax {
+    fn new(logits: &[f32]) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let unnormalised: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+        let sum: f64 = unnormalised.iter().map(|&e| e as f64).sum();
+        Self {
+            unnormalised,
+            sum,
+            log_z: max as f64 + sum.ln(),
+        }
+    }
+
+    fn prob(&self, i: usize) -> f64 {
+        self.unnormalised[i] as f64 / self.sum
+    }
+
+    fn logprob(&self, logits: &[f32], i: usize) -> f32 {
+        (logits[i] as f64 - self.log_z) as f32
+    }
 }
 
 /// Choose the next token from one row of logits; returns (token, logprob).
@@ -80,11 +101,11 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u3
                         acc
                     }
                 });
-        return (best as u32, log_softmax(logits)[best]);
+        return (best as u32, Softmax::new(logits).logprob(logits, best));
     }
     let scaled: Vec<f32> = logits.iter().map(|&l| l / p.temperature).collect();
-    let logp = log_softmax(&scaled);
-    let prob = |i: usize| (logp[i] as f64).exp();
+    let softmax = Softmax::new(&scaled);
+    let prob = |i: usize| softmax.prob(i);
     let desc = |a: &usize, b: &usize| scaled[*b].total_cmp(&scaled[*a]).then(a.cmp(b));
     // Only the head of the distribution can be drawn: select it in O(vocab) instead of
     // sorting the whole vocabulary for every row at every step.
@@ -103,7 +124,7 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u3
     for (n, &tok) in order[..cut].iter().enumerate() {
         let q = prob(tok);
         if u < q || n + 1 == cut {
-            return (tok as u32, logp[tok]);
+            return (tok as u32, softmax.logprob(&scaled, tok));
         }
         u -= q;
     }
@@ -200,8 +221,13 @@ pub fn generate_groups<B: Backend>(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.len() as i64, copies))
         .collect();
+    // The cache attends over its whole capacity: key slots not yet written are invalid.
+    let capacity = width + params.max_new_tokens;
     let mut layout = AttentionLayout::from_attention_mask(&attn);
-    let mut cache = model.new_cache(width + params.max_new_tokens);
+    for valid in layout.key_valid.iter_mut() {
+        valid.resize(capacity, false);
+    }
+    let mut cache = model.new_cache(capacity);
     let mut rng = StdRng::seed_from_u64(params.seed);
     let mut out: Vec<Generation> = (0..batch)
         .map(|_| Generation {
@@ -249,7 +275,7 @@ pub fn generate_groups<B: Backend>(
             *p += 1;
         }
         for valid in layout.key_valid.iter_mut() {
-            valid.push(true);
+            valid[cache.len] = true;
         }
         layout.q_len = 1;
         layout.q_offset = cache.len;
@@ -316,7 +342,7 @@ mod tests {
             top_p: 0.9,
             ..Default::default()
         };
-        let logp = log_softmax(&logits);
+        let softmax = Softmax::new(&logits);
         let mut sorted: Vec<usize> = (0..1000).collect();
         sorted.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         let mut cum = 0.0;
@@ -325,7 +351,7 @@ mod tests {
             if !want.is_empty() && cum >= 0.9 {
                 break;
             }
-            cum += (logp[i] as f64).exp();
+            cum += softmax.prob(i);
             want.insert(i as u32);
         }
         assert!(want.len() > 64, "{}", want.len());

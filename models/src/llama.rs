@@ -113,18 +113,6 @@ impl<B: Backend> SelfAttention<B> {
         x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
     }
 
-    /// Repeat each KV head for its group of query heads (grouped-query attention).
-    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let rep = self.num_heads / self.num_kv_heads;
-        if rep == 1 {
-            return x;
-        }
-        let [b, kvh, t, d] = x.dims();
-        x.reshape([b, kvh, 1, t, d])
-            .expand([b, kvh, rep, t, d])
-            .reshape([b, kvh * rep, t, d])
-    }
-
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -133,9 +121,11 @@ impl<B: Backend> SelfAttention<B> {
         cache: Option<CacheSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
+        let (kvh, d) = (self.num_kv_heads, self.head_dim);
+        let group = self.num_heads / kvh;
         let q = rope.apply(self.split_heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = self.split_heads(self.v_proj.forward(x), self.num_kv_heads);
+        let k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), kvh));
+        let v = self.split_heads(self.v_proj.forward(x), kvh);
         let (k, v) = match cache {
             None => (k, v),
             Some(CacheSlot {
@@ -144,37 +134,45 @@ impl<B: Backend> SelfAttention<B> {
                 capacity,
             }) => {
                 let (ck, cv) = slot.take().unwrap_or_else(|| {
-                    let shape = [b, self.num_kv_heads, capacity, self.head_dim];
+                    let shape = [b, kvh, capacity, d];
                     let device = k.device();
                     (Tensor::zeros(shape, &device), Tensor::zeros(shape, &device))
                 });
                 let range = s![.., .., past..past + t, ..];
                 let ck = ck.slice_assign(range, k);
                 let cv = cv.slice_assign(range, v);
-                let used = s![.., .., 0..past + t, ..];
-                let out = (ck.clone().slice(used), cv.clone().slice(used));
+                // Attend over the whole capacity, unwritten slots masked: no copy of the
+                // used prefix, and one key shape for a whole generation.
+                let out = (ck.clone(), cv.clone());
                 *slot = Some((ck, cv));
                 out
             }
         };
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        // Grouped-query attention without repeating keys and values for every query head:
+        // the `group` query heads that share a KV head become `group * t` query rows of it
+        // (`[B, H, T, D]` and `[B, KVH, group * T, D]` are the same memory), and the mask's
+        // rows repeat to match.
         let [_, _, tq, tk] = mask.dims();
-        let mask = mask.expand([b, self.num_heads, tq, tk]);
+        let mask = mask
+            .reshape([b, 1, 1, tq, tk])
+            .expand([b, kvh, group, tq, tk])
+            .reshape([b, kvh, group * tq, tk]);
         let o = attention(
-            q,
+            q.reshape([b, kvh, group * t, d]),
             k,
             v,
             Some(mask),
             None,
             AttentionModuleOptions {
-                scale: Some(1.0 / (self.head_dim as f64).sqrt()),
+                scale: Some(1.0 / (d as f64).sqrt()),
                 softcap: None,
                 is_causal: false,
             },
         );
         let o = o
+            .reshape([b, self.num_heads, t, d])
             .swap_dims(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
+            .reshape([b, t, self.num_heads * d]);
         self.o_proj.forward(o)
     }
 }

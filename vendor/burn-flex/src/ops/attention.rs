@@ -336,19 +336,24 @@ where
         val_dim,
     };
 
-    // Allocate scratch buffers once and reuse across all (batch, head) pairs
-    let mut scratch = ScratchBuffers {
+    // Scratch buffers are reused across the (batch, head) pairs one thread runs.
+    let new_scratch = || ScratchBuffers {
         row_max: vec![T::neg_infinity(); seq_q],
         row_sum: vec![T::zero(); seq_q],
         scores: vec![T::zero(); seq_q * TILE_KV],
     };
-
-    for b in 0..batch {
-        for h in 0..heads {
+    debug_assert_eq!(o_batch_stride, heads * o_head_stride);
+    // burnish patch: the (batch, head) pairs are independent; upstream ran them one after
+    // the other on the calling thread.
+    for_each_head(
+        &mut output,
+        o_head_stride,
+        new_scratch,
+        |scratch, pair, out| {
+            let (b, h) = (pair / heads, pair % heads);
             let q_off = b * q_batch_stride + h * q_head_stride;
             let k_off = b * k_batch_stride + h * k_head_stride;
             let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
             let mask_off = b * mask_batch_step + h * mask_head_step;
             let bias_off = b * bias_batch_step + h * bias_head_step;
 
@@ -356,14 +361,14 @@ where
                 &q_data[q_off..q_off + q_head_stride],
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
+                out,
                 mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
                 bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
                 &params,
-                &mut scratch,
+                scratch,
             );
-        }
-    }
+        },
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -373,11 +378,40 @@ where
     )
 }
 
+/// burnish patch: run `head(scratch, pair, out)` for every `(batch, head)` pair, `out` being
+/// the pair's `head_len` elements of `output`, across rayon threads when there is more than
+/// one pair (one scratch per thread from `scratch`).
+fn for_each_head<T, S>(
+    output: &mut [T],
+    head_len: usize,
+    scratch: impl Fn() -> S + Send + Sync,
+    head: impl Fn(&mut S, usize, &mut [T]) + Send + Sync,
+) where
+    T: Send,
+{
+    if head_len == 0 {
+        return;
+    }
+    #[cfg(feature = "rayon")]
+    if output.len() > head_len {
+        use rayon::prelude::*;
+        output
+            .par_chunks_mut(head_len)
+            .enumerate()
+            .for_each_init(&scratch, |s, (pair, out)| head(s, pair, out));
+        return;
+    }
+    let mut s = scratch();
+    for (pair, out) in output.chunks_mut(head_len).enumerate() {
+        head(&mut s, pair, out);
+    }
+}
+
 /// Gemm dispatch for flash attention block matmuls.
 ///
 /// Wraps `gemm::gemm` for f32 and f64 so `flash_attention_head` stays generic.
 /// Convention: dst = alpha * dst + beta * (lhs @ rhs)
-trait FlashGemm: Float + Pod + Copy + core::ops::AddAssign {
+trait FlashGemm: Float + Pod + Copy + core::ops::AddAssign + Send + Sync {
     /// Block matrix multiply used for score and value matmuls.
     ///
     /// # Safety
@@ -751,7 +785,6 @@ where
         .unwrap_or((0, 0));
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
-    let mut scores = vec![T::zero(); seq_q * seq_kv];
 
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
@@ -773,29 +806,35 @@ where
         val_dim,
     };
 
-    for b in 0..batch {
-        for h in 0..heads {
+    debug_assert_eq!(o_batch_stride, heads * o_head_stride);
+    // burnish patch: the (batch, head) pairs run across threads (upstream: one after the
+    // other on the calling thread), each thread with its own score matrix.
+    for_each_head(
+        &mut output,
+        o_head_stride,
+        || vec![T::zero(); seq_q * seq_kv],
+        |scores, pair, out| {
+            let (b, h) = (pair / heads, pair % heads);
             let q_off = b * q_batch_stride + h * q_head_stride;
             let k_off = b * k_batch_stride + h * k_head_stride;
             let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
             let mask_off = b * mask_batch_step + h * mask_head_step;
             let bias_off = b * bias_batch_step + h * bias_head_step;
 
-            naive_attention_head(
+            naive_attention_head_dispatch(
                 &q_data[q_off..q_off + q_head_stride],
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                &mut scores,
+                out,
+                scores,
                 &params,
                 (
                     mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
                     bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
                 ),
             );
-        }
-    }
+        },
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -805,11 +844,95 @@ where
     )
 }
 
+/// burnish patch: up to this many query rows per (batch, head) pair skip gemm.
+const FEW_QUERY_ROWS: usize = 16;
+
+/// `a . b` with independent partial sums the compiler can keep in vector registers.
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut acc = [T::zero(); LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let mut sum = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    for l in acc {
+        sum = sum + l;
+    }
+    sum
+}
+
+/// `out += p * v`.
+#[inline(always)]
+fn axpy<T: Float>(p: T, v: &[T], out: &mut [T]) {
+    for (o, &x) in out.iter_mut().zip(v) {
+        *o = *o + p * x;
+    }
+}
+
+/// burnish patch: [`naive_attention_head`] compiled for AVX-512 or AVX2+FMA when the CPU
+/// has them, so its few-query-row dot products run in wide vector registers (the crate is
+/// built for baseline x86-64).
+fn naive_attention_head_dispatch<T: FlashGemm>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    output: &mut [T],
+    scores: &mut [T],
+    p: &AttentionParams<T>,
+    mask_bias: (Option<&[u8]>, Option<&[T]>),
+) {
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512<T: FlashGemm>(
+            q: &[T],
+            k: &[T],
+            v: &[T],
+            output: &mut [T],
+            scores: &mut [T],
+            p: &AttentionParams<T>,
+            mask_bias: (Option<&[u8]>, Option<&[T]>),
+        ) {
+            naive_attention_head(q, k, v, output, scores, p, mask_bias)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: FlashGemm>(
+            q: &[T],
+            k: &[T],
+            v: &[T],
+            output: &mut [T],
+            scores: &mut [T],
+            p: &AttentionParams<T>,
+            mask_bias: (Option<&[u8]>, Option<&[T]>),
+        ) {
+            naive_attention_head(q, k, v, output, scores, p, mask_bias)
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx512(q, k, v, output, scores, p, mask_bias) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2(q, k, v, output, scores, p, mask_bias) };
+        }
+    }
+    naive_attention_head(q, k, v, output, scores, p, mask_bias)
+}
+
 /// Process a single (batch, head) pair with naive (non-tiled) attention.
 ///
 /// 1. scores[seq_q, seq_kv] = Q @ K^T              (one gemm)
 /// 2. Apply scale/softcap/mask/causal/bias + softmax (per-row)
 /// 3. output[seq_q, val_dim] = scores @ V            (one gemm)
+#[inline(always)]
 fn naive_attention_head<T: FlashGemm>(
     q: &[T],
     k: &[T],
@@ -831,8 +954,21 @@ fn naive_attention_head<T: FlashGemm>(
         val_dim,
     } = *p;
 
+    // burnish patch: a few query rows (decoding, where grouped-query heads fold into query
+    // rows) take direct dot products. gemm packed both operands for every (batch, head)
+    // pair, which made attention a third of a decoding step.
+    let few_rows = seq_q <= FEW_QUERY_ROWS;
+
     // scores = Q @ K^T
-    unsafe {
+    if few_rows {
+        for qi in 0..seq_q {
+            let qrow = &q[qi * head_dim..(qi + 1) * head_dim];
+            for (ki, s) in scores[qi * seq_kv..(qi + 1) * seq_kv].iter_mut().enumerate() {
+                *s = dot(qrow, &k[ki * head_dim..(ki + 1) * head_dim]);
+            }
+        }
+    } else {
+        unsafe {
         T::block_gemm(BlockGemmArgs {
             m: seq_q,
             n: seq_kv,
@@ -850,6 +986,7 @@ fn naive_attention_head<T: FlashGemm>(
             alpha: T::zero(),
             beta: T::one(),
         });
+        }
     }
 
     for qi in 0..seq_q {
@@ -904,6 +1041,18 @@ fn naive_attention_head<T: FlashGemm>(
     }
 
     // output = softmax(scores) @ V
+    if few_rows {
+        for qi in 0..seq_q {
+            let out = &mut output[qi * val_dim..(qi + 1) * val_dim];
+            out.fill(T::zero());
+            for (ki, &p) in scores[qi * seq_kv..(qi + 1) * seq_kv].iter().enumerate() {
+                if p != T::zero() {
+                    axpy(p, &v[ki * val_dim..(ki + 1) * val_dim], out);
+                }
+            }
+        }
+        return;
+    }
     unsafe {
         T::block_gemm(BlockGemmArgs {
             m: seq_q,
