@@ -257,6 +257,24 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// The model to sample from: enabled adapters folded into their dense base weights
+    /// (the base itself is shared, not changed), so a decoding step reads one matrix per
+    /// projection instead of running two small products and an add beside it, as vLLM
+    /// serves a merged policy for TRL. An NF4 base keeps its adapters: folding would
+    /// dequantise the whole model into f32.
+    pub fn for_sampling(&self) -> Self {
+        let mut model = self.clone();
+        for (_, _, p) in model.linear_layers_mut() {
+            let enabled = p.lora.as_ref().is_some_and(|l| l.enabled);
+            if enabled && p.nf4.is_none() {
+                let l = p.lora.take().expect("checked above");
+                let w = p.dense_weight() + l.merged_delta();
+                p.set_dense_weight(w);
+            }
+        }
+        model
+    }
+
     /// Fold every adapter into its base weight: `W += scale * A B`; adapters are removed.
     pub fn merge_adapters(mut self) -> Self {
         for (_, _, p) in self.linear_layers_mut() {

@@ -125,7 +125,7 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             pad_id: self.pad_id,
         };
         let started = Instant::now();
-        let generations = generate_groups(&inner, &unique, copies, &params, None)?;
+        let generations = generate_groups(&inner.for_sampling(), &unique, copies, &params, None)?;
         let ids = unique
             .into_iter()
             .flat_map(|p| std::iter::repeat_n(p, copies));
