@@ -265,26 +265,30 @@ impl<B: Backend> CausalLm<B> {
     pub fn for_sampling(&self) -> Self {
         let mut model = self.clone();
         for (_, _, p) in model.linear_layers_mut() {
-            let enabled = p.lora.as_ref().is_some_and(|l| l.enabled);
-            if enabled && p.nf4.is_none() {
-                let l = p.lora.take().expect("checked above");
-                let w = p.dense_weight() + l.merged_delta();
-                p.set_dense_weight(w);
+            if p.lora.as_ref().is_some_and(|l| l.enabled) && p.nf4.is_none() {
+                p.fold_adapter();
             }
         }
         model
     }
 
     /// Fold every adapter into its base weight: `W += scale * A B`; adapters are removed.
+    /// A quantised base is dequantised here: the merged model is full precision.
     pub fn merge_adapters(mut self) -> Self {
         for (_, _, p) in self.linear_layers_mut() {
-            if let Some(l) = p.lora.take() {
-                // A quantised base is dequantised here: the merged model is full precision.
-                let w = p.dense_weight() + l.merged_delta();
-                p.set_dense_weight(w);
-            }
+            p.fold_adapter();
         }
         self
+    }
+}
+
+impl<B: Backend> Proj<B> {
+    /// `W += scale * A B` and the adapter removed (nothing without one).
+    fn fold_adapter(&mut self) {
+        if let Some(l) = self.lora.take() {
+            let w = self.dense_weight() + l.merged_delta();
+            self.set_dense_weight(w);
+        }
     }
 }
 

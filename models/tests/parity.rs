@@ -297,3 +297,57 @@ fn grouped_prefill_equals_repeated_prompts() {
     let distinct: std::collections::HashSet<&Vec<u32>> = got.iter().map(|g| &g.tokens).collect();
     assert!(distinct.len() > 2, "samples within a group differ");
 }
+
+/// Rollouts sample from the policy with its adapters folded in: the same greedy tokens and
+/// log-probs as the adapted model computing the adapters beside the base, a base left as it
+/// was, and disabled adapters left out of the fold.
+#[test]
+fn folded_adapters_sample_as_the_adapted_model() {
+    use models::lora::{LoraAdapter, LoraSettings};
+    let settings = LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        use_rslora: false,
+    };
+    let mut model = load("tiny-llama").with_lora(&settings, 5).unwrap();
+    // Fresh adapters are a no-op (B = 0): give every B values so the fold matters.
+    for (i, (_, _, p)) in model.linear_layers_mut().into_iter().enumerate() {
+        let l = p.lora.as_ref().unwrap();
+        let [r, d_out] = l.b.dims();
+        let b: Vec<f32> = (0..r * d_out)
+            .map(|j| ((j * 7 + i * 13) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        let b = Tensor::from_data(TensorData::new(b, [r, d_out]), &Default::default());
+        p.lora = Some(LoraAdapter::from_tensors(l.a.val(), b, &settings));
+    }
+    let prompts = vec![vec![17, 3, 44, 81, 120, 7, 99], vec![250, 4]];
+    let params = SamplingParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let folded = model.for_sampling();
+    assert!(!folded.has_adapters());
+    let want = generate(&model, &prompts, &params, None).unwrap();
+    let got = generate(&folded, &prompts, &params, None).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.tokens, w.tokens);
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    let base = load("tiny-llama");
+    let base_out = generate(&base, &prompts, &params, None).unwrap();
+    assert_ne!(
+        base_out.iter().map(|g| &g.tokens).collect::<Vec<_>>(),
+        want.iter().map(|g| &g.tokens).collect::<Vec<_>>(),
+        "the adapters change what the model samples"
+    );
+    let mut off = model.clone();
+    off.set_adapters_enabled(false);
+    let off_out = generate(&off.for_sampling(), &prompts, &params, None).unwrap();
+    for (g, w) in off_out.iter().zip(&base_out) {
+        assert_eq!(g.tokens, w.tokens, "disabled adapters are not folded in");
+    }
+}
