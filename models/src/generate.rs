@@ -161,6 +161,14 @@ fn nucleus(
     }
 }
 
+/// Sequence lengths that reach the model are multiples of this (transformers' collators'
+/// `pad_to_multiple_of` for tensor cores is 64 too).
+pub const SHAPE_BUCKET: usize = 64;
+
+fn bucket(len: usize) -> usize {
+    len.div_ceil(SHAPE_BUCKET).max(1) * SHAPE_BUCKET
+}
+
 fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     let [b, _, v] = logits.dims();
     let flat: Vec<f32> = logits.reshape([b * v]).into_data().iter::<f32>().collect();
@@ -208,7 +216,10 @@ pub fn generate_groups<B: Backend>(
     }
     let device = model.device();
     let batch = prompts.len() * copies;
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // Shapes come in buckets (prompt width and cache capacity rounded up to a multiple of
+    // SHAPE_BUCKET): a generation uses one prefill and one decoding shape, the same for every
+    // prompt batch of the same bucket, so a JIT backend compiles them once.
+    let width = bucket(prompts.iter().map(Vec::len).max().unwrap_or(0));
     let mut ids = Vec::with_capacity(batch);
     let mut attn = Vec::with_capacity(batch);
     for p in prompts {
@@ -222,7 +233,7 @@ pub fn generate_groups<B: Backend>(
         .flat_map(|p| std::iter::repeat_n(p.len() as i64, copies))
         .collect();
     // The cache attends over its whole capacity: key slots not yet written are invalid.
-    let capacity = width + params.max_new_tokens;
+    let capacity = bucket(width + params.max_new_tokens);
     let mut layout = AttentionLayout::from_attention_mask(&attn);
     for valid in layout.key_valid.iter_mut() {
         valid.resize(capacity, false);

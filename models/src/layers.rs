@@ -63,6 +63,7 @@ impl<B: Backend> Proj<B> {
 
     /// PEFT's order: `(x W + b) + scale * dropout(x) A B`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        crate::shape_audit::record("projection", &[&x.dims(), &self.dims()]);
         let adapter = self.lora.as_ref().filter(|l| l.enabled);
         let lora_in = adapter.map(|_| x.clone());
         let y = match (&self.weight, &self.nf4) {

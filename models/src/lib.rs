@@ -13,6 +13,7 @@ pub mod mask;
 pub mod nf4;
 pub mod presets;
 pub mod scoring;
+pub mod shape_audit;
 pub mod tokenizer;
 pub mod weights;
 

@@ -157,8 +157,10 @@ impl<B: Backend> SelfAttention<B> {
             .reshape([b, 1, 1, tq, tk])
             .expand([b, kvh, group, tq, tk])
             .reshape([b, kvh, group * tq, tk]);
+        let q = q.reshape([b, kvh, group * t, d]);
+        crate::shape_audit::record("attention", &[&q.dims(), &k.dims()]);
         let o = attention(
-            q.reshape([b, kvh, group * t, d]),
+            q,
             k,
             v,
             Some(mask),
@@ -254,6 +256,7 @@ impl<B: Backend> CausalLm<B> {
 
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
+        crate::shape_audit::record("embedding", &[&[b, t]]);
         let d = self.hidden_size();
         self.embed_tokens
             .val()
@@ -287,6 +290,7 @@ impl<B: Backend> CausalLm<B> {
 
     /// Logits `[B, T, vocab]` for the given hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        crate::shape_audit::record("lm_head", &[&hidden.dims()]);
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => crate::layers::matmul_2d(hidden, self.embed_tokens.val().transpose()),

@@ -351,3 +351,45 @@ fn folded_adapters_sample_as_the_adapted_model() {
         assert_eq!(g.tokens, w.tokens, "disabled adapters are not folded in");
     }
 }
+
+/// Generation reaches the model in bucketed shapes: prompts of five lengths, 64 new tokens
+/// each, give one prefill and one decoding shape per bucket, not one per length or step.
+#[test]
+fn generation_shapes_are_bounded() {
+    use models::shape_audit::{count, Recording};
+    let model = load("tiny-llama");
+    let params = SamplingParams {
+        max_new_tokens: 64,
+        temperature: 1.0,
+        seed: 9,
+        ..Default::default()
+    };
+    let recording = Recording::start();
+    for len in [3usize, 7, 20, 41, 63] {
+        let prompts: Vec<Vec<u32>> = (0..2)
+            .map(|r| (0..len - r).map(|i| (i * 5 + r) as u32 % 200 + 3).collect())
+            .collect();
+        let out = generate(&model, &prompts, &params, None).unwrap();
+        assert!(out.iter().all(|g| !g.tokens.is_empty()));
+    }
+    // One bucket of prompt widths (64) and of capacities (128): a prefill and a decoding step.
+    assert_eq!(
+        count("attention"),
+        2,
+        "{:?}",
+        models::shape_audit::signatures()
+    );
+    assert_eq!(count("embedding"), 2);
+    // The LM head only ever sees the last position of each row.
+    assert_eq!(count("lm_head"), 1);
+    // The four weight shapes (q/o, k/v, gate/up, down) at the two sequence shapes, and the
+    // LM head at one.
+    assert_eq!(
+        count("projection"),
+        9,
+        "{:?}",
+        models::shape_audit::signatures()
+    );
+    drop(recording);
+    assert_eq!(count("attention"), 0, "recording ends with its guard");
+}
