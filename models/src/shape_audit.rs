@@ -8,8 +8,11 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
+/// An operation's name and its input dims, concatenated.
+pub type Signature = (&'static str, Vec<usize>);
+
 thread_local! {
-    static SEEN: RefCell<Option<BTreeSet<(&'static str, Vec<usize>)>>> = const { RefCell::new(None) };
+    static SEEN: RefCell<Option<BTreeSet<Signature>>> = const { RefCell::new(None) };
 }
 
 fn env_enabled() -> bool {
@@ -30,7 +33,7 @@ pub fn record(op: &'static str, dims: &[&[usize]]) {
 }
 
 /// Signatures recorded on this thread so far, sorted.
-pub fn signatures() -> Vec<(&'static str, Vec<usize>)> {
+pub fn signatures() -> Vec<Signature> {
     SEEN.with(|s| s.borrow().iter().flatten().cloned().collect())
 }
 
