@@ -963,29 +963,32 @@ fn naive_attention_head<T: FlashGemm>(
     if few_rows {
         for qi in 0..seq_q {
             let qrow = &q[qi * head_dim..(qi + 1) * head_dim];
-            for (ki, s) in scores[qi * seq_kv..(qi + 1) * seq_kv].iter_mut().enumerate() {
+            for (ki, s) in scores[qi * seq_kv..(qi + 1) * seq_kv]
+                .iter_mut()
+                .enumerate()
+            {
                 *s = dot(qrow, &k[ki * head_dim..(ki + 1) * head_dim]);
             }
         }
     } else {
         unsafe {
-        T::block_gemm(BlockGemmArgs {
-            m: seq_q,
-            n: seq_kv,
-            k: head_dim,
-            dst: scores.as_mut_ptr(),
-            dst_cs: 1,
-            dst_rs: seq_kv as isize,
-            read_dst: false,
-            lhs: q.as_ptr(),
-            lhs_cs: 1,
-            lhs_rs: head_dim as isize,
-            rhs: k.as_ptr(),
-            rhs_cs: head_dim as isize,
-            rhs_rs: 1,
-            alpha: T::zero(),
-            beta: T::one(),
-        });
+            T::block_gemm(BlockGemmArgs {
+                m: seq_q,
+                n: seq_kv,
+                k: head_dim,
+                dst: scores.as_mut_ptr(),
+                dst_cs: 1,
+                dst_rs: seq_kv as isize,
+                read_dst: false,
+                lhs: q.as_ptr(),
+                lhs_cs: 1,
+                lhs_rs: head_dim as isize,
+                rhs: k.as_ptr(),
+                rhs_cs: head_dim as isize,
+                rhs_rs: 1,
+                alpha: T::zero(),
+                beta: T::one(),
+            });
         }
     }
 
