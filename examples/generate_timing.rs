@@ -1,5 +1,7 @@
 //! Wall time of batched sampling on an HF model directory (a profiling aid):
-//! `cargo run --release --example generate_timing -- MODEL_DIR [prompt_len] [lora r]`.
+//! `cargo run --release --example generate_timing -- MODEL_DIR [prompt_len] [lora r]`:
+//! 2 prompts x 4 samples x 32 tokens (GRPO's bench shape), prefill and decoding step apart.
+//! With `DECODE_ONLY=1` it runs 400 decoding steps over one filled cache, for `perf`.
 use burn::backend::Flex;
 use models::generate::{generate_groups, SamplingParams};
 use models::lora::LoraSettings;
@@ -12,7 +14,10 @@ static GLOBAL: trainers::allocator::MiMalloc = trainers::allocator::MiMalloc;
 fn main() {
     trainers::allocator::tune_for_training();
     let args: Vec<String> = std::env::args().collect();
-    let dir = PathBuf::from(&args[1]);
+    let Some(dir) = args.get(1).map(PathBuf::from) else {
+        eprintln!("usage: generate_timing MODEL_DIR [prompt_len] [lora_r]");
+        std::process::exit(2);
+    };
     let prompt_len: usize = args.get(2).map_or(120, |s| s.parse().unwrap());
     let r: usize = args.get(3).map_or(16, |s| s.parse().unwrap());
     let dev = Default::default();
