@@ -51,24 +51,6 @@ enum Command {
     Export(export::Args),
 }
 
-/// With `BURNISH_SHAPE_AUDIT=1`: the distinct shapes the model's forward saw on this (the
-/// training or generating) thread, per operation.
-fn report_shape_audit() {
-    if std::env::var("BURNISH_SHAPE_AUDIT").as_deref() != Ok("1") {
-        return;
-    }
-    let signatures = models::shape_audit::signatures();
-    let mut ops: Vec<&str> = signatures.iter().map(|(op, _)| *op).collect();
-    ops.dedup();
-    eprintln!(
-        "shape audit: {} distinct (operation, input shapes) signatures",
-        signatures.len()
-    );
-    for op in ops {
-        eprintln!("  {op}: {}", models::shape_audit::count(op));
-    }
-}
-
 fn main() {
     trainers::allocator::tune_for_training();
     let cli = Cli::parse();
@@ -81,7 +63,7 @@ fn main() {
         Command::Launch(a) => launch::run(a),
         Command::Export(a) => export::run(a),
     };
-    report_shape_audit();
+    models::shape_audit::report_if_requested();
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -22,14 +22,32 @@ fn env_enabled() -> bool {
 
 /// Note that `op` ran on inputs of these dims (concatenated); a no-op unless recording.
 pub fn record(op: &'static str, dims: &[&[usize]]) {
-    let on = SEEN.with(|s| s.borrow().is_some());
-    if !on && !env_enabled() {
+    SEEN.with(|s| {
+        let mut seen = s.borrow_mut();
+        if seen.is_none() && !env_enabled() {
+            return;
+        }
+        let key = (op, dims.iter().flat_map(|d| d.iter().copied()).collect());
+        seen.get_or_insert_with(BTreeSet::new).insert(key);
+    });
+}
+
+/// With `BURNISH_SHAPE_AUDIT=1`, print this thread's distinct signatures per operation to
+/// stderr (the CLI calls it when a command ends; training and generation run on its thread).
+pub fn report_if_requested() {
+    if !env_enabled() {
         return;
     }
-    let key = (op, dims.iter().flat_map(|d| d.iter().copied()).collect());
-    SEEN.with(|s| {
-        s.borrow_mut().get_or_insert_with(BTreeSet::new).insert(key);
-    });
+    let signatures = signatures();
+    eprintln!(
+        "shape audit: {} distinct (operation, input shapes) signatures",
+        signatures.len()
+    );
+    let mut ops: Vec<&str> = signatures.iter().map(|(op, _)| *op).collect();
+    ops.dedup();
+    for op in ops {
+        eprintln!("  {op}: {}", count(op));
+    }
 }
 
 /// Signatures recorded on this thread so far, sorted.
