@@ -10,6 +10,7 @@ mod support;
 
 use std::sync::atomic::AtomicBool;
 
+use datasets::batch::Padding;
 use models::backend::{Cpu, CpuTrain};
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
@@ -49,7 +50,7 @@ fn run_mode(mode: &str, steps: usize) {
     let source = if mode == "cached" {
         settings.top_k = Some(TOP_K);
         let t0 = std::time::Instant::now();
-        let train = teacher_top_k(&teacher, &data, BATCH, TOP_K, 0);
+        let train = teacher_top_k(&teacher, &data, BATCH, TOP_K, Padding::exact(0));
         precompute_s = t0.elapsed().as_secs_f64();
         TeacherSource::Cached {
             train,
@@ -60,12 +61,7 @@ fn run_mode(mode: &str, steps: usize) {
     } else {
         TeacherSource::Online(Box::new(teacher))
     };
-    let shape = BatchShape {
-        micro_batch: BATCH,
-        eval_batch: BATCH,
-        pad_id: 0,
-        seed: 0,
-    };
+    let shape = BatchShape::exact(BATCH, BATCH, 0, 0);
     let mut method =
         Distill::<CpuTrain>::new(data, vec![], shape, vec![2], source, settings).unwrap();
     let work = tempfile::tempdir().unwrap();

@@ -22,6 +22,7 @@ use burn::tensor::backend::AutodiffBackend;
 use models::backend::CpuTrain;
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
+use trainers::method::BatchShape;
 use trainers::parallel::{run_replicas, ParallelOptions, Topology};
 use trainers::sft::Sft;
 use trainers::train_loop::{run_loop_on, LoopConfig};
@@ -69,7 +70,12 @@ fn config(dir: &Path, steps: usize) -> LoopConfig {
 
 fn method(cfg: &LoopConfig) -> Sft {
     let n = MICRO * GLOBAL_MICRO_BATCHES * cfg.total_steps;
-    Sft::new(rows(n, SEQ, 32064), vec![], MICRO, MICRO, 0, 0).unwrap()
+    Sft::new(
+        rows(n, SEQ, 32064),
+        vec![],
+        BatchShape::exact(MICRO, MICRO, 0, 0),
+    )
+    .unwrap()
 }
 
 /// Train as this process's replicas (`devices` of them) of a job (`topology`), print rank

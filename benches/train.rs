@@ -11,6 +11,7 @@ mod support;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+use datasets::batch::Padding;
 use models::backend::CpuTrain;
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
@@ -72,7 +73,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
             let t0 = std::time::Instant::now();
             let mut base = burn::module::AutodiffModule::valid(&model);
             base.set_adapters_enabled(false);
-            let train = reference_table(&base, &data, pairs_per_step, 0);
+            let train = reference_table(&base, &data, pairs_per_step, Padding::exact(0));
             precompute_s = t0.elapsed().as_secs_f64();
             Reference::Precomputed {
                 train,
@@ -81,12 +82,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
         } else {
             Reference::BaseOfAdapters
         };
-        let shape = BatchShape {
-            micro_batch: pairs_per_step,
-            eval_batch: pairs_per_step,
-            pad_id: 0,
-            seed: 0,
-        };
+        let shape = BatchShape::exact(pairs_per_step, pairs_per_step, 0, 0);
         let mut method = Dpo::new(data, vec![], shape, DpoSettings::default(), reference).unwrap();
         run_loop(model, &mut method, &loop_cfg, &weights, None, &stop).unwrap();
     } else {

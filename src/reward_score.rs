@@ -11,14 +11,17 @@ use datasets::formats::Format;
 use datasets::read::read_file;
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, TokenizedPair, Truncation};
 use models::checkpoint::load_tokenizer;
-use trainers::reward::{batch_rewards, reward_batch};
+use trainers::reward::{batch_rewards, host_rewards, reward_batch};
 
 use crate::score::{output, Args};
 
 pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
     let (cfg, model, tok_dir) = load_reward_model::<B>(rm, device)?;
     let tok = load_tokenizer(&tok_dir, &cfg)?;
-    let pad = cfg.pad_token_id.or(tok.pad_id).unwrap_or(0);
+    let pad = datasets::batch::Padding {
+        id: cfg.pad_token_id.or(tok.pad_id).unwrap_or(0),
+        multiple_of: models::backend::default_pad_multiple::<B>(device),
+    };
     let format = a.format.as_deref().map(Format::parse).transpose()?;
     let read = read_file(&a.data, format)?;
     for r in &read.rejects {
@@ -63,18 +66,13 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
     let mut out = output(a.out.as_ref())?;
     for chunk in items.chunks(a.batch_size.max(1)) {
         let pairs: Vec<&TokenizedPair> = chunk.iter().map(|(_, _, p)| p).collect();
-        let batch = reward_batch(&pairs, pad);
-        let r: Vec<f64> = batch_rewards(&model, &batch)
-            .into_data()
-            .convert::<f64>()
-            .to_vec()
-            .expect("f64");
-        let n = chunk.len();
+        let batch = reward_batch(&pairs, pad, a.batch_size);
+        let (c, r) = host_rewards(batch_rewards(&model, &batch), &batch);
         for (i, (line, pair, _)) in chunk.iter().enumerate() {
             let v = if *pair {
-                serde_json::json!({"line": line, "reward_chosen": r[i], "reward_rejected": r[n + i]})
+                serde_json::json!({"line": line, "reward_chosen": c[i], "reward_rejected": r[i]})
             } else {
-                serde_json::json!({"line": line, "reward": r[i]})
+                serde_json::json!({"line": line, "reward": c[i]})
             };
             writeln!(out, "{v}")?;
         }

@@ -3,7 +3,7 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use datasets::batch::collate_sft;
+use datasets::batch::{collate_sft, Padding};
 use datasets::config::DataConfig;
 use datasets::pack::{pack_best_fit, PackedRow};
 use datasets::prepare::prepare;
@@ -165,7 +165,7 @@ fn preference_rows_share_the_prompt() {
 
 /// Mean next-token loss over trained targets, as the trainer normalises it.
 fn loss(model: &models::CausalLm<Cpu>, rows: &[PackedRow]) -> f64 {
-    let b = collate_sft(rows, 0);
+    let b = collate_sft(rows, Padding::exact(0), rows.len());
     let device = model.device();
     let input = ForwardInput::<Cpu>::from_host(&b.ids, &b.positions, &b.layout, &device);
     let logp = log_softmax(model.forward(input), 2);

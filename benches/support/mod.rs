@@ -12,6 +12,7 @@ use datasets::pack::PackedRow;
 use datasets::tokenize::TokenizedPair;
 use models::lora::LoraSettings;
 use models::CausalLm;
+use trainers::method::BatchShape;
 use trainers::optim::AdamWSettings;
 use trainers::recipe::Schedule;
 use trainers::schedule::LrSchedule;
@@ -164,10 +165,7 @@ pub fn run_sft<B: AutodiffBackend>(
     let mut method = Sft::new(
         rows(batch * cfg.total_steps, seq, vocab),
         vec![],
-        batch,
-        batch,
-        0,
-        0,
+        BatchShape::exact(batch, batch, 0, 0),
     )
     .unwrap();
     std::fs::create_dir_all(&cfg.run_dir).unwrap();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::tokenize::TokenizedSeq;
 
 /// One training row: one sequence, or several packed together.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackedRow {
     pub ids: Vec<u32>,
     pub trained: Vec<bool>,

@@ -65,7 +65,7 @@ impl TokenizedSeq {
 }
 
 /// A tokenized preference pair: shared prompt ids, then each completion's ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenizedPair {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,

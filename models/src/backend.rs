@@ -2,6 +2,7 @@
 //! burn-cuda, selected at run time with `--device cuda:N`.
 
 use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
 use std::str::FromStr;
 
 pub type Cpu = burn::backend::Flex;
@@ -48,4 +49,21 @@ impl DeviceSpec {
 #[cfg(feature = "cuda")]
 pub fn cuda_device(index: usize) -> burn::backend::cuda::CudaDevice {
     burn::backend::cuda::CudaDevice::new(index)
+}
+
+/// Whether `B` compiles a kernel for each new tensor shape (the cubecl backends: CUDA), so
+/// batches must come in few shapes.
+pub fn compiles_per_shape<B: Backend>(device: &B::Device) -> bool {
+    B::name(device).contains("cubecl")
+}
+
+/// The width multiple batches are padded to when a recipe does not say: 64 (transformers'
+/// usual `pad_to_multiple_of`) where kernels compile per shape, 1 on the CPU, where
+/// padding would only add work.
+pub fn default_pad_multiple<B: Backend>(device: &B::Device) -> usize {
+    if compiles_per_shape::<B>(device) {
+        64
+    } else {
+        1
+    }
 }

@@ -18,14 +18,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use datasets::batch::{collate_sft, SftBatch};
+use datasets::batch::{collate_sft, Padding, SftBatch};
 use datasets::pack::PackedRow;
 use models::generate::{generate, SamplingParams};
 use models::CausalLm;
 
 use crate::data_order::{eval_chunks, EpochCursor};
-use crate::method::{LossOutput, Method};
-use crate::sft::{trained_logits, TrainedLogits};
+use crate::method::{BatchShape, LossOutput, Method};
+use crate::sft::{keep_real, trained_logits, TrainedLogits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,10 +141,14 @@ pub enum TeacherTargets {
     },
 }
 
-/// `D` summed over rows of `[n, m]` log-prob tensors (student `ls`, teacher `lt`).
-fn divergence_sum<B: Backend>(ls: Tensor<B, 2>, lt: Tensor<B, 2>, beta: f64) -> Tensor<B, 1> {
-    let kl =
-        |p_log: Tensor<B, 2>, q_log: Tensor<B, 2>| (p_log.clone().exp() * (p_log - q_log)).sum();
+/// `D` of each row of `[n, m]` log-prob tensors (student `ls`, teacher `lt`), `[n]`.
+fn divergences<B: Backend>(ls: Tensor<B, 2>, lt: Tensor<B, 2>, beta: f64) -> Tensor<B, 1> {
+    let n = ls.dims()[0];
+    let kl = |p_log: Tensor<B, 2>, q_log: Tensor<B, 2>| {
+        (p_log.clone().exp() * (p_log - q_log))
+            .sum_dim(1)
+            .reshape([n])
+    };
     if beta == 0.0 {
         return kl(lt, ls);
     }
@@ -167,34 +171,41 @@ fn renormalise<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 /// The summed loss of `[n, vocab]` student logits against the teacher and the labels, and
-/// the divergence and cross-entropy sums it is made of.
+/// the divergence and cross-entropy sums it is made of. Rows where `mask` is 0 (bucket
+/// padding) count for nothing.
 pub fn kd_loss_sum<B: Backend>(
     student_logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
+    mask: &Option<Tensor<B, 1>>,
     teacher: &TeacherTargets,
     p: &KdLoss,
 ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
     let device = student_logits.device();
     let n = targets.dims()[0];
     let t = p.temperature;
-    let ce = log_softmax(student_logits.clone(), 1)
-        .gather(1, targets.reshape([n, 1]))
-        .sum()
-        .neg();
+    let ce = keep_real(
+        log_softmax(student_logits.clone(), 1)
+            .gather(1, targets.reshape([n, 1]))
+            .reshape([n]),
+        mask,
+    )
+    .sum()
+    .neg();
     let ls = log_softmax(student_logits.div_scalar(t), 1);
     let div = match teacher {
         TeacherTargets::Full(data) => {
             let lt = Tensor::<B, 2>::from_data(data.clone(), &device);
-            divergence_sum(ls, lt, p.beta)
+            divergences(ls, lt, p.beta)
         }
         TeacherTargets::TopK { ids, logps, k } => {
             let ids =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [n, *k]), &device);
             let top = Tensor::<B, 2>::from_data(TensorData::new(logps.clone(), [n, *k]), &device);
             let lt = log_softmax(top.div_scalar(t), 1);
-            divergence_sum(renormalise(ls.gather(1, ids)), lt, p.beta)
+            divergences(renormalise(ls.gather(1, ids)), lt, p.beta)
         }
     };
+    let div = keep_real(div, mask).sum();
     let loss = div.clone().mul_scalar(p.alpha * t * t) + ce.clone().mul_scalar(1.0 - p.alpha);
     (loss, div.detach(), ce.detach())
 }
@@ -268,11 +279,11 @@ pub fn teacher_top_k<B: Backend>(
     rows: &[PackedRow],
     batch: usize,
     k: usize,
-    pad_id: u32,
+    pad: Padding,
 ) -> Vec<RowTopK> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch.max(1)) {
-        let collated = collate_sft(chunk, pad_id);
+        let collated = collate_sft(chunk, pad, batch);
         let TeacherTargets::TopK { ids, logps, k } =
             teacher_targets(teacher, &collated, 1.0, Some(k))
         else {
@@ -294,10 +305,7 @@ pub fn teacher_top_k<B: Backend>(
 pub struct Distill<B: AutodiffBackend> {
     train: Vec<PackedRow>,
     eval: Vec<PackedRow>,
-    micro_batch: usize,
-    eval_batch: usize,
-    pad_id: u32,
-    seed: u64,
+    shape: BatchShape,
     stop_ids: Vec<u32>,
     cursor: EpochCursor,
     teacher: TeacherSource<B::InnerBackend>,
@@ -311,7 +319,7 @@ impl<B: AutodiffBackend> Distill<B> {
     pub fn new(
         train: Vec<PackedRow>,
         eval: Vec<PackedRow>,
-        shape: crate::method::BatchShape,
+        shape: BatchShape,
         stop_ids: Vec<u32>,
         teacher: TeacherSource<B::InnerBackend>,
         settings: DistillSettings,
@@ -332,10 +340,7 @@ impl<B: AutodiffBackend> Distill<B> {
             cursor: EpochCursor::new(train.len(), shape.seed),
             train,
             eval,
-            micro_batch: shape.micro_batch,
-            eval_batch: shape.eval_batch,
-            pad_id: shape.pad_id,
-            seed: shape.seed,
+            shape,
             stop_ids,
             loss: settings.loss(),
             teacher,
@@ -345,20 +350,27 @@ impl<B: AutodiffBackend> Distill<B> {
     }
 
     fn batch(&self, rows: &[usize], eval: bool) -> DistillBatch {
-        let from = if eval { &self.eval } else { &self.train };
+        let (from, capacity) = if eval {
+            (&self.eval, self.shape.eval_batch)
+        } else {
+            (&self.train, self.shape.micro_batch)
+        };
         let picked: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
-        let batch = collate_sft(&picked, self.pad_id);
+        let batch = collate_sft(&picked, self.shape.pad, capacity);
         let teacher = match &self.teacher {
             TeacherSource::Online(m) => teacher_targets(m, &batch, self.loss.temperature, None),
             TeacherSource::Cached {
                 train, eval: ev, k, ..
             } => {
                 let table = if eval { ev } else { train };
-                TeacherTargets::TopK {
-                    ids: rows.iter().flat_map(|&i| table[i].ids.clone()).collect(),
-                    logps: rows.iter().flat_map(|&i| table[i].logps.clone()).collect(),
-                    k: *k,
-                }
+                // Bucket padding positions get a uniform (finite) target; they weigh 0.
+                let slots = batch.num_trained_padded() * k;
+                let mut ids: Vec<i32> = rows.iter().flat_map(|&i| table[i].ids.clone()).collect();
+                let mut logps: Vec<f32> =
+                    rows.iter().flat_map(|&i| table[i].logps.clone()).collect();
+                ids.resize(slots, 0);
+                logps.resize(slots, 0.0);
+                TeacherTargets::TopK { ids, logps, k: *k }
             }
         };
         DistillBatch { batch, teacher }
@@ -381,9 +393,9 @@ impl<B: AutodiffBackend> Distill<B> {
             temperature: self.settings.sampling_temperature as f32,
             top_k: 0,
             top_p: 1.0,
-            seed: self.seed ^ self.steps_taken.wrapping_mul(0x9E37_79B9),
+            seed: self.shape.seed ^ self.steps_taken.wrapping_mul(0x9E37_79B9),
             stop_ids: self.stop_ids.clone(),
-            pad_id: self.pad_id,
+            pad_id: self.shape.pad.id,
         };
         let generations = generate(&student, &prompts, &params, None)?;
         let sampled: Vec<PackedRow> = prompts
@@ -400,7 +412,7 @@ impl<B: AutodiffBackend> Distill<B> {
                 }
             })
             .collect();
-        let batch = collate_sft(&sampled, self.pad_id);
+        let batch = collate_sft(&sampled, self.shape.pad, self.shape.micro_batch);
         let teacher = self.teacher.model().expect("checked in new");
         Ok(DistillBatch {
             teacher: teacher_targets(teacher, &batch, self.loss.temperature, None),
@@ -419,10 +431,10 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
     ) -> Result<Option<Vec<DistillBatch>>> {
         let steps = self
             .cursor
-            .next_micro_batches(self.micro_batch, micro_batches);
+            .next_micro_batches(self.shape.micro_batch, micro_batches);
         // One draw per step, a function of (seed, step), so resumed runs repeat it.
         let mut rng = StdRng::seed_from_u64(
-            self.seed ^ (self.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+            self.shape.seed ^ (self.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407),
         );
         let on_policy = self.settings.lmbda > 0.0 && rng.random::<f64>() < self.settings.lmbda;
         let out = steps
@@ -449,7 +461,10 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &DistillBatch) -> LossOutput<Bk> {
         let Some(TrainedLogits {
-            logits, targets, ..
+            logits,
+            targets,
+            mask,
+            ..
         }) = trained_logits(model, &batch.batch)
         else {
             return LossOutput {
@@ -457,7 +472,7 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
                 metric_sums: vec![],
             };
         };
-        let (loss, div, ce) = kd_loss_sum(logits, targets, &batch.teacher, &self.loss);
+        let (loss, div, ce) = kd_loss_sum(logits, targets, &mask, &batch.teacher, &self.loss);
         LossOutput {
             loss_sum: loss,
             metric_sums: vec![
@@ -468,14 +483,14 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
     }
 
     fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<DistillBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.eval_batch);
+        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
         Ok(chunks.iter().map(|c| self.batch(c, true)).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
         Some(
             self.cursor
-                .steps_per_epoch(self.micro_batch * micro_batches),
+                .steps_per_epoch(self.shape.micro_batch * micro_batches),
         )
     }
 

@@ -16,7 +16,7 @@ use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use datasets::batch::{collate_sft, SftBatch};
+use datasets::batch::{collate_sft, Padding, SftBatch};
 use datasets::pack::PackedRow;
 use datasets::tokenize::TokenizedPair;
 use models::CausalLm;
@@ -110,6 +110,7 @@ impl DpoSettings {
 /// `pairs..2*pairs` prompt + rejected, with only the completion tokens trained.
 pub struct PairBatch {
     pub rows: SftBatch,
+    /// Real pairs; with static shapes the rows hold empty pairs after them.
     pub pairs: usize,
     /// Completion tokens per row.
     pub lengths: Vec<usize>,
@@ -135,16 +136,26 @@ pub enum Reference<B: AutodiffBackend> {
 pub struct Dpo<B: AutodiffBackend> {
     train: Vec<TokenizedPair>,
     eval: Vec<TokenizedPair>,
-    micro_batch: usize,
-    eval_batch: usize,
-    pad_id: u32,
+    shape: BatchShape,
     cursor: EpochCursor,
     pub settings: DpoSettings,
     reference: Reference<B>,
 }
 
-/// The collated rows of some pairs (chosen rows first) and their completion lengths.
-pub fn collate_pairs(pairs: &[&TokenizedPair], pad_id: u32) -> (SftBatch, Vec<usize>) {
+/// The collated rows of some pairs (chosen rows first) and their completion lengths. With
+/// static shapes (`pad.fixed_rows()`), empty pairs fill the batch up to `capacity` pairs.
+pub fn collate_pairs(
+    pairs: &[&TokenizedPair],
+    pad: Padding,
+    capacity: usize,
+) -> (SftBatch, Vec<usize>) {
+    let empty = TokenizedPair::default();
+    let slots = pad.rows(pairs.len(), capacity);
+    let pairs: Vec<&TokenizedPair> = pairs
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(&empty, slots - pairs.len()))
+        .collect();
     let row = |p: &TokenizedPair, completion: &[u32]| {
         let ids: Vec<u32> = p.prompt.iter().chain(completion).copied().collect();
         PackedRow {
@@ -161,7 +172,20 @@ pub fn collate_pairs(pairs: &[&TokenizedPair], pad_id: u32) -> (SftBatch, Vec<us
         .map(|p| p.chosen.len())
         .chain(pairs.iter().map(|p| p.rejected.len()))
         .collect();
-    (collate_sft(&rows, pad_id), lengths)
+    (collate_sft(&rows, pad, rows.len()), lengths)
+}
+
+/// `[slots]`: 1 for the first `pairs` entries, 0 for the empty pairs after them (None
+/// when there are none).
+pub fn real_pairs<B: Backend>(
+    pairs: usize,
+    slots: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 1>> {
+    (slots > pairs).then(|| {
+        let m: Vec<f32> = (0..slots).map(|i| f32::from(u8::from(i < pairs))).collect();
+        Tensor::from_data(TensorData::new(m, [slots]), device)
+    })
 }
 
 /// Summed completion log-probs of every row of `rows`, `[rows]`.
@@ -172,7 +196,8 @@ pub fn completion_logps<B: Backend>(model: &CausalLm<B>, rows: &SftBatch) -> Ten
         return Tensor::zeros([n_rows], &device);
     };
     // Segment sum as a matmul with a {0,1} row-membership matrix: differentiable and one op.
-    let n = row_of.len();
+    // Bucket padding (entries past `row_of`) belongs to no row.
+    let n = logps.dims()[0];
     let mut member = vec![0f32; n_rows * n];
     for (j, &r) in row_of.iter().enumerate() {
         member[r * n + j] = 1.0;
@@ -280,9 +305,7 @@ impl<B: AutodiffBackend> Dpo<B> {
             cursor: EpochCursor::new(train.len(), shape.seed),
             train,
             eval,
-            micro_batch: shape.micro_batch,
-            eval_batch: shape.eval_batch,
-            pad_id: shape.pad_id,
+            shape,
             settings,
             reference,
         })
@@ -291,7 +314,13 @@ impl<B: AutodiffBackend> Dpo<B> {
     fn batch(&self, idx: &[usize], eval: bool, policy: &CausalLm<B>) -> PairBatch {
         let from = if eval { &self.eval } else { &self.train };
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        let (rows, lengths) = collate_pairs(&pairs, self.pad_id);
+        let capacity = if eval {
+            self.shape.eval_batch
+        } else {
+            self.shape.micro_batch
+        };
+        let (rows, lengths) = collate_pairs(&pairs, self.shape.pad, capacity);
+        let slots = lengths.len() / 2;
         let reference = match &self.reference {
             Reference::None => None,
             Reference::BaseOfAdapters => {
@@ -302,7 +331,9 @@ impl<B: AutodiffBackend> Dpo<B> {
             Reference::Frozen(m) => Some(host(completion_logps(m.as_ref(), &rows))),
             Reference::Precomputed { train, eval: ev } => {
                 let table = if eval { ev } else { train };
-                let (c, r): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| table[i]).unzip();
+                let (mut c, mut r): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| table[i]).unzip();
+                c.resize(slots, 0.0);
+                r.resize(slots, 0.0);
                 Some([c, r].concat())
             }
         };
@@ -320,15 +351,15 @@ pub fn reference_table<B: Backend>(
     model: &CausalLm<B>,
     pairs: &[TokenizedPair],
     batch: usize,
-    pad_id: u32,
+    pad: Padding,
 ) -> Vec<(f64, f64)> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch.max(1)) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let (rows, _) = collate_pairs(&refs, pad_id);
+        let (rows, lengths) = collate_pairs(&refs, pad, batch);
         let v = host(completion_logps(model, &rows));
-        let p = chunk.len();
-        out.extend((0..p).map(|i| (v[i], v[p + i])));
+        let p = lengths.len() / 2;
+        out.extend((0..chunk.len()).map(|i| (v[i], v[p + i])));
     }
     out
 }
@@ -343,7 +374,7 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
     ) -> Result<Option<Vec<PairBatch>>> {
         let steps = self
             .cursor
-            .next_micro_batches(self.micro_batch, micro_batches);
+            .next_micro_batches(self.shape.micro_batch, micro_batches);
         Ok(Some(
             steps.iter().map(|c| self.batch(c, false, policy)).collect(),
         ))
@@ -365,31 +396,38 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
             batch.reference.as_deref(),
             &batch.lengths,
         );
-        let (c, r) = (host(t.chosen_rewards), host(t.rejected_rewards));
+        let p = batch.pairs;
+        let real = |x: Tensor<Bk, 1>| host(x)[..p].to_vec();
+        let (c, r) = (real(t.chosen_rewards), real(t.rejected_rewards));
+        let slots = batch.lengths.len() / 2;
+        let losses = match real_pairs(p, slots, &model.device()) {
+            Some(mask) => t.losses * mask,
+            None => t.losses,
+        };
         let wins = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
         let margin: f64 = c.iter().zip(&r).map(|(a, b)| a - b).sum();
         LossOutput {
-            loss_sum: t.losses.sum(),
+            loss_sum: losses.sum(),
             metric_sums: vec![
                 ("rewards/chosen", c.iter().sum()),
                 ("rewards/rejected", r.iter().sum()),
                 ("rewards/accuracies", wins),
                 ("rewards/margins", margin),
-                ("logps/chosen", host(t.chosen_logps).iter().sum()),
-                ("logps/rejected", host(t.rejected_logps).iter().sum()),
+                ("logps/chosen", real(t.chosen_logps).iter().sum()),
+                ("logps/rejected", real(t.rejected_logps).iter().sum()),
             ],
         }
     }
 
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<PairBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.eval_batch);
+        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
         Ok(chunks.iter().map(|c| self.batch(c, true, policy)).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
         Some(
             self.cursor
-                .steps_per_epoch(self.micro_batch * micro_batches),
+                .steps_per_epoch(self.shape.micro_batch * micro_batches),
         )
     }
 

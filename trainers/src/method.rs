@@ -6,6 +6,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
+use datasets::batch::Padding;
 use models::CausalLm;
 
 /// A micro-batch's summed loss and metrics. The loop divides both by the total weight of
@@ -63,7 +64,19 @@ pub struct BatchShape {
     /// Rows (SFT) or pairs (DPO) per training micro-batch.
     pub micro_batch: usize,
     pub eval_batch: usize,
-    pub pad_id: u32,
+    pub pad: Padding,
     /// Seeds the per-epoch shuffle.
     pub seed: u64,
+}
+
+impl BatchShape {
+    /// Batches padded to their longest row only, with the rows they hold (the CPU default).
+    pub fn exact(micro_batch: usize, eval_batch: usize, pad_id: u32, seed: u64) -> Self {
+        Self {
+            micro_batch,
+            eval_batch,
+            pad: Padding::exact(pad_id),
+            seed,
+        }
+    }
 }

@@ -207,6 +207,11 @@ pub struct TrainSection {
     pub per_device_eval_batch_size: usize,
     #[serde(default = "one")]
     pub gradient_accumulation_steps: usize,
+    /// Batch widths (and counts of trained positions) rounded up to a multiple of this, and
+    /// a fixed row count per batch when above 1 (static shapes). Unset: 64 on CUDA, whose
+    /// kernels compile per shape, 1 on the CPU, where padding only adds work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_to_multiple_of: Option<usize>,
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
     #[serde(default = "default_schedule")]
@@ -254,6 +259,14 @@ pub struct TrainSection {
     pub sample_prompts: Vec<String>,
     #[serde(default = "default_sample_tokens")]
     pub sample_max_new_tokens: usize,
+}
+
+impl TrainSection {
+    /// `pad_to_multiple_of`, or the backend's default.
+    pub fn pad_multiple<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> usize {
+        self.pad_to_multiple_of
+            .unwrap_or_else(|| models::backend::default_pad_multiple::<B>(device))
+    }
 }
 
 fn default_seed() -> u64 {
@@ -341,6 +354,9 @@ impl Recipe {
         }
         if t.gradient_accumulation_steps == 0 {
             bail!("[train] gradient_accumulation_steps must be at least 1");
+        }
+        if t.pad_to_multiple_of == Some(0) {
+            bail!("[train] pad_to_multiple_of must be at least 1 (1 pads to the longest row only)");
         }
         if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
             bail!(

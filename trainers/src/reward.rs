@@ -10,12 +10,12 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use datasets::batch::SftBatch;
+use datasets::batch::{Padding, SftBatch};
 use datasets::tokenize::TokenizedPair;
 use models::{CausalLm, ForwardInput};
 
 use crate::data_order::{eval_chunks, EpochCursor};
-use crate::dpo::collate_pairs;
+use crate::dpo::{collate_pairs, real_pairs};
 use crate::method::{BatchShape, LossOutput, Method};
 
 /// The `[reward]` section of a recipe (TRL `RewardConfig` names).
@@ -27,12 +27,14 @@ pub struct RewardSettings {
     pub center_rewards_coefficient: Option<f64>,
 }
 
-/// `pairs` chosen rows then `pairs` rejected rows, each scored at `last[row]`.
+/// `slots` chosen rows then `slots` rejected rows, each scored at `last[row]`; the first
+/// `pairs` of each are real, the rest empty (static shapes).
 pub struct RewardBatch {
     pub rows: SftBatch,
     pub pairs: usize,
+    pub slots: usize,
     pub last: Vec<usize>,
-    /// Per pair; 0 where the data has none.
+    /// Per slot; 0 where the data has none.
     pub margins: Option<Vec<f64>>,
 }
 
@@ -45,19 +47,32 @@ pub fn last_non_pad(ids: &[Vec<u32>], pad_id: u32) -> Vec<usize> {
         .collect()
 }
 
-pub fn reward_batch(pairs: &[&TokenizedPair], pad_id: u32) -> RewardBatch {
-    let (rows, _) = collate_pairs(pairs, pad_id);
-    let last = last_non_pad(&rows.ids, pad_id);
-    let margins = pairs
-        .iter()
-        .any(|p| p.margin.is_some())
-        .then(|| pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect());
+pub fn reward_batch(pairs: &[&TokenizedPair], pad: Padding, capacity: usize) -> RewardBatch {
+    let (rows, lengths) = collate_pairs(pairs, pad, capacity);
+    let slots = lengths.len() / 2;
+    let last = last_non_pad(&rows.ids, pad.id);
+    let margins = pairs.iter().any(|p| p.margin.is_some()).then(|| {
+        let mut m: Vec<f64> = pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect();
+        m.resize(slots, 0.0);
+        m
+    });
     RewardBatch {
         rows,
         pairs: pairs.len(),
+        slots,
         last,
         margins,
     }
+}
+
+/// Rewards of the real rows: `(chosen, rejected)`, one per pair.
+pub fn host_rewards<B: Backend>(
+    rewards: Tensor<B, 1>,
+    batch: &RewardBatch,
+) -> (Vec<f64>, Vec<f64>) {
+    let host: Vec<f64> = rewards.into_data().convert::<f64>().to_vec().expect("f64");
+    let (p, s) = (batch.pairs, batch.slots);
+    (host[..p].to_vec(), host[s..s + p].to_vec())
 }
 
 /// Rewards of every row `[2 * pairs]`.
@@ -115,9 +130,14 @@ impl Reward {
         })
     }
 
-    fn batch(&self, idx: &[usize], from: &[TokenizedPair]) -> RewardBatch {
+    fn batch(&self, idx: &[usize], eval: bool) -> RewardBatch {
+        let (from, capacity) = if eval {
+            (&self.eval, self.shape.eval_batch)
+        } else {
+            (&self.train, self.shape.micro_batch)
+        };
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        reward_batch(&pairs, self.shape.pad_id)
+        reward_batch(&pairs, self.shape.pad, capacity)
     }
 }
 
@@ -132,9 +152,7 @@ impl<B: AutodiffBackend> Method<B> for Reward {
         let steps = self
             .cursor
             .next_micro_batches(self.shape.micro_batch, micro_batches);
-        Ok(Some(
-            steps.iter().map(|c| self.batch(c, &self.train)).collect(),
-        ))
+        Ok(Some(steps.iter().map(|c| self.batch(c, false)).collect()))
     }
 
     fn weight(&self, batch: &RewardBatch) -> f64 {
@@ -147,23 +165,20 @@ impl<B: AutodiffBackend> Method<B> for Reward {
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &RewardBatch) -> LossOutput<Bk> {
         let rewards = batch_rewards(model, batch);
-        let host: Vec<f64> = rewards
-            .clone()
-            .into_data()
-            .convert::<f64>()
-            .to_vec()
-            .expect("f64");
-        let p = batch.pairs;
-        let (c, r) = (&host[..p], &host[p..]);
+        let (c, r) = host_rewards(rewards.clone(), batch);
         let losses = pair_losses(rewards, batch.margins.as_deref(), &self.settings);
+        let losses = match real_pairs(batch.pairs, batch.slots, &model.device()) {
+            Some(mask) => losses * mask,
+            None => losses,
+        };
         LossOutput {
             loss_sum: losses.sum(),
             metric_sums: vec![
                 (
                     "accuracy",
-                    c.iter().zip(r).filter(|(a, b)| a > b).count() as f64,
+                    c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64,
                 ),
-                ("margin", c.iter().zip(r).map(|(a, b)| a - b).sum()),
+                ("margin", c.iter().zip(&r).map(|(a, b)| a - b).sum()),
                 ("rewards/chosen", c.iter().sum()),
                 ("rewards/rejected", r.iter().sum()),
             ],
@@ -172,7 +187,7 @@ impl<B: AutodiffBackend> Method<B> for Reward {
 
     fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<RewardBatch>> {
         let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
-        Ok(chunks.iter().map(|c| self.batch(c, &self.eval)).collect())
+        Ok(chunks.iter().map(|c| self.batch(c, true)).collect())
     }
 
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {

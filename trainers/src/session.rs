@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use checkpoints::TrainerState;
+use datasets::batch::Padding;
 use datasets::cache::Dataset;
 use datasets::prepare::{prepare, Prepared};
 use models::checkpoint::{load_config, load_model, load_model_quantized, load_tokenizer};
@@ -433,8 +434,10 @@ pub fn train_on<B: AutodiffBackend>(
     let cfg0 = load_config(&recipe.model.path)?;
     let tok = load_tokenizer(&recipe.model.path, &cfg0)?;
     let prepared = prepare_data(recipe, &tok, opts.verbose)?;
-    let pad = tok.pad_id.or(cfg0.pad_token_id).or(tok.eos_id).unwrap_or(0);
-    let t = &recipe.train;
+    let pad = Padding {
+        id: tok.pad_id.or(cfg0.pad_token_id).or(tok.eos_id).unwrap_or(0),
+        multiple_of: recipe.train.pad_multiple::<B>(device),
+    };
     let resume = match &resume_dir {
         Some(dir) => Some(Resume {
             dir: dir.clone(),
@@ -464,10 +467,7 @@ pub fn train_on<B: AutodiffBackend>(
             let method = Sft::new(
                 sft_rows(prepared.train, "train")?,
                 sft_rows(prepared.eval, "eval")?,
-                t.per_device_train_batch_size,
-                t.per_device_eval_batch_size,
-                pad,
-                recipe.seed,
+                batch_shape(recipe, pad),
             )?;
             drive(ctx, model, method)
         }
@@ -525,7 +525,10 @@ pub fn train_on<B: AutodiffBackend>(
         }
         MethodName::Reward => {
             // Rewards are read at the last token that is not the config's pad id.
-            let pad = ctx.model_cfg.pad_token_id.unwrap_or(pad);
+            let pad = Padding {
+                id: ctx.model_cfg.pad_token_id.unwrap_or(pad.id),
+                ..pad
+            };
             let method = Reward::new(
                 pair_rows(prepared.train, "train")?,
                 pair_rows(prepared.eval, "eval")?,
@@ -537,11 +540,11 @@ pub fn train_on<B: AutodiffBackend>(
     }
 }
 
-fn batch_shape(recipe: &Recipe, pad_id: u32) -> BatchShape {
+fn batch_shape(recipe: &Recipe, pad: Padding) -> BatchShape {
     BatchShape {
         micro_batch: recipe.train.per_device_train_batch_size,
         eval_batch: recipe.train.per_device_eval_batch_size,
-        pad_id,
+        pad,
         seed: recipe.seed,
     }
 }
@@ -567,7 +570,7 @@ fn dpo_reference<B: AutodiffBackend>(
     train: &[datasets::tokenize::TokenizedPair],
     eval: &[datasets::tokenize::TokenizedPair],
     cache_dir: &Path,
-    pad: u32,
+    pad: Padding,
     device: &B::Device,
 ) -> Result<Reference<B>> {
     if !settings.needs_reference() {

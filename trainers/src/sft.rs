@@ -11,42 +11,36 @@ use datasets::pack::PackedRow;
 use models::{CausalLm, ForwardInput};
 
 use crate::data_order::{eval_chunks, EpochCursor};
-use crate::method::{LossOutput, Method};
+use crate::method::{BatchShape, LossOutput, Method};
 
 pub struct Sft {
     train: Vec<PackedRow>,
     eval: Vec<PackedRow>,
-    micro_batch: usize,
-    eval_batch: usize,
-    pad_id: u32,
+    shape: BatchShape,
     cursor: EpochCursor,
 }
 
 impl Sft {
-    pub fn new(
-        train: Vec<PackedRow>,
-        eval: Vec<PackedRow>,
-        micro_batch: usize,
-        eval_batch: usize,
-        pad_id: u32,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(train: Vec<PackedRow>, eval: Vec<PackedRow>, shape: BatchShape) -> Result<Self> {
         if train.is_empty() {
             bail!("the training split is empty: nothing to train on");
         }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), seed),
+            cursor: EpochCursor::new(train.len(), shape.seed),
             train,
             eval,
-            micro_batch,
-            eval_batch,
-            pad_id,
+            shape,
         })
     }
 
-    fn collate(&self, rows: &[usize], from: &[PackedRow]) -> SftBatch {
+    fn collate(&self, rows: &[usize], eval: bool) -> SftBatch {
+        let (from, capacity) = if eval {
+            (&self.eval, self.shape.eval_batch)
+        } else {
+            (&self.train, self.shape.micro_batch)
+        };
         let rows: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
-        collate_sft(&rows, self.pad_id)
+        collate_sft(&rows, self.shape.pad, capacity)
     }
 }
 
@@ -56,21 +50,35 @@ pub struct TrainedLogits<B: Backend> {
     pub logits: Tensor<B, 2>,
     /// `[n]`: the next token at each position.
     pub targets: Tensor<B, 1, Int>,
-    /// The batch row of each position.
+    /// The batch row of each real position.
     pub rows: Vec<usize>,
+    /// `[n]`: 1 at real positions, 0 at bucket padding; None when there is none.
+    pub mask: Option<Tensor<B, 1>>,
 }
 
 /// Final hidden states at the trained positions of a collated batch, in row-major order.
+/// With a bucketed batch (`multiple_of > 1`) the count is rounded up so the loss sees few
+/// shapes: the extra entries repeat position 0 and are zeroed by `mask`.
 pub struct TrainedHidden<B: Backend> {
     /// `[n, hidden]`.
     pub hidden: Tensor<B, 2>,
     /// `[n]`: the next token at each position.
     pub targets: Tensor<B, 1, Int>,
-    /// The batch row of each position.
+    /// The batch row of each real position (the first `rows.len()` entries).
     pub rows: Vec<usize>,
+    /// `[n]`: 1 at real positions, 0 at bucket padding; None when there is none.
+    pub mask: Option<Tensor<B, 1>>,
 }
 
-/// Hidden states at the n trained positions of a collated batch (None when there are none).
+/// `x * mask`, so padding entries contribute nothing (and pass no gradient).
+pub fn keep_real<B: Backend>(x: Tensor<B, 1>, mask: &Option<Tensor<B, 1>>) -> Tensor<B, 1> {
+    match mask {
+        Some(m) => x * m.clone(),
+        None => x,
+    }
+}
+
+/// Hidden states at the trained positions of a collated batch (None when there are none).
 pub fn trained_hidden<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
@@ -89,10 +97,17 @@ pub fn trained_hidden<B: Backend>(
             }
         }
     }
-    let n = flat.len();
-    if n == 0 {
+    let real = flat.len();
+    if real == 0 {
         return None;
     }
+    let n = batch.num_trained_padded();
+    flat.resize(n, 0);
+    targets.resize(n, 0);
+    let mask = (n > real).then(|| {
+        let m: Vec<f32> = (0..n).map(|i| if i < real { 1.0 } else { 0.0 }).collect();
+        Tensor::<B, 1>::from_data(TensorData::new(m, [n]), &device)
+    });
     let input = ForwardInput::from_host(&batch.ids, &batch.positions, &batch.layout, &device);
     let hidden = model.hidden_states(input, None);
     let d = hidden.dims()[2];
@@ -103,10 +118,11 @@ pub fn trained_hidden<B: Backend>(
         hidden,
         targets,
         rows,
+        mask,
     })
 }
 
-/// Logits at the n trained positions of a collated batch. Only those positions go through
+/// Logits at the trained positions of a collated batch. Only those positions go through
 /// the LM head: with a chat mask and padding they are often under half of the batch, and
 /// the `[positions, vocab]` logits dominate the cost of a small model.
 pub fn trained_logits<B: Backend>(
@@ -114,8 +130,7 @@ pub fn trained_logits<B: Backend>(
     batch: &SftBatch,
 ) -> Option<TrainedLogits<B>> {
     let h = trained_hidden(model, batch)?;
-    let n = h.rows.len();
-    let d = h.hidden.dims()[1];
+    let [n, d] = h.hidden.dims();
     let logits = model
         .logits(h.hidden.reshape([1, n, d]))
         .reshape([n, model.vocab_size()]);
@@ -123,21 +138,22 @@ pub fn trained_logits<B: Backend>(
         logits,
         targets: h.targets,
         rows: h.rows,
+        mask: h.mask,
     })
 }
 
-/// `log p(target)` at every trained position of a collated batch, in row-major order, and
-/// the batch row of each.
+/// `log p(target)` at every trained position of a collated batch, in row-major order
+/// (0 at bucket padding), and the batch row of each real position.
 pub fn trained_token_logps<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
 ) -> Option<(Tensor<B, 1>, Vec<usize>)> {
     let t = trained_logits(model, batch)?;
-    let n = t.rows.len();
+    let n = t.targets.dims()[0];
     let logps = log_softmax(t.logits, 1)
         .gather(1, t.targets.reshape([n, 1]))
         .reshape([n]);
-    Some((logps, t.rows))
+    Some((keep_real(logps, &t.mask), t.rows))
 }
 
 /// `-sum(log p(target))` over the trained positions of a collated batch.
@@ -158,10 +174,8 @@ impl<B: AutodiffBackend> Method<B> for Sft {
     ) -> Result<Option<Vec<SftBatch>>> {
         let steps = self
             .cursor
-            .next_micro_batches(self.micro_batch, micro_batches);
-        Ok(Some(
-            steps.iter().map(|c| self.collate(c, &self.train)).collect(),
-        ))
+            .next_micro_batches(self.shape.micro_batch, micro_batches);
+        Ok(Some(steps.iter().map(|c| self.collate(c, false)).collect()))
     }
 
     fn weight(&self, batch: &SftBatch) -> f64 {
@@ -180,8 +194,8 @@ impl<B: AutodiffBackend> Method<B> for Sft {
     }
 
     fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<SftBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.eval_batch);
-        Ok(chunks.iter().map(|c| self.collate(c, &self.eval)).collect())
+        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
+        Ok(chunks.iter().map(|c| self.collate(c, true)).collect())
     }
 
     fn loss_is_token_nll(&self) -> bool {
@@ -191,7 +205,7 @@ impl<B: AutodiffBackend> Method<B> for Sft {
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
         Some(
             self.cursor
-                .steps_per_epoch(self.micro_batch * micro_batches),
+                .steps_per_epoch(self.shape.micro_batch * micro_batches),
         )
     }
 

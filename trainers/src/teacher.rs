@@ -157,7 +157,7 @@ pub fn prepare_teacher<B: AutodiffBackend>(
     train_rows: &[PackedRow],
     eval_rows: &[PackedRow],
     cache_dir: &Path,
-    pad: u32,
+    pad: datasets::batch::Padding,
     opts: &TrainOptions<'_>,
     device: &B::Device,
 ) -> Result<TeacherSource<B::InnerBackend>> {

@@ -4,7 +4,7 @@
 use serde_json::Value;
 use std::path::PathBuf;
 
-use datasets::batch::collate_sft;
+use datasets::batch::{collate_sft, Padding};
 use datasets::pack::PackedRow;
 use models::backend::Cpu;
 use models::checkpoint::load_model;
@@ -52,7 +52,7 @@ fn packed(rows: &[PackedRow]) -> PackedRow {
 }
 
 fn mean_loss(model: &CausalLm<Cpu>, rows: &[PackedRow]) -> f64 {
-    let batch = collate_sft(rows, 0);
+    let batch = collate_sft(rows, Padding::exact(0), rows.len());
     let sum: f32 = sft_loss_sum(model, &batch).into_scalar();
     sum as f64 / batch.num_trained() as f64
 }
@@ -100,7 +100,7 @@ fn dpo_losses_and_rewards_match_trl() {
         })
         .collect();
     let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
-    let (rows, lengths) = collate_pairs(&refs, 0);
+    let (rows, lengths) = collate_pairs(&refs, Padding::exact(0), refs.len());
     let (_, base) =
         load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
     let (mut policy, _) =
@@ -177,7 +177,7 @@ fn reward_model_matches_transformers_sequence_classification_and_trl_loss() {
         load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
     let rm = base.with_reward_head(0.5, 5);
     let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
-    let batch = reward_batch(&refs, 0);
+    let batch = reward_batch(&refs, Padding::exact(0), refs.len());
     let rewards = batch_rewards(&rm, &batch);
     let got: Vec<f64> = rewards
         .clone()
@@ -262,6 +262,7 @@ fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
         let (loss, div, ce) = kd_loss_sum(
             student_logits.clone(),
             targets.clone(),
+            &None,
             &targets_of_teacher,
             &p,
         );
@@ -389,6 +390,7 @@ mod rl {
                 Some(flat(&reference)),
                 flat(&adv_tokens),
                 w,
+                n,
                 &s,
             );
             let what = format!("{case}");
@@ -454,6 +456,7 @@ mod rl {
             flat(&rows(&p["vpred"])),
             flat(&values),
             flat(&t.returns),
+            logps.len(),
             &s,
         );
         let (pg, vf) = (scalar(l.policy), scalar(l.value));

@@ -19,7 +19,7 @@ use models::presets::{write_new_model, NewModelSpec};
 use models::weights::{DiskDtype, SafetensorsReader};
 use models::{CausalLm, ForwardInput};
 use serde_json::Value;
-use trainers::method::Method;
+use trainers::method::{BatchShape, Method};
 use trainers::metrics::read_metrics;
 use trainers::sft::Sft;
 use trainers::train_loop::accumulate_gradients;
@@ -304,7 +304,7 @@ fn accumulation_is_invariant_to_micro_batching() {
     };
     let pad = tok.pad_id.unwrap_or(0);
     let step = |micro: usize, accumulation: usize| {
-        let mut m = Sft::new(rows.clone(), vec![], micro, 8, pad, 3).unwrap();
+        let mut m = Sft::new(rows.clone(), vec![], BatchShape::exact(micro, 8, pad, 3)).unwrap();
         let batches = Method::<CpuTrain>::next_step(&mut m, &model, accumulation)
             .unwrap()
             .unwrap();
@@ -327,7 +327,7 @@ fn accumulation_is_invariant_to_micro_batching() {
     );
 
     // The classic bug this guards against: the mean of per-micro-batch means.
-    let mut m = Sft::new(rows.clone(), vec![], 2, 8, pad, 3).unwrap();
+    let mut m = Sft::new(rows.clone(), vec![], BatchShape::exact(2, 8, pad, 3)).unwrap();
     let batches = Method::<CpuTrain>::next_step(&mut m, &model, 4)
         .unwrap()
         .unwrap();
@@ -717,7 +717,7 @@ fn held_out_accuracy(r: &Recipe, model_dir: &Path) -> f64 {
     let Dataset::Sft(rows) = prepare(&r.data, &tok).unwrap().eval else {
         panic!("sft rows")
     };
-    let batch = datasets::batch::collate_sft(&rows, 0);
+    let batch = datasets::batch::collate_sft(&rows, datasets::batch::Padding::exact(0), rows.len());
     let t = trainers::sft::trained_logits(&model, &batch).unwrap();
     let hits = t
         .logits

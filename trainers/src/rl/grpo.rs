@@ -15,7 +15,7 @@ use super::math::{
     clip_fraction, clipped_policy_loss, combine_rewards, group_advantages, k3, nanstd, ScaleRewards,
 };
 use super::rollout::{
-    completion_batch, flat_tensor, host_f32, rollout_tokens, token_outputs, Completion,
+    completion_batch, flat_tensor, host_f32, padded, rollout_tokens, token_outputs, Completion,
     RolloutEngine, SamplingSettings,
 };
 use super::stats::{rollout_stats, HeldOut, RolloutCursor};
@@ -289,6 +289,7 @@ pub fn grpo_loss_sum<B: Backend>(
     ref_logps: Option<Tensor<B, 1>>,
     advantages: Tensor<B, 1>,
     token_weights: Tensor<B, 1>,
+    real_tokens: usize,
     s: &GrpoSettings,
 ) -> (Tensor<B, 1>, Option<f64>, Tensor<B, 1>) {
     let (mut loss, ratio) = clipped_policy_loss(
@@ -302,7 +303,9 @@ pub fn grpo_loss_sum<B: Backend>(
     if s.beta > 0.0 {
         let reference = ref_logps.expect("reference log-probs are taken when beta > 0");
         let kl = k3(logps, reference);
-        kl_mean = Some(kl.clone().detach().mean().into_scalar().elem::<f64>());
+        // Bucket padding has log-prob and reference 0: its KL term is 0.
+        let kl_sum = kl.clone().detach().sum().into_scalar().elem::<f64>();
+        kl_mean = Some(kl_sum / real_tokens.max(1) as f64);
         loss = loss + kl.mul_scalar(s.beta);
     }
     ((loss * token_weights).sum(), kl_mean, ratio)
@@ -357,10 +360,11 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
         let device = model.device();
         let s = &self.settings;
         let rows: Vec<&Completion> = b.completions.iter().collect();
-        let sft = completion_batch(&rows, self.engine.pad_id);
+        let sft = completion_batch(&rows, self.engine.pad, self.micro_batch);
         let out = token_outputs(model, &sft, s.sampling().logit_scale(), false, true)
             .expect("completions have at least one token");
         let n = b.token_weights.len();
+        let slots = out.logps.dims()[0];
         let adv: Vec<f32> = b
             .completions
             .iter()
@@ -382,14 +386,15 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
                         .expect("reference log-probs are taken when beta > 0")
                 })
                 .collect();
-            flat_tensor(r, &device)
+            flat_tensor(padded(r, slots), &device)
         });
         let (loss_sum, kl_mean, ratio) = grpo_loss_sum(
             out.logps,
-            flat_tensor(old, &device),
+            flat_tensor(padded(old, slots), &device),
             reference,
-            flat_tensor(adv.clone(), &device),
-            flat_tensor(b.token_weights.clone(), &device),
+            flat_tensor(padded(adv.clone(), slots), &device),
+            flat_tensor(padded(b.token_weights.clone(), slots), &device),
+            n,
             s,
         );
         let ratio = host_f32(ratio.detach());

@@ -20,7 +20,7 @@ use super::math::{
     ppo_token_rewards, whiten, KlEstimator,
 };
 use super::rollout::{
-    completion_batch, flat_tensor, host_f32, host_outputs, metric_name, rollout_tokens,
+    completion_batch, flat_tensor, host_f32, host_outputs, metric_name, padded, rollout_tokens,
     token_outputs, Completion, RolloutEngine, SamplingSettings,
 };
 use super::stats::{rollout_stats, HeldOut, RolloutCursor};
@@ -226,9 +226,11 @@ pub fn ppo_loss<B: Backend>(
     values: Tensor<B, 1>,
     old_values: Tensor<B, 1>,
     returns: Tensor<B, 1>,
+    real_tokens: usize,
     s: &PpoSettings,
 ) -> PpoLoss<B> {
-    let n = logps.dims()[0] as f64;
+    // Bucket padding entries are all 0 and add nothing to either sum.
+    let n = real_tokens.max(1) as f64;
     let (pg, ratio) = clipped_policy_loss(logps, old_logps, advantages, s.cliprange, s.cliprange);
     let (vf, value_clipped) = clipped_value_loss(values, old_values, returns, s.cliprange_value);
     PpoLoss {
@@ -279,7 +281,7 @@ impl<B: AutodiffBackend> Ppo<B> {
             &policy.valid(),
             &rollout.completions,
             s.sampling().logit_scale(),
-            self.engine.pad_id,
+            self.engine.pad,
             true,
         );
         for (c, lp) in rollout.completions.iter_mut().zip(logps) {
@@ -392,9 +394,11 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
         let s = &self.settings;
         let device = model.device();
         let rows: Vec<&Completion> = b.completions.iter().collect();
-        let sft = completion_batch(&rows, self.engine.pad_id);
+        let sft = completion_batch(&rows, self.engine.pad, self.micro_batch);
         let out = token_outputs(model, &sft, s.sampling().logit_scale(), true, true)
             .expect("completions have at least one token");
+        let slots = out.logps.dims()[0];
+        let pad = |v: &Vec<f32>| flat_tensor(padded(v.clone(), slots), &device);
         let n = b.advantages.len() as f64;
         let old: Vec<f32> = b
             .completions
@@ -404,11 +408,12 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
         let values = out.values.expect("PPO's policy has a value head");
         let l = ppo_loss(
             out.logps.clone(),
-            flat_tensor(old.clone(), &device),
-            flat_tensor(b.advantages.clone(), &device),
+            pad(&old),
+            pad(&b.advantages),
             values,
-            flat_tensor(b.old_values.clone(), &device),
-            flat_tensor(b.returns.clone(), &device),
+            pad(&b.old_values),
+            pad(&b.returns),
+            out.real,
             s,
         );
         let (pg_loss, vf_loss, ratio, value_clipped) =

@@ -10,7 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
-use datasets::batch::{collate_sft, SftBatch};
+use datasets::batch::{collate_sft, Padding, SftBatch};
 use datasets::pack::PackedRow;
 use datasets::tokenize::TokenizedPrompt;
 use models::generate::{generate_groups, FinishReason, SamplingParams};
@@ -18,7 +18,7 @@ use models::{CausalLm, TextTokenizer};
 
 use super::rewards::{RewardFn, Scored};
 use super::stats::HeldOut;
-use crate::sft::trained_hidden;
+use crate::sft::{keep_real, trained_hidden};
 
 /// How completions are sampled (TRL's generation settings of GRPO/PPO).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,7 +89,7 @@ pub struct RolloutEngine<B: AutodiffBackend> {
     pub sampling: SamplingSettings,
     pub tokenizer: TextTokenizer,
     pub stop_ids: Vec<u32>,
-    pub pad_id: u32,
+    pub pad: Padding,
     pub rewards: Vec<RewardFn<B::InnerBackend>>,
     pub reference: RefPolicy<B>,
 }
@@ -122,7 +122,7 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             top_p: s.top_p as f32,
             seed,
             stop_ids: self.stop_ids.clone(),
-            pad_id: self.pad_id,
+            pad_id: self.pad.id,
         };
         let started = Instant::now();
         let generations = generate_groups(&inner.for_sampling(), &unique, copies, &params, None)?;
@@ -146,14 +146,9 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             RefPolicy::BaseOfAdapters => {
                 let mut base = inner.clone();
                 base.set_adapters_enabled(false);
-                Some(host_logps(
-                    &base,
-                    &completions,
-                    s.logit_scale(),
-                    self.pad_id,
-                ))
+                Some(host_logps(&base, &completions, s.logit_scale(), self.pad))
             }
-            RefPolicy::Frozen(m) => Some(host_logps(m, &completions, s.logit_scale(), self.pad_id)),
+            RefPolicy::Frozen(m) => Some(host_logps(m, &completions, s.logit_scale(), self.pad)),
         };
         if let Some(r) = reference {
             for (c, lp) in completions.iter_mut().zip(r) {
@@ -231,8 +226,9 @@ pub fn rollout_tokens(completions: &[Completion]) -> usize {
         .sum()
 }
 
-/// `[prompt | completion]` rows whose completion tokens are the trained targets.
-pub fn completion_batch(rows: &[&Completion], pad_id: u32) -> SftBatch {
+/// `[prompt | completion]` rows whose completion tokens are the trained targets, in a batch
+/// of `capacity` rows when shapes are static.
+pub fn completion_batch(rows: &[&Completion], pad: Padding, capacity: usize) -> SftBatch {
     let packed: Vec<PackedRow> = rows
         .iter()
         .map(|c| {
@@ -245,15 +241,25 @@ pub fn completion_batch(rows: &[&Completion], pad_id: u32) -> SftBatch {
             }
         })
         .collect();
-    collate_sft(&packed, pad_id)
+    collate_sft(&packed, pad, capacity)
 }
 
-/// The policy's view of every completion token of a batch, flattened row by row.
+/// `values` (one per real completion token) followed by zeros up to the `n` entries of a
+/// bucketed batch's outputs.
+pub fn padded(mut values: Vec<f32>, n: usize) -> Vec<f32> {
+    values.resize(n.max(values.len()), 0.0);
+    values
+}
+
+/// The policy's view of every completion token of a batch, flattened row by row. With a
+/// bucketed batch, `n` is the token count rounded up and the extra entries are 0.
 pub struct TokenOutputs<B: Backend> {
     /// `[n]` log-probs of the completion tokens (logits divided by the sampling temperature).
     pub logps: Tensor<B, 1>,
     /// `[n]` value-head outputs at the same positions (PPO).
     pub values: Option<Tensor<B, 1>>,
+    /// Real completion tokens: the first `real` entries.
+    pub real: usize,
     /// Summed entropy of the token distributions (a metric; no gradient).
     pub entropy_sum: f64,
 }
@@ -267,9 +273,8 @@ pub fn token_outputs<B: Backend>(
     with_entropy: bool,
 ) -> Option<TokenOutputs<B>> {
     let h = trained_hidden(model, batch)?;
-    let n = h.rows.len();
-    let d = h.hidden.dims()[1];
-    let values = with_values.then(|| model.values(h.hidden.clone()));
+    let [n, d] = h.hidden.dims();
+    let values = with_values.then(|| keep_real(model.values(h.hidden.clone()), &h.mask));
     let logits = model
         .logits(h.hidden.reshape([1, n, d]))
         .reshape([n, model.vocab_size()])
@@ -277,7 +282,8 @@ pub fn token_outputs<B: Backend>(
     let logp_all = log_softmax(logits, 1);
     let entropy_sum = if with_entropy {
         let lp = logp_all.clone().detach();
-        (softmax(lp.clone(), 1) * lp)
+        let per_token = (softmax(lp.clone(), 1) * lp).sum_dim(1).reshape([n]);
+        keep_real(per_token, &h.mask)
             .sum()
             .neg()
             .into_scalar()
@@ -287,8 +293,9 @@ pub fn token_outputs<B: Backend>(
     };
     let logps = logp_all.gather(1, h.targets.reshape([n, 1])).reshape([n]);
     Some(TokenOutputs {
-        logps,
+        logps: keep_real(logps, &h.mask),
         values,
+        real: h.rows.len(),
         entropy_sum,
     })
 }
@@ -298,9 +305,9 @@ pub fn host_logps<B: Backend>(
     model: &CausalLm<B>,
     completions: &[Completion],
     logit_scale: f64,
-    pad_id: u32,
+    pad: Padding,
 ) -> Vec<Vec<f32>> {
-    host_outputs(model, completions, logit_scale, pad_id, false).0
+    host_outputs(model, completions, logit_scale, pad, false).0
 }
 
 /// Per-token log-probs and (with `with_values`) value-head outputs of each completion
@@ -309,14 +316,15 @@ pub fn host_outputs<B: Backend>(
     model: &CausalLm<B>,
     completions: &[Completion],
     logit_scale: f64,
-    pad_id: u32,
+    pad: Padding,
     with_values: bool,
 ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    const ROWS: usize = 16;
     let mut logps = Vec::with_capacity(completions.len());
     let mut values = Vec::new();
-    for chunk in completions.chunks(16) {
+    for chunk in completions.chunks(ROWS) {
         let rows: Vec<&Completion> = chunk.iter().collect();
-        let batch = completion_batch(&rows, pad_id);
+        let batch = completion_batch(&rows, pad, ROWS);
         let (lp, v) = match token_outputs(model, &batch, logit_scale, with_values, false) {
             Some(t) => (host_f32(t.logps), t.values.map(host_f32)),
             None => (vec![], None),

@@ -36,7 +36,7 @@ pub struct OnlineSetup<'a> {
     pub opts: &'a TrainOptions<'a>,
     pub tok: &'a TextTokenizer,
     pub cfg: &'a ModelConfig,
-    pub pad: u32,
+    pub pad: datasets::batch::Padding,
 }
 
 impl OnlineSetup<'_> {
@@ -95,7 +95,7 @@ impl OnlineSetup<'_> {
             // The run keeps its own; the engine decodes completions with a second copy.
             tokenizer: load_tokenizer(policy_dir, self.cfg)?,
             stop_ids,
-            pad_id: self.pad,
+            pad: self.pad,
             rewards,
             reference,
         })
