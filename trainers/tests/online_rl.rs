@@ -220,6 +220,37 @@ fn grpo_raises_a_verifiable_format_reward() {
     assert!(report.final_dir.unwrap().join("model.safetensors").exists());
 }
 
+/// Distinct attention, projection and LM-head shapes of a GRPO run of `steps` steps.
+fn grpo_shapes(dir: &Path, steps: usize, pad_to: usize) -> [usize; 3] {
+    use models::shape_audit::{count, Recording};
+    let steps = format!("train.max_steps={steps}");
+    let pad_to = format!("train.pad_to_multiple_of={pad_to}");
+    let overrides = [
+        steps.as_str(),
+        pad_to.as_str(),
+        "grpo.beta=0.04",
+        "train.overwrite_output_dir=true",
+    ];
+    let r = recipe(dir, "grpo", &fixture().prompts, FORMAT, &overrides);
+    let recording = Recording::start();
+    run(&r, None, None);
+    let out = ["attention", "projection", "lm_head"].map(count);
+    drop(recording);
+    out
+}
+
+#[test]
+fn grpo_steps_see_a_bounded_set_of_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let two = grpo_shapes(tmp.path(), 2, 64);
+    let five = grpo_shapes(tmp.path(), 5, 64);
+    assert_eq!(two, five, "steps 3 to 5 add no shape");
+    // Sampling (a prefill and a decoding step, a held-out greedy pass), the policy's
+    // training pass and the reference's scoring pass: a handful each, whatever the lengths.
+    assert!(five[0] <= 6, "attention shapes {five:?}");
+    assert!(five[2] <= 6, "LM head shapes {five:?}");
+}
+
 #[test]
 fn grpo_with_qlora_takes_the_kl_to_the_base_and_resumes_exactly_mid_iterations() {
     let tmp = tempfile::tempdir().unwrap();

@@ -7,17 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
-use burn::prelude::*;
-use common::{root, tiny_model};
+use common::{grad_diff, root, tiny_model};
 use datasets::cache::Dataset;
 use datasets::prepare::prepare;
 use models::backend::{Cpu, CpuTrain};
 use models::checkpoint::{load_model, load_model_quantized};
 use models::presets::{write_new_model, NewModelSpec};
 use models::weights::{DiskDtype, SafetensorsReader};
-use models::{CausalLm, ForwardInput};
+use models::ForwardInput;
 use serde_json::Value;
 use trainers::method::{BatchShape, Method};
 use trainers::metrics::read_metrics;
@@ -262,36 +259,6 @@ fn qlora_learns_tracks_lora_and_merges_into_the_dequantised_base() {
 }
 
 /// Largest |a - b| over the gradients of every parameter, and the largest |a|.
-fn grad_diff(model: &CausalLm<CpuTrain>, a: &GradientsParams, b: &GradientsParams) -> (f32, f32) {
-    struct Diff<'a> {
-        a: &'a GradientsParams,
-        b: &'a GradientsParams,
-        diff: f32,
-        max: f32,
-        count: usize,
-    }
-    impl ModuleVisitor<CpuTrain> for Diff<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuTrain, D>>) {
-            let (Some(x), Some(y)) = (self.a.get::<Cpu, D>(p.id), self.b.get::<Cpu, D>(p.id))
-            else {
-                panic!("a trainable parameter has no gradient");
-            };
-            self.count += 1;
-            self.diff = self.diff.max((x.clone() - y).abs().max().into_scalar());
-            self.max = self.max.max(x.abs().max().into_scalar());
-        }
-    }
-    let mut v = Diff {
-        a,
-        b,
-        diff: 0.0,
-        max: 0.0,
-        count: 0,
-    };
-    model.visit(&mut v);
-    assert!(v.count > 10);
-    (v.diff, v.max)
-}
 
 #[test]
 fn accumulation_is_invariant_to_micro_batching() {

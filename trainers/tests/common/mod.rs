@@ -4,7 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use models::backend::{Cpu, CpuTrain};
 use models::presets::{write_new_model, NewModelSpec};
+use models::CausalLm;
 use models::weights::DiskDtype;
 
 pub fn root() -> PathBuf {
@@ -30,4 +35,37 @@ pub fn tiny_model() -> &'static Path {
         (tmp, out)
     })
     .1
+}
+
+/// The largest difference between two gradients of `model`'s trainable parameters, and the
+/// largest gradient entry of `a`.
+pub fn grad_diff(model: &CausalLm<CpuTrain>, a: &GradientsParams, b: &GradientsParams) -> (f32, f32) {
+    struct Diff<'a> {
+        a: &'a GradientsParams,
+        b: &'a GradientsParams,
+        diff: f32,
+        max: f32,
+        count: usize,
+    }
+    impl ModuleVisitor<CpuTrain> for Diff<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuTrain, D>>) {
+            let (Some(x), Some(y)) = (self.a.get::<Cpu, D>(p.id), self.b.get::<Cpu, D>(p.id))
+            else {
+                panic!("a trainable parameter has no gradient");
+            };
+            self.count += 1;
+            self.diff = self.diff.max((x.clone() - y).abs().max().into_scalar());
+            self.max = self.max.max(x.abs().max().into_scalar());
+        }
+    }
+    let mut v = Diff {
+        a,
+        b,
+        diff: 0.0,
+        max: 0.0,
+        count: 0,
+    };
+    model.visit(&mut v);
+    assert!(v.count > 10);
+    (v.diff, v.max)
 }
