@@ -15,7 +15,10 @@ pub fn dispatch<C: OnDevice>(spec: &str, cmd: C) -> Result<C::Output> {
     match spec.ensure_available()? {
         DeviceSpec::Cpu => cmd.run::<models::backend::Cpu>(Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => cmd.run::<models::backend::Gpu>(models::backend::cuda_device(i)),
+        DeviceSpec::Cuda(i) => {
+            models::kernel_cache::configure(None)?;
+            cmd.run::<models::backend::Gpu>(models::backend::cuda_device(i))
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => unreachable!("ensure_available refuses CUDA without the feature"),
     }
@@ -56,15 +59,19 @@ pub fn dispatch_train<C: OnTrainDevice>(specs: &[DeviceSpec], cmd: C) -> Result<
             cmd.run::<models::backend::CpuTrain>(vec![Default::default(); specs.len()])
         }
         #[cfg(feature = "cuda")]
-        Some(DeviceSpec::Cuda(_)) => cmd.run::<models::backend::GpuTrain>(
-            specs
-                .iter()
-                .map(|d| match d {
-                    DeviceSpec::Cuda(i) => models::backend::cuda_device(*i),
-                    DeviceSpec::Cpu => unreachable!("checked by parse_devices"),
-                })
-                .collect(),
-        ),
+        Some(DeviceSpec::Cuda(_)) => {
+            // Train commands configure it first with the recipe's autotune level.
+            models::kernel_cache::configure(None)?;
+            cmd.run::<models::backend::GpuTrain>(
+                specs
+                    .iter()
+                    .map(|d| match d {
+                        DeviceSpec::Cuda(i) => models::backend::cuda_device(*i),
+                        DeviceSpec::Cpu => unreachable!("checked by parse_devices"),
+                    })
+                    .collect(),
+            )
+        }
         #[cfg(not(feature = "cuda"))]
         Some(DeviceSpec::Cuda(_)) => {
             unreachable!("ensure_available refuses CUDA without the feature")

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use models::backend::DeviceSpec;
 use trainers::parallel::{train_data_parallel, Fault, ParallelOptions, Timeouts, Topology};
 use trainers::train_loop::Outcome;
 use trainers::{dry_run, train, Recipe, TrainOptions};
@@ -131,6 +132,9 @@ pub fn run(a: Args) -> Result<()> {
         },
     };
     let devices = parse_devices(&a.device, topology.as_ref().map(|t| t.local_rank))?;
+    if devices.iter().any(|d| *d != DeviceSpec::Cpu) {
+        models::kernel_cache::configure(recipe.train.autotune_level)?;
+    }
     let outcome = dispatch_train(
         &devices,
         Run {

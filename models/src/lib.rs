@@ -6,6 +6,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod kernel_cache;
 pub mod layers;
 pub mod llama;
 pub mod lora;

@@ -212,6 +212,10 @@ pub struct TrainSection {
     /// kernels compile per shape, 1 on the CPU, where padding only adds work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_to_multiple_of: Option<usize>,
+    /// CUDA: cubecl's autotune effort per new kernel shape (minimal, balanced, extensive,
+    /// full); `BURNISH_AUTOTUNE_LEVEL` overrides it. Unset: cubecl's default (balanced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autotune_level: Option<models::kernel_cache::AutotuneLevel>,
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
     #[serde(default = "default_schedule")]

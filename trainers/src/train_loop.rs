@@ -354,6 +354,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
     }
     let pb = progress_bar(cfg, step);
     let total = cfg.total_steps as u64;
+    let first_step = step + 1;
     while step < total {
         let stopping = match &dp {
             Some(d) => d.stop_agreed(),
@@ -457,6 +458,20 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         rec.insert("time/forward_s".into(), json!(forward_s));
         rec.insert("time/backward_s".into(), json!(backward_s));
         rec.insert("time/optimizer_s".into(), json!(optimizer_s));
+        if let Some(n) = models::kernel_cache::kernels_compiled() {
+            rec.insert("kernels_compiled".into(), json!(n));
+            if step == first_step && main {
+                let line = format!(
+                    "first step: {secs:.1} s after {:.1} s of evaluation; {n} kernels compiled so far (cache {})",
+                    started.elapsed().as_secs_f64() - secs,
+                    models::kernel_cache::cubecl_dir().display()
+                );
+                match pb.is_hidden() {
+                    true => eprintln!("{line}"),
+                    false => pb.println(line),
+                }
+            }
+        }
         let last = step == total;
         if (cfg.eval_steps > 0 && step % cfg.eval_steps as u64 == 0) || last {
             if let Some((l, m)) = evaluate(&model, method)? {

@@ -140,17 +140,28 @@ fn bucketed_sft_steps_give_the_exact_loss_and_gradients() {
             .unwrap();
         let rows_per_batch: Vec<usize> = batches.iter().map(|b| b.ids.len()).collect();
         let widths: Vec<usize> = batches.iter().map(|b| b.ids[0].len()).collect();
-        (accumulate_gradients(&model, &m, &batches).unwrap(), rows_per_batch, widths)
+        (
+            accumulate_gradients(&model, &m, &batches).unwrap(),
+            rows_per_batch,
+            widths,
+        )
     };
     let (a, rows_a, _) = step(exact());
     let (b, rows_b, widths) = step(bucketed());
     assert_eq!(rows_a, vec![3, 2]);
-    assert_eq!(rows_b, vec![3, 3], "the short micro-batch keeps the row count");
+    assert_eq!(
+        rows_b,
+        vec![3, 3],
+        "the short micro-batch keeps the row count"
+    );
     assert!(widths.iter().all(|w| w % BUCKET == 0), "{widths:?}");
     assert_close("SFT loss", a.loss, b.loss, 1e-6);
     assert_eq!(a.total_weight, b.total_weight);
     let (diff, largest) = grad_diff(&model, &a.grads, &b.grads);
-    assert!(diff <= 1e-5 * largest.max(1.0), "gradients differ by {diff} (largest {largest})");
+    assert!(
+        diff <= 1e-5 * largest.max(1.0),
+        "gradients differ by {diff} (largest {largest})"
+    );
 }
 
 #[test]
@@ -187,7 +198,9 @@ fn bucketed_eval_batches_give_every_method_its_exact_loss() {
         .unwrap()
     });
 
-    let teacher = load_model::<Cpu>(tiny_model(), &Default::default()).unwrap().1;
+    let teacher = load_model::<Cpu>(tiny_model(), &Default::default())
+        .unwrap()
+        .1;
     let settings = |top_k: Option<usize>| -> DistillSettings {
         serde_json::from_value(serde_json::json!({
             "teacher": "unused", "divergence": "jsd", "beta": 0.3, "temperature": 2.0,
@@ -197,8 +210,15 @@ fn bucketed_eval_batches_give_every_method_its_exact_loss() {
     };
     assert_same_eval("distill online", &model, |pad| {
         let source = TeacherSource::Online(Box::new(teacher.clone()));
-        Distill::<CpuTrain>::new(rows.clone(), rows.clone(), shapes(pad), vec![], source, settings(None))
-            .unwrap()
+        Distill::<CpuTrain>::new(
+            rows.clone(),
+            rows.clone(),
+            shapes(pad),
+            vec![],
+            source,
+            settings(None),
+        )
+        .unwrap()
     });
     assert_same_eval("distill cached top-k", &model, |pad| {
         let top = teacher_top_k(&teacher, &rows, 3, 5, pad);
@@ -208,8 +228,15 @@ fn bucketed_eval_batches_give_every_method_its_exact_loss() {
             k: 5,
             model: None,
         };
-        Distill::<CpuTrain>::new(rows.clone(), rows.clone(), shapes(pad), vec![], source, settings(Some(5)))
-            .unwrap()
+        Distill::<CpuTrain>::new(
+            rows.clone(),
+            rows.clone(),
+            shapes(pad),
+            vec![],
+            source,
+            settings(Some(5)),
+        )
+        .unwrap()
     });
 }
 
@@ -249,7 +276,9 @@ fn bucketed_rollout_batches_give_the_exact_token_outputs_and_grpo_loss() {
             out.logps.clone(),
             flat(cat(&|c| c.old_logps.clone())),
             Some(flat(cat(&|c| c.ref_logps.clone().unwrap()))),
-            flat(cat(&|c| vec![if c.tokens.len() > 5 { 1.0 } else { -0.5 }; c.tokens.len()])),
+            flat(cat(&|c| {
+                vec![if c.tokens.len() > 5 { 1.0 } else { -0.5 }; c.tokens.len()]
+            })),
             flat(cat(&|c| vec![1.0; c.tokens.len()])),
             out.real,
             &settings,
@@ -267,7 +296,11 @@ fn bucketed_rollout_batches_give_the_exact_token_outputs_and_grpo_loss() {
     let b = run(bucketed());
     assert_eq!((a.0, b.0), (3, 4), "rows: exact, then the fixed capacity");
     assert_eq!(a.1.len(), real);
-    assert_eq!(b.1.len(), BUCKET, "{real} completion tokens fill one bucket");
+    assert_eq!(
+        b.1.len(),
+        BUCKET,
+        "{real} completion tokens fill one bucket"
+    );
     for (x, y) in a.1.iter().zip(&b.1[..real]) {
         assert_close("log-prob", *x as f64, *y as f64, 1e-6);
     }

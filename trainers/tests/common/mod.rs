@@ -9,8 +9,8 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use models::backend::{Cpu, CpuTrain};
 use models::presets::{write_new_model, NewModelSpec};
-use models::CausalLm;
 use models::weights::DiskDtype;
+use models::CausalLm;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -39,7 +39,11 @@ pub fn tiny_model() -> &'static Path {
 
 /// The largest difference between two gradients of `model`'s trainable parameters, and the
 /// largest gradient entry of `a`.
-pub fn grad_diff(model: &CausalLm<CpuTrain>, a: &GradientsParams, b: &GradientsParams) -> (f32, f32) {
+pub fn grad_diff(
+    model: &CausalLm<CpuTrain>,
+    a: &GradientsParams,
+    b: &GradientsParams,
+) -> (f32, f32) {
     struct Diff<'a> {
         a: &'a GradientsParams,
         b: &'a GradientsParams,
