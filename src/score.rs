@@ -111,7 +111,8 @@ impl OnDevice for Args {
             .map(|(p, c)| split_ids(&tok, p, c))
             .collect::<Result<Vec<_>>>()?;
         let pad = tok.pad_id.or(cfg.pad_token_id).unwrap_or(0);
-        let scores = score_completions(&model, &ids, self.batch_size, pad);
+        let multiple_of = models::backend::default_pad_multiple::<B>(&device);
+        let scores = score_completions(&model, &ids, self.batch_size, pad, multiple_of);
         let mut out = output(self.out.as_ref())?;
         for (i, s) in scores.iter().enumerate() {
             let line = serde_json::json!({

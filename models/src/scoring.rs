@@ -13,12 +13,15 @@ pub struct CompletionScore {
     pub num_tokens: usize,
 }
 
-/// Score `(prompt_ids, completion_ids)` pairs in right-padded batches of `batch_size`.
+/// Score `(prompt_ids, completion_ids)` pairs in right-padded batches of `batch_size`. With
+/// `multiple_of > 1` (static shapes, for backends that compile per shape) widths are rounded
+/// up to a multiple of it and every batch has `batch_size` rows, the missing ones empty.
 pub fn score_completions<B: Backend>(
     model: &CausalLm<B>,
     rows: &[(Vec<u32>, Vec<u32>)],
     batch_size: usize,
     pad_id: u32,
+    multiple_of: usize,
 ) -> Vec<CompletionScore> {
     let device = model.device();
     let mut out = Vec::with_capacity(rows.len());
@@ -27,17 +30,27 @@ pub fn score_completions<B: Backend>(
             .iter()
             .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
             .collect();
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if width < 2 {
+        let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if longest < 2 {
             out.extend(chunk.iter().map(|_| CompletionScore {
                 logprob: 0.0,
                 num_tokens: 0,
             }));
             continue;
         }
+        let m = multiple_of.max(1);
+        let width = longest.div_ceil(m) * m;
+        let empty_rows = if m > 1 {
+            batch_size.saturating_sub(seqs.len())
+        } else {
+            0
+        };
         let mut ids = Vec::new();
         let mut attn = Vec::new();
-        for s in &seqs {
+        for s in seqs
+            .iter()
+            .chain(std::iter::repeat_n(&Vec::new(), empty_rows))
+        {
             let pad = width - s.len();
             ids.push([s.clone(), vec![pad_id; pad]].concat());
             attn.push([vec![1u8; s.len()], vec![0u8; pad]].concat());

@@ -456,7 +456,7 @@ mod rl {
             flat(&rows(&p["vpred"])),
             flat(&values),
             flat(&t.returns),
-            logps.len(),
+            logps.iter().map(Vec::len).sum(),
             &s,
         );
         let (pg, vf) = (scalar(l.policy), scalar(l.value));
