@@ -28,6 +28,18 @@ impl PackedRow {
         }
     }
 
+    /// One sequence (a prompt and its completion) whose tokens from `trained_from` on are
+    /// trained.
+    pub fn completion(ids: Vec<u32>, trained_from: usize) -> Self {
+        let n = ids.len();
+        Self {
+            trained: (0..n).map(|i| i >= trained_from).collect(),
+            positions: (0..n as u32).collect(),
+            segments: vec![1; n],
+            ids,
+        }
+    }
+
     fn push(&mut self, seq: &TokenizedSeq) {
         let segment = self.segments.last().copied().unwrap_or(0) + 1;
         self.ids.extend(&seq.ids);

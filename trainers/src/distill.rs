@@ -401,16 +401,7 @@ impl<B: AutodiffBackend> Distill<B> {
         let sampled: Vec<PackedRow> = prompts
             .iter()
             .zip(&generations)
-            .map(|(p, g)| {
-                let ids: Vec<u32> = p.iter().chain(&g.tokens).copied().collect();
-                let n = ids.len();
-                PackedRow {
-                    trained: (0..n).map(|i| i >= p.len()).collect(),
-                    positions: (0..n as u32).collect(),
-                    segments: vec![1; n],
-                    ids,
-                }
-            })
+            .map(|(p, g)| PackedRow::completion([p.as_slice(), &g.tokens].concat(), p.len()))
             .collect();
         let batch = collate_sft(&sampled, self.shape.pad, self.shape.micro_batch);
         let teacher = self.teacher.model().expect("checked in new");

@@ -157,13 +157,7 @@ pub fn collate_pairs(
         .chain(std::iter::repeat_n(&empty, slots - pairs.len()))
         .collect();
     let row = |p: &TokenizedPair, completion: &[u32]| {
-        let ids: Vec<u32> = p.prompt.iter().chain(completion).copied().collect();
-        PackedRow {
-            trained: (0..ids.len()).map(|i| i >= p.prompt.len()).collect(),
-            positions: (0..ids.len() as u32).collect(),
-            segments: vec![0; ids.len()],
-            ids,
-        }
+        PackedRow::completion([p.prompt.as_slice(), completion].concat(), p.prompt.len())
     };
     let mut rows: Vec<PackedRow> = pairs.iter().map(|p| row(p, &p.chosen)).collect();
     rows.extend(pairs.iter().map(|p| row(p, &p.rejected)));

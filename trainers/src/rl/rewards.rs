@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use checkpoints::export::load_reward_model;
-use models::mask::AttentionLayout;
+use datasets::batch::{collate_sft, Padding};
+use datasets::pack::PackedRow;
 use models::{CausalLm, ForwardInput, ModelConfig};
 
 use super::command::run_reward_command;
@@ -154,7 +155,7 @@ enum Source<B: Backend> {
     Accuracy,
     Format(Regex),
     Length { max: usize, cache: usize },
-    Model(Box<CausalLm<B>>),
+    Model(Box<CausalLm<B>>, Padding),
     Command { argv: Vec<String>, timeout_s: f64 },
 }
 
@@ -173,6 +174,7 @@ impl<B: Backend> RewardFn<B> {
         spec: &RewardSpec,
         max_completion_length: usize,
         same_vocab: &VocabCheck<'_>,
+        pad: Padding,
         device: &B::Device,
     ) -> Result<Self> {
         let source = match spec.kind {
@@ -192,7 +194,7 @@ impl<B: Backend> RewardFn<B> {
                         format!("[[rewards]] type = \"model\": loading {}", path.display())
                     })?;
                 same_vocab(&tok_dir, &cfg)?;
-                Source::Model(Box::new(model))
+                Source::Model(Box::new(model), pad)
             }
             RewardKind::Command => Source::Command {
                 argv: spec.command.clone(),
@@ -221,7 +223,7 @@ impl<B: Backend> RewardFn<B> {
                 .iter()
                 .map(|s| soft_overlong_punishment(s.completion_ids.len(), *max, *cache))
                 .collect(),
-            Source::Model(model) => model_rewards(model, items)?,
+            Source::Model(model, pad) => model_rewards(model, items, *pad)?,
             Source::Command { argv, timeout_s } => run_reward_command(argv, *timeout_s, items)?,
         })
     }
@@ -285,28 +287,25 @@ pub fn accuracy(completion: &str, answer: Option<&str>) -> f64 {
 
 /// Reward-model scores of prompt+completion token ids (the reward model shares the
 /// policy's vocabulary), at each sequence's last token.
-fn model_rewards<B: Backend>(model: &CausalLm<B>, items: &[Scored<'_>]) -> Result<Vec<f64>> {
+fn model_rewards<B: Backend>(
+    model: &CausalLm<B>,
+    items: &[Scored<'_>],
+    pad: Padding,
+) -> Result<Vec<f64>> {
+    const ROWS: usize = 16;
     let device = model.device();
     let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(16) {
-        let seqs: Vec<Vec<u32>> = chunk
+    for chunk in items.chunks(ROWS) {
+        let rows: Vec<PackedRow> = chunk
             .iter()
-            .map(|s| [s.prompt_ids, s.completion_ids].concat())
+            .map(|s| PackedRow::completion([s.prompt_ids, s.completion_ids].concat(), usize::MAX))
             .collect();
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(1);
-        let mut ids = Vec::new();
-        let mut attn = Vec::new();
-        for s in &seqs {
-            let pad = width - s.len();
-            ids.push([s.clone(), vec![0; pad]].concat());
-            attn.push([vec![1u8; s.len()], vec![0u8; pad]].concat());
-        }
-        let positions: Vec<Vec<i64>> = ids.iter().map(|_| (0..width as i64).collect()).collect();
-        let layout = AttentionLayout::from_attention_mask(&attn);
-        let input = ForwardInput::from_host(&ids, &positions, &layout, &device);
-        let last: Vec<usize> = seqs.iter().map(|s| s.len().max(1) - 1).collect();
+        let batch = collate_sft(&rows, pad, ROWS);
+        let input = ForwardInput::from_host(&batch.ids, &batch.positions, &batch.layout, &device);
+        let mut last: Vec<usize> = rows.iter().map(|r| r.len().max(1) - 1).collect();
+        last.resize(batch.ids.len(), 0);
         let r = model.rewards(input, &last).into_data().convert::<f64>();
-        out.extend(r.to_vec::<f64>().expect("f64"));
+        out.extend(&r.to_vec::<f64>().expect("f64")[..chunk.len()]);
     }
     Ok(out)
 }

@@ -231,15 +231,7 @@ pub fn rollout_tokens(completions: &[Completion]) -> usize {
 pub fn completion_batch(rows: &[&Completion], pad: Padding, capacity: usize) -> SftBatch {
     let packed: Vec<PackedRow> = rows
         .iter()
-        .map(|c| {
-            let n = c.prompt.len() + c.tokens.len();
-            PackedRow {
-                ids: [c.prompt.as_slice(), c.tokens.as_slice()].concat(),
-                trained: [vec![false; c.prompt.len()], vec![true; c.tokens.len()]].concat(),
-                positions: (0..n as u32).collect(),
-                segments: vec![1; n],
-            }
-        })
+        .map(|c| PackedRow::completion([c.prompt.as_slice(), &c.tokens].concat(), c.prompt.len()))
         .collect();
     collate_sft(&packed, pad, capacity)
 }

@@ -69,6 +69,7 @@ impl OnlineSetup<'_> {
                     spec,
                     sampling.max_completion_length,
                     &same_vocab,
+                    self.pad,
                     device,
                 )
             })
