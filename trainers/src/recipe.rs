@@ -488,6 +488,9 @@ impl Recipe {
         r.train.sample_prompts.clear();
         r.train.max_steps = 0;
         r.train.num_train_epochs = 0.0;
+        // Shapes and kernel choices, not the math: a run may resume with other ones.
+        r.train.pad_to_multiple_of = None;
+        r.train.autotune_level = None;
         let text = toml::to_string(&r).unwrap_or_default();
         blake3_hex(text.as_bytes())
     }
