@@ -63,7 +63,7 @@ fn main() {
         .map(|n| n.get())
         .unwrap_or(1);
     println!("threads: {threads}");
-    let rows = read_raw(&corpus).unwrap();
+    let rows = read_raw(&corpus).unwrap().rows;
     let texts: Vec<String> = rows
         .iter()
         .map(|r| r.value["text"].as_str().unwrap().to_string())

@@ -12,6 +12,8 @@ use datasets::evolve::run::BackendKind;
 use datasets::formats::Format;
 use datasets::prepare::{prepare_with, Hooks, Prepared};
 use datasets::read::read_file;
+use datasets::records::Reject;
+use datasets::rejects::{rejects_path, RejectLog};
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, Truncation};
 use models::TextTokenizer;
 
@@ -59,10 +61,18 @@ struct ConvertArgs {
     /// bedrock, bedrock-conversation, alpaca, sharegpt or openai.
     #[arg(long)]
     to: String,
+    /// Output JSONL, written whole or not at all (it may be the input); default stdout.
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long)]
     format: Option<String>,
+    /// skip: convert the rest, rejected rows go to the rejects file; fail: write nothing if
+    /// any row is rejected.
+    #[arg(long, default_value = "skip")]
+    on_error: String,
+    /// Rejected rows with their reasons (default: OUT_STEM.rejects.jsonl beside --out).
+    #[arg(long)]
+    rejects: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -125,6 +135,9 @@ fn percentile(sorted: &[usize], p: f64) -> usize {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
+    if a.max_seq_len == 0 {
+        bail!("--max-seq-len must be at least 1 (train refuses 0 as well)");
+    }
     let out = read_file(&a.file, parse_format(&a.format)?)?;
     println!("file:     {}", a.file.display());
     println!("format:   {}", out.format.name());
@@ -227,41 +240,61 @@ fn render_sample(tok: &TextTokenizer, t: &Tokenized) -> Result<String> {
 
 fn convert(a: ConvertArgs) -> Result<()> {
     let target = Target::parse(&a.to)?;
+    let on_error = OnError::parse(&a.on_error).context("--on-error")?;
     let out = read_file(&a.file, parse_format(&a.format)?)?;
-    let mut sink: Box<dyn Write> = match &a.out {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
+    let mut rejects = RejectLog::default();
+    rejects.extend(out.rejects);
     let mut warnings: std::collections::BTreeMap<String, usize> = Default::default();
-    let mut written = 0;
-    let mut refused = 0;
+    let mut lines = Vec::with_capacity(out.rows.len());
     for row in &out.rows {
         match convert_record(&row.record, target) {
             Ok((value, warns)) => {
-                writeln!(sink, "{}", serde_json::to_string(&value)?)?;
-                written += 1;
+                lines.push(serde_json::to_string(&value)?);
                 for w in warns {
                     *warnings.entry(w).or_default() += 1;
                 }
             }
-            Err(e) => {
-                refused += 1;
-                if refused <= 5 {
-                    eprintln!("{}: cannot convert: {e:#}", row.origin);
-                }
-            }
+            Err(e) => rejects.push(Reject {
+                origin: row.origin.clone(),
+                field: None,
+                reason: format!("{e:#}"),
+                raw: None,
+            }),
         }
     }
-    sink.flush()?;
+    // Everything is decided before a byte is written: the output (which may be the input)
+    // is replaced whole, or not at all.
+    rejects.check(on_error, lines.len(), out.rows_read)?;
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let rejects_file = match &a.out {
+        Some(p) => {
+            datasets::atomic::write(p, body.as_bytes())?;
+            rejects.write(&a.rejects.clone().unwrap_or_else(|| rejects_path(p)))?
+        }
+        None => {
+            std::io::stdout().lock().write_all(body.as_bytes())?;
+            match &a.rejects {
+                Some(r) => rejects.write(r)?,
+                None => None,
+            }
+        }
+    };
     eprintln!(
-        "converted {written} of {} rows from {} to {}; {} rejected on read, {refused} not expressible",
+        "converted {} of {} rows from {} to {}; {} rejected{}",
+        lines.len(),
         out.rows_read,
         out.format.name(),
         target.name(),
-        out.rejects.len()
+        rejects.len(),
+        rejects.counts_line()
     );
+    match rejects_file {
+        Some(f) => eprintln!("rejects  {}", f.display()),
+        None if !rejects.is_empty() => {
+            eprintln!("(give --rejects FILE to keep the rejected rows with their reasons)")
+        }
+        None => {}
+    }
     for (w, n) in warnings {
         eprintln!("warning ({n} rows): {w}");
     }
@@ -278,9 +311,12 @@ fn recipe_data(path: &Path) -> Result<(DataConfig, Option<PathBuf>)> {
         .get("data")
         .with_context(|| format!("recipe {} has no [data] section", path.display()))?
         .clone();
-    let cfg: DataConfig = data
+    let mut cfg: DataConfig = data
         .try_into()
         .with_context(|| format!("recipe {}: invalid [data] section", path.display()))?;
+    // As `train` reads it: SFT and distillation take prompt-answer rows as conversations.
+    let method = value.get("method").and_then(|m| m.as_str());
+    cfg.answers_as_responses |= matches!(method, Some("sft" | "distill"));
     let model = value
         .get("model")
         .and_then(|m| m.get("path"))
@@ -335,8 +371,10 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
     let prepared = prepare_stages(&cfg, &tok)?;
     print!("{}", prepared.report.summary());
     if let Some(p) = &a.report {
-        std::fs::write(p, serde_json::to_string_pretty(&prepared.report)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        datasets::atomic::write(
+            p,
+            serde_json::to_string_pretty(&prepared.report)?.as_bytes(),
+        )?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use clap::Parser;
 use std::path::PathBuf;
 
+use datasets::config::OnError;
 use datasets::dedup::minhash::Shingle;
 use datasets::dedup::semantic::IndexKind;
 use datasets::dedup::{
@@ -13,6 +14,8 @@ use datasets::dedup::{
     StaticEmbedder,
 };
 use datasets::read::read_raw;
+use datasets::records::{Origin, Reject};
+use datasets::rejects::{rejects_path, RejectLog};
 
 use crate::device::{dispatch, OnDevice};
 
@@ -80,6 +83,13 @@ pub struct DedupArgs {
     /// Report what would be removed; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// skip: deduplicate the rest, bad rows go to the rejects file; fail: write nothing if
+    /// any row is rejected.
+    #[arg(long, default_value = "skip")]
+    on_error: String,
+    /// Rejected rows with their reasons (default: OUT_STEM.rejects.jsonl beside --out).
+    #[arg(long)]
+    rejects: Option<PathBuf>,
 }
 
 impl DedupArgs {
@@ -140,34 +150,64 @@ impl OnDevice for WithModel {
 }
 
 fn execute(a: &DedupArgs, cfg: &DedupConfig, embedder: Option<&dyn Embedder>) -> Result<()> {
+    let on_error = OnError::parse(&a.on_error).context("--on-error")?;
     let fields = Fields::parse(&cfg.fields);
+    let mut rejects = RejectLog::default();
+    let mut read = 0;
     let mut values = Vec::new();
     let mut ids = Vec::new();
     let mut texts = Vec::new();
     for path in &a.inputs {
-        for raw in read_raw(path)? {
-            let text = fields
-                .extract(&raw.value)
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), raw.line))?;
+        let raw_read = read_raw(path)?;
+        read += raw_read.rows.len() + raw_read.rejects.len();
+        rejects.extend(raw_read.rejects);
+        for raw in raw_read.rows {
+            let origin = Origin {
+                file: path.clone(),
+                line: raw.line,
+            };
+            let reject = |field: Option<String>, reason: String| Reject {
+                origin: origin.clone(),
+                field,
+                reason,
+                raw: Some(raw.value.to_string()),
+            };
+            let text = match fields.extract(&raw.value) {
+                Ok(t) => t,
+                Err(e) => {
+                    rejects.push(reject(None, format!("{e:#}")));
+                    continue;
+                }
+            };
             let id = match &a.id_field {
                 Some(f) => match raw.value.get(f) {
                     Some(serde_json::Value::String(s)) => s.clone(),
                     Some(v) if !v.is_null() => v.to_string(),
-                    _ => bail!(
-                        "{}:{}: --id-field `{f}` is missing",
-                        path.display(),
-                        raw.line
-                    ),
+                    _ => {
+                        rejects.push(reject(
+                            Some(f.clone()),
+                            "missing (--id-field names it)".into(),
+                        ));
+                        continue;
+                    }
                 },
-                None => format!("{}:{}", path.display(), raw.line),
+                None => origin.to_string(),
             };
             ids.push(id);
             texts.push(text);
             values.push(raw.value);
         }
     }
+    rejects.check(on_error, values.len(), read)?;
     let out = dedup(&ids, &texts, cfg, embedder)?;
     print!("{}", out.report.summary());
+    if !rejects.is_empty() {
+        println!(
+            "rejected {} of {read} rows{}",
+            rejects.len(),
+            rejects.counts_line()
+        );
+    }
     if a.dry_run {
         println!("dry run: nothing written");
         for c in out.clusters.iter().take(5) {
@@ -197,6 +237,10 @@ fn execute(a: &DedupArgs, cfg: &DedupConfig, embedder: Option<&dyn Embedder>) ->
             out.report.kept,
             clusters.display()
         );
+        let rejects_file = a.rejects.clone().unwrap_or_else(|| rejects_path(path));
+        if let Some(f) = rejects.write(&rejects_file)? {
+            println!("rejects  {}", f.display());
+        }
     }
     if let Some(p) = &a.report {
         write_report(p, &out.report)?;
@@ -205,6 +249,5 @@ fn execute(a: &DedupArgs, cfg: &DedupConfig, embedder: Option<&dyn Embedder>) ->
 }
 
 fn write_report(p: &std::path::Path, r: &DedupReport) -> Result<()> {
-    std::fs::write(p, serde_json::to_string_pretty(r)?)
-        .with_context(|| format!("cannot write {}", p.display()))
+    datasets::atomic::write(p, serde_json::to_string_pretty(r)?.as_bytes())
 }

@@ -206,8 +206,7 @@ fn execute(a: &EvolveArgs, cfg: &EvolveConfig, backend: &dyn ChatBackend) -> Res
     let report = evolve(&seeds, cfg, backend, &a.out, &STOP)?;
     print!("{}", report.summary());
     if let Some(p) = &a.report {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        datasets::atomic::write(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     if report.interrupted {
         std::process::exit(130);

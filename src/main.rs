@@ -42,7 +42,7 @@ enum Command {
     /// Write the log-probability of each row's completion given its prompt.
     Score(score::Args),
     /// Inspect, convert, deduplicate, evolve and prepare datasets.
-    Data(data::Args),
+    Data(Box<data::Args>),
     /// Train with a recipe (SFT or LoRA; more methods follow the same loop).
     Train(train::Args),
     /// Start this machine's ranks of a data-parallel job: `launch --nproc-per-node N -- train ...`.
@@ -51,14 +51,38 @@ enum Command {
     Export(export::Args),
 }
 
+/// A panic (a bug, in burnish or in a dependency) ends with one line saying where, not the
+/// default hook's report; `RUST_BACKTRACE=1` keeps the default, backtrace included.
+fn one_line_panics() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error: {message}{at} (a bug: please report it; RUST_BACKTRACE=1 shows where it came from)"
+        );
+    }));
+}
+
 fn main() {
+    one_line_panics();
     trainers::allocator::tune_for_training();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::NewModel(a) => new_model::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
-        Command::Data(a) => data::run(a),
+        Command::Data(a) => data::run(*a),
         Command::Train(a) => train::run(a),
         Command::Launch(a) => launch::run(a),
         Command::Export(a) => export::run(a),

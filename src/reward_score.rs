@@ -77,6 +77,6 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
             writeln!(out, "{v}")?;
         }
     }
-    out.flush()?;
+    out.finish()?;
     Ok(())
 }

@@ -123,17 +123,45 @@ impl OnDevice for Args {
             });
             writeln!(out, "{line}")?;
         }
-        out.flush()?;
+        out.finish()?;
         Ok(())
     }
 }
 
-/// The output file, or stdout.
-pub fn output(path: Option<&PathBuf>) -> Result<Box<dyn Write>> {
+/// Where results go: a file that appears whole when [`Output::finish`] runs, or stdout.
+pub enum Output {
+    File(datasets::atomic::AtomicFile),
+    Stdout(std::io::StdoutLock<'static>),
+}
+
+impl Output {
+    pub fn finish(self) -> Result<()> {
+        match self {
+            Output::File(f) => f.commit(),
+            Output::Stdout(mut s) => Ok(s.flush()?),
+        }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Output::File(f) => f.write(buf),
+            Output::Stdout(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Output::File(f) => f.flush(),
+            Output::Stdout(s) => s.flush(),
+        }
+    }
+}
+
+pub fn output(path: Option<&PathBuf>) -> Result<Output> {
     Ok(match path {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
+        Some(p) => Output::File(datasets::atomic::AtomicFile::create(p)?),
+        None => Output::Stdout(std::io::stdout().lock()),
     })
 }

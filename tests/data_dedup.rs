@@ -29,7 +29,7 @@ fn gsm8k_ground_truth_parses_and_exact_and_minhash_find_its_pairs() {
         eprintln!("skipped: {} not present", path.display());
         return;
     }
-    let rows = read_raw(&path).unwrap();
+    let rows = read_raw(&path).unwrap().rows;
     assert_eq!(rows.len(), 9233);
     let texts: Vec<String> = rows
         .iter()

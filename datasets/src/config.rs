@@ -68,6 +68,10 @@ pub struct DataConfig {
     pub rejects_file: Option<PathBuf>,
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
+    /// Prompt-answer rows (GSM8K's `question` / `answer`) become conversations with the
+    /// answer as the assistant's turn, for SFT. SFT and distillation recipes set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answers_as_responses: bool,
     /// `[data.dedup]`: deduplicate the rows before templating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<crate::dedup::DedupConfig>,
@@ -90,6 +94,7 @@ impl DataConfig {
             on_error: OnError::default(),
             rejects_file: None,
             cache_dir: default_cache_dir(),
+            answers_as_responses: false,
             dedup: None,
             evolve: None,
         }

@@ -76,15 +76,20 @@ impl std::str::FromStr for Target {
 /// prompt tasks) and for conversations that are not user/assistant turns ending with the
 /// assistant.
 pub fn convert_record(record: &Record, target: Target) -> Result<(Value, Vec<String>)> {
+    let answered;
     let conversation = match record {
         Record::Conversation(c) => c,
+        Record::PromptTask(t) if t.answer.is_some() => {
+            answered = t.as_conversation().expect("has an answer");
+            &answered
+        }
         Record::Preference(_) => bail!(
             "a preference pair cannot be written as {target}: the format holds one response \
              per row, not a chosen and a rejected one"
         ),
         Record::PromptTask(_) => bail!(
-            "a prompt task cannot be written as {target}: it has no assistant response, and \
-             {target} rows need one"
+            "a prompt without an answer cannot be written as {target}: it has no assistant \
+             response, and {target} rows need one"
         ),
     };
     check_turns(conversation)?;

@@ -15,8 +15,10 @@ pub mod pack;
 pub mod prepare;
 pub mod read;
 pub mod records;
+pub mod rejects;
 pub mod split;
 pub mod stages;
+pub mod strict_json;
 pub mod tokenize;
 
 pub use config::DataConfig;

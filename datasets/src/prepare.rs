@@ -18,7 +18,7 @@ use crate::evolve::{ChatBackend, EvolveReport};
 use crate::formats::Format;
 use crate::pack::{pack_best_fit, PackedRow, PackingStats};
 use crate::read::read_file;
-use crate::records::{Reject, Row};
+use crate::records::{Record, Reject, Row};
 use crate::split::is_eval;
 use crate::tokenize::{Templater, TokenizeError, Tokenized};
 
@@ -147,6 +147,9 @@ fn fingerprint(cfg: &DataConfig, tok: &TextTokenizer, template_source: &str) -> 
     fp.field("eval_fraction", &cfg.eval_fraction.to_le_bytes());
     // A "fail" run must not reuse an entry that a "skip" run wrote despite rejects.
     fp.field("on_error", format!("{:?}", cfg.on_error).as_bytes());
+    if cfg.answers_as_responses {
+        fp.field("answers_as_responses", b"1");
+    }
     if let Some(d) = &cfg.dedup {
         fp.field("dedup", serde_json::to_string(d)?.as_bytes());
     }
@@ -277,7 +280,13 @@ pub fn prepare_with(cfg: &DataConfig, tok: &TextTokenizer, hooks: Hooks<'_>) -> 
     let results: Vec<Result<(Tokenized, bool), TokenizeError>> = rows
         .par_iter()
         .map(|r| {
-            let out = templater.tokenize(&r.record);
+            let answered = match &r.record {
+                Record::PromptTask(t) if cfg.answers_as_responses => {
+                    t.as_conversation().map(Record::Conversation)
+                }
+                _ => None,
+            };
+            let out = templater.tokenize(answered.as_ref().unwrap_or(&r.record));
             pb.inc(1);
             out
         })
@@ -435,14 +444,11 @@ fn write_entry(
         } else {
             tmp.join("rejects.jsonl")
         };
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&target)
-                .with_context(|| format!("cannot create {}", target.display()))?,
-        );
+        let mut f = crate::atomic::AtomicFile::create(&target)?;
         for r in rejects {
             writeln!(f, "{}", serde_json::to_string(r)?)?;
         }
-        f.flush()?;
+        f.commit()?;
         report.rejects_file = Some(path);
     }
     std::fs::write(tmp.join(REPORT), serde_json::to_string_pretty(report)?)?;

@@ -10,7 +10,8 @@ use crate::formats::{
     classify_row, detect, parse_row, row_note, truncate_raw, Format, DETECT_ROWS,
 };
 use crate::records::{Origin, Reject, Row};
-use anyhow::{anyhow, Context, Result};
+use crate::strict_json;
+use anyhow::{anyhow, bail, Context, Result};
 use flate2::read::MultiGzDecoder;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
@@ -72,6 +73,9 @@ pub fn read_file(path: &Path, format: Option<Format>) -> Result<ReadOutput> {
             Some(row) => head.push(row.with_context(cannot_read)?),
             None => break,
         }
+    }
+    if head.is_empty() {
+        bail!("{} is empty: it holds no rows", path.display());
     }
     let sample: Vec<Value> = head
         .iter()
@@ -187,16 +191,59 @@ fn open_rows(path: &Path) -> Result<SourceRows> {
         .fill_buf()
         .with_context(|| format!("cannot read {}", path.display()))?
         .starts_with(GZIP_MAGIC);
-    let reader: Box<dyn BufRead> = if is_gzip {
+    let named_gzip = name.ends_with(".gz");
+    if named_gzip && !is_gzip {
+        bail!(
+            "{} is named .gz but is not gzip-compressed (it does not start with gzip's magic bytes); \
+             rename it without .gz if it is plain text",
+            path.display()
+        );
+    }
+    let mut reader: Box<dyn BufRead> = if is_gzip {
         Box::new(BufReader::new(MultiGzDecoder::new(reader)))
     } else {
         Box::new(reader)
     };
+    let head = reader
+        .fill_buf()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if let Some(encoding) = utf16(head) {
+        bail!(
+            "{} is {encoding} text; burnish reads UTF-8 (convert it with `iconv -f UTF-16 -t UTF-8`)",
+            path.display()
+        );
+    }
     let inner = name.strip_suffix(".gz").unwrap_or(&name);
     if inner.ends_with(".jsonl") || inner.ends_with(".ndjson") {
         return Ok(Box::new(JsonLines::new(reader)));
     }
     json_or_lines(path, reader)
+}
+
+/// Names UTF-16 text from its byte-order mark, or from the NUL bytes that ASCII characters
+/// carry in it.
+fn utf16(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"\xFF\xFE") {
+        return Some("UTF-16 (little-endian)");
+    }
+    if head.starts_with(b"\xFE\xFF") {
+        return Some("UTF-16 (big-endian)");
+    }
+    let sample = &head[..head.len().min(64) & !1];
+    let zeros_at = |parity: usize| {
+        sample
+            .iter()
+            .skip(parity)
+            .step_by(2)
+            .filter(|&&b| b == 0)
+            .count()
+    };
+    let half = sample.len() / 2;
+    match (zeros_at(0), zeros_at(1)) {
+        (_, odd) if half >= 4 && odd == half => Some("UTF-16 (little-endian)"),
+        (even, _) if half >= 4 && even == half => Some("UTF-16 (big-endian)"),
+        _ => None,
+    }
 }
 
 /// A `.json` (or unknown) file: a JSON array if it starts with `[`, a single object if the
@@ -212,7 +259,7 @@ fn json_or_lines(path: &Path, mut reader: Box<dyn BufRead>) -> Result<SourceRows
     if first == Some(&b'{') {
         // One pretty-printed object is a one-row file, not lines of broken JSON; JSON lines
         // fail this parse at the end of their first line.
-        if let Ok(value) = serde_json::from_slice::<Value>(body) {
+        if let Ok(value) = strict_json::from_slice(body) {
             return Ok(Box::new(std::iter::once(Ok(SourceRow {
                 line: 1,
                 value: Ok(value),
@@ -223,7 +270,7 @@ fn json_or_lines(path: &Path, mut reader: Box<dyn BufRead>) -> Result<SourceRows
     if first != Some(&b'[') {
         return Ok(Box::new(JsonLines::new(Cursor::new(bytes))));
     }
-    let elements: Vec<Value> = serde_json::from_slice(body).with_context(|| {
+    let elements: Vec<Value> = strict_json::array_from_slice(body).with_context(|| {
         format!(
             "{} starts with `[` but is not a valid JSON array",
             path.display()
@@ -275,14 +322,26 @@ struct JsonLines<R> {
     reader: R,
     line: usize,
     buf: Vec<u8>,
+    /// `\n`, or `\r` for a file with bare carriage returns (classic Mac line endings).
+    end: u8,
 }
 
 impl<R: BufRead> JsonLines<R> {
-    fn new(reader: R) -> Self {
+    fn new(mut reader: R) -> Self {
+        // A CR inside JSON text is whitespace or a line end (strings escape it), so one
+        // followed by anything but LF means the lines end with CR alone.
+        let end = match reader.fill_buf() {
+            Ok(head) => match head.iter().position(|&b| b == b'\r') {
+                Some(at) if head.get(at + 1).is_some_and(|&b| b != b'\n') => b'\r',
+                _ => b'\n',
+            },
+            Err(_) => b'\n',
+        };
         Self {
             reader,
             line: 0,
             buf: Vec::new(),
+            end,
         }
     }
 }
@@ -293,7 +352,7 @@ impl<R: BufRead> Iterator for JsonLines<R> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             self.buf.clear();
-            match self.reader.read_until(b'\n', &mut self.buf) {
+            match self.reader.read_until(self.end, &mut self.buf) {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) => {
@@ -304,6 +363,9 @@ impl<R: BufRead> Iterator for JsonLines<R> {
             let mut bytes = self.buf.as_slice();
             bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
             bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+            if self.end == b'\r' {
+                bytes = bytes.strip_prefix(b"\n").unwrap_or(bytes);
+            }
             if self.line == 1 {
                 bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
             }
@@ -331,7 +393,7 @@ fn parse_line(line: usize, bytes: &[u8]) -> SourceRow {
     };
     SourceRow {
         line,
-        value: serde_json::from_str(text).map_err(|e| Fault {
+        value: strict_json::from_str(text).map_err(|e| Fault {
             field: None,
             reason: json_error(&e),
         }),
@@ -355,31 +417,57 @@ pub struct RawRow {
     pub value: Value,
 }
 
-/// Reads a file's rows as JSON without format parsing (for stages such as dedup that keep
-/// rows as they are). Same containers as [`read_file`]; a row that is not valid JSON fails
-/// with file, line and reason.
-pub fn read_raw(path: &Path) -> Result<Vec<RawRow>> {
-    let mut out = Vec::new();
+/// A file's rows as JSON objects, and the rows that are not.
+#[derive(Debug, Clone, Default)]
+pub struct RawRead {
+    pub rows: Vec<RawRow>,
+    pub rejects: Vec<Reject>,
+}
+
+/// Reads a file's rows as JSON objects without format parsing (for stages such as dedup that
+/// keep rows as they are). Same containers and file-level errors as [`read_file`]; a row
+/// that is not valid JSON, or not an object, is a reject with its line and reason.
+pub fn read_raw(path: &Path) -> Result<RawRead> {
+    let mut out = RawRead::default();
     for row in open_rows(path)? {
         let row = row.with_context(|| format!("cannot read {}", path.display()))?;
+        let origin = Origin {
+            file: path.to_path_buf(),
+            line: row.line,
+        };
+        let raw = row.raw_line.as_deref().map(truncate_raw);
         match row.value {
-            Ok(value) => out.push(RawRow {
+            Ok(value) if value.is_object() => out.rows.push(RawRow {
                 line: row.line,
                 value,
             }),
-            Err(fault) => {
-                return Err(anyhow!(
-                    "{}:{}: {}{}",
-                    path.display(),
-                    row.line,
-                    fault
-                        .field
-                        .map(|f| format!("field `{f}`: "))
-                        .unwrap_or_default(),
-                    fault.reason
-                ))
-            }
+            Ok(value) => out.rejects.push(Reject {
+                origin,
+                field: None,
+                reason: format!("a row must be a JSON object, found {}", json_kind(&value)),
+                raw: raw.or_else(|| Some(truncate_raw(&value.to_string()))),
+            }),
+            Err(fault) => out.rejects.push(Reject {
+                origin,
+                field: fault.field,
+                reason: fault.reason,
+                raw,
+            }),
         }
     }
+    if out.rows.is_empty() && out.rejects.is_empty() {
+        bail!("{} is empty: it holds no rows", path.display());
+    }
     Ok(out)
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }

@@ -83,6 +83,17 @@ impl std::fmt::Display for Origin {
     }
 }
 
+impl PromptTask {
+    /// The task as a supervised conversation, its reference answer the assistant's turn
+    /// (SFT on GSM8K-style rows, as before GRPO); None without an answer.
+    pub fn as_conversation(&self) -> Option<Conversation> {
+        let answer = self.answer.as_ref()?;
+        let mut conversation = self.prompt.clone();
+        conversation.messages.push(Message::new(ASSISTANT, answer));
+        Some(conversation)
+    }
+}
+
 /// A canonical record with its origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {

@@ -132,10 +132,14 @@ pub fn evolve_rows(
 /// The evolved rows of an evolve output file whose root is in `roots`.
 pub fn read_evolved(out: &Path, roots: &std::collections::HashSet<&str>) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    if !out.exists() {
+    if std::fs::metadata(out).map_or(true, |m| m.len() == 0) {
         return Ok(rows);
     }
-    for raw in read_raw(out)? {
+    let read = read_raw(out)?;
+    if let Some(r) = read.rejects.first() {
+        bail!("{r}");
+    }
+    for raw in read.rows {
         let v = &raw.value;
         let root = v.get("root_id").and_then(|x| x.as_str()).unwrap_or("");
         if !roots.contains(root) {

@@ -66,6 +66,25 @@ pub fn load_model_quantized<B: Backend>(
     Ok((cfg, model))
 }
 
+/// Reads the safetensors headers of a model directory (no tensor data) and checks them
+/// against its config.json: what `--dry-run` does instead of loading. Returns the number of
+/// tensors checked.
+pub fn check_weights(dir: &Path, cfg: &ModelConfig) -> Result<usize> {
+    let reader = SafetensorsReader::open_dir(dir)?;
+    let expected = crate::llama::hf_tensor_shapes(cfg);
+    let extra = reader.check(&expected)?;
+    if !extra.is_empty() {
+        eprintln!(
+            "warning: {} tensor(s) in {} are not used by {}: {}",
+            extra.len(),
+            dir.display(),
+            cfg.model_type,
+            extra.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(expected.len())
+}
+
 /// Load the tokenizer of a model directory and check it fits the model's vocabulary.
 pub fn load_tokenizer(dir: &Path, cfg: &ModelConfig) -> Result<TextTokenizer> {
     let tok = TextTokenizer::from_dir(dir)?;

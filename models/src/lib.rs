@@ -1,6 +1,7 @@
 //! Transformer architectures of the Llama family on burn, Hugging Face checkpoints,
 //! tokenizers, chat templates and KV-cache generation.
 
+pub mod atomic;
 pub mod backend;
 pub mod chat_template;
 pub mod checkpoint;

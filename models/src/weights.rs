@@ -6,7 +6,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::llama::WeightSource;
@@ -167,6 +167,60 @@ impl SafetensorsReader {
         })
     }
 
+    /// Checks the headers against the tensors `expected` (HF names and shapes) without
+    /// reading any data: every expected tensor present with its shape, every tensor a float
+    /// dtype burnish reads, and every tensor's byte range as long as its shape and dtype
+    /// need. Returns the names present but not expected (warned about by loading).
+    pub fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<Vec<String>> {
+        let file = |e: &Entry| self.files[e.file].0.display().to_string();
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        for name in names {
+            let e = &self.entries[name];
+            let width = match e.dtype {
+                Dtype::F32 => 4,
+                Dtype::BF16 | Dtype::F16 => 2,
+                other => bail!(
+                    "tensor `{name}` in {} has dtype {other:?}; expected F32, BF16 or F16",
+                    file(e)
+                ),
+            };
+            let need = e.shape.iter().product::<usize>() * width;
+            if e.end - e.start != need {
+                bail!(
+                    "tensor `{name}` in {}: its header says shape {:?} ({need} bytes as {:?}) but gives it {} bytes; the file is corrupt",
+                    file(e),
+                    e.shape,
+                    e.dtype,
+                    e.end - e.start
+                );
+            }
+        }
+        for (name, shape) in expected {
+            let Some(e) = self.entries.get(name) else {
+                bail!(
+                    "tensor `{name}` (shape {shape:?} from config.json) is missing from the weights"
+                );
+            };
+            if &e.shape != shape {
+                bail!(
+                    "tensor `{name}` in {} has shape {:?}, but config.json implies {shape:?}; the weights do not match the config",
+                    file(e),
+                    e.shape
+                );
+            }
+        }
+        let known: HashSet<&String> = expected.iter().map(|(n, _)| n).collect();
+        let mut extra: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|k| !known.contains(k) && !k.ends_with("rotary_emb.inv_freq"))
+            .cloned()
+            .collect();
+        extra.sort();
+        Ok(extra)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.entries.keys()
     }
@@ -277,9 +331,8 @@ pub fn write_safetensors(
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
-    let tmp = tmp_path(path);
-    let result = (|| -> Result<()> {
-        let mut w = BufWriter::new(File::create(&tmp)?);
+    let mut w = crate::atomic::AtomicFile::create(path)?;
+    let written = (|| -> Result<()> {
         w.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
         w.write_all(&header_bytes)?;
         let mut buf = Vec::new();
@@ -297,33 +350,16 @@ pub fn write_safetensors(
             dtype.encode(&values, &mut buf);
             w.write_all(&buf)?;
         }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(())
     })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    w.commit()?;
     Ok((8 + header_bytes.len() + offset) as u64)
-}
-
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
 }
 
 /// Write a text file atomically.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))
+    crate::atomic::write(path, contents)
 }
 
 /// Save tensors in HF layout: one `model.safetensors`, or shards of at most

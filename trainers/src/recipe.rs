@@ -336,7 +336,18 @@ impl Recipe {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read recipe {}", path.display()))?;
-        Self::parse(&text, overrides).with_context(|| format!("in recipe {}", path.display()))
+        match Self::parse(&text, overrides) {
+            Ok(recipe) => Ok(recipe),
+            // The file is fine on its own: the overrides broke it.
+            Err(e) if !overrides.is_empty() && Self::parse(&text, &[]).is_ok() => {
+                Err(e.context(format!(
+                    "with --set {} (recipe {} is valid without them)",
+                    overrides.join(" --set "),
+                    path.display()
+                )))
+            }
+            Err(e) => Err(e.context(format!("in recipe {}", path.display()))),
+        }
     }
 
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {

@@ -200,9 +200,17 @@ fn print_samples(recipe: &Recipe, label: &str, samples: &[String]) {
 }
 
 fn prepare_data(recipe: &Recipe, tok: &TextTokenizer, verbose: bool) -> Result<Prepared> {
-    let prepared = prepare(&recipe.data, tok)?;
+    let prepared = prepare(&data_config(recipe), tok)?;
     say(verbose, prepared.report.summary());
     Ok(prepared)
+}
+
+/// The recipe's `[data]`, with prompt-answer rows read as conversations for the methods that
+/// train on conversations.
+fn data_config(recipe: &Recipe) -> datasets::config::DataConfig {
+    let mut data = recipe.data.clone();
+    data.answers_as_responses |= matches!(recipe.method, MethodName::Sft | MethodName::Distill);
+    data
 }
 
 /// `--dry-run`: validate everything, load no weights, print the resolved recipe, data
@@ -211,6 +219,8 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     let (cfg, tok) = if recipe.model.path.join("config.json").exists() {
         let cfg = load_config(&recipe.model.path)?;
         let tok = load_tokenizer(&recipe.model.path, &cfg)?;
+        // Headers only: names, shapes, dtypes and byte ranges against config.json.
+        models::checkpoint::check_weights(&recipe.model.path, &cfg)?;
         (cfg, tok)
     } else {
         ensure_model_possible(recipe)?;
@@ -221,7 +231,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         };
         new_model_config(preset, "llama", tok_dir)?
     };
-    let prepared = prepare(&recipe.data, &tok)?;
+    let prepared = prepare(&data_config(recipe), &tok)?;
     let expected = match recipe.method {
         MethodName::Sft | MethodName::Distill => "sft",
         MethodName::Dpo | MethodName::Reward => "pairs",
@@ -424,12 +434,11 @@ pub fn train_on<B: AutodiffBackend>(
         }
     }
     let run_dir = recipe.train.output_dir.clone();
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    if recipe.train.overwrite_output_dir && opts.resume.is_none() && main {
-        clear_run(&run_dir)?;
-    }
-    let resume_dir = find_resume(&run_dir, opts.resume.as_deref())?;
+    let overwrite = recipe.train.overwrite_output_dir && opts.resume.is_none();
+    let resume_dir = match overwrite {
+        true => None,
+        false => find_resume(&run_dir, opts.resume.as_deref())?,
+    };
     ensure_model(recipe, opts.verbose)?;
     let cfg0 = load_config(&recipe.model.path)?;
     let tok = load_tokenizer(&recipe.model.path, &cfg0)?;
@@ -451,6 +460,13 @@ pub fn train_on<B: AutodiffBackend>(
     } else {
         model
     };
+    // The model and data loaded: only now does the run directory appear (or get cleared),
+    // so a run that cannot start leaves nothing behind.
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    if overwrite && main {
+        clear_run(&run_dir)?;
+    }
     let cache_dir = prepared.report.cache_dir.clone();
     let ctx = RunContext {
         recipe,

@@ -298,14 +298,17 @@ pub fn dedup(
     let start = Instant::now();
     let n = texts.len();
     let mut keep = vec![true; n];
+    // Rows without text would all be "identical": they are kept and left out of every stage.
+    let comparable: Vec<bool> = texts.iter().map(|t| !t.trim().is_empty()).collect();
     let mut report = DedupReport {
         rows: n,
+        no_text: comparable.iter().filter(|&&c| !c).count(),
         ..Default::default()
     };
     let mut clusters = Vec::new();
     for &method in &cfg.methods {
         let t0 = Instant::now();
-        let active: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
+        let active: Vec<usize> = (0..n).filter(|&i| keep[i] && comparable[i]).collect();
         let sub: Vec<String> = active.iter().map(|&i| texts[i].clone()).collect();
         let found = find_clusters(method, &sub, cfg, embedder)?;
         let mut removed = 0;

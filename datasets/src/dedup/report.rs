@@ -31,6 +31,9 @@ pub struct StageReport {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DedupReport {
     pub rows: usize,
+    /// Rows whose compared fields hold no text: kept as they are, never clustered.
+    #[serde(default)]
+    pub no_text: usize,
     pub stages: Vec<StageReport>,
     pub kept: usize,
     pub removed: usize,
@@ -58,6 +61,12 @@ impl DedupReport {
                 st.rows_out,
                 st.seconds,
                 params.join(" ")
+            );
+        }
+        if self.no_text > 0 {
+            s += &format!(
+                "dedup    {} rows with no text to compare: kept as they are, not clustered\n",
+                self.no_text
             );
         }
         s += &format!(

@@ -164,6 +164,13 @@ pub fn parse_row(format: Format, value: &Value, origin: &Origin) -> Result<Recor
         Format::HhRlhf => preference::hh_rlhf(obj),
         Format::PromptAnswer => prompt_answer::prompt_answer(obj),
     });
+    let parsed = parsed.and_then(|record| match &record {
+        Record::Preference(p) if p.chosen == p.rejected => Err(fields::Fail::at(
+            "rejected",
+            "is the same as `chosen`: the pair prefers nothing, so it teaches nothing",
+        )),
+        _ => Ok(record),
+    });
     parsed.map_err(|fail| Reject {
         origin: origin.clone(),
         field: fail.field,
