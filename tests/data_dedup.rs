@@ -179,11 +179,14 @@ fn cli_dedup_bad_input_is_a_clear_error() {
         input.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
+        "--on-error",
+        "fail",
     ]);
     assert!(
         e.contains("bad.jsonl:2") && e.contains("invalid JSON"),
         "{e}"
     );
+    assert!(!out.exists(), "--on-error fail writes nothing");
     std::fs::write(&input, "{\"instruction\": \"x\"}\n{\"output\": \"y\"}\n").unwrap();
     let e = err(&[
         "data",
@@ -193,6 +196,8 @@ fn cli_dedup_bad_input_is_a_clear_error() {
         out.to_str().unwrap(),
         "--fields",
         "instruction",
+        "--on-error",
+        "fail",
     ]);
     assert!(
         e.contains("bad.jsonl:2") && e.contains("field `instruction` is missing"),

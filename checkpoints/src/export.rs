@@ -41,8 +41,22 @@ pub struct ExportRequest<'a> {
     pub dtype: DiskDtype,
 }
 
-/// Export and return a one-line description of what was written.
+/// Export and return a one-line description of what was written. The output directory is
+/// built beside its place and swapped in whole: a kill leaves the old export or the new one.
 pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result<String> {
+    let mut described = String::new();
+    models::atomic::write_dir(req.out, |out| {
+        described = export_into::<B>(req, out, device)?;
+        Ok(())
+    })?;
+    Ok(described)
+}
+
+fn export_into<B: Backend>(
+    req: &ExportRequest<'_>,
+    out: &Path,
+    device: &B::Device,
+) -> Result<String> {
     let src = resolve_weights_dir(req.source)?;
     let opts = SaveOptions {
         dtype: req.dtype,
@@ -50,7 +64,7 @@ pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result
     };
     if !is_adapter_dir(&src) {
         let (cfg, model) = load_model::<B>(&src, device)?;
-        save_model(&model, &cfg, req.out, Some(&src), &opts)?;
+        save_model(&model, &cfg, out, Some(&src), &opts)?;
         return Ok(format!(
             "full model from {} -> {}",
             src.display(),
@@ -75,7 +89,7 @@ pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result
     let (model, settings) = load_adapter(model, &src)?;
     if req.merge {
         let merged = model.merge_adapters();
-        save_model(&merged, &cfg, req.out, Some(&base), &opts)?;
+        save_model(&merged, &cfg, out, Some(&base), &opts)?;
         Ok(format!(
             "merged adapter {} into {} -> {}",
             src.display(),
@@ -83,8 +97,8 @@ pub fn export<B: Backend>(req: &ExportRequest<'_>, device: &B::Device) -> Result
             req.out.display()
         ))
     } else {
-        save_adapter(&model, &settings, &adapter.base_model, req.out, req.dtype)?;
-        copy_tokenizer_files(&base, req.out)?;
+        save_adapter(&model, &settings, &adapter.base_model, out, req.dtype)?;
+        copy_tokenizer_files(&base, out)?;
         Ok(format!(
             "adapter {} -> {}",
             src.display(),

@@ -88,29 +88,9 @@ pub fn latest_checkpoint(run: &Path) -> Result<Option<(u64, PathBuf)>> {
     Ok(list_checkpoints(run)?.pop())
 }
 
-/// Build a directory with `fill` in a temporary sibling, then rename it to `dir`
-/// (replacing an older one of the same name).
-pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = dir
-        .file_name()
-        .context("checkpoint path has no name")?
-        .to_string_lossy()
-        .to_string();
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot replace {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("cannot move {} into place", dir.display()))
-}
+/// Build a directory with `fill` in a temporary sibling, then put it in place of `dir`
+/// (see [`models::atomic::write_dir`]).
+pub use models::atomic::write_dir as write_dir_atomically;
 
 /// Keep the newest `keep` checkpoints (all when `keep` is 0).
 pub fn prune_checkpoints(run: &Path, keep: usize) -> Result<()> {

@@ -1,3 +1,3 @@
 //! Atomic file writes: the one implementation lives in `models::atomic`.
 
-pub use models::atomic::{write, AtomicFile};
+pub use models::atomic::{write, write_dir, AtomicFile};

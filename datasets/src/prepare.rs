@@ -416,46 +416,36 @@ fn write_entry(
     rejects: &[Reject],
     cfg: &DataConfig,
 ) -> Result<()> {
-    let parent = dir.parent().context("cache entry has no parent")?;
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create cache dir {}", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".tmp-{}-{}",
-        report.fingerprint,
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    write_parquet(&tmp.join("train.parquet"), train)?;
-    // An empty eval split still gets a file with the right columns.
-    let eval = if eval.is_empty() {
-        train.empty_like()
-    } else {
-        eval.clone()
-    };
-    write_parquet(&tmp.join("eval.parquet"), &eval)?;
-    if !rejects.is_empty() {
-        let path = cfg
-            .rejects_file
-            .clone()
-            .unwrap_or_else(|| dir.join("rejects.jsonl"));
-        let target = if cfg.rejects_file.is_some() {
-            path.clone()
+    crate::atomic::write_dir(dir, |tmp| {
+        write_parquet(&tmp.join("train.parquet"), train)?;
+        // An empty eval split still gets a file with the right columns.
+        let eval = if eval.is_empty() {
+            train.empty_like()
         } else {
-            tmp.join("rejects.jsonl")
+            eval.clone()
         };
-        let mut f = crate::atomic::AtomicFile::create(&target)?;
-        for r in rejects {
-            writeln!(f, "{}", serde_json::to_string(r)?)?;
+        write_parquet(&tmp.join("eval.parquet"), &eval)?;
+        if !rejects.is_empty() {
+            let path = cfg
+                .rejects_file
+                .clone()
+                .unwrap_or_else(|| dir.join("rejects.jsonl"));
+            let target = if cfg.rejects_file.is_some() {
+                path.clone()
+            } else {
+                tmp.join("rejects.jsonl")
+            };
+            let mut f = crate::atomic::AtomicFile::create(&target)?;
+            for r in rejects {
+                writeln!(f, "{}", serde_json::to_string(r)?)?;
+            }
+            f.commit()?;
+            report.rejects_file = Some(path);
         }
-        f.commit()?;
-        report.rejects_file = Some(path);
-    }
-    std::fs::write(tmp.join(REPORT), serde_json::to_string_pretty(report)?)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("cannot move the cache entry into {}", dir.display()))?;
+        crate::atomic::write(
+            &tmp.join(REPORT),
+            serde_json::to_string_pretty(report)?.as_bytes(),
+        )
+    })?;
     Ok(())
 }

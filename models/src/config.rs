@@ -115,10 +115,28 @@ impl ModelConfig {
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
+        /// serde names the type but not the field: the field is the one whose removal
+        /// changes the error.
+        fn wrong_field(raw: &Map<String, Value>, e: &serde_json::Error) -> String {
+            let culprit = raw.keys().find(|k| {
+                let mut without = raw.clone();
+                without.remove(*k);
+                serde_json::from_value::<RawFields>(Value::Object(without))
+                    .map_err(|e2| e2.to_string())
+                    .err()
+                    != Some(e.to_string())
+            });
+            match culprit {
+                Some(k) => format!("field `{k}` has the wrong type ({e})"),
+                None => format!("a field has the wrong type ({e})"),
+            }
+        }
         let raw: Map<String, Value> =
             serde_json::from_str(text).context("config.json is not a JSON object")?;
-        let f: RawFields = serde_json::from_value(Value::Object(raw.clone()))
-            .context("config.json has a field of the wrong type")?;
+        let f: RawFields = match serde_json::from_value(Value::Object(raw.clone())) {
+            Ok(f) => f,
+            Err(e) => bail!("config.json: {}", wrong_field(&raw, &e)),
+        };
         let model_type = f.model_type.clone().ok_or_else(|| {
             anyhow::anyhow!(
                 "missing field `model_type`; supported: {}",

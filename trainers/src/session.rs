@@ -752,7 +752,8 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
     }
     let final_dir = run_dir.join("final");
     let inner = result.model.valid();
-    weights.save(&inner, &final_dir, DiskDtype::parse(&t.export_dtype)?)?;
+    let dtype = DiskDtype::parse(&t.export_dtype)?;
+    models::atomic::write_dir(&final_dir, |dir| weights.save(&inner, dir, dtype))?;
     report.samples_after = sample(&inner, &model_cfg, &tok, recipe)?;
     if opts.verbose {
         print_samples(recipe, "after", &report.samples_after);
