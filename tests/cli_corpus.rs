@@ -42,7 +42,11 @@ fn every_corpus_case_fails_or_passes_as_recorded() {
                 .replace("{recipes}", tmp.path().join("recipes").to_str().unwrap())
                 .replace("{tmp}", tmp.path().to_str().unwrap())
         };
-        copy_substituted(&corpus().join("recipes"), &tmp.path().join("recipes"), &subst);
+        copy_substituted(
+            &corpus().join("recipes"),
+            &tmp.path().join("recipes"),
+            &subst,
+        );
         for (to, from) in table["setup"].as_object().unwrap() {
             std::fs::copy(subst(from.as_str().unwrap()), subst(to)).unwrap();
         }

@@ -656,10 +656,7 @@ fn file_level_problems_are_errors_naming_the_file() {
     let e = format!("{:#}", read_file(&bad_gz, None).expect_err("corrupt gzip"));
     assert_eq!(
         e,
-        format!(
-            "cannot read {}: corrupt deflate stream",
-            bad_gz.display()
-        )
+        format!("cannot read {}: corrupt deflate stream", bad_gz.display())
     );
 
     let bad_parquet = dir.path().join("bad.parquet");

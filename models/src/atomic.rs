@@ -22,7 +22,10 @@ impl AtomicFile {
             _ => Path::new("."),
         };
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let prefix = format!(".{}.", path.file_name().unwrap_or_default().to_string_lossy());
+        let prefix = format!(
+            ".{}.",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
         remove_orphans(dir, &prefix);
         let tmp = tempfile::Builder::new()
             .prefix(&format!("{prefix}{}.", std::process::id()))
@@ -189,7 +192,11 @@ mod tests {
         }
         assert!(write_dir(&dir, |_| anyhow::bail!("disk full")).is_err());
         assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), "two");
-        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1, "nothing else left");
+        assert_eq!(
+            std::fs::read_dir(root.path()).unwrap().count(),
+            1,
+            "nothing else left"
+        );
     }
 
     #[test]

@@ -494,6 +494,7 @@ impl Recipe {
     pub fn fingerprint(&self) -> String {
         let mut r = self.clone();
         r.train.output_dir = PathBuf::new();
+        r.train.overwrite_output_dir = false;
         r.train.save_steps = 0;
         r.train.save_total_limit = 0;
         r.train.sample_prompts.clear();
