@@ -13,7 +13,7 @@ use datasets::formats::Format;
 use datasets::prepare::{prepare_with, Hooks, Prepared};
 use datasets::read::read_file;
 use datasets::records::Reject;
-use datasets::rejects::{rejects_path, RejectLog};
+use datasets::rejects::RejectLog;
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, Truncation};
 use models::TextTokenizer;
 
@@ -66,13 +66,8 @@ struct ConvertArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     format: Option<String>,
-    /// skip: convert the rest, rejected rows go to the rejects file; fail: write nothing if
-    /// any row is rejected.
-    #[arg(long, default_value = "skip")]
-    on_error: String,
-    /// Rejected rows with their reasons (default: OUT_STEM.rejects.jsonl beside --out).
-    #[arg(long)]
-    rejects: Option<PathBuf>,
+    #[command(flatten)]
+    rejects: crate::rejects_args::RejectArgs,
 }
 
 #[derive(Parser)]
@@ -240,7 +235,7 @@ fn render_sample(tok: &TextTokenizer, t: &Tokenized) -> Result<String> {
 
 fn convert(a: ConvertArgs) -> Result<()> {
     let target = Target::parse(&a.to)?;
-    let on_error = OnError::parse(&a.on_error).context("--on-error")?;
+    a.rejects.on_error()?;
     let out = read_file(&a.file, parse_format(&a.format)?)?;
     let mut rejects = RejectLog::default();
     rejects.extend(out.rejects);
@@ -264,37 +259,22 @@ fn convert(a: ConvertArgs) -> Result<()> {
     }
     // Everything is decided before a byte is written: the output (which may be the input)
     // is replaced whole, or not at all.
-    rejects.check(on_error, lines.len(), out.rows_read)?;
+    a.rejects.check(&rejects, lines.len(), out.rows_read)?;
     let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    let rejects_file = match &a.out {
-        Some(p) => {
-            datasets::atomic::write(p, body.as_bytes())?;
-            rejects.write(&a.rejects.clone().unwrap_or_else(|| rejects_path(p)))?
-        }
-        None => {
-            std::io::stdout().lock().write_all(body.as_bytes())?;
-            match &a.rejects {
-                Some(r) => rejects.write(r)?,
-                None => None,
-            }
-        }
-    };
+    match &a.out {
+        Some(p) => datasets::atomic::write(p, body.as_bytes())?,
+        None => std::io::stdout().lock().write_all(body.as_bytes())?,
+    }
     eprintln!(
-        "converted {} of {} rows from {} to {}; {} rejected{}",
+        "converted {} of {} rows from {} to {}; {} rejected",
         lines.len(),
         out.rows_read,
         out.format.name(),
         target.name(),
         rejects.len(),
-        rejects.counts_line()
     );
-    match rejects_file {
-        Some(f) => eprintln!("rejects  {}", f.display()),
-        None if !rejects.is_empty() => {
-            eprintln!("(give --rejects FILE to keep the rejected rows with their reasons)")
-        }
-        None => {}
-    }
+    a.rejects
+        .finish(&rejects, a.out.as_deref(), out.rows_read)?;
     for (w, n) in warnings {
         eprintln!("warning ({n} rows): {w}");
     }

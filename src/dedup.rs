@@ -1,12 +1,11 @@
 //! `burnish data dedup`: exact, fuzzy (MinHash-LSH) and semantic deduplication of JSONL
 //! files, rows written back unchanged.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use std::path::PathBuf;
 
-use datasets::config::OnError;
 use datasets::dedup::minhash::Shingle;
 use datasets::dedup::semantic::IndexKind;
 use datasets::dedup::{
@@ -15,7 +14,7 @@ use datasets::dedup::{
 };
 use datasets::read::read_raw;
 use datasets::records::{Origin, Reject};
-use datasets::rejects::{rejects_path, RejectLog};
+use datasets::rejects::RejectLog;
 
 use crate::device::{dispatch, OnDevice};
 
@@ -83,13 +82,8 @@ pub struct DedupArgs {
     /// Report what would be removed; write nothing.
     #[arg(long)]
     dry_run: bool,
-    /// skip: deduplicate the rest, bad rows go to the rejects file; fail: write nothing if
-    /// any row is rejected.
-    #[arg(long, default_value = "skip")]
-    on_error: String,
-    /// Rejected rows with their reasons (default: OUT_STEM.rejects.jsonl beside --out).
-    #[arg(long)]
-    rejects: Option<PathBuf>,
+    #[command(flatten)]
+    rejects: crate::rejects_args::RejectArgs,
 }
 
 impl DedupArgs {
@@ -150,7 +144,7 @@ impl OnDevice for WithModel {
 }
 
 fn execute(a: &DedupArgs, cfg: &DedupConfig, embedder: Option<&dyn Embedder>) -> Result<()> {
-    let on_error = OnError::parse(&a.on_error).context("--on-error")?;
+    a.rejects.on_error()?;
     let fields = Fields::parse(&cfg.fields);
     let mut rejects = RejectLog::default();
     let mut read = 0;
@@ -198,16 +192,9 @@ fn execute(a: &DedupArgs, cfg: &DedupConfig, embedder: Option<&dyn Embedder>) ->
             values.push(raw.value);
         }
     }
-    rejects.check(on_error, values.len(), read)?;
+    a.rejects.check(&rejects, values.len(), read)?;
     let out = dedup(&ids, &texts, cfg, embedder)?;
     print!("{}", out.report.summary());
-    if !rejects.is_empty() {
-        println!(
-            "rejected {} of {read} rows{}",
-            rejects.len(),
-            rejects.counts_line()
-        );
-    }
     if a.dry_run {
         println!("dry run: nothing written");
         for c in out.clusters.iter().take(5) {
@@ -237,11 +224,9 @@ fn execute(a: &DedupArgs, cfg: &DedupConfig, embedder: Option<&dyn Embedder>) ->
             out.report.kept,
             clusters.display()
         );
-        let rejects_file = a.rejects.clone().unwrap_or_else(|| rejects_path(path));
-        if let Some(f) = rejects.write(&rejects_file)? {
-            println!("rejects  {}", f.display());
-        }
     }
+    a.rejects
+        .finish(&rejects, a.out.as_deref().filter(|_| !a.dry_run), read)?;
     if let Some(p) = &a.report {
         write_report(p, &out.report)?;
     }

@@ -1,7 +1,7 @@
 //! `burnish data distill`: a teacher answers prompts and the answers become SFT rows
 //! (sequence-level distillation), with their lineage; ordinary SFT then trains a student.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,7 +12,8 @@ use datasets::convert::{convert_record, Target};
 use datasets::evolve::{ChatBackend, ChatRequest, OpenAiClient, OpenAiConfig};
 use datasets::formats::Format;
 use datasets::read::read_file;
-use datasets::records::{Conversation, Record, Row, ASSISTANT, USER};
+use datasets::records::{Conversation, Record, Reject, Row, ASSISTANT, USER};
+use datasets::rejects::RejectLog;
 use models::weights::write_atomic;
 use models::Message;
 
@@ -55,6 +56,8 @@ pub struct Args {
     /// Environment variable holding the endpoint's API key (never logged).
     #[arg(long, default_value = "OPENAI_API_KEY")]
     pub api_key_env: String,
+    #[command(flatten)]
+    pub rejects: crate::rejects_args::RejectArgs,
     /// Seconds before an endpoint request times out.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
@@ -72,26 +75,37 @@ fn prompt_of(record: &Record) -> Option<Conversation> {
     Some(c)
 }
 
+/// The prompts to answer, and the rows that gave none.
+struct Prompts {
+    rows: Vec<(Row, Conversation)>,
+    rejects: RejectLog,
+    read: usize,
+}
+
 pub fn run(a: Args) -> Result<()> {
+    a.rejects.on_error()?;
     let format = a.format.as_deref().map(Format::parse).transpose()?;
     let read = read_file(&a.input, format)?;
-    for r in &read.rejects {
-        eprintln!("skipped {r}");
+    let mut rejects = RejectLog::default();
+    rejects.extend(read.rejects);
+    let mut rows = Vec::new();
+    for row in read.rows {
+        match prompt_of(&row.record) {
+            Some(p) => rows.push((row, p)),
+            None => rejects.push(Reject {
+                origin: row.origin,
+                field: None,
+                reason: "no user turn to answer".into(),
+                raw: None,
+            }),
+        }
     }
-    let rows: Vec<(Row, Conversation)> = read
-        .rows
-        .into_iter()
-        .filter_map(|row| {
-            let p = prompt_of(&row.record);
-            if p.is_none() {
-                eprintln!("skipped {}: no user turn to answer", row.origin);
-            }
-            p.map(|p| (row, p))
-        })
-        .collect();
-    if rows.is_empty() {
-        bail!("{} has no prompts to answer", a.input.display());
-    }
+    a.rejects.check(&rejects, rows.len(), read.rows_read)?;
+    let prompts = Prompts {
+        rows,
+        rejects,
+        read: read.rows_read,
+    };
     match a.teacher.strip_prefix("openai:") {
         Some(url) => {
             let client = OpenAiClient::new(OpenAiConfig {
@@ -104,18 +118,18 @@ pub fn run(a: Args) -> Result<()> {
                 max_tokens: a.max_new_tokens,
                 ..Default::default()
             })?;
-            write_answers(&a, &rows, &client)
+            write_answers(&a, prompts, &client)
         }
         None => {
             let device = a.device.clone();
-            dispatch(&device, LocalRun { args: a, rows })
+            dispatch(&device, LocalRun { args: a, prompts })
         }
     }
 }
 
 struct LocalRun {
     args: Args,
-    rows: Vec<(Row, Conversation)>,
+    prompts: Prompts,
 }
 
 impl OnDevice for LocalRun {
@@ -132,13 +146,18 @@ impl OnDevice for LocalRun {
             1.0,
             self.args.seed,
         )?;
-        write_answers(&self.args, &self.rows, &teacher)
+        write_answers(&self.args, self.prompts, &teacher)
     }
 }
 
 /// Answer every prompt (`concurrency` at a time) and write the rows atomically when all
 /// are done; the first request that fails for good stops the run with its row named.
-fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &dyn ChatBackend) -> Result<()> {
+fn write_answers(a: &Args, prompts: Prompts, teacher: &dyn ChatBackend) -> Result<()> {
+    let Prompts {
+        rows,
+        mut rejects,
+        read,
+    } = prompts;
     let bar = ProgressBar::new(rows.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")
@@ -146,7 +165,7 @@ fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &dyn ChatBacke
     );
     bar.set_message("distilling");
     let mut out = String::new();
-    let mut empty = 0usize;
+    let mut answered = 0usize;
     for chunk in rows.chunks(teacher.concurrency().max(1)) {
         let answers: Vec<Result<String>> = std::thread::scope(|s| {
             let handles: Vec<_> = chunk
@@ -177,13 +196,15 @@ fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &dyn ChatBacke
             let answer = answer?.trim().to_string();
             if answer.is_empty() {
                 // Kept out of the SFT data, but reported: nothing is dropped silently.
-                empty += 1;
-                eprintln!(
-                    "{}: the teacher's answer is empty; row left out",
-                    row.origin
-                );
+                rejects.push(Reject {
+                    origin: row.origin.clone(),
+                    field: None,
+                    reason: "the teacher's answer is empty".into(),
+                    raw: None,
+                });
                 continue;
             }
+            answered += 1;
             let mut conv = prompt.clone();
             conv.messages.push(Message::new(ASSISTANT, &answer));
             let (mut v, _) =
@@ -200,17 +221,12 @@ fn write_answers(a: &Args, rows: &[(Row, Conversation)], teacher: &dyn ChatBacke
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    a.rejects.check(&rejects, answered, read)?;
     write_atomic(&a.out, out.as_bytes())?;
     eprintln!(
-        "{} prompts answered by {} -> {}{}",
-        rows.len() - empty,
+        "{answered} prompts answered by {} -> {}",
         a.teacher,
         a.out.display(),
-        if empty > 0 {
-            format!(" ({empty} empty answers left out)")
-        } else {
-            String::new()
-        }
     );
-    Ok(())
+    a.rejects.finish(&rejects, Some(&a.out), read)
 }

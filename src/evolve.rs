@@ -13,6 +13,7 @@ use datasets::evolve::{
 };
 use datasets::formats::Format;
 use datasets::read::read_file;
+use datasets::rejects::RejectLog;
 
 use crate::device::{dispatch, OnDevice};
 
@@ -44,6 +45,8 @@ pub struct EvolveArgs {
     /// openai (any OpenAI-compatible server) or local (a burnish model folder).
     #[arg(long, default_value = "openai")]
     backend: String,
+    #[command(flatten)]
+    rejects: crate::rejects_args::RejectArgs,
     /// Model name on the server (openai), or model folder (local).
     #[arg(long)]
     model: String,
@@ -190,19 +193,14 @@ pub fn local_chat<B: Backend>(
 
 fn execute(a: &EvolveArgs, cfg: &EvolveConfig, backend: &dyn ChatBackend) -> Result<()> {
     let format = a.format.as_deref().map(Format::parse).transpose()?;
+    a.rejects.on_error()?;
     let read = read_file(&a.input, format)?;
-    if !read.rejects.is_empty() {
-        eprintln!(
-            "warning: {} row(s) of {} rejected on read (first: {})",
-            read.rejects.len(),
-            a.input.display(),
-            read.rejects[0]
-        );
-    }
+    let mut rejects = RejectLog::default();
+    rejects.extend(read.rejects);
     let (seeds, skipped) = seeds_from_rows(&read.rows);
-    if skipped > 0 {
-        eprintln!("warning: {skipped} row(s) have no user instruction to evolve; skipped");
-    }
+    rejects.extend(skipped);
+    a.rejects.check(&rejects, seeds.len(), read.rows_read)?;
+    a.rejects.finish(&rejects, Some(&a.out), read.rows_read)?;
     let report = evolve(&seeds, cfg, backend, &a.out, &STOP)?;
     print!("{}", report.summary());
     if let Some(p) = &a.report {

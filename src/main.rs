@@ -10,6 +10,7 @@ mod generate;
 mod launch;
 mod local;
 mod new_model;
+mod rejects_args;
 mod reward_score;
 mod score;
 mod train;

@@ -1,7 +1,7 @@
 //! `burnish score --reward-model DIR --data FILE`: a reward per row, read through the data
 //! pipeline (any supported format) and templated as the reward model was trained.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use std::io::Write;
 use std::path::Path;
@@ -9,6 +9,8 @@ use std::path::Path;
 use checkpoints::export::load_reward_model;
 use datasets::formats::Format;
 use datasets::read::read_file;
+use datasets::records::Reject;
+use datasets::rejects::RejectLog;
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, TokenizedPair, Truncation};
 use models::checkpoint::load_tokenizer;
 use trainers::reward::{batch_rewards, host_rewards, reward_batch};
@@ -23,10 +25,10 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
         multiple_of: models::backend::default_pad_multiple::<B>(device),
     };
     let format = a.format.as_deref().map(Format::parse).transpose()?;
+    a.rejects.on_error()?;
     let read = read_file(&a.data, format)?;
-    for r in &read.rejects {
-        eprintln!("skipped {}: {}", r.origin, r.reason);
-    }
+    let mut rejects = RejectLog::default();
+    rejects.extend(read.rejects);
     let templater = Templater {
         tokenizer: &tok,
         template: tok.template(Some(&a.template))?,
@@ -51,18 +53,21 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
                     margin: None,
                 },
             )),
-            Ok((Tokenized::Prompt(_), _)) => {
-                eprintln!(
-                    "skipped {}: a prompt without a completion has nothing to score",
-                    row.origin
-                )
-            }
-            Err(e) => eprintln!("skipped {}: {e}", row.origin),
+            Ok((Tokenized::Prompt(_), _)) => rejects.push(Reject {
+                origin: row.origin.clone(),
+                field: None,
+                reason: "a prompt without a completion has nothing to score".into(),
+                raw: None,
+            }),
+            Err(e) => rejects.push(Reject {
+                origin: row.origin.clone(),
+                field: None,
+                reason: e.to_string(),
+                raw: None,
+            }),
         }
     }
-    if items.is_empty() {
-        bail!("{}: no row could be scored", a.data.display());
-    }
+    a.rejects.check(&rejects, items.len(), read.rows_read)?;
     let mut out = output(a.out.as_ref())?;
     for chunk in items.chunks(a.batch_size.max(1)) {
         let pairs: Vec<&TokenizedPair> = chunk.iter().map(|(_, _, p)| p).collect();
@@ -78,5 +83,7 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
         }
     }
     out.finish()?;
+    a.rejects
+        .finish(&rejects, a.out.as_deref(), read.rows_read)?;
     Ok(())
 }

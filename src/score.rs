@@ -1,11 +1,16 @@
 //! `burnish score`: summed log-probability of each row's completion given its prompt, or,
 //! with `--reward-model`, a reward model's score of each row (both sides of a pair).
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use clap::Parser;
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use datasets::formats::Format;
+use datasets::read::read_file;
+use datasets::records::Record;
+use datasets::rejects::RejectLog;
 
 use models::checkpoint::{load_model, load_tokenizer};
 use models::scoring::score_completions;
@@ -42,6 +47,8 @@ pub struct Args {
     pub batch_size: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    #[command(flatten)]
+    pub rejects: crate::rejects_args::RejectArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -49,38 +56,26 @@ pub fn run(a: Args) -> Result<()> {
     dispatch(&device, a)
 }
 
-/// Prompt and completion text of every row, with file:line errors for bad rows.
-fn read_rows(path: &PathBuf) -> Result<Vec<(String, String)>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let n = i + 1;
-        let line = line.with_context(|| {
-            format!("{}:{n}: cannot read line (invalid UTF-8?)", path.display())
-        })?;
-        let line = line.trim_start_matches('\u{feff}').trim_end_matches('\r');
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{n}: invalid JSON", path.display()))?;
-        let field = |k: &str| -> Result<String> {
-            match v.get(k) {
-                Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(other) => bail!(
-                    "{}:{n}: field `{k}` must be a string, found {other}",
-                    path.display()
-                ),
-                None => bail!(
-                    "{}:{n}: missing field `{k}` (rows need `prompt` and `completion`)",
-                    path.display()
-                ),
-            }
-        };
-        rows.push((field("prompt")?, field("completion")?));
-    }
-    Ok(rows)
+/// Prompt and completion text of every `{"prompt", "completion"}` row, with its line; the
+/// rows that are not go to `rejects` (file, line, field, reason).
+fn read_rows(
+    path: &Path,
+    rejects: &mut RejectLog,
+) -> Result<(Vec<(usize, String, String)>, usize)> {
+    let read = read_file(path, Some(Format::BedrockPromptCompletion))?;
+    rejects.extend(read.rejects);
+    let rows = read
+        .rows
+        .into_iter()
+        .filter_map(|row| match row.record {
+            Record::Conversation(c) => match c.messages.as_slice() {
+                [p, c] => Some((row.origin.line, p.content.clone(), c.content.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    Ok((rows, read.rows_read))
 }
 
 /// Token ids of the prompt, and of the completion as it tokenizes after the prompt (the
@@ -103,20 +98,24 @@ impl OnDevice for Args {
             .model
             .clone()
             .expect("clap requires --model or --reward-model");
-        let rows = read_rows(&self.data)?;
+        self.rejects.on_error()?;
+        let mut rejects = RejectLog::default();
+        let (rows, read) = read_rows(&self.data, &mut rejects)?;
+        self.rejects.check(&rejects, rows.len(), read)?;
         let (cfg, model) = load_model::<B>(&model_dir, &device)?;
         let tok = load_tokenizer(&model_dir, &cfg)?;
         let ids = rows
             .iter()
-            .map(|(p, c)| split_ids(&tok, p, c))
+            .map(|(_, p, c)| split_ids(&tok, p, c))
             .collect::<Result<Vec<_>>>()?;
         let pad = tok.pad_id.or(cfg.pad_token_id).unwrap_or(0);
         let multiple_of = models::backend::default_pad_multiple::<B>(&device);
         let scores = score_completions(&model, &ids, self.batch_size, pad, multiple_of);
         let mut out = output(self.out.as_ref())?;
-        for (i, s) in scores.iter().enumerate() {
+        for (i, (s, (line, _, _))) in scores.iter().zip(&rows).enumerate() {
             let line = serde_json::json!({
                 "row": i,
+                "line": line,
                 "logprob": s.logprob,
                 "num_tokens": s.num_tokens,
                 "mean_logprob": if s.num_tokens > 0 { s.logprob / s.num_tokens as f64 } else { 0.0 },
@@ -124,7 +123,7 @@ impl OnDevice for Args {
             writeln!(out, "{line}")?;
         }
         out.finish()?;
-        Ok(())
+        self.rejects.finish(&rejects, self.out.as_deref(), read)
     }
 }
 

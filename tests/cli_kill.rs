@@ -198,9 +198,9 @@ fn final_loss(run: &Path) -> f64 {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let last = text
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("loss").is_some())
-        .last()
+        .find(|v| v.get("loss").is_some())
         .unwrap();
     last["loss"].as_f64().unwrap()
 }

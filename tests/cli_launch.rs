@@ -216,3 +216,25 @@ fn losses_if_any(metrics: &Path) -> usize {
         .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
         .unwrap_or(0)
 }
+
+#[test]
+fn a_rank_that_cannot_start_ends_the_job_with_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, took) = launch(
+        tmp.path(),
+        "run",
+        &[("RUST_BACKTRACE", "0")],
+        &["--set", "data.files=[\"/no/such/data.jsonl\"]"],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+    assert!(all.contains("/no/such/data.jsonl"), "{all}");
+    assert!(
+        all.contains("rank 0 failed: cannot read /no/such/data.jsonl"),
+        "{all}"
+    );
+    for needle in ["panicked", "stack backtrace", "internal error", "ERROR"] {
+        assert!(!all.contains(needle), "`{needle}` in:\n{all}");
+    }
+}

@@ -99,6 +99,8 @@ def data_files():
     write(d("nul_bytes.jsonl"), lines(ALPACA) + '{"instruction": "a\u0000b", "output": "c"}\n')
     write(d("dedup_rows.jsonl"), lines(ALPACA, ALPACA, ALPACA2, {"id": 1}, {"id": 2}, "7", "{broken"))
     write(d("good.jsonl"), lines(ALPACA, ALPACA2))
+    write(d("score_rows.jsonl"), lines({"prompt": "a b", "completion": " c"}, {"prompt": "a", "completion": 7},
+                                       {"prompt": "b c", "completion": " d e"}))
 
     c, t = "{corpus}/data/", "{tmp}/"
     inspect = lambda f: ["data", "inspect", c + f]
@@ -369,6 +371,14 @@ def models_and_recipes():
     case("--set without a value", ["train", "--recipe", "{recipes}/model_good_run.toml", "--dry-run", "--set", "train"],
          1, r"--set `train`: expected section\.key=value")
     write(os.path.join(RECIPES, "model_good_run.toml"), recipe_text(good_model))
+    scores = "{tmp}/scores.jsonl"
+    score = ["score", "--model", good_model, "--data", "{corpus}/data/score_rows.jsonl", "--out", scores]
+    case("score with a bad row", score, 0, r"score_rows\.jsonl:2: field `completion`",
+         {scores: "present", "{tmp}/scores.rejects.jsonl": "present"})
+    case("score under --on-error fail", score + ["--on-error", "fail"], 1,
+         r"1 of 3 rows rejected and --on-error fail", {scores: "absent"})
+    case("score a UTF-16 file", ["score", "--model", good_model, "--data", "{corpus}/data/utf16le_bom.jsonl", "--out", scores],
+         1, r"UTF-16", {scores: "absent"})
     case("a good recipe dry-runs", ["train", "--recipe", "{recipes}/model_good_run.toml", "--dry-run"], 0, r"")
 
 

@@ -19,7 +19,7 @@ use super::eliminate::{parse_judgement, EliminationConfig, InfoGain, Reason};
 use super::openai::OpenAiConfig;
 use super::prompts::{Operation, Templates};
 use crate::dedup::minhash::{fmix64, SplitMix};
-use crate::records::{Record, Row, USER};
+use crate::records::{Record, Reject, Row, USER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -154,9 +154,9 @@ pub struct Seed {
 
 /// Instructions from canonical rows: the first user message of a conversation or a prompt
 /// task (preference pairs are not evolved). Returns the seeds and how many rows had none.
-pub fn seeds_from_rows(rows: &[Row]) -> (Vec<Seed>, usize) {
+pub fn seeds_from_rows(rows: &[Row]) -> (Vec<Seed>, Vec<Reject>) {
     let mut out = Vec::new();
-    let mut skipped = 0;
+    let mut skipped = Vec::new();
     for r in rows {
         let conv = match &r.record {
             Record::Conversation(c) => Some(c),
@@ -168,7 +168,12 @@ pub fn seeds_from_rows(rows: &[Row]) -> (Vec<Seed>, usize) {
                 id: r.origin.to_string(),
                 instruction: m.content.clone(),
             }),
-            _ => skipped += 1,
+            _ => skipped.push(Reject {
+                origin: r.origin.clone(),
+                field: None,
+                reason: "no user instruction to evolve".into(),
+                raw: None,
+            }),
         }
     }
     (out, skipped)

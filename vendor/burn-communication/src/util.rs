@@ -29,8 +29,18 @@ pub async fn os_shutdown_signal() {
 }
 
 pub(crate) fn init_logging() {
+    // burnish patch: was INFO (a line per tensor transfer). Off unless BURNISH_COLLECTIVE_LOG
+    // asks (error, warn, info, debug): a lost peer is reported by burnish in one message,
+    // and the transport's own lines about the broken socket only bury it.
+    let level = match std::env::var("BURNISH_COLLECTIVE_LOG").as_deref() {
+        Ok("error") => LevelFilter::ERROR,
+        Ok("warn") => LevelFilter::WARN,
+        Ok("info") => LevelFilter::INFO,
+        Ok("debug") => LevelFilter::DEBUG,
+        _ => LevelFilter::OFF,
+    };
     let layer = tracing_subscriber::fmt::layer()
-        .with_filter(LevelFilter::WARN) // burnish patch: was INFO, a line per tensor transfer
+        .with_filter(level)
         .with_filter(filter_fn(|m| {
             if let Some(path) = m.module_path() {
                 // The wgpu crate is logging too much, so we skip `info` level.
