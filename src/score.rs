@@ -56,12 +56,12 @@ pub fn run(a: Args) -> Result<()> {
     dispatch(&device, a)
 }
 
-/// Prompt and completion text of every `{"prompt", "completion"}` row, with its line; the
-/// rows that are not go to `rejects` (file, line, field, reason).
-fn read_rows(
-    path: &Path,
-    rejects: &mut RejectLog,
-) -> Result<(Vec<(usize, String, String)>, usize)> {
+/// One `{"prompt", "completion"}` row: its line, prompt and completion.
+type ScoreRow = (usize, String, String);
+
+/// Every `{"prompt", "completion"}` row and the count of rows read; the rows that are not
+/// go to `rejects` (file, line, field, reason).
+fn read_rows(path: &Path, rejects: &mut RejectLog) -> Result<(Vec<ScoreRow>, usize)> {
     let read = read_file(path, Some(Format::BedrockPromptCompletion))?;
     rejects.extend(read.rejects);
     let rows = read

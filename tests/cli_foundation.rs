@@ -143,7 +143,15 @@ fn clear_errors_without_panics() {
         "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"}\n",
     )
     .unwrap();
-    let e = err(&["score", "--model", m, "--data", data.to_str().unwrap()]);
+    let e = err(&[
+        "score",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--on-error",
+        "fail",
+    ]);
     assert!(e.contains("bad.jsonl:2") && e.contains("completion"), "{e}");
     std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"\n").unwrap();
     let e = err(&["score", "--model", m, "--data", data.to_str().unwrap()]);

@@ -123,11 +123,21 @@ fn a_local_teacher_answers_and_bad_teachers_are_named() {
         "6",
     ]);
     let text = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{text}");
-    // A random teacher may say nothing: such rows are reported, never silently dropped.
-    let answered = read_rows(&out).len();
-    let empty = text.matches("answer is empty").count();
-    assert_eq!(answered + empty, 2, "{text}");
+    // A random teacher may say nothing: such rows are rejects, never silently dropped; when
+    // no row is left the run fails and writes nothing.
+    let empty = text
+        .lines()
+        .filter(|l| l.starts_with("rejected ") && l.contains("answer is empty"))
+        .count();
+    if run.status.success() {
+        assert_eq!(read_rows(&out).len() + empty, 2, "{text}");
+    } else {
+        assert!(
+            text.contains("no row is left to write") && empty == 2,
+            "{text}"
+        );
+        assert!(!out.exists());
+    }
 
     let e = err(&[
         "data",
