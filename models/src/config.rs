@@ -57,7 +57,17 @@ pub struct ModelConfig {
     /// `*ForSequenceClassification` with one label: a reward model (scalar `score` head
     /// on the last non-padding token, no LM head).
     pub reward_head: bool,
+    /// Sliding-window attention: a query sees the last `size` keys (itself included) in the
+    /// layers marked true (Mistral: all; Qwen2 with `use_sliding_window`: from
+    /// `max_window_layers` on; or as `layer_types` lists them).
+    pub sliding_window: Option<SlidingWindow>,
     pub raw: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    pub layers: Vec<bool>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -84,6 +94,43 @@ struct RawFields {
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     pad_token_id: Option<Value>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+}
+
+/// Which layers attend through a window, as transformers reads the config: `layer_types`
+/// when given; else Mistral windows every layer when `sliding_window` is set, Qwen2 the
+/// layers from `max_window_layers` (default 28) on when `use_sliding_window`; Llama none.
+fn sliding_window(f: &RawFields, model_type: &str, layers: usize) -> Result<Option<SlidingWindow>> {
+    let Some(size) = f.sliding_window else {
+        return Ok(None);
+    };
+    if size == 0 {
+        bail!("field `sliding_window` must be positive, found 0");
+    }
+    let windowed: Vec<bool> = match &f.layer_types {
+        Some(types) => {
+            if types.len() != layers {
+                bail!(
+                    "field `layer_types` lists {} layers, num_hidden_layers is {layers}",
+                    types.len()
+                );
+            }
+            types.iter().map(|t| t == "sliding_attention").collect()
+        }
+        None if model_type == "mistral" => vec![true; layers],
+        None if model_type == "qwen2" && f.use_sliding_window == Some(true) => {
+            let from = f.max_window_layers.unwrap_or(28);
+            (0..layers).map(|i| i >= from).collect()
+        }
+        None => vec![false; layers],
+    };
+    Ok(windowed.iter().any(|&w| w).then_some(SlidingWindow {
+        size,
+        layers: windowed,
+    }))
 }
 
 fn supported_list() -> String {
@@ -221,11 +268,13 @@ impl ModelConfig {
             .unwrap_or(10000.0);
         let is_qwen2 = model_type == "qwen2";
         let attention_bias = f.attention_bias.unwrap_or(false);
+        let num_hidden_layers = need("num_hidden_layers", f.num_hidden_layers)?;
+        let sliding_window = sliding_window(&f, &model_type, num_hidden_layers)?;
         Ok(Self {
             vocab_size: need("vocab_size", f.vocab_size)?,
             hidden_size,
             intermediate_size: need("intermediate_size", f.intermediate_size)?,
-            num_hidden_layers: need("num_hidden_layers", f.num_hidden_layers)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -241,6 +290,7 @@ impl ModelConfig {
             eos_token_ids: token_ids(&f.eos_token_id),
             pad_token_id: token_ids(&f.pad_token_id).first().copied(),
             reward_head,
+            sliding_window,
             model_type,
             raw,
         })
@@ -366,5 +416,43 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 2]);
         assert_eq!(c.head_dim, 16);
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3(_)));
+    }
+
+    #[test]
+    fn sliding_windows_are_read_as_transformers_reads_them() {
+        let cfg = |model_type: &str, extra: &str| {
+            ModelConfig::from_json_str(&format!(
+                r#"{{"model_type":"{model_type}","hidden_size":8,"intermediate_size":16,"num_attention_heads":2,
+                    "num_hidden_layers":4,"vocab_size":10{extra}}}"#
+            ))
+            .unwrap()
+            .sliding_window
+        };
+        let window = |size, layers: [bool; 4]| {
+            Some(SlidingWindow {
+                size,
+                layers: layers.to_vec(),
+            })
+        };
+        assert_eq!(
+            cfg("mistral", r#","sliding_window":5"#),
+            window(5, [true; 4])
+        );
+        assert_eq!(cfg("mistral", r#","sliding_window":null"#), None);
+        assert_eq!(
+            cfg("qwen2", r#","sliding_window":5"#),
+            None,
+            "use_sliding_window is off"
+        );
+        assert_eq!(
+            cfg(
+                "qwen2",
+                r#","sliding_window":5,"use_sliding_window":true,"max_window_layers":2"#
+            ),
+            window(5, [false, false, true, true])
+        );
+        let types = r#","sliding_window":3,"layer_types":["sliding_attention","full_attention","sliding_attention","full_attention"]"#;
+        assert_eq!(cfg("llama", types), window(3, [true, false, true, false]));
+        assert_eq!(cfg("llama", ""), None);
     }
 }

@@ -52,6 +52,9 @@ pub struct CausalLm<B: Backend> {
     pub value_head: Option<Proj<B>>,
     #[module(skip)]
     pub inv_freq: Vec<f32>,
+    /// Sliding-window attention, when the config has it.
+    #[module(skip)]
+    pub sliding_window: Option<crate::config::SlidingWindow>,
 }
 
 /// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]` each.
@@ -274,13 +277,27 @@ impl<B: Backend> CausalLm<B> {
         let rope = RopeTables::new(&self.inv_freq, input.positions);
         let mut x = self.embed(input.ids);
         let (past, capacity) = cache.as_ref().map_or((0, 0), |c| (c.len, c.capacity));
+        let windowed = self.sliding_window.as_ref().map(|w| {
+            let [_, _, tq, tk] = input.mask.dims();
+            input.mask.clone().bool_or(crate::mask::outside_window(
+                w.size,
+                past,
+                tq,
+                tk,
+                &input.mask.device(),
+            ))
+        });
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| CacheSlot {
                 kv: &mut c.layers[i],
                 past,
                 capacity,
             });
-            x = layer.forward(x, &rope, input.mask.clone(), slot);
+            let mask = match (&windowed, &self.sliding_window) {
+                (Some(m), Some(w)) if w.layers[i] => m.clone(),
+                _ => input.mask.clone(),
+            };
+            x = layer.forward(x, &rope, mask, slot);
         }
         if let Some(c) = cache {
             c.len = past + t;
@@ -556,6 +573,7 @@ impl<B: Backend> CausalLm<B> {
             score,
             value_head: None,
             inv_freq: rope_inv_freq(cfg),
+            sliding_window: cfg.sliding_window.clone(),
         })
     }
 

@@ -66,6 +66,25 @@ impl AttentionLayout {
     }
 }
 
+/// `[1, 1, tq, tk]`, true where key `j` is `size` or more slots behind query `i` (at slot
+/// `q_offset + i`): what sliding-window attention blocks on top of the layout's mask.
+/// Slots, not position ids, measure the distance, as transformers does (left padding and
+/// packing keep distances within a sequence the same).
+pub fn outside_window<B: Backend>(
+    size: usize,
+    q_offset: usize,
+    tq: usize,
+    tk: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let mut blocked = Vec::with_capacity(tq * tk);
+    for i in 0..tq {
+        let qi = q_offset + i;
+        blocked.extend((0..tk).map(|j| qi >= j + size));
+    }
+    Tensor::from_data(TensorData::new(blocked, [1, 1, tq, tk]), device)
+}
+
 /// HF's position ids for a padded batch: `cumsum(mask) - 1`, with padding set to 1.
 pub fn positions_from_attention_mask(mask: &[Vec<u8>]) -> Vec<Vec<i64>> {
     mask.iter()

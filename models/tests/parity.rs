@@ -11,7 +11,12 @@ use models::{CausalLm, ForwardInput};
 use serde_json::Value;
 use std::path::PathBuf;
 
-const MODELS: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral"];
+const MODELS: &[&str] = &[
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-mistral-swa",
+];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

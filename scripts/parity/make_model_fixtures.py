@@ -6,12 +6,14 @@ Writes, with transformers + torch on CPU:
       tiny-llama:   f32, sharded (model.safetensors.index.json), GQA, untied, llama3 rope_scaling
       tiny-qwen2:   bf16 on disk, q/k/v bias, tied embeddings
       tiny-mistral: f16 on disk, untied, no GQA
+      tiny-mistral-swa: f32, sliding_window 5 (shorter than the 12-token inputs and the
+          generations, so the window decides the logits)
   tests/fixtures/models/<name>/expected.json: input ids, logits (f32, computed from the
       weights as stored on disk), logits of a left-padded batch, and greedy continuations.
   tests/fixtures/tokenizer/phi3_expected.json: ids for strings and rendered chat templates
       (the tokenizer's own template and burnish's built-in ones in models/templates/).
 
-Usage: python3 scripts/parity/make_model_fixtures.py   (pip install torch transformers jinja2)
+Usage: python3 scripts/parity/make_model_fixtures.py [--only NAME]   (pip install torch transformers jinja2)
 """
 import json
 import os
@@ -88,21 +90,41 @@ def build(name, cls, cfg, dtype, shard):
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params, greedy {greedy}")
 
 
-def models():
-    build("tiny-llama", LlamaForCausalLM,
+def models(only=None):
+    for name, (args, kw) in MODELS.items():
+        if only in (None, name):
+            build(name, *args, **kw)
+
+
+MODELS = {}
+
+
+def model(name, *args, **kw):
+    MODELS[name] = (args, kw)
+
+
+def _register():
+    model("tiny-llama", LlamaForCausalLM,
           LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                       rope_theta=10000.0,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
           torch.float32, shard=True)
-    build("tiny-qwen2", Qwen2ForCausalLM,
+    model("tiny-qwen2", Qwen2ForCausalLM,
           Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       rope_theta=1000000.0, use_sliding_window=False),
           torch.bfloat16, shard=False)
-    build("tiny-mistral", MistralForCausalLM,
+    model("tiny-mistral", MistralForCausalLM,
           MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
                         sliding_window=None),
           torch.float16, shard=False)
+    model("tiny-mistral-swa", MistralForCausalLM,
+          MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                        sliding_window=5),
+          torch.float32, shard=False)
+
+
+_register()
 
 
 CONVERSATIONS = [
@@ -150,6 +172,9 @@ def tokenizer():
 
 
 if __name__ == "__main__":
+    import sys
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    models()
-    tokenizer()
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    models(only)
+    if only is None:
+        tokenizer()
