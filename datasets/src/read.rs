@@ -5,6 +5,7 @@
 //! skipped and not counted. Line numbers are 1-based physical lines for JSONL, the element
 //! index + 1 for JSON arrays, and the row index + 1 for Parquet.
 
+use crate::formats::fields::type_name;
 use crate::formats::parquet_rows::batch_rows;
 use crate::formats::{
     classify_row, detect, parse_row, row_note, truncate_raw, Format, DETECT_ROWS,
@@ -444,7 +445,7 @@ pub fn read_raw(path: &Path) -> Result<RawRead> {
             Ok(value) => out.rejects.push(Reject {
                 origin,
                 field: None,
-                reason: format!("a row must be a JSON object, found {}", json_kind(&value)),
+                reason: format!("a row must be a JSON object, found {}", type_name(&value)),
                 raw: raw.or_else(|| Some(truncate_raw(&value.to_string()))),
             }),
             Err(fault) => out.rejects.push(Reject {
@@ -459,15 +460,4 @@ pub fn read_raw(path: &Path) -> Result<RawRead> {
         bail!("{} is empty: it holds no rows", path.display());
     }
     Ok(out)
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }

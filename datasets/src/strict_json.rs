@@ -7,6 +7,8 @@ use serde::Deserializer;
 use serde_json::{Map, Number, Value};
 use std::fmt;
 
+use crate::formats::fields::type_name;
+
 /// Parses one JSON document; a repeated key fails with `duplicate key `name``.
 pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -25,19 +27,8 @@ pub fn array_from_slice(bytes: &[u8]) -> serde_json::Result<Vec<Value>> {
         Value::Array(items) => Ok(items),
         other => Err(serde_json::Error::custom(format!(
             "expected a JSON array, found {}",
-            kind(&other)
+            type_name(&other)
         ))),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -38,12 +38,36 @@ impl DeviceSpec {
     pub fn ensure_available(self) -> Result<Self> {
         match self {
             Self::Cpu => Ok(self),
-            Self::Cuda(_) if cfg!(feature = "cuda") => Ok(self),
+            Self::Cuda(_) if cfg!(feature = "cuda") => {
+                if !cuda_driver_present() {
+                    bail!(
+                        "--device cuda: the NVIDIA driver library (libcuda.so) cannot be loaded; this machine has no usable GPU, \
+                         or the driver is not on LD_LIBRARY_PATH (use --device cpu)"
+                    );
+                }
+                Ok(self)
+            }
             Self::Cuda(_) => bail!(
                 "this burnish binary was built without CUDA support; rebuild with `cargo build --release --features cuda`, or use `--device cpu`"
             ),
         }
     }
+}
+
+/// Whether the CUDA driver library loads: cudarc panics (on a runtime thread) when it does not.
+fn cuda_driver_present() -> bool {
+    ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
+        let name = std::ffi::CString::new(*name).expect("no NUL");
+        // SAFETY: dlopen with a valid C string; the handle is closed again at once.
+        unsafe {
+            let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY);
+            if handle.is_null() {
+                return false;
+            }
+            libc::dlclose(handle);
+            true
+        }
+    })
 }
 
 #[cfg(feature = "cuda")]

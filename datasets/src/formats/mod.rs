@@ -14,7 +14,7 @@ pub mod alpaca;
 pub mod bedrock;
 mod chat;
 mod detect;
-mod fields;
+pub(crate) mod fields;
 pub mod parquet_rows;
 mod preference;
 pub mod prompt_answer;
