@@ -278,14 +278,10 @@ impl<B: Backend> CausalLm<B> {
         let mut x = self.embed(input.ids);
         let (past, capacity) = cache.as_ref().map_or((0, 0), |c| (c.len, c.capacity));
         let windowed = self.sliding_window.as_ref().map(|w| {
-            let [_, _, tq, tk] = input.mask.dims();
-            input.mask.clone().bool_or(crate::mask::outside_window(
-                w.size,
-                past,
-                tq,
-                tk,
-                &input.mask.device(),
-            ))
+            let dims = input.mask.dims();
+            let band =
+                crate::mask::outside_window(w.size, past, dims[2], dims[3], &input.mask.device());
+            input.mask.clone().bool_or(band.expand(dims))
         });
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| CacheSlot {
