@@ -52,25 +52,39 @@ pub fn parse_devices(list: &str, local_rank: Option<usize>) -> Result<Vec<Device
     Ok(specs)
 }
 
-pub fn dispatch_train<C: OnTrainDevice>(specs: &[DeviceSpec], cmd: C) -> Result<C::Output> {
+/// Runs `cmd` on the training backend of `specs`; with `checkpointing`, the autodiff
+/// backend recomputes memory-bound activations in the backward pass (see
+/// [`models::backend::Checkpointing`]).
+pub fn dispatch_train<C: OnTrainDevice>(
+    specs: &[DeviceSpec],
+    checkpointing: bool,
+    cmd: C,
+) -> Result<C::Output> {
+    use models::backend as b;
     match specs.first() {
         None => anyhow::bail!("no device given"),
         Some(DeviceSpec::Cpu) => {
-            cmd.run::<models::backend::CpuTrain>(vec![Default::default(); specs.len()])
+            let devices = vec![Default::default(); specs.len()];
+            match checkpointing {
+                true => cmd.run::<b::CpuTrainCheckpointed>(devices),
+                false => cmd.run::<b::CpuTrain>(devices),
+            }
         }
         #[cfg(feature = "cuda")]
         Some(DeviceSpec::Cuda(_)) => {
             // Train commands configure it first with the recipe's autotune level.
             models::kernel_cache::configure(None)?;
-            cmd.run::<models::backend::GpuTrain>(
-                specs
-                    .iter()
-                    .map(|d| match d {
-                        DeviceSpec::Cuda(i) => models::backend::cuda_device(*i),
-                        DeviceSpec::Cpu => unreachable!("checked by parse_devices"),
-                    })
-                    .collect(),
-            )
+            let devices: Vec<_> = specs
+                .iter()
+                .map(|d| match d {
+                    DeviceSpec::Cuda(i) => b::cuda_device(*i),
+                    DeviceSpec::Cpu => unreachable!("checked by parse_devices"),
+                })
+                .collect();
+            match checkpointing {
+                true => cmd.run::<b::GpuTrainCheckpointed>(devices),
+                false => cmd.run::<b::GpuTrain>(devices),
+            }
         }
         #[cfg(not(feature = "cuda"))]
         Some(DeviceSpec::Cuda(_)) => {

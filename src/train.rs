@@ -135,8 +135,10 @@ pub fn run(a: Args) -> Result<()> {
     if devices.iter().any(|d| *d != DeviceSpec::Cpu) {
         models::kernel_cache::configure(recipe.train.autotune_level)?;
     }
+    let checkpointing = recipe.train.gradient_checkpointing;
     let outcome = dispatch_train(
         &devices,
+        checkpointing,
         Run {
             recipe,
             resume: a.resume,

@@ -7,10 +7,17 @@ use std::str::FromStr;
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuTrain = burn::backend::Autodiff<Cpu>;
+/// burn-autodiff's balanced checkpointing: the outputs of memory-bound operations
+/// (elementwise: activations, norms, softmax pieces) are recomputed in the backward pass
+/// instead of kept; matmul outputs are kept. `[train] gradient_checkpointing = true`.
+pub type Checkpointing = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+pub type CpuTrainCheckpointed = burn::backend::Autodiff<Cpu, Checkpointing>;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda;
 #[cfg(feature = "cuda")]
 pub type GpuTrain = burn::backend::Autodiff<Gpu>;
+#[cfg(feature = "cuda")]
+pub type GpuTrainCheckpointed = burn::backend::Autodiff<Gpu, Checkpointing>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {

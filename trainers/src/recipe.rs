@@ -216,6 +216,11 @@ pub struct TrainSection {
     /// full); `BURNISH_AUTOTUNE_LEVEL` overrides it. Unset: cubecl's default (balanced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autotune_level: Option<models::kernel_cache::AutotuneLevel>,
+    /// Recompute memory-bound activations (elementwise ops, norms) in the backward pass
+    /// instead of keeping them (burn-autodiff's balanced checkpointing): TRL's name. Matmul
+    /// outputs are still kept, so this is not per-layer recomputation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
     #[serde(default = "default_schedule")]
@@ -503,6 +508,7 @@ impl Recipe {
         // Shapes and kernel choices, not the math: a run may resume with other ones.
         r.train.pad_to_multiple_of = None;
         r.train.autotune_level = None;
+        r.train.gradient_checkpointing = false;
         let text = toml::to_string(&r).unwrap_or_default();
         blake3_hex(text.as_bytes())
     }

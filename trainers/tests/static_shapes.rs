@@ -240,6 +240,106 @@ fn bucketed_eval_batches_give_every_method_its_exact_loss() {
     });
 }
 
+/// Every gradient of `model`'s trainable parameters, in visiting order (the same order for
+/// two models built the same way, whatever their backend).
+fn gradients_in_order<B: burn::tensor::backend::AutodiffBackend>(
+    model: &CausalLm<B>,
+    grads: &burn::optim::GradientsParams,
+) -> Vec<Vec<f32>> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Collect<'a> {
+        grads: &'a burn::optim::GradientsParams,
+        out: Vec<Vec<f32>>,
+    }
+    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+                self.out
+                    .push(g.into_data().convert::<f32>().to_vec().unwrap());
+            }
+        }
+    }
+    let mut c = Collect { grads, out: vec![] };
+    model.visit(&mut c);
+    c.out
+}
+
+/// The gradients of one step of `method` on the tiny model with LoRA on every linear
+/// layer, on autodiff backend `B`.
+fn lora_step<B, M>(make: impl Fn() -> M) -> (f64, Vec<Vec<f32>>)
+where
+    B: burn::tensor::backend::AutodiffBackend,
+    M: Method<B>,
+{
+    let settings = models::lora::LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+        use_rslora: false,
+    };
+    let model = load_model::<B>(tiny_model(), &Default::default())
+        .unwrap()
+        .1
+        .with_lora(&settings, 9)
+        .unwrap();
+    let mut m = make();
+    let batches = m.next_step(&model, 2).unwrap().unwrap();
+    let step = accumulate_gradients(&model, &m, &batches).unwrap();
+    (step.loss, gradients_in_order(&model, &step.grads))
+}
+
+#[test]
+fn gradient_checkpointing_changes_no_gradient() {
+    use models::backend::CpuTrainCheckpointed;
+    let vocab = model().vocab_size();
+    let rows = sft_rows(6, vocab);
+    let pairs = pairs(6, vocab);
+    let sft = || Sft::new(rows.clone(), vec![], shapes(exact())).unwrap();
+    let plain_sft = lora_step::<CpuTrain, _>(sft);
+    let kept_sft = lora_step::<CpuTrainCheckpointed, _>(sft);
+    let dpo_plain = lora_step::<CpuTrain, _>(|| {
+        let s = DpoSettings::default();
+        Dpo::new(
+            pairs.clone(),
+            vec![],
+            shapes(exact()),
+            s,
+            Reference::BaseOfAdapters,
+        )
+        .unwrap()
+    });
+    let dpo_kept = lora_step::<CpuTrainCheckpointed, _>(|| {
+        let s = DpoSettings::default();
+        Dpo::new(
+            pairs.clone(),
+            vec![],
+            shapes(exact()),
+            s,
+            Reference::BaseOfAdapters,
+        )
+        .unwrap()
+    });
+    for (what, (a, b)) in [
+        ("sft", (plain_sft, kept_sft)),
+        ("dpo", (dpo_plain, dpo_kept)),
+    ] {
+        assert_close(&format!("{what} loss"), a.0, b.0, 1e-6);
+        assert_eq!(a.1.len(), b.1.len(), "{what}: trainable tensors");
+        assert!(a.1.len() > 10, "{what}: LoRA adapters have gradients");
+        let largest = a.1.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        let diff =
+            a.1.iter()
+                .zip(&b.1)
+                .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+                .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-5 * largest.max(1.0),
+            "{what}: gradients differ by {diff} (largest {largest})"
+        );
+    }
+}
+
 #[test]
 fn bucketed_rollout_batches_give_the_exact_token_outputs_and_grpo_loss() {
     let model = model().with_value_head(0.5, 3).valid();
