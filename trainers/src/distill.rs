@@ -350,13 +350,9 @@ impl<B: AutodiffBackend> Distill<B> {
     }
 
     fn batch(&self, rows: &[usize], eval: bool) -> DistillBatch {
-        let (from, capacity) = if eval {
-            (&self.eval, self.shape.eval_batch)
-        } else {
-            (&self.train, self.shape.micro_batch)
-        };
+        let from = if eval { &self.eval } else { &self.train };
         let picked: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
-        let batch = collate_sft(&picked, self.shape.pad, capacity);
+        let batch = collate_sft(&picked, self.shape.pad, self.shape.capacity(eval));
         let teacher = match &self.teacher {
             TeacherSource::Online(m) => teacher_targets(m, &batch, self.loss.temperature, None),
             TeacherSource::Cached {

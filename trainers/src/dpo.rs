@@ -308,12 +308,7 @@ impl<B: AutodiffBackend> Dpo<B> {
     fn batch(&self, idx: &[usize], eval: bool, policy: &CausalLm<B>) -> PairBatch {
         let from = if eval { &self.eval } else { &self.train };
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        let capacity = if eval {
-            self.shape.eval_batch
-        } else {
-            self.shape.micro_batch
-        };
-        let (rows, lengths) = collate_pairs(&pairs, self.shape.pad, capacity);
+        let (rows, lengths) = collate_pairs(&pairs, self.shape.pad, self.shape.capacity(eval));
         let slots = lengths.len() / 2;
         let reference = match &self.reference {
             Reference::None => None,

@@ -70,6 +70,15 @@ pub struct BatchShape {
 }
 
 impl BatchShape {
+    /// Rows a training (or, with `eval`, held-out) batch holds: what static shapes fill up to.
+    pub fn capacity(&self, eval: bool) -> usize {
+        if eval {
+            self.eval_batch
+        } else {
+            self.micro_batch
+        }
+    }
+
     /// Batches padded to their longest row only, with the rows they hold (the CPU default).
     pub fn exact(micro_batch: usize, eval_batch: usize, pad_id: u32, seed: u64) -> Self {
         Self {

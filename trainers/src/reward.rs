@@ -131,13 +131,9 @@ impl Reward {
     }
 
     fn batch(&self, idx: &[usize], eval: bool) -> RewardBatch {
-        let (from, capacity) = if eval {
-            (&self.eval, self.shape.eval_batch)
-        } else {
-            (&self.train, self.shape.micro_batch)
-        };
+        let from = if eval { &self.eval } else { &self.train };
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        reward_batch(&pairs, self.shape.pad, capacity)
+        reward_batch(&pairs, self.shape.pad, self.shape.capacity(eval))
     }
 }
 

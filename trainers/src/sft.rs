@@ -34,13 +34,9 @@ impl Sft {
     }
 
     fn collate(&self, rows: &[usize], eval: bool) -> SftBatch {
-        let (from, capacity) = if eval {
-            (&self.eval, self.shape.eval_batch)
-        } else {
-            (&self.train, self.shape.micro_batch)
-        };
+        let from = if eval { &self.eval } else { &self.train };
         let rows: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
-        collate_sft(&rows, self.shape.pad, capacity)
+        collate_sft(&rows, self.shape.pad, self.shape.capacity(eval))
     }
 }
 
