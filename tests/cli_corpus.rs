@@ -16,8 +16,7 @@ fn corpus() -> PathBuf {
     root().join("tests/corpus")
 }
 
-/// Copies `from` to `to`, replacing the placeholders in every file (recipes name corpus
-/// files and temporary directories).
+/// Copies every file of `from` into `to` with its placeholders replaced by `subst`.
 fn copy_substituted(from: &Path, to: &Path, subst: &dyn Fn(&str) -> String) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

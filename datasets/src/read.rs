@@ -75,9 +75,6 @@ pub fn read_file(path: &Path, format: Option<Format>) -> Result<ReadOutput> {
             None => break,
         }
     }
-    if head.is_empty() {
-        bail!("{} is empty: it holds no rows", path.display());
-    }
     let sample: Vec<Value> = head
         .iter()
         .filter_map(|r| r.value.as_ref().ok().cloned())
@@ -178,7 +175,17 @@ fn unparsable_hint(head: &[SourceRow]) -> String {
     }
 }
 
+/// The rows of a file of any container; a file without any (blank lines only, or nothing)
+/// is an error saying so.
 fn open_rows(path: &Path) -> Result<SourceRows> {
+    let mut rows = open_container(path)?.peekable();
+    if rows.peek().is_none() {
+        bail!("{} is empty: it holds no rows", path.display());
+    }
+    Ok(Box::new(rows))
+}
+
+fn open_container(path: &Path) -> Result<SourceRows> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
@@ -455,9 +462,6 @@ pub fn read_raw(path: &Path) -> Result<RawRead> {
                 raw,
             }),
         }
-    }
-    if out.rows.is_empty() && out.rejects.is_empty() {
-        bail!("{} is empty: it holds no rows", path.display());
     }
     Ok(out)
 }

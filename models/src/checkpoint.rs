@@ -51,19 +51,23 @@ pub fn load_model_quantized<B: Backend>(
     let cfg = load_config(dir)?;
     let mut reader = SafetensorsReader::open_dir(dir)?;
     let model = CausalLm::from_source_quantized(&cfg, &mut reader, device, quantization)?;
-    let unused = reader.unused();
-    if !unused.is_empty() {
-        let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
-        eprintln!(
-            "warning: {} tensor(s) in {} are not used by {}: {}{}",
-            unused.len(),
-            dir.display(),
-            cfg.model_type,
-            shown.join(", "),
-            if unused.len() > 5 { ", ..." } else { "" }
-        );
-    }
+    warn_unused(dir, &cfg, &reader.unused());
     Ok((cfg, model))
+}
+
+fn warn_unused(dir: &Path, cfg: &ModelConfig, unused: &[String]) {
+    if unused.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+    eprintln!(
+        "warning: {} tensor(s) in {} are not used by {}: {}{}",
+        unused.len(),
+        dir.display(),
+        cfg.model_type,
+        shown.join(", "),
+        if unused.len() > 5 { ", ..." } else { "" }
+    );
 }
 
 /// Reads the safetensors headers of a model directory (no tensor data) and checks them
@@ -72,16 +76,7 @@ pub fn load_model_quantized<B: Backend>(
 pub fn check_weights(dir: &Path, cfg: &ModelConfig) -> Result<usize> {
     let reader = SafetensorsReader::open_dir(dir)?;
     let expected = crate::llama::hf_tensor_shapes(cfg);
-    let extra = reader.check(&expected)?;
-    if !extra.is_empty() {
-        eprintln!(
-            "warning: {} tensor(s) in {} are not used by {}: {}",
-            extra.len(),
-            dir.display(),
-            cfg.model_type,
-            extra.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-        );
-    }
+    warn_unused(dir, cfg, &reader.check(&expected)?);
     Ok(expected.len())
 }
 

@@ -56,11 +56,32 @@ pub fn cubecl_dir() -> PathBuf {
 /// none).
 const COMPILED: &str = "[Compiling kernel]";
 
-/// Kernels compiled according to a cubecl compilation log.
-pub fn count_compiled(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .map(|t| t.lines().filter(|l| l.starts_with(COMPILED)).count())
-        .unwrap_or(0)
+/// A running count of the kernels a compilation log records: each call reads only what the
+/// log gained since the last (the training loop asks every step).
+#[derive(Default)]
+pub struct CompileCount {
+    /// Bytes of the log already counted (up to the last complete line).
+    read: u64,
+    kernels: usize,
+}
+
+impl CompileCount {
+    pub fn update(&mut self, log: &Path) -> usize {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut new = Vec::new();
+        let read = std::fs::File::open(log).and_then(|mut f| {
+            f.seek(SeekFrom::Start(self.read))?;
+            f.read_to_end(&mut new)
+        });
+        if read.is_ok() {
+            // A line still being written is counted next time.
+            let complete = new.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let text = String::from_utf8_lossy(&new[..complete]);
+            self.kernels += text.lines().filter(|l| l.starts_with(COMPILED)).count();
+            self.read += complete as u64;
+        }
+        self.kernels
+    }
 }
 
 /// This process's compilation log, once [`configure`] set one up.
@@ -88,7 +109,13 @@ pub fn configure(level: Option<AutotuneLevel>) -> Result<()> {
 
 /// Kernels this process has compiled so far; None where nothing compiles per shape.
 pub fn kernels_compiled() -> Option<usize> {
-    LOG.get()?.as_deref().map(count_compiled)
+    static COUNT: std::sync::Mutex<CompileCount> = std::sync::Mutex::new(CompileCount {
+        read: 0,
+        kernels: 0,
+    });
+    let log = LOG.get()?.as_deref()?;
+    let mut count = COUNT.lock().unwrap_or_else(|e| e.into_inner());
+    Some(count.update(log))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -156,11 +183,18 @@ mod tests {
         let log = dir.path().join("compile.log");
         std::fs::write(
             &log,
-            "[Compiling kernel] matmul\n[Compiling kernel] add\nsomething else\n",
+            "[Compiling kernel] matmul\n[Compiling kernel] add\nsomething else\n[Compiling",
         )
         .unwrap();
-        assert_eq!(count_compiled(&log), 2);
-        assert_eq!(count_compiled(&dir.path().join("missing.log")), 0);
+        let mut count = CompileCount::default();
+        assert_eq!(count.update(&log), 2);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b" kernel] mul\n").unwrap();
+        assert_eq!(count.update(&log), 3, "the line finished since counts once");
+        assert_eq!(
+            CompileCount::default().update(&dir.path().join("missing.log")),
+            0
+        );
     }
 
     #[test]

@@ -172,24 +172,15 @@ impl SafetensorsReader {
     /// dtype burnish reads, and every tensor's byte range as long as its shape and dtype
     /// need. Returns the names present but not expected (warned about by loading).
     pub fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<Vec<String>> {
-        let file = |e: &Entry| self.files[e.file].0.display().to_string();
         let mut names: Vec<&String> = self.entries.keys().collect();
         names.sort();
         for name in names {
             let e = &self.entries[name];
-            let width = match e.dtype {
-                Dtype::F32 => 4,
-                Dtype::BF16 | Dtype::F16 => 2,
-                other => bail!(
-                    "tensor `{name}` in {} has dtype {other:?}; expected F32, BF16 or F16",
-                    file(e)
-                ),
-            };
-            let need = e.shape.iter().product::<usize>() * width;
+            let need = e.shape.iter().product::<usize>() * self.element_bytes(name, e)?;
             if e.end - e.start != need {
                 bail!(
                     "tensor `{name}` in {}: its header says shape {:?} ({need} bytes as {:?}) but gives it {} bytes; the file is corrupt",
-                    file(e),
+                    self.file_of(e).display(),
                     e.shape,
                     e.dtype,
                     e.end - e.start
@@ -205,20 +196,42 @@ impl SafetensorsReader {
             if &e.shape != shape {
                 bail!(
                     "tensor `{name}` in {} has shape {:?}, but config.json implies {shape:?}; the weights do not match the config",
-                    file(e),
+                    self.file_of(e).display(),
                     e.shape
                 );
             }
         }
-        let known: HashSet<&String> = expected.iter().map(|(n, _)| n).collect();
-        let mut extra: Vec<String> = self
+        let known: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        Ok(self.names_except(|k| known.contains(k)))
+    }
+
+    fn file_of(&self, e: &Entry) -> &Path {
+        &self.files[e.file].0
+    }
+
+    /// Bytes per element of a tensor's dtype; only the float dtypes burnish reads.
+    fn element_bytes(&self, name: &str, e: &Entry) -> Result<usize> {
+        match e.dtype {
+            Dtype::F32 => Ok(4),
+            Dtype::BF16 | Dtype::F16 => Ok(2),
+            other => bail!(
+                "tensor `{name}` in {} has dtype {other:?}; expected F32, BF16 or F16",
+                self.file_of(e).display()
+            ),
+        }
+    }
+
+    /// Sorted names of the tensors `known` does not claim, besides buffers such as RoPE's
+    /// `inv_freq` that transformers itself ignores.
+    fn names_except(&self, known: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut v: Vec<String> = self
             .entries
             .keys()
-            .filter(|k| !known.contains(k) && !k.ends_with("rotary_emb.inv_freq"))
+            .filter(|k| !known(k) && !k.ends_with("rotary_emb.inv_freq"))
             .cloned()
             .collect();
-        extra.sort();
-        Ok(extra)
+        v.sort();
+        v
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -232,14 +245,7 @@ impl SafetensorsReader {
     /// Names present in the files that nothing has read (besides buffers such as RoPE's
     /// `inv_freq` that transformers itself ignores).
     pub fn unused(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .entries
-            .keys()
-            .filter(|k| !self.taken.contains(*k) && !k.ends_with("rotary_emb.inv_freq"))
-            .cloned()
-            .collect();
-        v.sort();
-        v
+        self.names_except(|k| self.taken.contains(k))
     }
 
     pub fn read_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -251,6 +257,7 @@ impl SafetensorsReader {
                 .collect();
             bail!("tensor `{name}` is missing from {}", files.join(", "));
         };
+        self.element_bytes(name, e)?;
         let (path, mmap, _) = &self.files[e.file];
         let bytes = &mmap[e.start..e.end];
         let values: Vec<f32> = match e.dtype {
@@ -266,10 +273,7 @@ impl SafetensorsReader {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => bail!(
-                "tensor `{name}` in {} has dtype {other:?}; expected F32, BF16 or F16",
-                path.display()
-            ),
+            _ => unreachable!("element_bytes refuses other dtypes"),
         };
         let expected: usize = e.shape.iter().product();
         if values.len() != expected {
@@ -357,10 +361,8 @@ pub fn write_safetensors(
     Ok((8 + header_bytes.len() + offset) as u64)
 }
 
-/// Write a text file atomically.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    crate::atomic::write(path, contents)
-}
+/// Write a text file atomically (the one implementation is [`crate::atomic::write`]).
+pub use crate::atomic::write as write_atomic;
 
 /// Save tensors in HF layout: one `model.safetensors`, or shards of at most
 /// `max_shard_bytes` plus `model.safetensors.index.json`, as `save_pretrained` does.

@@ -289,6 +289,21 @@ where
     (step.loss, gradients_in_order(&model, &step.grads))
 }
 
+/// DPO whose reference is the policy with its adapters switched off.
+fn dpo_with_adapters_off<B: burn::tensor::backend::AutodiffBackend>(
+    pairs: &[TokenizedPair],
+) -> Dpo<B> {
+    let settings = DpoSettings::default();
+    Dpo::new(
+        pairs.to_vec(),
+        vec![],
+        shapes(exact()),
+        settings,
+        Reference::BaseOfAdapters,
+    )
+    .unwrap()
+}
+
 #[test]
 fn gradient_checkpointing_changes_no_gradient() {
     use models::backend::CpuTrainCheckpointed;
@@ -298,28 +313,8 @@ fn gradient_checkpointing_changes_no_gradient() {
     let sft = || Sft::new(rows.clone(), vec![], shapes(exact())).unwrap();
     let plain_sft = lora_step::<CpuTrain, _>(sft);
     let kept_sft = lora_step::<CpuTrainCheckpointed, _>(sft);
-    let dpo_plain = lora_step::<CpuTrain, _>(|| {
-        let s = DpoSettings::default();
-        Dpo::new(
-            pairs.clone(),
-            vec![],
-            shapes(exact()),
-            s,
-            Reference::BaseOfAdapters,
-        )
-        .unwrap()
-    });
-    let dpo_kept = lora_step::<CpuTrainCheckpointed, _>(|| {
-        let s = DpoSettings::default();
-        Dpo::new(
-            pairs.clone(),
-            vec![],
-            shapes(exact()),
-            s,
-            Reference::BaseOfAdapters,
-        )
-        .unwrap()
-    });
+    let dpo_plain = lora_step::<CpuTrain, _>(|| dpo_with_adapters_off(&pairs));
+    let dpo_kept = lora_step::<CpuTrainCheckpointed, _>(|| dpo_with_adapters_off(&pairs));
     for (what, (a, b)) in [
         ("sft", (plain_sft, kept_sft)),
         ("dpo", (dpo_plain, dpo_kept)),
