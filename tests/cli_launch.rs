@@ -230,10 +230,13 @@ fn a_rank_that_cannot_start_ends_the_job_with_one_clear_message() {
     assert!(!out.status.success(), "{all}");
     assert!(took < Duration::from_secs(90), "took {took:?}");
     assert!(all.contains("/no/such/data.jsonl"), "{all}");
+    // Rank 0 names the cause; rank 1 ends with one error line of its own, which names rank
+    // 0's error or the lost coordinator depending on which it learns first.
     assert!(
-        all.contains("rank 0 failed: cannot read /no/such/data.jsonl"),
+        all.contains("[rank0] error: cannot read /no/such/data.jsonl"),
         "{all}"
     );
+    assert_eq!(all.matches("[rank1] error:").count(), 1, "{all}");
     for needle in ["panicked", "stack backtrace", "internal error", "ERROR"] {
         assert!(!all.contains(needle), "`{needle}` in:\n{all}");
     }
