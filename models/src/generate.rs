@@ -165,11 +165,11 @@ fn nucleus(
 /// `pad_to_multiple_of` for tensor cores is 64 too).
 pub const SHAPE_BUCKET: usize = 64;
 
-fn bucket(len: usize) -> usize {
+pub(crate) fn bucket(len: usize) -> usize {
     len.div_ceil(SHAPE_BUCKET).max(1) * SHAPE_BUCKET
 }
 
-fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     let [b, _, v] = logits.dims();
     let flat: Vec<f32> = logits.reshape([b * v]).into_data().iter::<f32>().collect();
     flat.chunks(v).map(|c| c.to_vec()).collect()

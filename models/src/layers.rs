@@ -6,6 +6,7 @@ use burn::prelude::*;
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::lora::LoraAdapter;
+use crate::lora_bank::LoraBank;
 use crate::nf4::{nf4_matmul, Nf4Weight};
 
 /// `y = x W + b` with `W` stored `[d_in, d_out]` (burn layout; HF stores `[d_out, d_in]`),
@@ -17,6 +18,8 @@ pub struct Proj<B: Backend> {
     pub nf4: Option<Nf4Weight<B>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<LoraAdapter<B>>,
+    /// Adapters served side by side, one per batch row (`burnish serve`); never trained.
+    pub bank: Option<LoraBank<B>>,
 }
 
 impl<B: Backend> Proj<B> {
@@ -26,6 +29,7 @@ impl<B: Backend> Proj<B> {
             nf4: None,
             bias: bias.map(Param::from_tensor),
             lora: None,
+            bank: None,
         }
     }
 
@@ -35,6 +39,7 @@ impl<B: Backend> Proj<B> {
             nf4: Some(weight),
             bias: bias.map(Param::from_tensor),
             lora: None,
+            bank: None,
         }
     }
 
@@ -66,6 +71,7 @@ impl<B: Backend> Proj<B> {
         crate::shape_audit::record("projection", &[&x.dims(), &self.dims()]);
         let adapter = self.lora.as_ref().filter(|l| l.enabled);
         let lora_in = adapter.map(|_| x.clone());
+        let bank_in = self.bank.as_ref().map(|_| x.clone());
         let y = match (&self.weight, &self.nf4) {
             (Some(w), _) => matmul_2d(x, w.val()),
             (None, Some(q)) => {
@@ -79,8 +85,25 @@ impl<B: Backend> Proj<B> {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
         };
-        match (adapter, lora_in) {
+        let y = match (adapter, lora_in) {
             (Some(l), Some(x)) => y + l.delta(x),
+            _ => y,
+        };
+        match (&self.bank, bank_in) {
+            (Some(bank), Some(x)) => {
+                let dims = x.dims();
+                let rows = dims[0];
+                let d_in = dims[D - 1];
+                let mut out = y.dims();
+                let x = x.reshape([
+                    rows,
+                    dims.iter().product::<usize>() / (rows * d_in).max(1),
+                    d_in,
+                ]);
+                let delta = bank.delta(x);
+                out[D - 1] = delta.dims()[2];
+                y + delta.reshape(out)
+            }
             _ => y,
         }
     }

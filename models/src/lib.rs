@@ -11,11 +11,13 @@ pub mod kernel_cache;
 pub mod layers;
 pub mod llama;
 pub mod lora;
+pub mod lora_bank;
 pub mod mask;
 pub mod nf4;
 pub mod presets;
 pub mod scoring;
 pub mod shape_audit;
+pub mod slots;
 pub mod tokenizer;
 pub mod weights;
 

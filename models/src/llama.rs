@@ -60,17 +60,32 @@ pub struct CausalLm<B: Backend> {
 /// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]` each.
 pub type LayerKv<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
+/// Where one forward pass writes its keys and values into a cache.
+#[derive(Clone, Copy)]
+pub(crate) enum CacheWrite<'a> {
+    /// Every row at the same slots `past..past + T` (one batch decoding in lockstep).
+    From { past: usize },
+    /// One new token per row at the row's own slot (`None`: the row writes nothing), then
+    /// attention over rows `0..rows` and slots `0..view` only: the continuous batching of
+    /// [`crate::slots`], where requests joined at different times.
+    Rows {
+        at: &'a [Option<usize>],
+        rows: usize,
+        view: usize,
+    },
+}
+
 /// A layer's view of the cache during one forward pass.
 pub struct CacheSlot<'a, B: Backend> {
     kv: &'a mut LayerKv<B>,
-    past: usize,
+    write: CacheWrite<'a>,
     capacity: usize,
 }
 
 /// Keys and values of every layer, preallocated to a fixed capacity so each decoding
 /// step writes one slot instead of re-running or re-concatenating the prefix.
 pub struct KvCache<B: Backend> {
-    layers: Vec<LayerKv<B>>,
+    pub(crate) layers: Vec<LayerKv<B>>,
     pub len: usize,
     pub capacity: usize,
 }
@@ -133,20 +148,35 @@ impl<B: Backend> SelfAttention<B> {
             None => (k, v),
             Some(CacheSlot {
                 kv: slot,
-                past,
+                write,
                 capacity,
             }) => {
-                let (ck, cv) = slot.take().unwrap_or_else(|| {
+                let (mut ck, mut cv) = slot.take().unwrap_or_else(|| {
                     let shape = [b, kvh, capacity, d];
                     let device = k.device();
                     (Tensor::zeros(shape, &device), Tensor::zeros(shape, &device))
                 });
-                let range = s![.., .., past..past + t, ..];
-                let ck = ck.slice_assign(range, k);
-                let cv = cv.slice_assign(range, v);
-                // Attend over the whole capacity, unwritten slots masked: no copy of the
-                // used prefix, and one key shape for a whole generation.
-                let out = (ck.clone(), cv.clone());
+                let out = match write {
+                    CacheWrite::From { past } => {
+                        let range = s![.., .., past..past + t, ..];
+                        ck = ck.slice_assign(range, k);
+                        cv = cv.slice_assign(range, v);
+                        // Attend over the whole capacity, unwritten slots masked: no copy
+                        // of the used prefix, and one key shape for a whole generation.
+                        (ck.clone(), cv.clone())
+                    }
+                    CacheWrite::Rows { at, rows, view } => {
+                        for (r, col) in at.iter().enumerate() {
+                            if let Some(c) = *col {
+                                let range = s![r..r + 1, .., c..c + 1, ..];
+                                ck = ck.slice_assign(range, k.clone().slice(s![r..r + 1]));
+                                cv = cv.slice_assign(range, v.clone().slice(s![r..r + 1]));
+                            }
+                        }
+                        let used = s![0..rows, .., 0..view, ..];
+                        (ck.clone().slice(used), cv.clone().slice(used))
+                    }
+                };
                 *slot = Some((ck, cv));
                 out
             }
@@ -274,29 +304,51 @@ impl<B: Backend> CausalLm<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [_, t] = input.ids.dims();
-        let rope = RopeTables::new(&self.inv_freq, input.positions);
-        let mut x = self.embed(input.ids);
-        let (past, capacity) = cache.as_ref().map_or((0, 0), |c| (c.len, c.capacity));
+        let past = cache.as_ref().map_or(0, |c| c.len);
         let windowed = self.sliding_window.as_ref().map(|w| {
             let dims = input.mask.dims();
             let band =
                 crate::mask::outside_window(w.size, past, dims[2], dims[3], &input.mask.device());
             input.mask.clone().bool_or(band.expand(dims))
         });
+        let write = CacheWrite::From { past };
+        let cache_write = cache.as_deref_mut().map(|c| (c, write));
+        let x = self.decoder(
+            input.ids,
+            input.positions,
+            input.mask,
+            windowed,
+            cache_write,
+        );
+        if let Some(c) = cache {
+            c.len = past + t;
+        }
+        x
+    }
+
+    /// The decoder stack after the embedding, with the last norm; `windowed` is the mask of
+    /// the sliding-window layers, when the model has any.
+    pub(crate) fn decoder(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        mask: Tensor<B, 4, Bool>,
+        windowed: Option<Tensor<B, 4, Bool>>,
+        mut cache: Option<(&mut KvCache<B>, CacheWrite<'_>)>,
+    ) -> Tensor<B, 3> {
+        let rope = RopeTables::new(&self.inv_freq, positions);
+        let mut x = self.embed(ids);
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| CacheSlot {
+            let slot = cache.as_mut().map(|(c, write)| CacheSlot {
                 kv: &mut c.layers[i],
-                past,
-                capacity,
+                write: *write,
+                capacity: c.capacity,
             });
             let mask = match (&windowed, &self.sliding_window) {
                 (Some(m), Some(w)) if w.layers[i] => m.clone(),
-                _ => input.mask.clone(),
+                _ => mask.clone(),
             };
             x = layer.forward(x, &rope, mask, slot);
-        }
-        if let Some(c) = cache {
-            c.len = past + t;
         }
         self.norm.forward(x)
     }
