@@ -13,6 +13,7 @@ mod new_model;
 mod rejects_args;
 mod reward_score;
 mod score;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,8 @@ enum Command {
     Launch(launch::Args),
     /// Write a run, checkpoint or adapter as a Hugging Face model (or PEFT adapter).
     Export(export::Args),
+    /// Serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API.
+    Serve(serve::Args),
 }
 
 /// A panic (a bug, in burnish or in a dependency) ends with one line saying where, not the
@@ -87,6 +90,7 @@ fn main() {
         Command::Train(a) => train::run(a),
         Command::Launch(a) => launch::run(a),
         Command::Export(a) => export::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     models::shape_audit::report_if_requested();
     if let Err(e) = result {
