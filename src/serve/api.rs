@@ -74,6 +74,8 @@ pub struct Sampling {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's extension: keep going past end-of-sequence tokens (load tests, benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// What a request asks for, before its prompt is tokenized.
@@ -113,6 +115,7 @@ struct Common {
     n: Option<i64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -188,7 +191,11 @@ fn fields<T: for<'de> Deserialize<'de>>(body: &Value) -> Result<T, ApiError> {
 }
 
 /// Each field's own check, so a wrong type points at the field by name.
-fn typed<T: for<'de> Deserialize<'de>>(body: &Value, name: &str, what: &str) -> Result<Option<T>, ApiError> {
+fn typed<T: for<'de> Deserialize<'de>>(
+    body: &Value,
+    name: &str,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
     match body.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|_| {
@@ -200,16 +207,28 @@ fn typed<T: for<'de> Deserialize<'de>>(body: &Value, name: &str, what: &str) -> 
 fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     let set = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
     for (field, why) in [
-        ("tools", "tool calling is not supported by burnish serve yet"),
-        ("functions", "function calling is not supported by burnish serve"),
-        ("logit_bias", "`logit_bias` is not supported by burnish serve"),
+        (
+            "tools",
+            "tool calling is not supported by burnish serve yet",
+        ),
+        (
+            "functions",
+            "function calling is not supported by burnish serve",
+        ),
+        (
+            "logit_bias",
+            "`logit_bias` is not supported by burnish serve",
+        ),
     ] {
         if set(field) {
             return Err(ApiError::invalid(why, Some(field)));
         }
     }
     for field in ["logprobs", "echo"] {
-        if body.get(field).is_some_and(|v| v.as_bool() == Some(true) || v.as_u64().is_some_and(|n| n > 0)) {
+        if body
+            .get(field)
+            .is_some_and(|v| v.as_bool() == Some(true) || v.as_u64().is_some_and(|n| n > 0))
+        {
             return Err(ApiError::invalid(
                 format!("`{field}` is not supported by burnish serve"),
                 Some(field),
@@ -217,7 +236,11 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
         }
     }
     for field in ["presence_penalty", "frequency_penalty"] {
-        if body.get(field).and_then(Value::as_f64).is_some_and(|x| x != 0.0) {
+        if body
+            .get(field)
+            .and_then(Value::as_f64)
+            .is_some_and(|x| x != 0.0)
+        {
             return Err(ApiError::invalid(
                 format!("`{field}` is not supported by burnish serve (only 0)"),
                 Some(field),
@@ -247,6 +270,7 @@ fn sampling(body: &Value, max_n: usize) -> Result<(String, Sampling), ApiError> 
     typed::<i64>(body, "seed", "an integer")?;
     typed::<i64>(body, "n", "an integer")?;
     typed::<bool>(body, "stream", "true or false")?;
+    typed::<bool>(body, "ignore_eos", "true or false")?;
     typed::<OneOrMany<String>>(body, "stop", "a string or a list of strings")?;
     let c: Common = fields(body)?;
     let model = c
@@ -322,6 +346,7 @@ fn sampling(body: &Value, max_n: usize) -> Result<(String, Sampling), ApiError> 
                 && c.stream_options
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
+            ignore_eos: c.ignore_eos.unwrap_or(false),
         },
     ))
 }
@@ -403,7 +428,9 @@ pub fn parse_completion(body: &Value, max_n: usize) -> Result<Parsed, ApiError> 
     }
     let bad = || {
         ApiError::invalid(
-            format!("`prompt` must be a string, a list of one string or a list of token ids, got {raw}"),
+            format!(
+                "`prompt` must be a string, a list of one string or a list of token ids, got {raw}"
+            ),
             Some("prompt"),
         )
     };
@@ -468,10 +495,22 @@ mod tests {
         assert!(p.sampling.include_usage && p.sampling.n == 2);
         for (bad, field) in [
             (json!({"model": "m", "messages": []}), "messages"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}), "n"),
-            (json!({"messages": [{"role": "user", "content": "x"}]}), "model"),
-            (json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}), "messages"),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}),
+                "n",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages",
+            ),
         ] {
             let e = parse_chat(&bad, 4).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);

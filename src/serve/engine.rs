@@ -39,7 +39,10 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Event {
     /// New text of one choice (streaming only).
-    Text { choice: usize, delta: String },
+    Text {
+        choice: usize,
+        delta: String,
+    },
     Done {
         choice: usize,
         text: String,

@@ -156,13 +156,21 @@ impl App {
         }
     }
 
-    async fn handle(&self, ep: Endpoint, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    async fn handle(
+        &self,
+        ep: Endpoint,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Response, ApiError> {
         self.authorize(&headers)?;
         let bytes = to_bytes(body, self.max_body).await.map_err(|_| {
             ApiError::status(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
-                format!("the request body is larger than {} bytes (--max-body-bytes)", self.max_body),
+                format!(
+                    "the request body is larger than {} bytes (--max-body-bytes)",
+                    self.max_body
+                ),
             )
         })?;
         let v = api::json_body(&bytes)?;
@@ -175,7 +183,11 @@ impl App {
         self.submit(job)?;
         let id = format!(
             "{}-{:x}{:06x}",
-            if ep == Endpoint::Chat { "chatcmpl" } else { "cmpl" },
+            if ep == Endpoint::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
             self.created,
             self.ids.fetch_add(1, Ordering::SeqCst)
         );
@@ -260,14 +272,22 @@ impl App {
                 let text = self
                     .template
                     .render(messages, true, &self.tok.template_tokens())
-                    .map_err(|e| ApiError::invalid(format!("the chat template refused these messages: {e:#}"), Some("messages")))?;
+                    .map_err(|e| {
+                        ApiError::invalid(
+                            format!("the chat template refused these messages: {e:#}"),
+                            Some("messages"),
+                        )
+                    })?;
                 self.tok.encode(&text, false).map_err(bad)?
             }
             Prompt::Text(t) => self.tok.encode(t, true).map_err(bad)?,
             Prompt::Tokens(ids) => {
                 if let Some(t) = ids.iter().find(|&&t| t as usize >= self.vocab) {
                     return Err(ApiError::invalid(
-                        format!("token id {t} is outside the vocabulary (size {})", self.vocab),
+                        format!(
+                            "token id {t} is outside the vocabulary (size {})",
+                            self.vocab
+                        ),
                         Some("prompt"),
                     ));
                 }
@@ -275,7 +295,10 @@ impl App {
             }
         };
         if prompt.is_empty() {
-            return Err(ApiError::invalid("the prompt encodes to no tokens", Some("prompt")));
+            return Err(ApiError::invalid(
+                "the prompt encodes to no tokens",
+                Some("prompt"),
+            ));
         }
         let width = prompt_width(prompt.len());
         let room = self.capacity.saturating_sub(width);
@@ -293,7 +316,11 @@ impl App {
             .with_code("context_length_exceeded"));
         }
         let seed = p.sampling.seed.unwrap_or_else(|| {
-            now_secs() ^ self.ids.fetch_add(1, Ordering::SeqCst).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            now_secs()
+                ^ self
+                    .ids
+                    .fetch_add(1, Ordering::SeqCst)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         });
         let (tx, rx) = unbounded_channel();
         let len = prompt.len();
@@ -307,7 +334,10 @@ impl App {
                 top_k: p.sampling.top_k,
                 top_p: p.sampling.top_p,
                 seed,
-                stop_ids: self.stop_ids.clone(),
+                stop_ids: match p.sampling.ignore_eos {
+                    true => vec![],
+                    false => self.stop_ids.clone(),
+                },
                 pad_id: self.pad_id,
             },
             stops: p.sampling.stop.clone(),
@@ -336,11 +366,18 @@ impl App {
                 ..ApiError::status(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_error",
-                    format!("the queue is full ({} requests waiting, --queue); retry later", self.queue_limit),
+                    format!(
+                        "the queue is full ({} requests waiting, --queue); retry later",
+                        self.queue_limit
+                    ),
                 )
             });
         }
-        let sent = self.jobs.lock().map(|tx| tx.send(job).is_ok()).unwrap_or(false);
+        let sent = self
+            .jobs
+            .lock()
+            .map(|tx| tx.send(job).is_ok())
+            .unwrap_or(false);
         if !sent {
             s.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(engine_gone());
@@ -440,7 +477,10 @@ fn sse_stream(
         match st.events.recv().await {
             Some(Event::Text { choice, delta }) => {
                 let first = !std::mem::replace(&mut st.started[choice], true);
-                out.push(st.head.chunk(st.head.choice(choice, Some(&delta), first, None), None));
+                out.push(
+                    st.head
+                        .chunk(st.head.choice(choice, Some(&delta), first, None), None),
+                );
             }
             Some(Event::Done {
                 choice,
@@ -450,12 +490,18 @@ fn sse_stream(
             }) => {
                 let first = !std::mem::replace(&mut st.started[choice], true);
                 if first && st.head.ep == Endpoint::Chat {
-                    out.push(st.head.chunk(st.head.choice(choice, Some(""), true, None), None));
+                    out.push(
+                        st.head
+                            .chunk(st.head.choice(choice, Some(""), true, None), None),
+                    );
                 }
                 st.tokens += tokens;
                 st.open -= 1;
                 let reason = finish_reason(finish);
-                out.push(st.head.chunk(st.head.choice(choice, None, false, Some(reason)), None));
+                out.push(
+                    st.head
+                        .chunk(st.head.choice(choice, None, false, Some(reason)), None),
+                );
             }
             Some(Event::Failed(e)) => {
                 out.push(SseEvent::default().data(e.body().to_string()));

@@ -117,7 +117,10 @@ fn load_served<B: Backend>(a: &Args, device: &B::Device) -> Result<Loaded<B>> {
     let base_dir = if is_adapter_dir(&src) {
         let cfg = read_adapter_config(&src)?;
         if cfg.base_model.is_empty() {
-            bail!("{} names no base model (base_model_name_or_path)", src.display());
+            bail!(
+                "{} names no base model (base_model_name_or_path)",
+                src.display()
+            );
         }
         adapters.push((folder_name(&a.model), src.clone()));
         PathBuf::from(cfg.base_model)
@@ -128,15 +131,21 @@ fn load_served<B: Backend>(a: &Args, device: &B::Device) -> Result<Loaded<B>> {
         let (name, path) = named_adapter(spec);
         let dir = resolve_weights_dir(&path)?;
         if !is_adapter_dir(&dir) {
-            bail!("--adapter {spec}: {} is not a PEFT adapter (no adapter_config.json)", dir.display());
+            bail!(
+                "--adapter {spec}: {} is not a PEFT adapter (no adapter_config.json)",
+                dir.display()
+            );
         }
         adapters.push((name, dir));
     }
     let (_, base) = load_model::<B>(&base_dir, device)?;
-    let base_name = a
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| folder_name(if adapters.is_empty() { &a.model } else { &base_dir }));
+    let base_name = a.served_model_name.clone().unwrap_or_else(|| {
+        folder_name(if adapters.is_empty() {
+            &a.model
+        } else {
+            &base_dir
+        })
+    });
     let mut names = vec![base_name];
     let mut loaded = Vec::new();
     for (name, dir) in &adapters {
@@ -145,7 +154,10 @@ fn load_served<B: Backend>(a: &Args, device: &B::Device) -> Result<Loaded<B>> {
         }
         let cfg = read_adapter_config(dir)?;
         if cfg.reward_model {
-            bail!("{} is a reward model's adapter; serve causal LM adapters only", dir.display());
+            bail!(
+                "{} is a reward model's adapter; serve causal LM adapters only",
+                dir.display()
+            );
         }
         let (m, _) = load_adapter(base.clone(), dir)
             .with_context(|| format!("loading adapter `{name}` from {}", dir.display()))?;
@@ -278,7 +290,9 @@ impl OnDevice for Args {
 /// finish (up to --shutdown-grace). A second signal exits at once.
 async fn shutdown_signal(shared: Arc<Shared>) {
     wait_for_signal().await;
-    eprintln!("burnish serve: shutting down (finishing requests in flight; Ctrl-C again to quit now)");
+    eprintln!(
+        "burnish serve: shutting down (finishing requests in flight; Ctrl-C again to quit now)"
+    );
     shared.shutdown.store(true, Ordering::SeqCst);
     tokio::spawn(async {
         wait_for_signal().await;
