@@ -88,6 +88,7 @@ impl OnDevice for Args {
             seed: self.seed,
             stop_ids,
             pad_id: tok.pad_id.or(cfg.pad_token_id).unwrap_or(0),
+            shape_multiple: models::backend::default_pad_multiple::<B>(&device),
         };
         let stops = self.stop.clone();
         let stop_fn = |_row: usize, ids: &[u32]| -> bool {

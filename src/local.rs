@@ -59,6 +59,7 @@ impl<B: Backend> LocalChat<B> {
         seed: u64,
     ) -> Result<Self> {
         let template = l.tok.template(None)?;
+        let shape_multiple = models::backend::default_pad_multiple::<B>(&l.model.device());
         Ok(Self {
             inner: Mutex::new(l.model),
             tok: l.tok,
@@ -71,6 +72,7 @@ impl<B: Backend> LocalChat<B> {
                 seed,
                 stop_ids: l.eos,
                 pad_id: l.pad,
+                shape_multiple,
             },
             calls: AtomicU64::new(0),
             name: l.name,

@@ -23,6 +23,10 @@ pub struct SamplingParams {
     pub stop_ids: Vec<u32>,
     /// Id fed for padding and for rows that already finished.
     pub pad_id: u32,
+    /// Prompt widths and cache capacities round up to a multiple of this, so a backend
+    /// that compiles per shape sees few shapes ([`SHAPE_BUCKET`]); 1 on the CPU, where
+    /// padding is only extra work (`models::backend::default_pad_multiple`).
+    pub shape_multiple: usize,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +39,7 @@ impl Default for SamplingParams {
             seed: 0,
             stop_ids: vec![],
             pad_id: 0,
+            shape_multiple: SHAPE_BUCKET,
         }
     }
 }
@@ -161,12 +166,14 @@ fn nucleus(
     }
 }
 
-/// Sequence lengths that reach the model are multiples of this (transformers' collators'
-/// `pad_to_multiple_of` for tensor cores is 64 too).
+/// The default shape multiple (transformers' collators' `pad_to_multiple_of` for tensor
+/// cores is 64 too).
 pub const SHAPE_BUCKET: usize = 64;
 
-pub(crate) fn bucket(len: usize) -> usize {
-    len.div_ceil(SHAPE_BUCKET).max(1) * SHAPE_BUCKET
+/// `len` (at least 1) rounded up to a multiple of `multiple`.
+pub fn bucket(len: usize, multiple: usize) -> usize {
+    let m = multiple.max(1);
+    len.max(1).div_ceil(m) * m
 }
 
 pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
@@ -217,9 +224,10 @@ pub fn generate_groups<B: Backend>(
     let device = model.device();
     let batch = prompts.len() * copies;
     // Shapes come in buckets (prompt width and cache capacity rounded up to a multiple of
-    // SHAPE_BUCKET): a generation uses one prefill and one decoding shape, the same for every
-    // prompt batch of the same bucket, so a JIT backend compiles them once.
-    let width = bucket(prompts.iter().map(Vec::len).max().unwrap_or(0));
+    // `shape_multiple`): a generation uses one prefill and one decoding shape, the same for
+    // every prompt batch of the same bucket, so a JIT backend compiles them once.
+    let m = params.shape_multiple;
+    let width = bucket(prompts.iter().map(Vec::len).max().unwrap_or(0), m);
     let mut ids = Vec::with_capacity(batch);
     let mut attn = Vec::with_capacity(batch);
     for p in prompts {
@@ -233,7 +241,7 @@ pub fn generate_groups<B: Backend>(
         .flat_map(|p| std::iter::repeat_n(p.len() as i64, copies))
         .collect();
     // The cache attends over its whole capacity: key slots not yet written are invalid.
-    let capacity = bucket(width + params.max_new_tokens);
+    let capacity = bucket(width + params.max_new_tokens, m);
     let mut layout = AttentionLayout::from_attention_mask(&attn);
     for valid in layout.key_valid.iter_mut() {
         valid.resize(capacity, false);

@@ -6,7 +6,8 @@
 //! [`crate::generate`] does it, and its keys and values are copied into its slots; a step
 //! then feeds one token to every busy slot at once. Shapes stay in a few buckets: prefill
 //! `[1, bucket(prompt)]`, decoding `[rows, 1]` over the first `view` cache slots, with
-//! `rows` a power of two up to the slot count and `view` a multiple of the bucket.
+//! `rows` a power of two up to the slot count and `view` a multiple of the shape multiple
+//! (64 where kernels compile per shape, 1 on the CPU, as for generation).
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
@@ -31,12 +32,19 @@ pub struct SlotBatch<B: Backend> {
     cache: KvCache<B>,
     slots: Vec<Option<Slot>>,
     pad_id: u32,
+    shape_multiple: usize,
 }
 
 impl<B: Backend> SlotBatch<B> {
     /// `slots` sequences of up to `capacity` cache slots each (a prompt takes
-    /// [`prompt_width`] of them, then one per fed token).
-    pub fn new(model: &CausalLm<B>, slots: usize, capacity: usize, pad_id: u32) -> Self {
+    /// [`Self::prompt_width`] of them, then one per fed token).
+    pub fn new(
+        model: &CausalLm<B>,
+        slots: usize,
+        capacity: usize,
+        pad_id: u32,
+        shape_multiple: usize,
+    ) -> Self {
         let attn = &model.layers[0].self_attn;
         let shape = [slots, attn.num_kv_heads, capacity, attn.head_dim];
         let device = model.device();
@@ -48,7 +56,13 @@ impl<B: Backend> SlotBatch<B> {
             cache,
             slots: vec![None; slots],
             pad_id,
+            shape_multiple,
         }
+    }
+
+    /// Cache slots a prompt of `len` tokens takes: its shape bucket.
+    pub fn prompt_width(&self, len: usize) -> usize {
+        bucket(len, self.shape_multiple)
     }
 
     pub fn capacity(&self) -> usize {
@@ -83,7 +97,7 @@ impl<B: Backend> SlotBatch<B> {
         if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
             bail!("prompt token id {bad} is outside the model's vocabulary (size {vocab})");
         }
-        let width = prompt_width(prompt.len());
+        let width = self.prompt_width(prompt.len());
         if width > self.capacity() {
             bail!(
                 "the prompt takes {width} cache slots, more than the {} each sequence has",
@@ -162,7 +176,7 @@ impl<B: Backend> SlotBatch<B> {
             .filter_map(|&(s, _)| self.slots[s].map(|x| x.len + 1))
             .max()
             .unwrap_or(1);
-        let view = bucket(longest).min(self.capacity());
+        let view = bucket(longest, self.shape_multiple).min(self.capacity());
         let device = model.device();
         let window = model.sliding_window.as_ref().map(|w| w.size);
         let (mask, windowed) = self.masks(&at, view, window, &device);
@@ -218,9 +232,4 @@ impl<B: Backend> SlotBatch<B> {
         };
         (build(None), window.map(|w| build(Some(w))))
     }
-}
-
-/// Cache slots a prompt of `len` tokens takes: its shape bucket.
-pub fn prompt_width(len: usize) -> usize {
-    bucket(len)
 }

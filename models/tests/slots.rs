@@ -44,8 +44,9 @@ fn staggered(
     joins: &[usize],
     adapters: &[usize],
     steps: usize,
+    shape_multiple: usize,
 ) -> Vec<(Vec<u32>, Vec<f32>)> {
-    let mut batch = SlotBatch::new(model, 4, 256, 0);
+    let mut batch = SlotBatch::new(model, 4, 256, 0, shape_multiple);
     let mut live: Vec<Option<(usize, Vec<u32>, Vec<f32>)>> = vec![None; prompts.len()];
     let mut done = vec![None; prompts.len()];
     for step in 0.. {
@@ -94,7 +95,11 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn sequences_joining_a_running_batch_decode_as_alone() {
-    for name in ["tiny-llama", "tiny-mistral-swa"] {
+    for (name, multiple) in [
+        ("tiny-llama", 64),
+        ("tiny-mistral-swa", 64),
+        ("tiny-llama", 1),
+    ] {
         let mut model = load(name);
         let prompts = vec![
             vec![5, 9, 200],
@@ -106,9 +111,10 @@ fn sequences_joining_a_running_batch_decode_as_alone() {
         // The last one reuses a released slot, whose cache still holds the old sequence.
         let joins = [0, 0, 3, 7, 22];
         let steps = 20;
-        let got = staggered(&mut model, &prompts, &joins, &[0; 5], steps);
+        let got = staggered(&mut model, &prompts, &joins, &[0; 5], steps, multiple);
         let params = SamplingParams {
             max_new_tokens: steps,
+            shape_multiple: multiple,
             ..Default::default()
         };
         for (p, (toks, last)) in prompts.iter().zip(&got) {
@@ -157,7 +163,7 @@ fn a_lora_bank_routes_each_row_to_its_adapter() {
     ];
     let routes = [0, 1, 2, 1];
     let steps = 8;
-    let got = staggered(&mut served, &prompts, &[0, 0, 1, 2], &routes, steps);
+    let got = staggered(&mut served, &prompts, &[0, 0, 1, 2], &routes, steps, 64);
     let params = SamplingParams {
         max_new_tokens: steps,
         ..Default::default()

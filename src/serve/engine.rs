@@ -66,6 +66,8 @@ pub struct EngineConfig {
     pub slots: usize,
     pub capacity: usize,
     pub pad_id: u32,
+    /// Prompt widths and attention views round up to this (see `SamplingParams`).
+    pub shape_multiple: usize,
     /// After a shutdown signal, requests in flight get this long to finish.
     pub grace: Duration,
 }
@@ -118,7 +120,13 @@ pub fn run<B: Backend>(
     jobs: Receiver<Job>,
     shared: Arc<Shared>,
 ) {
-    let mut batch = SlotBatch::new(&model, cfg.slots, cfg.capacity, cfg.pad_id);
+    let mut batch = SlotBatch::new(
+        &model,
+        cfg.slots,
+        cfg.capacity,
+        cfg.pad_id,
+        cfg.shape_multiple,
+    );
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
     let mut shutdown_at: Option<Instant> = None;

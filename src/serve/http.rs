@@ -18,8 +18,8 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use models::generate::bucket;
 use models::generate::SamplingParams;
-use models::slots::prompt_width;
 use models::{ChatTemplate, TextTokenizer};
 
 use super::api::{self, finish_reason, usage, ApiError, Parsed, Prompt};
@@ -40,6 +40,7 @@ pub struct App {
     pub api_key: Option<String>,
     pub stop_ids: Vec<u32>,
     pub pad_id: u32,
+    pub shape_multiple: usize,
     /// `std::sync::mpsc::Sender` is `Sync`; the lock keeps the type simple across versions.
     pub jobs: Mutex<Sender<Job>>,
     pub shared: Arc<Shared>,
@@ -300,7 +301,7 @@ impl App {
                 Some("prompt"),
             ));
         }
-        let width = prompt_width(prompt.len());
+        let width = bucket(prompt.len(), self.shape_multiple);
         let room = self.capacity.saturating_sub(width);
         let max_tokens = p.sampling.max_tokens.unwrap_or(room);
         if max_tokens == 0 || max_tokens > room {
@@ -339,6 +340,7 @@ impl App {
                     false => self.stop_ids.clone(),
                 },
                 pad_id: self.pad_id,
+                shape_multiple: self.shape_multiple,
             },
             stops: p.sampling.stop.clone(),
             stream: p.sampling.stream,

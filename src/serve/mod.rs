@@ -190,7 +190,8 @@ impl OnDevice for Args {
         let capacity = self
             .max_model_len
             .unwrap_or(cfg.max_position_embeddings.min(2048));
-        if capacity < models::slots::prompt_width(1) + 1 {
+        let shape_multiple = models::backend::default_pad_multiple::<B>(&device);
+        if capacity < models::generate::bucket(1, shape_multiple) + 1 {
             bail!("--max-model-len {capacity} leaves no room for a prompt and an answer");
         }
         if capacity > cfg.max_position_embeddings {
@@ -232,6 +233,7 @@ impl OnDevice for Args {
             api_key,
             stop_ids,
             pad_id,
+            shape_multiple,
             jobs: Mutex::new(tx),
             shared: shared.clone(),
             created: std::time::SystemTime::now()
@@ -243,6 +245,7 @@ impl OnDevice for Args {
             slots: self.max_batch,
             capacity,
             pad_id,
+            shape_multiple,
             grace: Duration::from_secs_f64(self.shutdown_grace),
         };
         let engine_shared = shared.clone();

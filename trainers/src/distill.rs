@@ -392,6 +392,7 @@ impl<B: AutodiffBackend> Distill<B> {
             seed: self.shape.seed ^ self.steps_taken.wrapping_mul(0x9E37_79B9),
             stop_ids: self.stop_ids.clone(),
             pad_id: self.shape.pad.id,
+            shape_multiple: self.shape.pad.multiple_of,
         };
         let generations = generate(&student, &prompts, &params, None)?;
         let sampled: Vec<PackedRow> = prompts

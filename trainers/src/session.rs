@@ -177,6 +177,7 @@ pub fn sample<B: Backend>(
         temperature: 0.0,
         stop_ids,
         pad_id: tok.pad_id.or(cfg.pad_token_id).unwrap_or(0),
+        shape_multiple: recipe.train.pad_multiple::<B>(&model.device()),
         ..Default::default()
     };
     let mut out = Vec::new();

@@ -123,6 +123,7 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             seed,
             stop_ids: self.stop_ids.clone(),
             pad_id: self.pad.id,
+            shape_multiple: self.pad.multiple_of,
         };
         let started = Instant::now();
         let generations = generate_groups(&inner.for_sampling(), &unique, copies, &params, None)?;
