@@ -168,10 +168,7 @@ fn answers_equal_generate_streamed_or_not_alone_or_in_a_batch() {
             assert_eq!(status, 200, "{got}");
             assert_eq!(content(&got, 0), want, "chat {p:?} t={temperature}");
             assert_eq!(got["object"], "chat.completion");
-            assert_eq!(
-                got["usage"]["completion_tokens"].as_u64().unwrap() <= 16,
-                true
-            );
+            assert!(got["usage"]["completion_tokens"].as_u64().unwrap() <= 16);
             let mut streamed = body.clone();
             streamed["stream"] = json!(true);
             streamed["stream_options"] = json!({"include_usage": true});
@@ -654,10 +651,7 @@ fn a_full_queue_answers_429_a_slow_request_408_and_sigterm_finishes_in_flight_wo
     // New work is refused while the request in flight runs to its end.
     std::thread::sleep(Duration::from_millis(200));
     let refused = ureq::post(&format!("{url}/chat/completions")).send_string(&long(4).to_string());
-    assert!(
-        !matches!(refused, Ok(_)),
-        "a request after SIGTERM is refused"
-    );
+    assert!(refused.is_err(), "a request after SIGTERM is refused");
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     assert_eq!(
         rest.iter()

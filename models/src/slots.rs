@@ -128,7 +128,7 @@ impl<B: Backend> SlotBatch<B> {
             };
             for &s in into {
                 let range = s![s..s + 1, .., 0..width, ..];
-                k = k.slice_assign(range.clone(), fk.clone());
+                k = k.slice_assign(range, fk.clone());
                 v = v.slice_assign(range, fv.clone());
             }
             *layer = Some((k, v));

@@ -2,18 +2,21 @@
 # Load benchmark of `burnish serve` on this machine, in one run:
 #
 #   scripts/bench/serve_load.sh [--preset small] [--clients 64] [--seconds 60] [--max-tokens 32]
-#                               [--batches 1,16] [--out target/bench/serve]
+#                               [--batches 1,16,64] [--device cpu|cuda:N] [--out target/bench/serve]
 #
 # Writes a random-init model of the preset (bundled tokenizer) once, then for each
 # --max-batch in --batches starts the server, runs examples/serve_load (64 clients sending
 # chat requests back to back, `ignore_eos` so every answer has --max-tokens tokens), and
 # stops it. Prints one line per batch size and the batching gain over --max-batch 1, with
 # the CPU model, server CPU use and RSS; results land in OUT/serve_load.json.
+# On the GPU machine (no cargo there): carry the cuda build and the client, and run
+#   BURNISH_BIN=target/cuda/release/burnish SERVE_LOAD_BIN=target/release/examples/serve_load \
+#       scripts/bench/serve_load.sh --device cuda:0 --seconds 30
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-PRESET=small CLIENTS=64 SECONDS_=60 MAX_TOKENS=32 BATCHES=1,16 OUT=target/bench/serve
+PRESET=small CLIENTS=64 SECONDS_=60 MAX_TOKENS=32 BATCHES=1,16,64 DEVICE=cpu OUT=target/bench/serve
 while [ $# -gt 0 ]; do
     case "$1" in
         --preset) PRESET="$2"; shift 2 ;;
@@ -21,8 +24,9 @@ while [ $# -gt 0 ]; do
         --seconds) SECONDS_="$2"; shift 2 ;;
         --max-tokens) MAX_TOKENS="$2"; shift 2 ;;
         --batches) BATCHES="$2"; shift 2 ;;
+        --device) DEVICE="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -31,7 +35,7 @@ if [ -z "${BURNISH_BIN:-}" ]; then
     cargo build --release --bin burnish --example serve_load >&2
     BURNISH_BIN="$ROOT/target/release/burnish"
 fi
-LOAD="$ROOT/target/release/examples/serve_load"
+LOAD="${SERVE_LOAD_BIN:-$ROOT/target/release/examples/serve_load}"
 [ -x "$LOAD" ] || cargo build --release --example serve_load >&2
 MODEL="$OUT/$PRESET"
 [ -f "$MODEL/config.json" ] || "$BURNISH_BIN" new-model --preset "$PRESET" \
@@ -40,12 +44,12 @@ MODEL="$OUT/$PRESET"
 CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 FLAGS="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|amx_tile|amx_bf16)$' | tr '\n' ' ')"
 echo "cpu: $CPU, $(nproc) cores ($FLAGS)"
-echo "model: $PRESET preset, $CLIENTS clients, ${SECONDS_}s each, max_tokens $MAX_TOKENS"
+echo "model: $PRESET preset on $DEVICE, $CLIENTS clients, ${SECONDS_}s each, max_tokens $MAX_TOKENS"
 
 results=()
 for B in ${BATCHES//,/ }; do
     LOG="$OUT/serve-b$B.log"
-    "$BURNISH_BIN" serve --model "$MODEL" --port 0 --max-batch "$B" --queue 1024 \
+    "$BURNISH_BIN" serve --model "$MODEL" --port 0 --max-batch "$B" --queue 1024 --device "$DEVICE" \
         > "$OUT/serve-b$B.url" 2> "$LOG" &
     PID=$!
     for _ in $(seq 100); do grep -q listening "$OUT/serve-b$B.url" 2>/dev/null && break; sleep 0.2; done
