@@ -120,13 +120,16 @@ pub fn run<B: Backend>(
     jobs: Receiver<Job>,
     shared: Arc<Shared>,
 ) {
-    let mut batch = SlotBatch::new(
-        &model,
-        cfg.slots,
-        cfg.capacity,
-        cfg.pad_id,
-        cfg.shape_multiple,
-    );
+    let fresh = |model: &CausalLm<B>| {
+        SlotBatch::new(
+            model,
+            cfg.slots,
+            cfg.capacity,
+            cfg.pad_id,
+            cfg.shape_multiple,
+        )
+    };
+    let mut batch = fresh(&model);
     let mut pending: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
     let mut shutdown_at: Option<Instant> = None;
@@ -184,7 +187,8 @@ pub fn run<B: Backend>(
             let job = pending.pop_front().expect("front exists");
             dequeued(1);
             let slots = free[..n].to_vec();
-            match batch.admit(&mut model, &job.prompt, &slots, job.adapter) {
+            let admitted = guarded(|| batch.admit(&mut model, &job.prompt, &slots, job.adapter));
+            match admitted {
                 Ok(logits) => running.push(Running {
                     rng: StdRng::seed_from_u64(job.params.seed),
                     choices: slots
@@ -199,8 +203,22 @@ pub fn run<B: Backend>(
                         .collect(),
                     job,
                 }),
-                Err(e) => {
+                Err(Fault::Refused(e)) => {
                     let _ = job.events.send(Event::Failed(internal(e)));
+                }
+                Err(Fault::Panicked(e)) => {
+                    let _ = job.events.send(Event::Failed(internal(e)));
+                    // The cache may be half written: fail what runs in it and start over.
+                    for r in running.drain(..) {
+                        end(
+                            &mut batch,
+                            r,
+                            Some(internal(anyhow::anyhow!(
+                                "the batch was reset after an internal error"
+                            ))),
+                        );
+                    }
+                    batch = fresh(&model);
                 }
             }
         }
@@ -220,7 +238,7 @@ pub fn run<B: Backend>(
         if feed.is_empty() {
             continue;
         }
-        match batch.step(&mut model, &feed) {
+        match guarded(|| batch.step(&mut model, &feed)) {
             Ok(logits) => {
                 // A slot holds one live choice: route each row of logits by its slot.
                 for ((slot, _), row) in feed.iter().zip(logits) {
@@ -233,12 +251,44 @@ pub fn run<B: Backend>(
                     }
                 }
             }
-            Err(e) => {
-                let e = internal(e);
+            Err(fault) => {
+                let e = internal(fault.into_error());
                 for r in running.drain(..) {
                     end(&mut batch, r, Some(e.clone()));
                 }
+                batch = fresh(&model);
             }
+        }
+    }
+}
+
+enum Fault {
+    /// The call returned an error; the cache is as it was.
+    Refused(anyhow::Error),
+    /// The call panicked (a bug): the cache may be half written.
+    Panicked(anyhow::Error),
+}
+
+impl Fault {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            Fault::Refused(e) | Fault::Panicked(e) => e,
+        }
+    }
+}
+
+/// Run a model call so that a panic fails the requests involved instead of the server.
+fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, Fault> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Fault::Refused(e)),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(Fault::Panicked(anyhow::anyhow!("internal error: {msg}")))
         }
     }
 }
