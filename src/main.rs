@@ -4,6 +4,7 @@ mod data;
 mod dedup;
 mod device;
 mod distill_data;
+mod eval;
 mod evolve;
 mod export;
 mod generate;
@@ -53,6 +54,8 @@ enum Command {
     Export(export::Args),
     /// Serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API.
     Serve(serve::Args),
+    /// Evaluate a model: exact match, multiple choice, held-out loss, reward, LLM-judged win rate.
+    Eval(Box<eval::Args>),
 }
 
 /// A panic (a bug, in burnish or in a dependency) ends with one line saying where, not the
@@ -91,6 +94,7 @@ fn main() {
         Command::Launch(a) => launch::run(a),
         Command::Export(a) => export::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Eval(a) => eval::run(*a),
     };
     models::shape_audit::report_if_requested();
     if let Err(e) = result {

@@ -80,7 +80,11 @@ fn read_rows(path: &Path, rejects: &mut RejectLog) -> Result<(Vec<ScoreRow>, usi
 
 /// Token ids of the prompt, and of the completion as it tokenizes after the prompt (the
 /// boundary TRL's SFT uses: the prompt's own tokens, then the rest of prompt+completion).
-fn split_ids(tok: &TextTokenizer, prompt: &str, completion: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+pub(crate) fn split_ids(
+    tok: &TextTokenizer,
+    prompt: &str,
+    completion: &str,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let p = tok.encode(prompt, true)?;
     let full = tok.encode(&format!("{prompt}{completion}"), true)?;
     let common = p.iter().zip(&full).take_while(|(a, b)| a == b).count();

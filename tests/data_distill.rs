@@ -5,8 +5,6 @@
 mod common;
 
 use common::{err, new_tiny_model, ok};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 
 use datasets::read::read_file;
@@ -22,48 +20,13 @@ fn read_rows(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Answers every chat-completions request with "4", recording the request bodies.
-fn endpoint() -> (String, std::sync::mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let mut stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                if line == "\r\n" || line.is_empty() {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-            let mut body = vec![0u8; len];
-            reader.read_exact(&mut body).unwrap();
-            tx.send(String::from_utf8(body).unwrap()).unwrap();
-            let reply = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"4"},"finish_reason":"stop"}]}"#;
-            write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
-                reply.len()
-            )
-            .unwrap();
-        }
-    });
-    (url, rx)
-}
-
 #[test]
 fn an_endpoint_teacher_answers_prompts_as_sft_rows_with_lineage() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("prompts.jsonl");
     std::fs::write(&input, PROMPTS).unwrap();
     let out = tmp.path().join("sft.jsonl");
-    let (url, requests) = endpoint();
+    let (url, requests) = common::openai_stub(|_| "4".to_string());
     ok(&[
         "data",
         "distill",

@@ -110,6 +110,55 @@ fn export_into<B: Backend>(
 /// Load a reward model for scoring: a `*ForSequenceClassification` model directory, or a
 /// PEFT `SEQ_CLS` adapter (merged into its base). Returns its config, the model and the
 /// directory its tokenizer is in.
+/// A causal LM to run: a model folder or run, or an adapter folder (over the base its
+/// config names), with `adapter` folded in when given. Returns the config, the model and
+/// the folder of the base (config and tokenizer).
+pub fn load_causal_lm<B: Backend>(
+    path: &Path,
+    adapter: Option<&Path>,
+    device: &B::Device,
+) -> Result<(models::ModelConfig, models::CausalLm<B>, PathBuf)> {
+    let src = resolve_weights_dir(path)?;
+    let mut adapters = Vec::new();
+    let base = if is_adapter_dir(&src) {
+        let cfg = read_adapter_config(&src)?;
+        if cfg.base_model.is_empty() {
+            bail!(
+                "{} names no base model (base_model_name_or_path)",
+                src.display()
+            );
+        }
+        adapters.push(src.clone());
+        PathBuf::from(cfg.base_model)
+    } else {
+        src
+    };
+    if let Some(a) = adapter {
+        let dir = resolve_weights_dir(a)?;
+        if !is_adapter_dir(&dir) {
+            bail!(
+                "{} is not a PEFT adapter (no adapter_config.json)",
+                dir.display()
+            );
+        }
+        adapters.push(dir);
+    }
+    let (cfg, mut model) = load_model::<B>(&base, device)?;
+    for dir in &adapters {
+        if read_adapter_config(dir)?.reward_model {
+            bail!(
+                "{} is a reward model's adapter, not a causal LM's",
+                dir.display()
+            );
+        }
+        model = load_adapter(model, dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?
+            .0
+            .merge_adapters();
+    }
+    Ok((cfg, model, base))
+}
+
 pub fn load_reward_model<B: Backend>(
     dir: &Path,
     device: &B::Device,

@@ -39,6 +39,11 @@ impl RejectLog {
         self.rejects.len()
     }
 
+    /// Take over another log's rejects (already printed when they were pushed there).
+    pub fn absorb(&mut self, other: RejectLog) {
+        self.rejects.extend(other.rejects);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rejects.is_empty()
     }

@@ -23,14 +23,31 @@ pub fn score_completions<B: Backend>(
     pad_id: u32,
     multiple_of: usize,
 ) -> Vec<CompletionScore> {
+    let masked: Vec<(Vec<u32>, Vec<bool>)> = rows
+        .iter()
+        .map(|(p, c)| {
+            let ids = [p.as_slice(), c.as_slice()].concat();
+            let scored = (0..ids.len()).map(|t| t >= p.len()).collect();
+            (ids, scored)
+        })
+        .collect();
+    score_masked(model, &masked, batch_size, pad_id, multiple_of)
+}
+
+/// Summed log-probability and count of the tokens marked in each row's mask (a loss mask,
+/// several assistant turns alike), each predicted from the tokens before it; a row's first
+/// token has nothing before it and is never scored. Batching as [`score_completions`].
+pub fn score_masked<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[(Vec<u32>, Vec<bool>)],
+    batch_size: usize,
+    pad_id: u32,
+    multiple_of: usize,
+) -> Vec<CompletionScore> {
     let device = model.device();
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
-        let seqs: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
-            .collect();
-        let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let longest = chunk.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         if longest < 2 {
             out.extend(chunk.iter().map(|_| CompletionScore {
                 logprob: 0.0,
@@ -41,15 +58,17 @@ pub fn score_completions<B: Backend>(
         let m = multiple_of.max(1);
         let width = longest.div_ceil(m) * m;
         let empty_rows = if m > 1 {
-            batch_size.saturating_sub(seqs.len())
+            batch_size.saturating_sub(chunk.len())
         } else {
             0
         };
         let mut ids = Vec::new();
         let mut attn = Vec::new();
-        for s in seqs
+        let empty = Vec::new();
+        for s in chunk
             .iter()
-            .chain(std::iter::repeat_n(&Vec::new(), empty_rows))
+            .map(|(ids, _)| ids)
+            .chain(std::iter::repeat_n(&empty, empty_rows))
         {
             let pad = width - s.len();
             ids.push([s.clone(), vec![pad_id; pad]].concat());
@@ -69,15 +88,18 @@ pub fn score_completions<B: Backend>(
         let targets =
             Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, width - 1, 1]), &device);
         let picked: Vec<f32> = logp.gather(2, targets).into_data().iter::<f32>().collect();
-        for (row, (p, c)) in chunk.iter().enumerate() {
-            let start = p.len().max(1) - 1;
-            let end = p.len() + c.len() - 1;
-            let lp: f64 = (start..end)
-                .map(|t| picked[row * (width - 1) + t] as f64)
-                .sum();
+        for (row, (seq, scored)) in chunk.iter().enumerate() {
+            let mut lp = 0.0f64;
+            let mut n = 0;
+            for t in 1..seq.len() {
+                if scored.get(t).copied().unwrap_or(false) {
+                    lp += picked[row * (width - 1) + t - 1] as f64;
+                    n += 1;
+                }
+            }
             out.push(CompletionScore {
                 logprob: lp,
-                num_tokens: end - start,
+                num_tokens: n,
             });
         }
     }

@@ -1,0 +1,274 @@
+//! Tasks that generate answers: exact match against reference answers (GSM8K: the number
+//! after `####`, extracted as GRPO's accuracy reward does), and the mean reward-model score
+//! of the answers.
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+use checkpoints::export::load_reward_model;
+use datasets::read::read_file;
+use datasets::records::{Record, Reject, Row};
+use datasets::rejects::RejectLog;
+use datasets::tokenize::{MaskPolicy, Templater, TokenizedPair, Truncation};
+use models::checkpoint::load_tokenizer;
+use models::generate::{generate, SamplingParams};
+use models::Message;
+use trainers::reward::{batch_rewards, host_rewards, reward_batch};
+use trainers::rl::rewards::accuracy;
+
+use super::{bar, limited, mean_ci, wilson, Ctx, Outcome};
+
+/// A prompt to answer and, when the row has one, its reference answer.
+pub struct Prompted {
+    pub line: usize,
+    pub messages: Vec<Message>,
+    pub answer: Option<String>,
+}
+
+fn reject(row: &Row, reason: &str) -> Reject {
+    Reject {
+        origin: row.origin.clone(),
+        field: None,
+        reason: reason.into(),
+        raw: None,
+    }
+}
+
+/// The prompts of a file in any format the pipeline reads: prompt/answer tasks, preference
+/// pairs (their prompt) and conversations (up to the last assistant turn, which becomes the
+/// reference answer).
+pub fn read_prompts(
+    file: &Path,
+    need_answer: bool,
+    limit: Option<usize>,
+) -> Result<(Vec<Prompted>, RejectLog, usize)> {
+    let read = read_file(file, None)?;
+    let mut rejects = RejectLog::default();
+    rejects.extend(read.rejects);
+    let mut out = Vec::new();
+    for row in &read.rows {
+        let (messages, answer) = match &row.record {
+            Record::PromptTask(t) => (t.prompt.to_messages(), t.answer.clone()),
+            Record::Preference(p) => (p.prompt.to_messages(), None),
+            Record::Conversation(c) => {
+                let mut messages = c.to_messages();
+                match messages.last() {
+                    Some(m) if m.role == "assistant" => {
+                        let last = messages.pop().map(|m| m.content);
+                        (messages, last)
+                    }
+                    _ => (messages, None),
+                }
+            }
+        };
+        if messages.last().is_none_or(|m| m.role != "user") {
+            rejects.push(reject(row, "no user turn to answer"));
+        } else if need_answer && answer.is_none() {
+            rejects.push(reject(row, "no reference answer to compare with"));
+        } else {
+            out.push(Prompted {
+                line: row.origin.line,
+                messages,
+                answer,
+            });
+        }
+    }
+    Ok((limited(out, limit), rejects, read.rows_read))
+}
+
+/// `--fewshot` rows as earlier user/assistant turns.
+fn fewshot_turns(ctx: &Ctx<'_, impl Backend>) -> Result<Vec<Message>> {
+    let Some(file) = &ctx.args.fewshot else {
+        return Ok(vec![]);
+    };
+    let (shots, _, _) = read_prompts(file, true, ctx.args.num_fewshot)
+        .with_context(|| format!("--fewshot {}", file.display()))?;
+    let mut turns = Vec::new();
+    for s in shots {
+        turns.extend(s.messages.into_iter().filter(|m| m.role != "system"));
+        turns.push(Message::new(
+            "assistant",
+            s.answer.as_deref().unwrap_or_default(),
+        ));
+    }
+    Ok(turns)
+}
+
+/// Put the few-shot turns after a leading system message, before the question.
+fn with_shots(messages: &[Message], shots: &[Message]) -> Vec<Message> {
+    let split = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    [&messages[..split], shots, &messages[split..]].concat()
+}
+
+/// One generated answer.
+pub struct Answer {
+    pub text: String,
+    pub new_tokens: usize,
+}
+
+/// Answers to `prompts` (chat messages) from `model`, in batches, with a progress bar.
+pub fn answers<B: Backend>(
+    ctx: &Ctx<'_, B>,
+    model: &models::CausalLm<B>,
+    prompts: &[Vec<Message>],
+    what: &str,
+) -> Result<Vec<Answer>> {
+    let a = ctx.args;
+    let ids = prompts
+        .iter()
+        .map(|m| {
+            let text = ctx.template.render(m, true, &ctx.tok.template_tokens())?;
+            ctx.tok.encode(&text, false)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: 0,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop_ids: ctx.stop_ids.clone(),
+        pad_id: ctx.pad,
+        shape_multiple: ctx.shape_multiple,
+    };
+    let pb = bar(ids.len(), what);
+    let mut out = Vec::with_capacity(ids.len());
+    for (i, chunk) in ids.chunks(a.batch_size.max(1)).enumerate() {
+        // A different stream per batch, the same for a given --seed and batch size.
+        let params = SamplingParams {
+            seed: params.seed.wrapping_add(i as u64),
+            ..params.clone()
+        };
+        for g in generate(model, chunk, &params, None)? {
+            out.push(Answer {
+                text: ctx.tok.decode(&g.tokens, true)?,
+                new_tokens: g.tokens.len(),
+            });
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+fn last_user(messages: &[Message]) -> &str {
+    messages.last().map_or("", |m| m.content.as_str())
+}
+
+/// `gsm8k:FILE`: the share of answers whose final number equals the reference's.
+pub fn exact_match<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
+    let (prompts, rejects, read) = read_prompts(file, true, ctx.args.limit)?;
+    let shots = fewshot_turns(ctx)?;
+    let messages: Vec<Vec<Message>> = prompts
+        .iter()
+        .map(|p| with_shots(&p.messages, &shots))
+        .collect();
+    let got = answers(ctx, ctx.model, &messages, "gsm8k")?;
+    let mut rows = Vec::with_capacity(got.len());
+    let mut hits = 0.0;
+    let mut new_tokens = 0;
+    for (p, ans) in prompts.iter().zip(&got) {
+        let correct = accuracy(&ans.text, p.answer.as_deref()) == 1.0;
+        hits += f64::from(u8::from(correct));
+        new_tokens += ans.new_tokens;
+        rows.push(json!({
+            "line": p.line,
+            "prompt": last_user(&p.messages),
+            "completion": ans.text,
+            "reference": p.answer,
+            "correct": correct,
+        }));
+    }
+    let n = rows.len();
+    let mut metrics = Map::new();
+    metrics.insert("exact_match".into(), json!(hits / n.max(1) as f64));
+    metrics.insert("exact_match_ci95".into(), json!(wilson(hits, n)));
+    metrics.insert("num_fewshot".into(), json!(shots.len() / 2));
+    metrics.insert(
+        "mean_new_tokens".into(),
+        json!(new_tokens as f64 / n.max(1) as f64),
+    );
+    Ok(Outcome {
+        metrics,
+        rows,
+        rejects,
+        read,
+    })
+}
+
+/// `reward:FILE`: the mean score the reward model gives the model's answers.
+pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
+    let rm_path = ctx
+        .args
+        .reward_model
+        .as_ref()
+        .context("the reward task needs --reward-model")?;
+    let (prompts, rejects, read) = read_prompts(file, false, ctx.args.limit)?;
+    let messages: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
+    let got = answers(ctx, ctx.model, &messages, "reward")?;
+    let (rm_cfg, rm, rm_dir) = load_reward_model::<B>(rm_path, &ctx.device)?;
+    let rm_tok = load_tokenizer(&rm_dir, &rm_cfg)?;
+    let templater = Templater {
+        tokenizer: &rm_tok,
+        template: rm_tok.template(None)?,
+        tokens: rm_tok.template_tokens(),
+        mask: MaskPolicy::All,
+        max_seq_len: rm_cfg.max_position_embeddings,
+        truncation: Truncation::Left,
+    };
+    let pad = datasets::batch::Padding {
+        id: rm_cfg.pad_token_id.or(rm_tok.pad_id).unwrap_or(0),
+        multiple_of: ctx.shape_multiple,
+    };
+    // A conversation is scored as one sequence: a "pair" whose sides are the same.
+    let seqs = prompts
+        .iter()
+        .zip(&got)
+        .map(|(p, a)| {
+            let mut conv = datasets::records::Conversation {
+                system: None,
+                messages: p.messages.clone(),
+            };
+            conv.messages.push(Message::new("assistant", &a.text));
+            let (seq, _) = templater
+                .conversation(&conv)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", file.display(), p.line))?;
+            Ok(TokenizedPair {
+                prompt: vec![],
+                chosen: seq.ids.clone(),
+                rejected: seq.ids,
+                margin: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut rewards = Vec::with_capacity(seqs.len());
+    let pb = bar(seqs.len(), "scoring");
+    for chunk in seqs.chunks(ctx.args.batch_size.max(1)) {
+        let pairs: Vec<&TokenizedPair> = chunk.iter().collect();
+        let batch = reward_batch(&pairs, pad, ctx.args.batch_size);
+        let (r, _) = host_rewards(batch_rewards(&rm, &batch), &batch);
+        rewards.extend(r);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let rows: Vec<Value> = prompts
+        .iter()
+        .zip(&got)
+        .zip(&rewards)
+        .map(|((p, a), r)| {
+            json!({"line": p.line, "prompt": last_user(&p.messages), "completion": a.text, "reward": r})
+        })
+        .collect();
+    let (mean, ci) = mean_ci(&rewards);
+    let mut metrics = Map::new();
+    metrics.insert("reward_mean".into(), json!(mean));
+    metrics.insert("reward_ci95".into(), json!(ci));
+    Ok(Outcome {
+        metrics,
+        rows,
+        rejects,
+        read,
+    })
+}
