@@ -174,6 +174,7 @@ fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
             "train.max_steps=500",
             "train.sample_prompts=[]",
             "train.overwrite_output_dir=false",
+            "train.report_to=[\"tensorboard\", \"csv\"]",
         ],
     );
     let args = strs(&owned);
@@ -224,6 +225,41 @@ fn ctrl_c_saves_a_checkpoint_that_resume_continues() {
         .collect();
     let expected: Vec<u64> = (0..=step + 2).collect();
     assert_eq!(steps, expected, "one continuous curve");
+
+    // report_to: TensorBoard and the CSV hold that same one curve, resumed steps not twice.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let scalars = common::read_tensorboard(&tmp.path().join("run/tensorboard"));
+    let losses: Vec<(i64, f32)> = scalars
+        .iter()
+        .filter(|(_, tag, _)| tag == "train/loss")
+        .map(|(s, _, v)| (*s, *v))
+        .collect();
+    let want: Vec<(i64, f32)> = records
+        .iter()
+        .filter_map(|r| Some((r["step"].as_i64()?, r.get("loss")?.as_f64()? as f32)))
+        .collect();
+    assert_eq!(losses, want);
+    assert!(
+        scalars.iter().any(|(_, tag, _)| tag == "eval/loss"),
+        "{scalars:?}"
+    );
+    let csv = std::fs::read_to_string(tmp.path().join("run/metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    assert!(
+        header.contains(&"loss") && header.contains(&"eval_loss"),
+        "{header:?}"
+    );
+    let step_col = header.iter().position(|h| *h == "step").unwrap();
+    let csv_steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(step_col).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(csv_steps, expected);
 }
 
 #[test]

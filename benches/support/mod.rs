@@ -106,6 +106,7 @@ pub fn loop_config(dir: &Path, total: usize) -> LoopConfig {
         recipe_fingerprint: String::new(),
         show_progress: false,
         stop_after_steps: Some(total as u64),
+        report_to: vec![],
     }
 }
 

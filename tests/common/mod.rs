@@ -91,3 +91,89 @@ pub fn openai_stub(
     });
     (url, rx)
 }
+
+/// The scalars of every TensorBoard event file in `dir`, as (step, tag, value), read with
+/// the TFRecord checksums verified; an independent decoder of what `report_to` writes.
+pub fn read_tensorboard(dir: &Path) -> Vec<(i64, String, f32)> {
+    use trainers::report::masked_crc32c;
+    fn fields(mut b: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        fn varint(b: &mut &[u8]) -> u64 {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let byte = b[0];
+                *b = &b[1..];
+                v |= u64::from(byte & 0x7f) << shift;
+                if byte < 0x80 {
+                    break;
+                }
+            }
+            v
+        }
+        let mut out = vec![];
+        while !b.is_empty() {
+            let key = varint(&mut b);
+            let (field, wire) = (key >> 3, key & 7);
+            let value = match wire {
+                0 => varint(&mut b).to_le_bytes().to_vec(),
+                1 => {
+                    let v = b[..8].to_vec();
+                    b = &b[8..];
+                    v
+                }
+                2 => {
+                    let n = varint(&mut b) as usize;
+                    let v = b[..n].to_vec();
+                    b = &b[n..];
+                    v
+                }
+                5 => {
+                    let v = b[..4].to_vec();
+                    b = &b[4..];
+                    v
+                }
+                w => panic!("unexpected wire type {w}"),
+            };
+            out.push((field, value));
+        }
+        out
+    }
+    let mut out = vec![];
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 1, "one event file: {files:?}");
+    let data = std::fs::read(&files[0]).unwrap();
+    let mut at = 0;
+    while at < data.len() {
+        let len_bytes = &data[at..at + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(data[at + 8..at + 12].try_into().unwrap());
+        assert_eq!(crc, masked_crc32c(len_bytes), "length checksum");
+        let body = &data[at + 12..at + 12 + len];
+        let crc = u32::from_le_bytes(data[at + 12 + len..at + 16 + len].try_into().unwrap());
+        assert_eq!(crc, masked_crc32c(body), "data checksum");
+        at += 16 + len;
+        let event = fields(body);
+        let step = event.iter().find(|(f, _)| *f == 2).map_or(0, |(_, v)| {
+            u64::from_le_bytes(v[..8].try_into().unwrap()) as i64
+        });
+        for (_, summary) in event.iter().filter(|(f, _)| *f == 5) {
+            for (_, value) in fields(summary).iter().filter(|(f, _)| *f == 1) {
+                let v = fields(value);
+                let tag = v
+                    .iter()
+                    .find(|(f, _)| *f == 1)
+                    .map(|(_, t)| String::from_utf8(t.clone()).unwrap());
+                let x = v
+                    .iter()
+                    .find(|(f, _)| *f == 2)
+                    .map(|(_, x)| f32::from_le_bytes(x[..4].try_into().unwrap()));
+                out.push((step, tag.unwrap(), x.unwrap()));
+            }
+        }
+    }
+    out
+}

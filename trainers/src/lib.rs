@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod recipe;
+pub mod report;
 pub mod reward;
 pub mod rl;
 pub mod schedule;

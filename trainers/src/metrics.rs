@@ -9,12 +9,16 @@ use std::path::{Path, PathBuf};
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    /// `report_to`'s TensorBoard and CSV writers.
+    sinks: Vec<Box<dyn crate::report::Sink>>,
 }
 
 impl MetricsLog {
     /// Open for appending, first dropping records after `resume_step` (a resumed run
-    /// rewrites the steps it repeats, so the file holds one curve).
-    pub fn open(path: &Path, resume_step: u64) -> Result<Self> {
+    /// rewrites the steps it repeats, so the file holds one curve); the `report_to` sinks
+    /// beside it are rebuilt from the records kept.
+    pub fn open(path: &Path, resume_step: u64, report_to: &[String]) -> Result<Self> {
+        let mut history = Vec::new();
         if path.exists() {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -27,6 +31,10 @@ impl MetricsLog {
                         .is_some_and(|s| s <= resume_step && resume_step > 0)
                 })
                 .collect();
+            history = kept
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Map<String, Value>>(l).ok())
+                .collect();
             let mut body = kept.join("\n");
             if !body.is_empty() {
                 body.push('\n');
@@ -38,9 +46,11 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
         Ok(Self {
             path: path.to_path_buf(),
             file,
+            sinks: crate::report::open_sinks(dir, report_to, &history)?,
         })
     }
 
@@ -48,7 +58,11 @@ impl MetricsLog {
         let line = serde_json::to_string(record)?;
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot write {}", self.path.display()))
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        for sink in self.sinks.iter_mut() {
+            sink.write(record)?;
+        }
+        Ok(())
     }
 }
 

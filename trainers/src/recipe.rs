@@ -260,6 +260,10 @@ pub struct TrainSection {
     pub save_total_limit: usize,
     #[serde(default = "one")]
     pub logging_steps: usize,
+    /// Also log to these (TRL's name): "tensorboard" (event files in OUTPUT/tensorboard),
+    /// "csv" (OUTPUT/metrics.csv), "all" or "none". metrics.jsonl is always written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<String>,
     /// dtype of the final export: float32, bfloat16 or float16.
     #[serde(default = "default_export_dtype")]
     pub export_dtype: String,
@@ -375,6 +379,7 @@ impl Recipe {
         if t.gradient_accumulation_steps == 0 {
             bail!("[train] gradient_accumulation_steps must be at least 1");
         }
+        crate::report::check_report_to(&t.report_to)?;
         if t.pad_to_multiple_of == Some(0) {
             bail!("[train] pad_to_multiple_of must be at least 1 (1 pads to the longest row only)");
         }
@@ -509,6 +514,7 @@ impl Recipe {
         r.train.pad_to_multiple_of = None;
         r.train.autotune_level = None;
         r.train.gradient_checkpointing = false;
+        r.train.report_to.clear();
         let text = toml::to_string(&r).unwrap_or_default();
         blake3_hex(text.as_bytes())
     }

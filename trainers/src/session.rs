@@ -146,6 +146,7 @@ fn loop_config(recipe: &Recipe, total: usize, opts: &TrainOptions<'_>) -> LoopCo
         recipe_fingerprint: recipe.fingerprint(),
         show_progress: opts.show_progress,
         stop_after_steps: opts.stop_after_steps,
+        report_to: t.report_to.clone(),
     }
 }
 

@@ -45,6 +45,8 @@ pub struct LoopConfig {
     /// Stop as Ctrl-C does (checkpoint, then exit) once this many steps are done: for
     /// preemptible jobs that get a fixed slice of time.
     pub stop_after_steps: Option<u64>,
+    /// TensorBoard / CSV besides metrics.jsonl (`[train] report_to`).
+    pub report_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,7 +331,11 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         None => (0, 0, 0.0),
     };
     let mut log = match main {
-        true => Some(MetricsLog::open(&cfg.run_dir.join("metrics.jsonl"), step)?),
+        true => Some(MetricsLog::open(
+            &cfg.run_dir.join("metrics.jsonl"),
+            step,
+            &cfg.report_to,
+        )?),
         false => None,
     };
     if let Some(d) = dp.as_deref_mut() {
