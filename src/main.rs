@@ -11,6 +11,7 @@ mod generate;
 mod launch;
 mod local;
 mod new_model;
+mod plot;
 mod rejects_args;
 mod reward_score;
 mod score;
@@ -52,6 +53,8 @@ enum Command {
     Launch(launch::Args),
     /// Write a run, checkpoint or adapter as a Hugging Face model (or PEFT adapter).
     Export(export::Args),
+    /// Draw the metrics of one or more runs (SVG or PNG).
+    Plot(plot::Args),
     /// Serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API.
     Serve(serve::Args),
     /// Evaluate a model: exact match, multiple choice, held-out loss, reward, LLM-judged win rate.
@@ -94,6 +97,7 @@ fn main() {
         Command::Launch(a) => launch::run(a),
         Command::Export(a) => export::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Eval(a) => eval::run(*a),
     };
     models::shape_audit::report_if_requested();

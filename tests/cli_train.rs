@@ -81,6 +81,16 @@ fn quickstart_recipe_trains_exports_and_merges() {
     let resolved = std::fs::read_to_string(tmp.path().join("run/recipe.toml")).unwrap();
     assert!(resolved.contains("max_steps = 4"), "{resolved}");
 
+    // Every run ends with its plots: one panel per metric, in SVG and PNG.
+    let svg = std::fs::read_to_string(tmp.path().join("run/plots.svg")).unwrap();
+    for panel in ["loss", "eval_loss", "lr", "grad_norm"] {
+        assert!(svg.contains(&format!(">\n{panel}\n<")), "no {panel} panel");
+    }
+    let png = std::fs::read(tmp.path().join("run/plots.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    assert_eq!(width, 3 * 420, "three panels a row");
+
     // LoRA on the model just trained, then merge it.
     let mut lora = base.to_vec();
     lora.extend(["adapter.r=4", "train.overwrite_output_dir=false"]);
@@ -91,6 +101,15 @@ fn quickstart_recipe_trains_exports_and_merges() {
         .path()
         .join("lora/final/adapter_model.safetensors")
         .exists());
+    // Two runs side by side, one colour and one legend entry each.
+    let both = p("both.svg");
+    let said = ok(&["plot", &p("run"), &p("lora"), "--out", &both]);
+    assert!(said.contains("loss, eval_loss"), "{said}");
+    let svg = std::fs::read_to_string(&both).unwrap();
+    assert!(
+        svg.contains(">\nrun\n<") && svg.contains(">\nlora\n<"),
+        "the legend names the runs"
+    );
     let again = burnish(&args);
     let e = String::from_utf8_lossy(&again.stderr);
     assert!(

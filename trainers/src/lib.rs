@@ -9,6 +9,7 @@ pub mod method;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod plots;
 pub mod recipe;
 pub mod report;
 pub mod reward;

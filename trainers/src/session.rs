@@ -742,6 +742,12 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
         samples_before,
         samples_after: vec![],
     };
+    if main {
+        // A plot that cannot be drawn is not worth losing the run over.
+        if let Err(e) = crate::plots::plot_run(&run_dir) {
+            eprintln!("warning: no plots for {}: {e:#}", run_dir.display());
+        }
+    }
     if let Outcome::Interrupted(step) = result.outcome {
         say(
             opts.verbose,
@@ -768,10 +774,11 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
             _ => {}
         }
         println!(
-            "wrote {} ({}) and {}",
+            "wrote {} ({}), {} and {}",
             final_dir.display(),
             weights.kind(),
-            run_dir.join("metrics.jsonl").display()
+            run_dir.join("metrics.jsonl").display(),
+            run_dir.join("plots.svg|png").display()
         );
     }
     report.final_dir = Some(final_dir);
