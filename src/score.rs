@@ -13,8 +13,7 @@ use datasets::records::Record;
 use datasets::rejects::RejectLog;
 
 use models::checkpoint::{load_model, load_tokenizer};
-use models::scoring::score_completions;
-use models::TextTokenizer;
+use models::scoring::{score_completions, split_prompt_completion};
 
 use crate::device::{dispatch, OnDevice};
 
@@ -80,16 +79,6 @@ fn read_rows(path: &Path, rejects: &mut RejectLog) -> Result<(Vec<ScoreRow>, usi
 
 /// Token ids of the prompt, and of the completion as it tokenizes after the prompt (the
 /// boundary TRL's SFT uses: the prompt's own tokens, then the rest of prompt+completion).
-pub(crate) fn split_ids(
-    tok: &TextTokenizer,
-    prompt: &str,
-    completion: &str,
-) -> Result<(Vec<u32>, Vec<u32>)> {
-    let p = tok.encode(prompt, true)?;
-    let full = tok.encode(&format!("{prompt}{completion}"), true)?;
-    let common = p.iter().zip(&full).take_while(|(a, b)| a == b).count();
-    Ok((full[..common].to_vec(), full[common..].to_vec()))
-}
 
 impl OnDevice for Args {
     type Output = ();
@@ -110,7 +99,7 @@ impl OnDevice for Args {
         let tok = load_tokenizer(&model_dir, &cfg)?;
         let ids = rows
             .iter()
-            .map(|(_, p, c)| split_ids(&tok, p, c))
+            .map(|(_, p, c)| split_prompt_completion(&tok, p, c))
             .collect::<Result<Vec<_>>>()?;
         let pad = tok.pad_id.or(cfg.pad_token_id).unwrap_or(0);
         let multiple_of = models::backend::default_pad_multiple::<B>(&device);

@@ -378,3 +378,54 @@ fn reward_scores_equal_score_reward_model_and_the_judge_undoes_position_bias() {
         );
     }
 }
+
+#[test]
+fn a_recipes_eval_tasks_are_logged_and_match_burnish_eval_on_the_saved_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mc = dir.join("mc.jsonl");
+    write_lines(
+        &mc,
+        &[
+            json!({"question": "Who are you?", "choices": ["I am Vicuna, a language model.", "A cat."], "answer": 0}),
+            json!({"question": "What can you do?", "choices": ["Nothing at all.", "I can answer questions."], "answer": 1}),
+        ],
+    );
+    let p = |s: &str| dir.join(s).display().to_string();
+    let task = format!("choice:{}", mc.display());
+    let sets = [
+        format!("model.path=\"{}\"", p("model")),
+        format!("data.cache_dir=\"{}\"", p("cache")),
+        format!("train.output_dir=\"{}\"", p("run")),
+        "train.max_steps=4".into(),
+        "train.eval_steps=2".into(),
+        "train.sample_prompts=[]".into(),
+        format!("eval.tasks=[\"{task}\"]"),
+    ];
+    let mut args = vec!["train", "--recipe", "recipes/quickstart.toml"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    ok(&args);
+    let records = read_rows(&dir.join("run/metrics.jsonl"));
+    let logged: Vec<(u64, f64)> = records
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("eval_choice_acc")?.as_f64()?)))
+        .collect();
+    assert_eq!(
+        logged.iter().map(|x| x.0).collect::<Vec<_>>(),
+        [0, 2, 4],
+        "{records:?}"
+    );
+    let last = records.last().unwrap();
+    let out = dir.join("res.json");
+    let r = eval(&dir.join("run"), &out, &[task], &[]);
+    let m = &task_metrics(&r, "choice");
+    for k in ["acc", "acc_norm"] {
+        assert_eq!(last[format!("eval_choice_{k}")], m[k], "{k}");
+    }
+}
+
+fn task_metrics(results: &Value, name: &str) -> Value {
+    task(results, name)["metrics"].clone()
+}

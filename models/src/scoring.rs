@@ -5,6 +5,7 @@ use burn::tensor::activation::log_softmax;
 
 use crate::llama::{CausalLm, ForwardInput};
 use crate::mask::AttentionLayout;
+use crate::TextTokenizer;
 
 /// Summed log-probability and token count of each completion given its prompt.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -104,4 +105,18 @@ pub fn score_masked<B: Backend>(
         }
     }
     out
+}
+
+/// `(prompt ids, completion ids)` as TRL's SFT splits them: the tokens of `prompt +
+/// completion` after the longest prefix they share with the prompt's own tokens (a
+/// completion may merge with the prompt's last token).
+pub fn split_prompt_completion(
+    tok: &TextTokenizer,
+    prompt: &str,
+    completion: &str,
+) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+    let p = tok.encode(prompt, true)?;
+    let full = tok.encode(&format!("{prompt}{completion}"), true)?;
+    let common = p.iter().zip(&full).take_while(|(a, b)| a == b).count();
+    Ok((full[..common].to_vec(), full[common..].to_vec()))
 }

@@ -5,6 +5,7 @@ pub mod data_order;
 pub mod distill;
 pub mod dpo;
 pub mod estimate;
+pub mod eval;
 pub mod method;
 pub mod metrics;
 pub mod optim;

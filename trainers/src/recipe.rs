@@ -64,6 +64,10 @@ pub struct Recipe {
     /// GRPO/PPO reward sources (`[[rewards]]` tables), summed with their weights.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewards: Vec<RewardSpec>,
+    /// Evaluation tasks run at every evaluation of the run (`burnish eval`'s tasks and
+    /// settings; metrics logged as `eval_{task}_{metric}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<crate::eval::EvalSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,6 +384,9 @@ impl Recipe {
             bail!("[train] gradient_accumulation_steps must be at least 1");
         }
         crate::report::check_report_to(&t.report_to)?;
+        if let Some(e) = &self.eval {
+            e.parsed_tasks(&e.tasks).context("[eval]")?;
+        }
         if t.pad_to_multiple_of == Some(0) {
             bail!("[train] pad_to_multiple_of must be at least 1 (1 pads to the longest row only)");
         }
@@ -515,6 +522,7 @@ impl Recipe {
         r.train.autotune_level = None;
         r.train.gradient_checkpointing = false;
         r.train.report_to.clear();
+        r.eval = None;
         let text = toml::to_string(&r).unwrap_or_default();
         blake3_hex(text.as_bytes())
     }

@@ -31,7 +31,7 @@ use crate::rl::setup::{with_value_head, OnlineSetup};
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
 use crate::teacher::{model_fingerprint, prepare_teacher};
-use crate::train_loop::{find_resume, run_loop_on, LoopConfig, Outcome, Resume};
+use crate::train_loop::{find_resume, run_loop_hooked, EvalHook, LoopConfig, Outcome, Resume};
 use crate::weights::WeightsFormat;
 
 pub struct TrainOptions<'a> {
@@ -731,7 +731,36 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
             d.barrier::<B::InnerBackend>("setup", &model.device(), d.timeouts.setup)?;
         }
     }
-    let result = run_loop_on(model, &mut method, &cfg, &weights, resume, opts.stop, dp)?;
+    let eval_settings = recipe.eval.clone().map(|mut e| {
+        e.quiet = true;
+        e
+    });
+    let eval_tasks = match &eval_settings {
+        Some(e) => e.parsed_tasks(&e.tasks).context("[eval]")?,
+        None => vec![],
+    };
+    let eval_template = match &eval_settings {
+        Some(e) if !eval_tasks.is_empty() => Some(tok.template(Some(&e.template))?),
+        _ => None,
+    };
+    let multiple = t.pad_multiple::<B::InnerBackend>(&model.valid().device());
+    let hook: Option<EvalHook<'_, B>> = match (&eval_settings, &eval_template) {
+        (Some(settings), Some(template)) => Some(Box::new(|m: &CausalLm<B::InnerBackend>| {
+            let ctx = crate::eval::Ctx::new(m, &model_cfg, &tok, template, settings, multiple);
+            crate::eval::metrics_record(&ctx, &eval_tasks)
+        })),
+        _ => None,
+    };
+    let result = run_loop_hooked(
+        model,
+        &mut method,
+        &cfg,
+        &weights,
+        resume,
+        opts.stop,
+        dp,
+        hook,
+    )?;
     let mut report = TrainReport {
         outcome: result.outcome,
         steps: result.steps,

@@ -285,6 +285,26 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
 /// micro-batches are shared among the ranks and their gradients summed; only rank 0 logs
 /// and writes checkpoints; a stop (Ctrl-C) takes effect on every rank at the same step.
 pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
+    model: CausalLm<B>,
+    method: &mut M,
+    cfg: &LoopConfig,
+    weights: &WeightsFormat,
+    resume: Option<Resume>,
+    stop: &AtomicBool,
+    dp: Option<&mut Replica>,
+) -> Result<LoopResult<B>> {
+    run_loop_hooked(model, method, cfg, weights, resume, stop, dp, None)
+}
+
+/// Extra evaluation at every evaluation point (a recipe's `[eval]` tasks), on the model
+/// without autodiff; its metrics join that step's record. The main rank runs it.
+pub type EvalHook<'a, B> = Box<
+    dyn FnMut(&CausalLm<<B as AutodiffBackend>::InnerBackend>) -> Result<Map<String, Value>> + 'a,
+>;
+
+/// [`run_loop_on`] with an [`EvalHook`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_loop_hooked<B: AutodiffBackend, M: Method<B>>(
     mut model: CausalLm<B>,
     method: &mut M,
     cfg: &LoopConfig,
@@ -292,6 +312,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
     resume: Option<Resume>,
     stop: &AtomicBool,
     mut dp: Option<&mut Replica>,
+    mut hook: Option<EvalHook<'_, B>>,
 ) -> Result<LoopResult<B>> {
     let main = dp.as_ref().is_none_or(|d| d.is_main());
     let device = model.device();
@@ -346,10 +367,16 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
     let mut first_eval_loss = None;
     let mut last_eval_loss = None;
     if step == 0 && cfg.eval_on_start {
+        let mut rec = Map::new();
         if let Some((loss, m)) = evaluate(&model, method)? {
             first_eval_loss = Some(loss);
             last_eval_loss = Some(loss);
-            let mut rec = m;
+            rec = m;
+        }
+        if let Some(h) = hook.as_mut().filter(|_| main) {
+            rec.extend(h(&model.valid())?);
+        }
+        if !rec.is_empty() {
             rec.insert("step".into(), json!(0));
             rec.insert("epoch".into(), json!(0.0));
             rec.insert("elapsed_s".into(), json!(elapsed()));
@@ -479,15 +506,20 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             }
         }
         let last = step == total;
-        if (cfg.eval_steps > 0 && step % cfg.eval_steps as u64 == 0) || last {
+        let evaluating = (cfg.eval_steps > 0 && step % cfg.eval_steps as u64 == 0) || last;
+        if evaluating {
             if let Some((l, m)) = evaluate(&model, method)? {
                 last_eval_loss = Some(l);
                 first_eval_loss.get_or_insert(l);
                 rec.extend(m);
             }
+            if let Some(h) = hook.as_mut().filter(|_| main) {
+                rec.extend(h(&model.valid())?);
+            }
         }
         rec.insert("elapsed_s".into(), json!(elapsed()));
-        if step % cfg.logging_steps.max(1) as u64 == 0 || last || rec.contains_key("eval_loss") {
+        let has_eval = rec.keys().any(|k| k.starts_with("eval_"));
+        if step % cfg.logging_steps.max(1) as u64 == 0 || last || has_eval {
             if let Some(log) = &mut log {
                 log.write(&rec)?;
             }

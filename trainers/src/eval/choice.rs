@@ -14,7 +14,7 @@ use datasets::rejects::RejectLog;
 use models::scoring::score_completions;
 
 use super::{bar, limited, wilson, Ctx, Outcome};
-use crate::score::split_ids;
+use models::scoring::split_prompt_completion;
 
 struct Question {
     line: usize,
@@ -93,16 +93,16 @@ pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
             }),
         }
     }
-    let questions = limited(questions, ctx.args.limit);
+    let questions = limited(questions, ctx.settings.limit);
     let pairs = questions
         .iter()
         .flat_map(|q| q.choices.iter().map(move |c| (q.question.as_str(), c)))
-        .map(|(q, c)| split_ids(ctx.tok, q, &format!(" {c}")))
+        .map(|(q, c)| split_prompt_completion(ctx.tok, q, &format!(" {c}")))
         .collect::<Result<Vec<_>>>()?;
-    let pb = bar(questions.len(), "choice");
+    let pb = bar(questions.len(), "choice", ctx.settings.quiet);
     let mut scores = Vec::with_capacity(pairs.len());
     // Whole questions per batch, so the bar counts questions.
-    let per_batch = ctx.args.batch_size.max(1);
+    let per_batch = ctx.settings.batch_size.max(1);
     let mut at = 0;
     for q in questions.chunks(per_batch) {
         let n: usize = q.iter().map(|q| q.choices.len()).sum();

@@ -21,9 +21,9 @@ pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
     rejects.extend(read.rejects);
     let templater = Templater {
         tokenizer: ctx.tok,
-        template: ctx.tok.template(Some(&ctx.args.template))?,
+        template: ctx.tok.template(Some(&ctx.settings.template))?,
         tokens: ctx.tok.template_tokens(),
-        mask: MaskPolicy::parse(&ctx.args.mask)?,
+        mask: MaskPolicy::parse(&ctx.settings.mask)?,
         max_seq_len: ctx.cfg.max_position_embeddings,
         truncation: Truncation::Left,
     };
@@ -56,14 +56,14 @@ pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
             }),
         }
     }
-    let seqs = limited(seqs, ctx.args.limit);
+    let seqs = limited(seqs, ctx.settings.limit);
     let masked: Vec<(Vec<u32>, Vec<bool>)> = seqs
         .iter()
         .map(|(_, s)| (s.ids.clone(), s.trained.clone()))
         .collect();
-    let pb = bar(masked.len(), "loss");
+    let pb = bar(masked.len(), "loss", ctx.settings.quiet);
     let mut scores = Vec::with_capacity(masked.len());
-    let per_batch = ctx.args.batch_size.max(1);
+    let per_batch = ctx.settings.batch_size.max(1);
     for chunk in masked.chunks(per_batch) {
         scores.extend(score_masked(
             ctx.model,

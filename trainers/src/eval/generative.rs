@@ -7,6 +7,8 @@ use burn::tensor::backend::Backend;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
+use crate::reward::{batch_rewards, host_rewards, reward_batch};
+use crate::rl::rewards::accuracy;
 use checkpoints::export::load_reward_model;
 use datasets::read::read_file;
 use datasets::records::{Record, Reject, Row};
@@ -15,8 +17,6 @@ use datasets::tokenize::{MaskPolicy, Templater, TokenizedPair, Truncation};
 use models::checkpoint::load_tokenizer;
 use models::generate::{generate, SamplingParams};
 use models::Message;
-use trainers::reward::{batch_rewards, host_rewards, reward_batch};
-use trainers::rl::rewards::accuracy;
 
 use super::{bar, limited, mean_ci, wilson, Ctx, Outcome};
 
@@ -80,10 +80,10 @@ pub fn read_prompts(
 
 /// `--fewshot` rows as earlier user/assistant turns.
 fn fewshot_turns(ctx: &Ctx<'_, impl Backend>) -> Result<Vec<Message>> {
-    let Some(file) = &ctx.args.fewshot else {
+    let Some(file) = &ctx.settings.fewshot else {
         return Ok(vec![]);
     };
-    let (shots, _, _) = read_prompts(file, true, ctx.args.num_fewshot)
+    let (shots, _, _) = read_prompts(file, true, ctx.settings.num_fewshot)
         .with_context(|| format!("--fewshot {}", file.display()))?;
     let mut turns = Vec::new();
     for s in shots {
@@ -115,7 +115,7 @@ pub fn answers<B: Backend>(
     prompts: &[Vec<Message>],
     what: &str,
 ) -> Result<Vec<Answer>> {
-    let a = ctx.args;
+    let a = ctx.settings;
     let ids = prompts
         .iter()
         .map(|m| {
@@ -133,7 +133,7 @@ pub fn answers<B: Backend>(
         pad_id: ctx.pad,
         shape_multiple: ctx.shape_multiple,
     };
-    let pb = bar(ids.len(), what);
+    let pb = bar(ids.len(), what, a.quiet);
     let mut out = Vec::with_capacity(ids.len());
     for (i, chunk) in ids.chunks(a.batch_size.max(1)).enumerate() {
         // A different stream per batch, the same for a given --seed and batch size.
@@ -159,7 +159,7 @@ fn last_user(messages: &[Message]) -> &str {
 
 /// `gsm8k:FILE`: the share of answers whose final number equals the reference's.
 pub fn exact_match<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
-    let (prompts, rejects, read) = read_prompts(file, true, ctx.args.limit)?;
+    let (prompts, rejects, read) = read_prompts(file, true, ctx.settings.limit)?;
     let shots = fewshot_turns(ctx)?;
     let messages: Vec<Vec<Message>> = prompts
         .iter()
@@ -201,11 +201,11 @@ pub fn exact_match<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome>
 /// `reward:FILE`: the mean score the reward model gives the model's answers.
 pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
     let rm_path = ctx
-        .args
+        .settings
         .reward_model
         .as_ref()
         .context("the reward task needs --reward-model")?;
-    let (prompts, rejects, read) = read_prompts(file, false, ctx.args.limit)?;
+    let (prompts, rejects, read) = read_prompts(file, false, ctx.settings.limit)?;
     let messages: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
     let got = answers(ctx, ctx.model, &messages, "reward")?;
     let (rm_cfg, rm, rm_dir) = load_reward_model::<B>(rm_path, &ctx.device)?;
@@ -244,10 +244,10 @@ pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut rewards = Vec::with_capacity(seqs.len());
-    let pb = bar(seqs.len(), "scoring");
-    for chunk in seqs.chunks(ctx.args.batch_size.max(1)) {
+    let pb = bar(seqs.len(), "scoring", ctx.settings.quiet);
+    for chunk in seqs.chunks(ctx.settings.batch_size.max(1)) {
         let pairs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = reward_batch(&pairs, pad, ctx.args.batch_size);
+        let batch = reward_batch(&pairs, pad, ctx.settings.batch_size);
         let (r, _) = host_rewards(batch_rewards(&rm, &batch), &batch);
         rewards.extend(r);
         pb.inc(chunk.len() as u64);

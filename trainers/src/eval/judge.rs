@@ -46,7 +46,7 @@ fn score(v: usize, model_first: bool) -> f64 {
 }
 
 pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
-    let a = ctx.args;
+    let a = ctx.settings;
     let (prompts, rejects, read) = read_prompts(file, false, a.limit)?;
     let messages: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
     let ours = answers(ctx, ctx.model, &messages, "model")?;
@@ -57,19 +57,14 @@ pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
     let (other_cfg, other, other_dir) = load_causal_lm::<B>(against, None, &ctx.device)?;
     let other_tok = load_tokenizer(&other_dir, &other_cfg)?;
     let other_template = other_tok.template(Some(&a.template))?;
-    let mut other_stop = other_tok.stop_ids.clone();
-    other_stop.extend(other_cfg.eos_token_ids.iter().copied());
-    let other_ctx = Ctx {
-        model: &other,
-        cfg: &other_cfg,
-        tok: &other_tok,
-        template: &other_template,
-        args: a,
-        device: ctx.device.clone(),
-        pad: other_tok.pad_id.or(other_cfg.pad_token_id).unwrap_or(0),
-        shape_multiple: ctx.shape_multiple,
-        stop_ids: other_stop,
-    };
+    let other_ctx = Ctx::new(
+        &other,
+        &other_cfg,
+        &other_tok,
+        &other_template,
+        a,
+        ctx.shape_multiple,
+    );
     let theirs = answers(&other_ctx, &other, &messages, "against")?;
     let client = OpenAiClient::new(OpenAiConfig {
         base_url: a.judge_url.clone().context("--judge-url")?,
@@ -81,7 +76,7 @@ pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
     let jobs = prompts.len() * 2;
     let replies: Mutex<Vec<Option<String>>> = Mutex::new(vec![None; jobs]);
     let next = AtomicUsize::new(0);
-    let pb = bar(jobs, "judge");
+    let pb = bar(jobs, "judge", a.quiet);
     let failure: Mutex<Option<String>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..a.judge_concurrency.max(1) {

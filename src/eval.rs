@@ -1,26 +1,17 @@
-//! `burnish eval`: how good a model is, on tasks users know from lm-evaluation-harness and
-//! TRL: generative exact match (GSM8K), multiple choice by log-likelihood, held-out loss and
-//! perplexity, reward-model scores of generated answers, and a pairwise win rate judged by an
-//! LLM over an OpenAI-compatible endpoint. One JSON of results (task, settings, model hash)
-//! and the per-row outputs in a JSONL beside it.
+//! `burnish eval`: the tasks of `trainers::eval` on a saved model (or base + adapter). One
+//! JSON of results (task, settings, model hash) and the per-row outputs in a JSONL beside it.
 
-mod choice;
-mod generative;
-mod judge;
-mod loss;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use checkpoints::export::load_causal_lm;
 use datasets::rejects::RejectLog;
 use models::checkpoint::load_tokenizer;
-use models::{CausalLm, ChatTemplate, ModelConfig, TextTokenizer};
+use trainers::eval::{run_task, summary, Ctx, EvalSettings, Kind};
 
 use crate::device::{dispatch, OnDevice};
 
@@ -63,7 +54,7 @@ pub struct Args {
     /// Solved examples (prompt/answer rows) put before each gsm8k question as earlier turns.
     #[arg(long)]
     pub fewshot: Option<PathBuf>,
-    /// How many of --fewshot to use (default: all of them when --fewshot is given).
+    /// How many of --fewshot to use (default: all of them).
     #[arg(long)]
     pub num_fewshot: Option<usize>,
     /// Chat template: `auto` (the model's own) or a built-in name.
@@ -93,104 +84,50 @@ pub struct Args {
     pub rejects: crate::rejects_args::RejectArgs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Kind {
-    Gsm8k,
-    Choice,
-    Loss,
-    Reward,
-    Judge,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Gsm8k => "gsm8k",
-            Kind::Choice => "choice",
-            Kind::Loss => "loss",
-            Kind::Reward => "reward",
-            Kind::Judge => "judge",
+impl Args {
+    fn settings(&self) -> EvalSettings {
+        EvalSettings {
+            tasks: self.tasks.clone(),
+            batch_size: self.batch_size,
+            limit: self.limit,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            fewshot: self.fewshot.clone(),
+            num_fewshot: self.num_fewshot,
+            template: self.template.clone(),
+            mask: self.mask.clone(),
+            reward_model: self.reward_model.clone(),
+            against: self.against.clone(),
+            judge_url: self.judge_url.clone(),
+            judge_model: self.judge_model.clone(),
+            judge_api_key_env: self.judge_api_key_env.clone(),
+            judge_concurrency: self.judge_concurrency,
+            quiet: false,
         }
     }
-}
-
-/// A `--task KIND:FILE`.
-pub fn parse_task(spec: &str) -> Result<(Kind, PathBuf)> {
-    let Some((kind, file)) = spec.split_once(':') else {
-        bail!("--task {spec}: expected KIND:FILE, e.g. gsm8k:test.jsonl");
-    };
-    let kind = match kind {
-        "gsm8k" => Kind::Gsm8k,
-        "choice" | "mc" => Kind::Choice,
-        "loss" | "perplexity" => Kind::Loss,
-        "reward" => Kind::Reward,
-        "judge" => Kind::Judge,
-        other => bail!(
-            "--task {spec}: unknown kind `{other}`; expected gsm8k, choice, loss, reward or judge"
-        ),
-    };
-    if file.is_empty() {
-        bail!("--task {spec}: no file after the colon");
-    }
-    Ok((kind, PathBuf::from(file)))
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let tasks = a
-        .tasks
-        .iter()
-        .map(|t| parse_task(t))
-        .collect::<Result<Vec<_>>>()?;
-    for (kind, file) in &tasks {
-        if !file.exists() {
-            bail!("--task {}: {} does not exist", kind.name(), file.display());
-        }
-        match kind {
-            Kind::Reward if a.reward_model.is_none() => {
-                bail!("the reward task needs --reward-model")
-            }
-            Kind::Judge
-                if a.against.is_none() || a.judge_url.is_none() || a.judge_model.is_none() =>
-            {
-                bail!(
-                    "the judge task needs --against MODEL, --judge-url URL and --judge-model NAME"
-                )
-            }
-            _ => {}
-        }
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
-    }
+    let settings = a.settings();
+    let tasks = settings.parsed_tasks(&a.tasks)?;
     a.rejects.on_error()?;
     let device = a.device.clone();
-    dispatch(&device, Run { args: a, tasks })
+    dispatch(
+        &device,
+        Run {
+            args: a,
+            settings,
+            tasks,
+        },
+    )
 }
 
 struct Run {
     args: Args,
+    settings: EvalSettings,
     tasks: Vec<(Kind, PathBuf)>,
-}
-
-/// The evaluated model and what every task needs to run it.
-pub struct Ctx<'a, B: Backend> {
-    pub model: &'a CausalLm<B>,
-    pub cfg: &'a ModelConfig,
-    pub tok: &'a TextTokenizer,
-    pub template: &'a ChatTemplate,
-    pub args: &'a Args,
-    pub device: B::Device,
-    pub pad: u32,
-    pub shape_multiple: usize,
-    pub stop_ids: Vec<u32>,
-}
-
-/// What one task found: its metrics, one JSON per row, and the rows it could not use.
-pub struct Outcome {
-    pub metrics: Map<String, Value>,
-    pub rows: Vec<Value>,
-    pub rejects: RejectLog,
-    pub read: usize,
 }
 
 impl OnDevice for Run {
@@ -201,31 +138,14 @@ impl OnDevice for Run {
         let (cfg, model, base_dir) = load_causal_lm::<B>(&a.model, a.adapter.as_deref(), &device)?;
         let tok = load_tokenizer(&base_dir, &cfg)?;
         let template = tok.template(Some(&a.template))?;
-        let mut stop_ids = tok.stop_ids.clone();
-        stop_ids.extend(cfg.eos_token_ids.iter().copied());
-        let ctx = Ctx {
-            model: &model,
-            cfg: &cfg,
-            pad: tok.pad_id.or(cfg.pad_token_id).unwrap_or(0),
-            tok: &tok,
-            template: &template,
-            args: a,
-            shape_multiple: models::backend::default_pad_multiple::<B>(&device),
-            device: device.clone(),
-            stop_ids,
-        };
+        let multiple = models::backend::default_pad_multiple::<B>(&device);
+        let ctx = Ctx::new(&model, &cfg, &tok, &template, &self.settings, multiple);
         let mut results = Vec::new();
         let mut all_rows = Vec::new();
         let mut all_rejects = RejectLog::default();
         let mut read_total = 0;
         for (kind, file) in &self.tasks {
-            let outcome = match kind {
-                Kind::Gsm8k => generative::exact_match(&ctx, file)?,
-                Kind::Reward => generative::reward(&ctx, file)?,
-                Kind::Choice => choice::run(&ctx, file)?,
-                Kind::Loss => loss::run(&ctx, file)?,
-                Kind::Judge => judge::run(&ctx, file)?,
-            };
+            let outcome = run_task(&ctx, *kind, file)?;
             a.rejects
                 .check(&outcome.rejects, outcome.rows.len(), outcome.read)
                 .with_context(|| format!("task {}:{}", kind.name(), file.display()))?;
@@ -250,6 +170,9 @@ impl OnDevice for Run {
             all_rejects.absorb(outcome.rejects);
         }
         let rows_path = rows_path(&a.out);
+        let mut settings = serde_json::to_value(&self.settings)?;
+        settings["template"] = json!(template.name);
+        settings["device"] = json!(a.device);
         let doc = json!({
             "model": {
                 "path": a.model,
@@ -258,22 +181,7 @@ impl OnDevice for Run {
                 "hash": model_hash(&a.model, a.adapter.as_deref())?,
                 "model_type": cfg.model_type,
             },
-            "settings": {
-                "max_new_tokens": a.max_new_tokens,
-                "temperature": a.temperature,
-                "top_p": a.top_p,
-                "seed": a.seed,
-                "batch_size": a.batch_size,
-                "limit": a.limit,
-                "fewshot": a.fewshot,
-                "num_fewshot": a.num_fewshot,
-                "template": template.name,
-                "mask": a.mask,
-                "reward_model": a.reward_model,
-                "against": a.against,
-                "judge_model": a.judge_model,
-                "device": a.device,
-            },
+            "settings": settings,
             "tasks": results,
             "rows": rows_path,
         });
@@ -291,15 +199,6 @@ impl OnDevice for Run {
         );
         a.rejects.finish(&all_rejects, Some(&a.out), read_total)
     }
-}
-
-fn summary(metrics: &Map<String, Value>) -> String {
-    metrics
-        .iter()
-        .filter(|(_, v)| v.is_number())
-        .map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// `OUT_STEM.rows.jsonl` beside the results file.
@@ -345,77 +244,4 @@ fn model_hash(model: &Path, adapter: Option<&Path>) -> Result<String> {
         }
     }
     Ok(h.finalize().to_hex().to_string())
-}
-
-pub fn bar(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// The 95% Wilson score interval of a proportion (sound at small n and near 0 or 1, where
-/// the normal approximation is not).
-pub fn wilson(successes: f64, n: usize) -> [f64; 2] {
-    if n == 0 {
-        return [f64::NAN, f64::NAN];
-    }
-    let n = n as f64;
-    let z = 1.959_963_984_540_054f64;
-    let p = successes / n;
-    let denom = 1.0 + z * z / n;
-    let centre = (p + z * z / (2.0 * n)) / denom;
-    let half = z * ((p * (1.0 - p) + z * z / (4.0 * n)) / n).sqrt() / denom;
-    [(centre - half).max(0.0), (centre + half).min(1.0)]
-}
-
-/// Mean and the 95% normal interval of the mean.
-pub fn mean_ci(xs: &[f64]) -> (f64, [f64; 2]) {
-    let n = xs.len() as f64;
-    if xs.is_empty() {
-        return (f64::NAN, [f64::NAN, f64::NAN]);
-    }
-    let mean = xs.iter().sum::<f64>() / n;
-    let var = match xs.len() {
-        1 => 0.0,
-        _ => xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0),
-    };
-    let half = 1.959_963_984_540_054 * (var / n).sqrt();
-    (mean, [mean - half, mean + half])
-}
-
-/// The first `--limit` items.
-pub fn limited<T>(mut v: Vec<T>, limit: Option<usize>) -> Vec<T> {
-    if let Some(n) = limit {
-        v.truncate(n);
-    }
-    v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wilson_matches_the_textbook_values() {
-        // 8 of 10: (0.4902, 0.9433).
-        let [lo, hi] = wilson(8.0, 10);
-        assert!(
-            (lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3,
-            "{lo} {hi}"
-        );
-        assert_eq!(wilson(0.0, 5)[0], 0.0);
-    }
-
-    #[test]
-    fn task_specs_are_kind_and_file() {
-        assert_eq!(parse_task("gsm8k:a.jsonl").unwrap().0, Kind::Gsm8k);
-        assert_eq!(parse_task("mc:a").unwrap().0, Kind::Choice);
-        assert!(parse_task("gsm8k").is_err());
-        assert!(parse_task("bleu:x").is_err());
-    }
 }
