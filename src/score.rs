@@ -77,9 +77,6 @@ fn read_rows(path: &Path, rejects: &mut RejectLog) -> Result<(Vec<ScoreRow>, usi
     Ok((rows, read.rows_read))
 }
 
-/// Token ids of the prompt, and of the completion as it tokenizes after the prompt (the
-/// boundary TRL's SFT uses: the prompt's own tokens, then the rest of prompt+completion).
-
 impl OnDevice for Args {
     type Output = ();
 
