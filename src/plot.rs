@@ -13,7 +13,7 @@ pub struct Args {
     /// Run folders (holding metrics.jsonl) or metrics.jsonl files.
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,
-    /// .svg or .png (default: RUN/plots.svg and RUN/plots.png for one run, plots.svg for several).
+    /// .svg or .png (default: RUN/plots/metrics.svg and .png for one run, plots.svg for several).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -53,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
                 true => a.runs[0].clone(),
                 false => a.runs[0].parent().map(PathBuf::from).unwrap_or_default(),
             };
-            vec![dir.join("plots.svg"), dir.join("plots.png")]
+            vec![dir.join("plots/metrics.svg"), dir.join("plots/metrics.png")]
         }
         (None, _) => vec![PathBuf::from("plots.svg")],
     };

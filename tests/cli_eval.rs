@@ -429,3 +429,39 @@ fn a_recipes_eval_tasks_are_logged_and_match_burnish_eval_on_the_saved_model() {
 fn task_metrics(results: &Value, name: &str) -> Value {
     task(results, name)["metrics"].clone()
 }
+
+/// `scripts/parity/make_eval_fixtures.py`: transformers' log-likelihoods of each choice and
+/// lm-evaluation-harness's acc / acc_norm on the committed task, for the seeded tiny model
+/// the script and this test both write with `new-model`.
+#[test]
+fn multiple_choice_matches_transformers_and_lm_eval_formulas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = read_json(&common::root().join("tests/fixtures/eval/expected.json"));
+    let seed = expected["model"]["seed"].as_u64().unwrap();
+    let model = new_tiny_model(&tmp.path().join("tiny"), seed);
+    let out = tmp.path().join("res.json");
+    let task = format!(
+        "choice:{}",
+        common::root()
+            .join("tests/fixtures/eval/mc.jsonl")
+            .display()
+    );
+    let r = eval(&model, &out, &[task], &["--batch-size", "3"]);
+    let m = task_metrics(&r, "choice");
+    assert_eq!(m["acc"], expected["acc"]);
+    assert_eq!(m["acc_norm"], expected["acc_norm"]);
+    let rows = read_rows(&tmp.path().join("res.rows.jsonl"));
+    let want = expected["logprobs"].as_array().unwrap();
+    assert_eq!(rows.len(), want.len());
+    for (row, want) in rows.iter().zip(want) {
+        for (g, w) in row["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(want.as_array().unwrap())
+        {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!((g - w).abs() < 1e-4, "{g} vs transformers {w}");
+        }
+    }
+}

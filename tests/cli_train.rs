@@ -82,11 +82,11 @@ fn quickstart_recipe_trains_exports_and_merges() {
     assert!(resolved.contains("max_steps = 4"), "{resolved}");
 
     // Every run ends with its plots: one panel per metric, in SVG and PNG.
-    let svg = std::fs::read_to_string(tmp.path().join("run/plots.svg")).unwrap();
+    let svg = std::fs::read_to_string(tmp.path().join("run/plots/metrics.svg")).unwrap();
     for panel in ["loss", "eval_loss", "lr", "grad_norm"] {
         assert!(svg.contains(&format!(">\n{panel}\n<")), "no {panel} panel");
     }
-    let png = std::fs::read(tmp.path().join("run/plots.png")).unwrap();
+    let png = std::fs::read(tmp.path().join("run/plots/metrics.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
     assert_eq!(width, 3 * 420, "three panels a row");

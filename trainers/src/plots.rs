@@ -1,7 +1,8 @@
 //! Plots of training runs: one panel per metric (loss, eval loss, learning rate, grad norm
 //! and each method's key metrics), the raw curve faint and a smoothed one (TensorBoard's
 //! debiased exponential moving average) solid, one colour per run. Written as SVG and PNG
-//! at the end of every run (`RUN/plots.svg`, `RUN/plots.png`) and by `burnish plot`.
+//! at the end of every run (`RUN/plots/metrics.svg`, `RUN/plots/metrics.png`) and by
+//! `burnish plot`.
 
 use anyhow::{bail, Context, Result};
 use plotters::coord::Shift;
@@ -219,6 +220,10 @@ pub fn plot(runs: &[Run], out: &Path) -> Result<Vec<String>> {
     let rows = keys.len().div_ceil(cols as usize) as u32;
     let size = (420 * cols, 280 * rows);
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
     // Drawn beside its place and renamed: a plot is whole or absent.
     let tmp = out.with_extension(format!("tmp-{}.{ext}", std::process::id()));
     // Both backends measure text with the registered font.
@@ -244,7 +249,7 @@ pub fn plot(runs: &[Run], out: &Path) -> Result<Vec<String>> {
     Ok(keys)
 }
 
-/// The SVG and PNG of one run, beside its metrics.
+/// The SVG and PNG of one run, in `RUN/plots/`.
 pub fn plot_run(run_dir: &Path) -> Result<()> {
     let records = crate::metrics::read_metrics(&run_dir.join("metrics.jsonl"))?;
     let label = run_dir
@@ -252,8 +257,9 @@ pub fn plot_run(run_dir: &Path) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let runs = [Run { label, records }];
-    plot(&runs, &run_dir.join("plots.svg"))?;
-    plot(&runs, &run_dir.join("plots.png"))?;
+    let dir = run_dir.join("plots");
+    plot(&runs, &dir.join("metrics.svg"))?;
+    plot(&runs, &dir.join("metrics.png"))?;
     Ok(())
 }
 

@@ -807,7 +807,7 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
             final_dir.display(),
             weights.kind(),
             run_dir.join("metrics.jsonl").display(),
-            run_dir.join("plots.svg|png").display()
+            run_dir.join("plots").display()
         );
     }
     report.final_dir = Some(final_dir);
