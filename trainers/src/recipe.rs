@@ -86,6 +86,11 @@ pub struct ModelSection {
     pub init_tokenizer: Option<PathBuf>,
     #[serde(default)]
     pub init_seed: u64,
+    /// When `path` does not exist, train this full-fine-tuning sft recipe first (its
+    /// `output_dir/final` must be `path`): a demo's policy starts from an SFT model, as
+    /// RLHF pipelines do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_recipe: Option<PathBuf>,
     /// `"nf4"`: load the frozen base's linear layers as 4-bit NormalFloat (QLoRA); needs
     /// an [adapter] section. `"none"` (or absent): float32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -456,6 +461,9 @@ impl Recipe {
             );
         }
         self.validate_online()?;
+        if self.model.init_recipe.is_some() && self.model.init_preset.is_some() {
+            bail!("[model] init_recipe and init_preset are two ways to build the model: set one");
+        }
         if self.model.init_preset.is_some() != self.model.init_tokenizer.is_some() {
             bail!("[model] init_preset and init_tokenizer go together: set both or neither");
         }

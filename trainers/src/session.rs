@@ -224,6 +224,11 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         // Headers only: names, shapes, dtypes and byte ranges against config.json.
         models::checkpoint::check_weights(&recipe.model.path, &cfg)?;
         (cfg, tok)
+    } else if let Some(init) = &recipe.model.init_recipe {
+        // The model the init recipe trains is its own model, fine-tuned: same shapes.
+        let sub = Recipe::load(init, &[])
+            .with_context(|| format!("[model] init_recipe {}", init.display()))?;
+        return dry_run_with_model_of(recipe, &sub);
     } else {
         ensure_model_possible(recipe)?;
         let (Some(preset), Some(tok_dir)) =
@@ -306,6 +311,52 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         human_bytes(mem.total()),
     ));
     Ok(s)
+}
+
+/// What shows a method working, besides its eval loss: DPO's held-out reward accuracy and
+/// margin, the reward model's held-out accuracy, the online methods' training reward.
+fn key_metrics(method: MethodName) -> &'static [&'static str] {
+    match method {
+        MethodName::Dpo => &["eval_rewards/accuracies", "eval_rewards/margins"],
+        MethodName::Reward => &["eval_accuracy"],
+        MethodName::Grpo => &["reward"],
+        MethodName::Ppo => &["objective/scores"],
+        MethodName::Distill => &["eval_divergence"],
+        MethodName::Sft => &[],
+    }
+}
+
+/// (metric, first logged value, last logged value) of the method's key metrics.
+fn key_metric_moves(method: MethodName, run_dir: &Path) -> Vec<(&'static str, f64, f64)> {
+    let Ok(records) = crate::metrics::read_metrics(&run_dir.join("metrics.jsonl")) else {
+        return vec![];
+    };
+    key_metrics(method)
+        .iter()
+        .filter_map(|&key| {
+            let values: Vec<f64> = records
+                .iter()
+                .filter_map(|r| r.get(key)?.as_f64())
+                .collect();
+            Some((key, *values.first()?, *values.last()?))
+        })
+        .collect()
+}
+
+/// The dry run of `recipe` whose model `init` trains first: `init`'s model stands in.
+fn dry_run_with_model_of(recipe: &Recipe, init: &Recipe) -> Result<String> {
+    let mut r = recipe.clone();
+    r.model.path = init.model.path.clone();
+    r.model.init_recipe = None;
+    r.model.init_preset = init.model.init_preset.clone();
+    r.model.init_tokenizer = init.model.init_tokenizer.clone();
+    r.model.init_seed = init.model.init_seed;
+    let plan = dry_run(&r)?;
+    Ok(format!(
+        "# [model] {} is trained first by {}\n{plan}",
+        recipe.model.path.display(),
+        recipe.model.init_recipe.as_deref().unwrap_or(Path::new("")).display()
+    ))
 }
 
 fn ensure_model_possible(recipe: &Recipe) -> Result<()> {
@@ -441,6 +492,15 @@ pub fn train_on<B: AutodiffBackend>(
         true => None,
         false => find_resume(&run_dir, opts.resume.as_deref())?,
     };
+    if let Some(init) = &recipe.model.init_recipe {
+        crate::teacher::train_sft_first::<B>(
+            init,
+            &recipe.model.path,
+            "[model] init_recipe",
+            opts,
+            device,
+        )?;
+    }
     ensure_model(recipe, opts.verbose)?;
     let cfg0 = load_config(&recipe.model.path)?;
     let tok = load_tokenizer(&recipe.model.path, &cfg0)?;
@@ -801,6 +861,9 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
             }
             (Some(a), Some(b)) => println!("eval loss {a:.4} -> {b:.4}"),
             _ => {}
+        }
+        for (key, first, last) in key_metric_moves(recipe.method, &run_dir) {
+            println!("{key} {first:.4} -> {last:.4}");
         }
         println!(
             "wrote {} ({}), {} and {}",

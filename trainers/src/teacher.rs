@@ -54,22 +54,38 @@ fn ensure_teacher<B: AutodiffBackend>(
             dir.display()
         );
     };
+    train_sft_first::<B>(recipe_path, dir, "[distill] teacher_recipe", opts, device)
+}
+
+/// Train the full-fine-tuning sft recipe at `recipe_path` whose export is `target` (a
+/// teacher, a policy's starting model), unless `target` already holds a model.
+pub fn train_sft_first<B: AutodiffBackend>(
+    recipe_path: &Path,
+    target: &Path,
+    what: &str,
+    opts: &TrainOptions<'_>,
+    device: &B::Device,
+) -> Result<()> {
+    if target.join("config.json").exists() {
+        return Ok(());
+    }
     let recipe = Recipe::load(recipe_path, &[])
-        .with_context(|| format!("[distill] teacher_recipe {}", recipe_path.display()))?;
+        .with_context(|| format!("{what} {}", recipe_path.display()))?;
     let exported = recipe.train.output_dir.join("final");
-    if recipe.method != MethodName::Sft || recipe.adapter.is_some() || exported != *dir {
+    if recipe.method != MethodName::Sft || recipe.adapter.is_some() || exported != *target {
         bail!(
-            "[distill] teacher_recipe {} must be a full-fine-tuning sft recipe whose output_dir/final is the teacher {} (it exports to {})",
+            "{what} {} must be a full-fine-tuning sft recipe whose output_dir/final is {} (it exports to {})",
             recipe_path.display(),
-            dir.display(),
+            target.display(),
             exported.display()
         );
     }
     if opts.verbose {
         println!(
-            "training the teacher first: {} -> {}",
+            "training {} first: {} -> {}",
             recipe_path.display(),
-            dir.display()
+            recipe.train.output_dir.display(),
+            target.display()
         );
     }
     let sub = TrainOptions {
