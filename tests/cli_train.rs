@@ -10,11 +10,20 @@ use std::path::Path;
 /// (`out`) moved under `dir`, plus `extra` `--set` overrides.
 fn train_args(name: &str, dir: &Path, out: &str, extra: &[&str]) -> Vec<String> {
     let p = |s: &str| dir.join(s).display().to_string();
-    let mut sets = vec![
-        format!("model.path=\"{}\"", p("model")),
+    let mut sets = vec![format!("model.path=\"{}\"", p("model"))];
+    let text = std::fs::read_to_string(root().join(format!("recipes/{name}.toml"))).unwrap();
+    if text.contains("init_recipe") {
+        // Recipes that start from the quickstart model get a fresh tiny one instead.
+        sets.extend([
+            "model.init_recipe=\"\"".to_string(),
+            "model.init_preset=\"tiny\"".into(),
+            "model.init_tokenizer=\"assets/tokenizers/phi3_vision\"".into(),
+        ]);
+    }
+    sets.extend([
         format!("data.cache_dir=\"{}\"", p("cache")),
         format!("train.output_dir=\"{}\"", p(out)),
-    ];
+    ]);
     sets.extend(extra.iter().map(|s| s.to_string()));
     let mut args = vec![
         "train".to_string(),
@@ -359,6 +368,7 @@ fn grpo_and_ppo_recipes_run_on_gsm8k_and_bedrock_rft_rows() {
                 &format!("data.files=[\"{}\"]", file.display()),
                 "train.max_steps=2",
                 "grpo.max_completion_length=8",
+                "rewards=[{type=\"accuracy\"}]",
             ],
         );
         let metrics = dry_run_then_train(&owned, &tmp.path().join(name).join("run"));

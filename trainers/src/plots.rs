@@ -147,7 +147,11 @@ where
         if x1 - x0 < 1e-12 {
             x1 = x0 + 1.0;
         }
-        let pad = ((y1 - y0) * 0.05).max(1e-9 * y1.abs().max(1.0));
+        // A flat curve (a constant learning rate) gets a band around its value.
+        let pad = match y1 - y0 {
+            span if span > 1e-9 * y1.abs().max(y0.abs()) => span * 0.05,
+            _ => (y1.abs() * 0.1).max(1e-9),
+        };
         let mut chart = ChartBuilder::on(area)
             .caption(key, ("sans-serif", 16))
             .margin(8)
@@ -202,7 +206,10 @@ where
 /// A tick label with the digits it needs: `0.0003` as `3.0e-4`, `12.5` as `12.5`.
 fn tick(y: f64) -> String {
     let a = y.abs();
-    if a != 0.0 && !(1e-2..1e5).contains(&a) {
+    if a < 1e-12 {
+        return "0".into();
+    }
+    if !(1e-2..1e5).contains(&a) {
         format!("{y:.1e}")
     } else {
         let s = format!("{y:.3}");

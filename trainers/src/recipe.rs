@@ -88,7 +88,7 @@ pub struct ModelSection {
     pub init_seed: u64,
     /// When `path` does not exist, train this full-fine-tuning sft recipe first (its
     /// `output_dir/final` must be `path`): a demo's policy starts from an SFT model, as
-    /// RLHF pipelines do.
+    /// RLHF pipelines do. `""` means none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_recipe: Option<PathBuf>,
     /// `"nf4"`: load the frozen base's linear layers as 4-bit NormalFloat (QLoRA); needs
@@ -373,8 +373,17 @@ impl Recipe {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table))
+        let mut recipe: Recipe = Recipe::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow::anyhow!("{}", with_suggestion(&e.to_string())))?;
+        // `--set model.init_recipe=""` switches a recipe's init recipe off.
+        if recipe
+            .model
+            .init_recipe
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            recipe.model.init_recipe = None;
+        }
         recipe.validate()?;
         Ok(recipe)
     }

@@ -355,7 +355,12 @@ fn dry_run_with_model_of(recipe: &Recipe, init: &Recipe) -> Result<String> {
     Ok(format!(
         "# [model] {} is trained first by {}\n{plan}",
         recipe.model.path.display(),
-        recipe.model.init_recipe.as_deref().unwrap_or(Path::new("")).display()
+        recipe
+            .model
+            .init_recipe
+            .as_deref()
+            .unwrap_or(Path::new(""))
+            .display()
     ))
 }
 
