@@ -4,6 +4,9 @@
 //! and records their logits for the `peft_parity` test.
 //!
 //!     cargo run --release --example make_peft_fixture && python3 scripts/parity/check_peft_export.py
+//!
+//! With a fixture name (`tiny-qwen3`) it writes `tests/fixtures/peft-qwen3/` (adapter and
+//! merged model only); `check_peft_export.py --model tiny-qwen3` checks it.
 
 use anyhow::Result;
 use burn::module::Param;
@@ -21,8 +24,17 @@ use models::weights::DiskDtype;
 
 fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let base = root.join("tests/fixtures/models/tiny-llama");
-    let out = root.join("tests/fixtures/peft");
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "tiny-llama".into());
+    let base = root.join("tests/fixtures/models").join(&name);
+    let out = match name.as_str() {
+        "tiny-llama" => root.join("tests/fixtures/peft"),
+        other => root.join(format!(
+            "tests/fixtures/peft-{}",
+            other.trim_start_matches("tiny-")
+        )),
+    };
     let device = Default::default();
     let (_, model) = load_model::<Cpu>(&base, &device)?;
     let settings = LoraSettings {
@@ -54,7 +66,7 @@ fn main() -> Result<()> {
     save_adapter(
         &model,
         &settings,
-        "tests/fixtures/models/tiny-llama",
+        &format!("tests/fixtures/models/{name}"),
         &adapter,
         DiskDtype::F32,
     )?;
@@ -69,6 +81,9 @@ fn main() -> Result<()> {
         &device,
     )?;
     println!("wrote {} and {msg}", adapter.display());
+    if name != "tiny-llama" {
+        return Ok(());
+    }
 
     // A reward model (tiny-llama backbone + seeded score head), for
     // scripts/parity/reward_reference.py; the reward_parity test rebuilds it the same way.

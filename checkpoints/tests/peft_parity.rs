@@ -162,3 +162,30 @@ fn adapters_for_another_model_are_refused() {
     let e = format!("{:#}", load_adapter(base(), &dir).err().unwrap());
     assert!(e.contains("IA3"), "{e}");
 }
+
+/// The same check for Qwen3 (per-head q/k norm, explicit head_dim): the adapter of
+/// `make_peft_fixture tiny-qwen3`, loaded by PEFT over transformers' Qwen3ForCausalLM.
+#[test]
+fn peft_logits_match_burnish_on_qwen3() {
+    let dir = fixtures().join("peft-qwen3");
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    assert!(exp["adapter_effect_max_abs"].as_f64().unwrap() > 1e-2);
+    let ids: Vec<Vec<u32>> = serde_json::from_value(exp["input_ids"].clone()).unwrap();
+    let want = flat(&exp["peft_logits"]);
+    let (_, base) =
+        load_model::<Cpu>(&fixtures().join("models/tiny-qwen3"), &Default::default()).unwrap();
+    let (model, _) = load_adapter(base, &dir.join("adapter")).unwrap();
+    let got = logits(&model, &ids);
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "unmerged: {}",
+        max_diff(&got, &want)
+    );
+    let got = logits(&model.merge_adapters(), &ids);
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "merged: {}",
+        max_diff(&got, &want)
+    );
+}

@@ -1,4 +1,4 @@
-//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2).
+//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("llama", "LlamaForCausalLM"),
     ("mistral", "MistralForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
 ];
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -50,6 +51,9 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// Bias on o_proj (Llama `attention_bias` also covers o_proj).
     pub o_bias: bool,
+    /// Qwen3: RMSNorm over each head's queries and keys (`q_norm`, `k_norm`, `[head_dim]`)
+    /// before the rotary embedding.
+    pub qk_norm: bool,
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -121,7 +125,9 @@ fn sliding_window(f: &RawFields, model_type: &str, layers: usize) -> Result<Opti
             types.iter().map(|t| t == "sliding_attention").collect()
         }
         None if model_type == "mistral" => vec![true; layers],
-        None if model_type == "qwen2" && f.use_sliding_window == Some(true) => {
+        None if (model_type == "qwen2" || model_type == "qwen3")
+            && f.use_sliding_window == Some(true) =>
+        {
             let from = f.max_window_layers.unwrap_or(28);
             (0..layers).map(|i| i >= from).collect()
         }
@@ -285,6 +291,7 @@ impl ModelConfig {
             tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
+            qk_norm: model_type == "qwen3",
             mlp_bias: f.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(&f.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&f.eos_token_id),
@@ -337,6 +344,9 @@ impl ModelConfig {
         }
         if self.o_bias {
             attn += h;
+        }
+        if self.qk_norm {
+            attn += 2 * self.head_dim;
         }
         let mut mlp = 3 * h * i;
         if self.mlp_bias {

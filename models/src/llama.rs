@@ -1,5 +1,6 @@
-//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2), with the
-//! exact computation order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3), with
+//! the exact computation order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` /
+//! `Qwen3ForCausalLM`.
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -18,6 +19,9 @@ pub struct SelfAttention<B: Backend> {
     pub k_proj: Proj<B>,
     pub v_proj: Proj<B>,
     pub o_proj: Proj<B>,
+    /// Qwen3's per-head RMSNorm of queries and keys, `[head_dim]` each.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -141,8 +145,10 @@ impl<B: Backend> SelfAttention<B> {
         let [b, t, _] = x.dims();
         let (kvh, d) = (self.num_kv_heads, self.head_dim);
         let group = self.num_heads / kvh;
-        let q = rope.apply(self.split_heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), kvh));
+        let q = self.split_heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = self.split_heads(self.k_proj.forward(x.clone()), kvh);
+        let q = rope.apply(head_norm(&self.q_norm, q));
+        let k = rope.apply(head_norm(&self.k_norm, k));
         let v = self.split_heads(self.v_proj.forward(x), kvh);
         let (k, v) = match cache {
             None => (k, v),
@@ -209,6 +215,17 @@ impl<B: Backend> SelfAttention<B> {
             .swap_dims(1, 2)
             .reshape([b, t, self.num_heads * d]);
         self.o_proj.forward(o)
+    }
+}
+
+/// Qwen3's RMSNorm over each head's vectors (`[B, H, T, head_dim]`), or nothing.
+fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match norm {
+        None => x,
+        Some(n) => {
+            let [b, h, t, d] = x.dims();
+            n.forward(x.reshape([b * h, t, d])).reshape([b, h, t, d])
+        }
     }
 }
 
@@ -455,6 +472,11 @@ pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 out.push((format!("{p}.self_attn.{name}.bias"), vec![d_out]));
             }
         }
+        if cfg.qk_norm {
+            for name in ["q_norm", "k_norm"] {
+                out.push((format!("{p}.self_attn.{name}.weight"), vec![cfg.head_dim]));
+            }
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         for (name, d_out, d_in) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
             out.push((format!("{p}.mlp.{name}.weight"), vec![d_out, d_in]));
@@ -578,6 +600,20 @@ impl<B: Backend> CausalLm<B> {
                 k_proj: b.proj(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias, true)?,
                 v_proj: b.proj(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias, true)?,
                 o_proj: b.proj(&format!("{p}.self_attn.o_proj"), cfg.o_bias, true)?,
+                q_norm: match cfg.qk_norm {
+                    true => Some(RmsNorm::from_tensor(
+                        b.vector(&format!("{p}.self_attn.q_norm.weight"))?,
+                        eps,
+                    )),
+                    false => None,
+                },
+                k_norm: match cfg.qk_norm {
+                    true => Some(RmsNorm::from_tensor(
+                        b.vector(&format!("{p}.self_attn.k_norm.weight"))?,
+                        eps,
+                    )),
+                    false => None,
+                },
                 num_heads: cfg.num_attention_heads,
                 num_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
@@ -666,6 +702,16 @@ impl<B: Backend> CausalLm<B> {
             proj(&mut all, format!("{p}.self_attn.k_proj"), &a.k_proj);
             proj(&mut all, format!("{p}.self_attn.v_proj"), &a.v_proj);
             proj(&mut all, format!("{p}.self_attn.o_proj"), &a.o_proj);
+            for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(n) = norm {
+                    let w = n.weight.val();
+                    all.push((
+                        format!("{p}.self_attn.{name}.weight"),
+                        w.dims().to_vec(),
+                        HfTensor::Plain1(w),
+                    ));
+                }
+            }
             let n = layer.post_attention_layernorm.weight.val();
             all.push((
                 format!("{p}.post_attention_layernorm.weight"),

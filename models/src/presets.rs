@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::llama::WeightSource;
 
 pub const PRESETS: &[&str] = &["micro", "tiny", "small", "base"];
-pub const ARCHS: &[&str] = &["llama", "qwen2"];
+pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3"];
 
 /// Special token ids the config records.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +45,7 @@ pub fn preset_config(
     let (model_type, arch_name) = match arch {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         other => bail!(
             "unknown arch `{other}`; architectures: {}",
             ARCHS.join(", ")
@@ -67,7 +68,7 @@ pub fn preset_config(
     raw.insert("initializer_range".into(), json!(0.02));
     raw.insert(
         "tie_word_embeddings".into(),
-        json!(preset == "tiny" || preset == "micro" || arch == "qwen2"),
+        json!(preset == "tiny" || preset == "micro" || arch != "llama"),
     );
     raw.insert("attention_dropout".into(), json!(0.0));
     if model_type == "llama" {
@@ -75,6 +76,9 @@ pub fn preset_config(
         raw.insert("mlp_bias".into(), json!(false));
     } else {
         raw.insert("use_sliding_window".into(), json!(false));
+    }
+    if model_type == "qwen3" {
+        raw.insert("attention_bias".into(), json!(false));
     }
     raw.insert("bos_token_id".into(), json!(tokens.bos));
     raw.insert(

@@ -1,6 +1,7 @@
 //! Parity with transformers on committed fixtures (scripts/parity/make_model_fixtures.py):
 //! logits within 1e-4 in f32 and identical greedy continuations, for Llama (sharded f32,
-//! GQA, llama3 rope scaling), Qwen2 (bf16, q/k/v bias, tied) and Mistral (f16).
+//! GQA, llama3 rope scaling), Qwen2 (bf16, q/k/v bias, tied), Mistral (f16, and with a
+//! sliding window) and Qwen3 (per-head q/k norm, explicit head_dim).
 
 use burn::prelude::*;
 use models::backend::Cpu;
@@ -16,6 +17,7 @@ const MODELS: &[&str] = &[
     "tiny-qwen2",
     "tiny-mistral",
     "tiny-mistral-swa",
+    "tiny-qwen3",
 ];
 
 fn fixture(name: &str) -> PathBuf {

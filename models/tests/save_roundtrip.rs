@@ -15,7 +15,11 @@ fn fixture(name: &str) -> PathBuf {
 #[test]
 fn save_then_load_is_lossless_single_and_sharded() {
     let device = Default::default();
-    for (name, shard) in [("tiny-llama", None), ("tiny-qwen2", Some(100_000u64))] {
+    for (name, shard) in [
+        ("tiny-llama", None),
+        ("tiny-qwen2", Some(100_000u64)),
+        ("tiny-qwen3", None),
+    ] {
         let (cfg, model) = load_model::<Cpu>(&fixture(name), &device).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         save_model(

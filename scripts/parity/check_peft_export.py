@@ -4,10 +4,13 @@ and record logits for the `peft_parity` test (tests/fixtures/peft/expected.json)
 
     cargo run --release --example make_peft_fixture
     python3 scripts/parity/check_peft_export.py      (pip install torch transformers peft)
+    cargo run --release --example make_peft_fixture -- tiny-qwen3
+    python3 scripts/parity/check_peft_export.py --model tiny-qwen3   (tests/fixtures/peft-qwen3)
 
 Checks here, before writing: the PEFT model (adapter unmerged) and the burnish-merged
 model give the same logits, and PEFT's own merge_and_unload agrees with both.
 """
+import argparse
 import json
 import pathlib
 
@@ -16,8 +19,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-BASE = ROOT / "tests/fixtures/models/tiny-llama"
-FIX = ROOT / "tests/fixtures/peft"
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="tiny-llama")
+NAME = ap.parse_args().model
+BASE = ROOT / "tests/fixtures/models" / NAME
+FIX = ROOT / "tests/fixtures" / ("peft" if NAME == "tiny-llama" else "peft-" + NAME.removeprefix("tiny-"))
 
 ids = json.loads((BASE / "expected.json").read_text())["input_ids"]
 x = torch.tensor(ids)

@@ -8,6 +8,8 @@ Writes, with transformers + torch on CPU:
       tiny-mistral: f16 on disk, untied, no GQA
       tiny-mistral-swa: f32, sliding_window 5 (shorter than the 12-token inputs and the
           generations, so the window decides the logits)
+      tiny-qwen3:   f32, per-head q/k RMSNorm, explicit head_dim 32 (not hidden / heads = 16),
+          GQA, tied embeddings
   tests/fixtures/models/<name>/expected.json: input ids, logits (f32, computed from the
       weights as stored on disk), logits of a left-padded batch, and greedy continuations.
   tests/fixtures/tokenizer/phi3_expected.json: ids for strings and rendered chat templates
@@ -21,7 +23,8 @@ import pathlib
 
 import torch
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -35,7 +38,7 @@ COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_
 def randomise_norms(model, gen):
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # q_norm / k_norm too
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -118,6 +121,11 @@ def _register():
           MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
                         sliding_window=None),
           torch.float16, shard=False)
+    model("tiny-qwen3", Qwen3ForCausalLM,
+          Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      tie_word_embeddings=True, rope_theta=1000000.0, attention_bias=False,
+                      use_sliding_window=False),
+          torch.float32, shard=False)
     model("tiny-mistral-swa", MistralForCausalLM,
           MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                         sliding_window=5),
