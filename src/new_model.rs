@@ -17,7 +17,7 @@ pub struct Args {
     pub tokenizer: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
-    /// Architecture: llama or qwen2.
+    /// Architecture: llama, qwen2 or qwen3.
     #[arg(long, default_value = "llama")]
     pub arch: String,
     #[arg(long, default_value_t = 0)]
