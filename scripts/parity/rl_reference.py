@@ -68,9 +68,13 @@ ref_logps = logps + torch.randn(B, T, dtype=D) * 0.5
 MAX_COMPLETION = 8
 
 
-def grpo_loss(adv, loss_type, eps_low, eps_high, beta):
+def grpo_loss(adv, loss_type, eps_low, eps_high, beta, level="token"):
     advantages = adv.unsqueeze(1)
-    coef_1 = torch.exp(logps - old_logps)
+    # TRL 1.16 importance_sampling_level: "sequence" is GSPO.
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
     per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
@@ -104,6 +108,13 @@ for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         loss, clip, kl = grpo_loss(adv, loss_type, eps_low, eps_high, beta)
         loss_cases.append(
             {"loss_type": loss_type, "epsilon": eps_low, "epsilon_high": eps_high, "beta": beta, "loss": loss, "clip_ratio": clip, "kl": kl}
+        )
+for loss_type in ("grpo", "dapo"):
+    for eps_low, eps_high, beta in ((0.05, 0.05, 0.0), (3e-4, 4e-4, 0.04)):
+        loss, clip, kl = grpo_loss(adv, loss_type, eps_low, eps_high, beta, "sequence")
+        loss_cases.append(
+            {"loss_type": loss_type, "importance_sampling_level": "sequence", "epsilon": eps_low, "epsilon_high": eps_high,
+             "beta": beta, "loss": loss, "clip_ratio": clip, "kl": kl}
         )
 
 # ---- PPO ----------------------------------------------------------------------------

@@ -379,6 +379,10 @@ mod rl {
                 epsilon_high: case["epsilon_high"].as_f64(),
                 beta: case["beta"].as_f64().unwrap(),
                 max_completion_length: max_len,
+                importance_sampling_level: match case["importance_sampling_level"].as_str() {
+                    Some(level) => serde_json::from_value(serde_json::json!(level)).unwrap(),
+                    None => Default::default(),
+                },
                 ..Default::default()
             };
             let (w, weight) = token_weights(loss_type, &lens, &vec![false; lens.len()], max_len);
@@ -391,6 +395,7 @@ mod rl {
                 flat(&adv_tokens),
                 w,
                 n,
+                &lens,
                 &s,
             );
             let what = format!("{case}");

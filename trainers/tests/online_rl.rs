@@ -376,3 +376,30 @@ path = "{}"
     let fin = report.final_dir.unwrap();
     assert!(fin.join("value_head.safetensors").exists());
 }
+
+/// GSPO (`importance_sampling_level = "sequence"`: one clipped ratio per completion) learns
+/// the same verifiable reward.
+#[test]
+fn gspo_raises_a_verifiable_format_reward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Into FORMAT's [grpo] table, before its [[rewards]].
+    let extra = FORMAT.replacen(
+        "max_completion_length = 4\n",
+        "max_completion_length = 4\nimportance_sampling_level = \"sequence\"\n",
+        1,
+    );
+    assert!(extra.contains("sequence"));
+    let r = recipe(dir, "grpo", &fixture().prompts, &extra, &[]);
+    assert_eq!(
+        r.grpo.as_ref().unwrap().importance_sampling_level,
+        trainers::rl::grpo::ImportanceLevel::Sequence
+    );
+    run(&r, None, None);
+    let reward = metric(&dir.join("run"), "reward");
+    let (first, last) = (mean(&reward[..5]), mean(&reward[25..]));
+    assert!(
+        last > first + 0.3 && last > 0.7,
+        "mean reward {first:.2} -> {last:.2}: {reward:?}"
+    );
+}

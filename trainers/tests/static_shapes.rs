@@ -376,6 +376,10 @@ fn bucketed_rollout_batches_give_the_exact_token_outputs_and_grpo_loss() {
             })),
             flat(cat(&|c| vec![1.0; c.tokens.len()])),
             out.real,
+            &completions
+                .iter()
+                .map(|c| c.tokens.len())
+                .collect::<Vec<_>>(),
             &settings,
         );
         (

@@ -21,6 +21,22 @@ use super::rollout::{
 use super::stats::{rollout_stats, HeldOut, RolloutCursor};
 use crate::method::{LossOutput, Method};
 
+/// Where GRPO's importance ratio is taken (TRL `importance_sampling_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceLevel {
+    #[default]
+    Token,
+    /// GSPO.
+    Sequence,
+}
+
+impl ImportanceLevel {
+    fn is_token(&self) -> bool {
+        *self == ImportanceLevel::Token
+    }
+}
+
 /// How the per-token losses of a batch are averaged (TRL `loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -70,6 +86,10 @@ pub struct GrpoSettings {
     pub scale_rewards: ScaleRewards,
     #[serde(default)]
     pub loss_type: GrpoLoss,
+    /// `token` (GRPO) or `sequence` (GSPO: one importance ratio per completion, the
+    /// exponential of its mean token log-ratio, clipped as a whole), TRL's name.
+    #[serde(default, skip_serializing_if = "ImportanceLevel::is_token")]
+    pub importance_sampling_level: ImportanceLevel,
     /// Exclude completions cut at `max_completion_length` from the loss (DAPO).
     #[serde(default)]
     pub mask_truncated_completions: bool,
@@ -281,8 +301,40 @@ pub fn token_weights(
     (weights, weight)
 }
 
+/// Each token's log importance weight: its own log-ratio, or (GSPO) the mean log-ratio of
+/// its completion. `lens` are the completions' token counts in flat order; slots after
+/// them are bucket padding (weight 0).
+fn log_importance<B: Backend>(
+    log_ratio: Tensor<B, 1>,
+    lens: &[usize],
+    level: ImportanceLevel,
+) -> Tensor<B, 1> {
+    if level == ImportanceLevel::Token {
+        return log_ratio;
+    }
+    let slots = log_ratio.dims()[0];
+    let rows = lens.len();
+    // mean: [rows, slots], 1/len on a row's tokens; member: [slots, rows], 1 on them.
+    let mut mean = vec![0f32; rows * slots];
+    let mut member = vec![0f32; slots * rows];
+    let mut at = 0;
+    for (r, &len) in lens.iter().enumerate() {
+        for t in at..(at + len).min(slots) {
+            mean[r * slots + t] = 1.0 / len as f32;
+            member[t * rows + r] = 1.0;
+        }
+        at += len;
+    }
+    let device = log_ratio.device();
+    let mean = Tensor::<B, 2>::from_data(TensorData::new(mean, [rows, slots]), &device);
+    let member = Tensor::<B, 2>::from_data(TensorData::new(member, [slots, rows]), &device);
+    let per_row = mean.matmul(log_ratio.reshape([slots, 1]));
+    member.matmul(per_row).reshape([slots])
+}
+
 /// GRPO's summed loss over flat completion tokens (see [`token_weights`]), the mean k3 KL
-/// (when `beta > 0`), and the ratios.
+/// (when `beta > 0`), and the ratios. `lens`: the completions' token counts, in order.
+#[allow(clippy::too_many_arguments)]
 pub fn grpo_loss_sum<B: Backend>(
     logps: Tensor<B, 1>,
     old_logps: Tensor<B, 1>,
@@ -290,15 +342,11 @@ pub fn grpo_loss_sum<B: Backend>(
     advantages: Tensor<B, 1>,
     token_weights: Tensor<B, 1>,
     real_tokens: usize,
+    lens: &[usize],
     s: &GrpoSettings,
 ) -> (Tensor<B, 1>, Option<f64>, Tensor<B, 1>) {
-    let (mut loss, ratio) = clipped_policy_loss(
-        logps.clone(),
-        old_logps,
-        advantages,
-        s.epsilon,
-        s.epsilon_high(),
-    );
+    let log_ratio = log_importance(logps.clone() - old_logps, lens, s.importance_sampling_level);
+    let (mut loss, ratio) = clipped_policy_loss(log_ratio, advantages, s.epsilon, s.epsilon_high());
     let mut kl_mean = None;
     if s.beta > 0.0 {
         let reference = ref_logps.expect("reference log-probs are taken when beta > 0");
@@ -395,6 +443,10 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
             flat_tensor(padded(adv.clone(), slots), &device),
             flat_tensor(padded(b.token_weights.clone(), slots), &device),
             n,
+            &b.completions
+                .iter()
+                .map(|c| c.tokens.len())
+                .collect::<Vec<_>>(),
             s,
         );
         let ratio = host_f32(ratio.detach());

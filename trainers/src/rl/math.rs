@@ -152,15 +152,15 @@ pub fn k3<B: Backend>(logps: Tensor<B, 1>, ref_logps: Tensor<B, 1>) -> Tensor<B,
 }
 
 /// The clipped-ratio objective per token, as a loss: `-min(r A, clip(r, 1-lo, 1+hi) A)`
-/// with `r = exp(logps - old_logps)`. Also returns `r` (detached use: clip statistics).
+/// with `r = exp(log_ratio)` (`logps - old_logps`, or GSPO's sequence mean of it). Also
+/// returns `r` (detached use: clip statistics).
 pub fn clipped_policy_loss<B: Backend>(
-    logps: Tensor<B, 1>,
-    old_logps: Tensor<B, 1>,
+    log_ratio: Tensor<B, 1>,
     advantages: Tensor<B, 1>,
     eps_low: f64,
     eps_high: f64,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let ratio = (logps - old_logps).exp();
+    let ratio = log_ratio.exp();
     let clipped = ratio.clone().clamp(1.0 - eps_low, 1.0 + eps_high);
     let a = ratio.clone() * advantages.clone();
     let b = clipped * advantages;

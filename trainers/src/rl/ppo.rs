@@ -231,7 +231,7 @@ pub fn ppo_loss<B: Backend>(
 ) -> PpoLoss<B> {
     // Bucket padding entries are all 0 and add nothing to either sum.
     let n = real_tokens.max(1) as f64;
-    let (pg, ratio) = clipped_policy_loss(logps, old_logps, advantages, s.cliprange, s.cliprange);
+    let (pg, ratio) = clipped_policy_loss(logps - old_logps, advantages, s.cliprange, s.cliprange);
     let (vf, value_clipped) = clipped_value_loss(values, old_values, returns, s.cliprange_value);
     PpoLoss {
         policy: pg.sum().div_scalar(n),
