@@ -43,8 +43,10 @@ base_8x1024="--set $base_model --set $tok --set model.init_seed=0
   --set train.eval_on_start=false --set train.sample_prompts=[] --set train.logging_steps=1"
 args[sft]="--recipe recipes/sft.toml $base_8x1024"
 args[lora]="--recipe recipes/lora.toml $base_8x1024"
-args[dpo]='--recipe recipes/dpo.toml --set train.max_steps=8 --set train.eval_steps=0 --set train.eval_on_start=false'
-args[grpo]='--recipe recipes/grpo.toml --set train.max_steps=4 --set train.per_device_train_batch_size=64
+# The preference and RL recipes start from the quickstart model; here from a fresh tiny one.
+fresh_tiny='--set model.init_recipe="" --set model.init_preset="tiny" --set model.init_tokenizer="assets/tokenizers/phi3_vision"'
+args[dpo]="--recipe recipes/dpo.toml $fresh_tiny --set train.max_steps=8 --set train.eval_steps=0 --set train.eval_on_start=false"
+args[grpo]="--recipe recipes/grpo.toml $fresh_tiny"' --set train.max_steps=4 --set train.per_device_train_batch_size=64
   --set train.gradient_accumulation_steps=1 --set grpo.num_generations=8 --set train.eval_steps=0
   --set train.eval_on_start=false'
 

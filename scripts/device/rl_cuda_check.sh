@@ -41,13 +41,15 @@ run() {
   echo "$name rc=$rc wall=$((t1 - t0))s kernels_compiled=$(wc -l < "$out/compile.log" 2>/dev/null)" | tee -a "$out/summary.txt"
   tail -4 "$out/$name.log"
 }
-run grpo "${FIRST_LIMIT:-200}" --recipe recipes/grpo.toml --set train.max_steps=4 --set train.save_steps=0 \
+# The recipe starts from the quickstart model; here from a fresh tiny one.
+fresh=(--set 'model.init_recipe=""' --set 'model.init_preset="tiny"' --set 'model.init_tokenizer="assets/tokenizers/phi3_vision"')
+run grpo "${FIRST_LIMIT:-200}" --recipe recipes/grpo.toml "${fresh[@]}" --set train.max_steps=4 --set train.save_steps=0 \
   --set 'model.path="runs/device/grpo-model"' --set 'data.cache_dir="runs/device/cache"' \
   --set 'train.output_dir="runs/device/grpo"'
 cp runs/device/grpo/metrics.jsonl "$out/grpo.metrics.jsonl" 2>/dev/null
 cp "$out/compile.log" "$out/grpo.compile.log" 2>/dev/null
 # The same run again in a new process: what is left once kernels are compiled is the run.
-run grpo_again "${SECOND_LIMIT:-150}" --recipe recipes/grpo.toml --set train.max_steps=4 --set train.save_steps=0 \
+run grpo_again "${SECOND_LIMIT:-150}" --recipe recipes/grpo.toml "${fresh[@]}" --set train.max_steps=4 --set train.save_steps=0 \
   --set 'model.path="runs/device/grpo-model"' --set 'data.cache_dir="runs/device/cache"' \
   --set 'train.output_dir="runs/device/grpo2"'
 cp runs/device/grpo2/metrics.jsonl "$out/grpo_again.metrics.jsonl" 2>/dev/null
