@@ -36,6 +36,8 @@ fn recomputed(model: &CausalLm<Cpu>, seq: &[u32]) -> Vec<f32> {
     logits.into_data().iter::<f32>().collect()
 }
 
+type Live = (usize, Vec<u32>, Vec<f32>);
+
 /// Greedy decoding of `prompts`, prompt `i` joining at step `joins[i]`, `steps` tokens
 /// each; returns every sequence's tokens and the logits of its last step.
 fn staggered(
@@ -47,7 +49,8 @@ fn staggered(
     shape_multiple: usize,
 ) -> Vec<(Vec<u32>, Vec<f32>)> {
     let mut batch = SlotBatch::new(model, 4, 256, 0, shape_multiple);
-    let mut live: Vec<Option<(usize, Vec<u32>, Vec<f32>)>> = vec![None; prompts.len()];
+    // Per prompt while it decodes: (slot, tokens so far, logits of its last step).
+    let mut live: Vec<Option<Live>> = vec![None; prompts.len()];
     let mut done = vec![None; prompts.len()];
     for step in 0.. {
         for (i, p) in prompts.iter().enumerate() {

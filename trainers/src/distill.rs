@@ -24,8 +24,8 @@ use models::generate::{generate, SamplingParams};
 use models::CausalLm;
 
 use crate::data_order::{eval_chunks, EpochCursor};
+use crate::logprobs::{keep_real, trained_logits, TrainedLogits};
 use crate::method::{BatchShape, LossOutput, Method};
-use crate::sft::{keep_real, trained_logits, TrainedLogits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -16,14 +16,14 @@ use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use datasets::batch::{collate_sft, Padding, SftBatch};
-use datasets::pack::PackedRow;
+use datasets::batch::{Padding, SftBatch};
 use datasets::tokenize::TokenizedPair;
 use models::CausalLm;
 
 use crate::data_order::{eval_chunks, EpochCursor};
+use crate::logprobs::completion_logps;
 use crate::method::{BatchShape, LossOutput, Method};
-use crate::sft::trained_token_logps;
+use crate::pairs::{collate_pairs, real_pairs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,64 +140,6 @@ pub struct Dpo<B: AutodiffBackend> {
     cursor: EpochCursor,
     pub settings: DpoSettings,
     reference: Reference<B>,
-}
-
-/// The collated rows of some pairs (chosen rows first) and their completion lengths. With
-/// static shapes (`pad.fixed_rows()`), empty pairs fill the batch up to `capacity` pairs.
-pub fn collate_pairs(
-    pairs: &[&TokenizedPair],
-    pad: Padding,
-    capacity: usize,
-) -> (SftBatch, Vec<usize>) {
-    let empty = TokenizedPair::default();
-    let slots = pad.rows(pairs.len(), capacity);
-    let pairs: Vec<&TokenizedPair> = pairs
-        .iter()
-        .copied()
-        .chain(std::iter::repeat_n(&empty, slots - pairs.len()))
-        .collect();
-    let row = |p: &TokenizedPair, completion: &[u32]| {
-        PackedRow::completion([p.prompt.as_slice(), completion].concat(), p.prompt.len())
-    };
-    let mut rows: Vec<PackedRow> = pairs.iter().map(|p| row(p, &p.chosen)).collect();
-    rows.extend(pairs.iter().map(|p| row(p, &p.rejected)));
-    let lengths = pairs
-        .iter()
-        .map(|p| p.chosen.len())
-        .chain(pairs.iter().map(|p| p.rejected.len()))
-        .collect();
-    (collate_sft(&rows, pad, rows.len()), lengths)
-}
-
-/// `[slots]`: 1 for the first `pairs` entries, 0 for the empty pairs after them (None
-/// when there are none).
-pub fn real_pairs<B: Backend>(
-    pairs: usize,
-    slots: usize,
-    device: &B::Device,
-) -> Option<Tensor<B, 1>> {
-    (slots > pairs).then(|| {
-        let m: Vec<f32> = (0..slots).map(|i| f32::from(u8::from(i < pairs))).collect();
-        Tensor::from_data(TensorData::new(m, [slots]), device)
-    })
-}
-
-/// Summed completion log-probs of every row of `rows`, `[rows]`.
-pub fn completion_logps<B: Backend>(model: &CausalLm<B>, rows: &SftBatch) -> Tensor<B, 1> {
-    let n_rows = rows.ids.len();
-    let device = model.device();
-    let Some((logps, row_of)) = trained_token_logps(model, rows) else {
-        return Tensor::zeros([n_rows], &device);
-    };
-    // Segment sum as a matmul with a {0,1} row-membership matrix: differentiable and one op.
-    // Bucket padding (entries past `row_of`) belongs to no row.
-    let n = logps.dims()[0];
-    let mut member = vec![0f32; n_rows * n];
-    for (j, &r) in row_of.iter().enumerate() {
-        member[r * n + j] = 1.0;
-    }
-    let member = Tensor::<B, 2>::from_data(TensorData::new(member, [n_rows, n]), &device);
-    member.matmul(logps.reshape([n, 1])).reshape([n_rows])
 }
 
 fn host(t: Tensor<impl Backend, 1>) -> Vec<f64> {

@@ -15,8 +15,8 @@ use datasets::tokenize::TokenizedPair;
 use models::{CausalLm, ForwardInput};
 
 use crate::data_order::{eval_chunks, EpochCursor};
-use crate::dpo::{collate_pairs, real_pairs};
 use crate::method::{BatchShape, LossOutput, Method};
+use crate::pairs::{collate_pairs, real_pairs};
 
 /// The `[reward]` section of a recipe (TRL `RewardConfig` names).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

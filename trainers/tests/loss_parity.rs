@@ -84,7 +84,9 @@ fn sft_loss_matches_transformers_and_peft() {
 
 #[test]
 fn dpo_losses_and_rewards_match_trl() {
-    use trainers::dpo::{collate_pairs, completion_logps, pair_terms, DpoLoss, DpoSettings};
+    use trainers::dpo::{pair_terms, DpoLoss, DpoSettings};
+    use trainers::logprobs::completion_logps;
+    use trainers::pairs::collate_pairs;
     let exp: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/dpo.json")).unwrap())
             .unwrap();

@@ -685,7 +685,7 @@ fn held_out_accuracy(r: &Recipe, model_dir: &Path) -> f64 {
         panic!("sft rows")
     };
     let batch = datasets::batch::collate_sft(&rows, datasets::batch::Padding::exact(0), rows.len());
-    let t = trainers::sft::trained_logits(&model, &batch).unwrap();
+    let t = trainers::logprobs::trained_logits(&model, &batch).unwrap();
     let hits = t
         .logits
         .argmax(1)

@@ -18,7 +18,7 @@ use models::{CausalLm, TextTokenizer};
 
 use super::rewards::{RewardFn, Scored};
 use super::stats::HeldOut;
-use crate::sft::{keep_real, trained_hidden};
+use crate::logprobs::{keep_real, trained_hidden};
 
 /// How completions are sampled (TRL's generation settings of GRPO/PPO).
 #[derive(Debug, Clone, Copy, PartialEq)]
