@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use serde_json::json;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use checkpoints::export::load_causal_lm;
@@ -210,38 +209,13 @@ pub fn rows_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{stem}.rows.jsonl"))
 }
 
-/// blake3 of the config and weight files of the model (and adapter), so a result names
-/// exactly what was evaluated.
+/// The fingerprint of the model's weights (and the adapter's), so a result names exactly
+/// what was evaluated.
 fn model_hash(model: &Path, adapter: Option<&Path>) -> Result<String> {
-    let mut h = blake3::Hasher::new();
+    let mut parts = vec![];
     for path in [Some(model), adapter].into_iter().flatten() {
         let dir = checkpoints::export::resolve_weights_dir(path)?;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                name.ends_with(".safetensors")
-                    || name == "config.json"
-                    || name == "adapter_config.json"
-            })
-            .collect();
-        files.sort();
-        for f in files {
-            let mut file =
-                std::fs::File::open(&f).with_context(|| format!("cannot read {}", f.display()))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-        }
+        parts.push(trainers::teacher::model_fingerprint(&dir)?);
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(parts.join("+"))
 }

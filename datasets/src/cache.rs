@@ -265,10 +265,12 @@ impl Fingerprint {
     }
 
     pub fn file(&mut self, name: &str, path: &Path) -> Result<&mut Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let digest = blake3::hash(&bytes);
-        Ok(self.field(name, digest.as_bytes()))
+        // Streamed: model weights may be far larger than memory.
+        let mut hasher = blake3::Hasher::new();
+        std::fs::File::open(path)
+            .and_then(|f| hasher.update_reader(f).map(|_| ()))
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(self.field(name, hasher.finalize().as_bytes()))
     }
 
     pub fn hex(&self) -> String {

@@ -18,10 +18,15 @@ use crate::distill::{teacher_top_k, DistillSettings, RowTopK, TeacherSource};
 use crate::recipe::{MethodName, Recipe};
 use crate::session::{train, TrainOptions};
 
-/// A fingerprint of a model directory's config and weights, for caches computed from it.
+/// A fingerprint of a model (or PEFT adapter) directory's config and weights, for caches
+/// computed from it and for naming what an evaluation ran on.
 pub fn model_fingerprint(dir: &Path) -> Result<String> {
     let mut fp = datasets::cache::Fingerprint::new();
-    fp.file("config", &dir.join("config.json"))?;
+    let adapter = dir.join("adapter_config.json");
+    match adapter.exists() && !dir.join("config.json").exists() {
+        true => fp.file("adapter_config", &adapter)?,
+        false => fp.file("config", &dir.join("config.json"))?,
+    };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
