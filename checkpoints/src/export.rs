@@ -107,19 +107,15 @@ fn export_into<B: Backend>(
     }
 }
 
-/// Load a reward model for scoring: a `*ForSequenceClassification` model directory, or a
-/// PEFT `SEQ_CLS` adapter (merged into its base). Returns its config, the model and the
-/// directory its tokenizer is in.
-/// A causal LM to run: a model folder or run, or an adapter folder (over the base its
-/// config names), with `adapter` folded in when given. Returns the config, the model and
-/// the folder of the base (config and tokenizer).
-pub fn load_causal_lm<B: Backend>(
+/// The base model folder and the PEFT adapter folders to put over it. `path` is a model
+/// folder, a run, or an adapter (then first in the list, over the base its config names);
+/// `adapters` are more adapters (folders or runs).
+pub fn resolve_model_and_adapters(
     path: &Path,
-    adapter: Option<&Path>,
-    device: &B::Device,
-) -> Result<(models::ModelConfig, models::CausalLm<B>, PathBuf)> {
+    adapters: &[&Path],
+) -> Result<(PathBuf, Vec<PathBuf>)> {
     let src = resolve_weights_dir(path)?;
-    let mut adapters = Vec::new();
+    let mut dirs = Vec::new();
     let base = if is_adapter_dir(&src) {
         let cfg = read_adapter_config(&src)?;
         if cfg.base_model.is_empty() {
@@ -128,12 +124,12 @@ pub fn load_causal_lm<B: Backend>(
                 src.display()
             );
         }
-        adapters.push(src.clone());
+        dirs.push(src.clone());
         PathBuf::from(cfg.base_model)
     } else {
         src
     };
-    if let Some(a) = adapter {
+    for a in adapters {
         let dir = resolve_weights_dir(a)?;
         if !is_adapter_dir(&dir) {
             bail!(
@@ -141,8 +137,20 @@ pub fn load_causal_lm<B: Backend>(
                 dir.display()
             );
         }
-        adapters.push(dir);
+        dirs.push(dir);
     }
+    Ok((base, dirs))
+}
+
+/// A causal LM to run: a model folder or run, or an adapter folder (over the base its
+/// config names), with `adapter` folded in when given. Returns the config, the model and
+/// the folder of the base (config and tokenizer).
+pub fn load_causal_lm<B: Backend>(
+    path: &Path,
+    adapter: Option<&Path>,
+    device: &B::Device,
+) -> Result<(models::ModelConfig, models::CausalLm<B>, PathBuf)> {
+    let (base, adapters) = resolve_model_and_adapters(path, adapter.as_slice())?;
     let (cfg, mut model) = load_model::<B>(&base, device)?;
     for dir in &adapters {
         if read_adapter_config(dir)?.reward_model {
@@ -159,6 +167,9 @@ pub fn load_causal_lm<B: Backend>(
     Ok((cfg, model, base))
 }
 
+/// Load a reward model for scoring: a `*ForSequenceClassification` model directory, or a
+/// PEFT `SEQ_CLS` adapter (merged into its base). Returns its config, the model and the
+/// directory its tokenizer is in.
 pub fn load_reward_model<B: Backend>(
     dir: &Path,
     device: &B::Device,

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use checkpoints::export::resolve_weights_dir;
-use checkpoints::peft::{is_adapter_dir, load_adapter, read_adapter_config};
+use checkpoints::export::resolve_model_and_adapters;
+use checkpoints::peft::{load_adapter, read_adapter_config};
 use models::checkpoint::{load_model, load_tokenizer};
 use models::CausalLm;
 
@@ -112,38 +112,22 @@ struct Loaded<B: Backend> {
 
 /// The base model with every adapter in a LoRA bank, and the served names.
 fn load_served<B: Backend>(a: &Args, device: &B::Device) -> Result<Loaded<B>> {
-    let src = resolve_weights_dir(&a.model)?;
-    let mut adapters: Vec<(String, PathBuf)> = Vec::new();
-    let base_dir = if is_adapter_dir(&src) {
-        let cfg = read_adapter_config(&src)?;
-        if cfg.base_model.is_empty() {
-            bail!(
-                "{} names no base model (base_model_name_or_path)",
-                src.display()
-            );
-        }
-        adapters.push((folder_name(&a.model), src.clone()));
-        PathBuf::from(cfg.base_model)
-    } else {
-        src
-    };
-    for spec in &a.adapter {
-        let (name, path) = named_adapter(spec);
-        let dir = resolve_weights_dir(&path)?;
-        if !is_adapter_dir(&dir) {
-            bail!(
-                "--adapter {spec}: {} is not a PEFT adapter (no adapter_config.json)",
-                dir.display()
-            );
-        }
-        adapters.push((name, dir));
+    let specs: Vec<(String, PathBuf)> = a.adapter.iter().map(|s| named_adapter(s)).collect();
+    let paths: Vec<&Path> = specs.iter().map(|(_, p)| p.as_path()).collect();
+    let (base_dir, dirs) = resolve_model_and_adapters(&a.model, &paths)?;
+    // `--model` an adapter: it is served under its own name, the base under the base's.
+    let model_is_adapter = dirs.len() > specs.len();
+    let mut adapter_names: Vec<String> = specs.into_iter().map(|(n, _)| n).collect();
+    if model_is_adapter {
+        adapter_names.insert(0, folder_name(&a.model));
     }
+    let adapters: Vec<(String, PathBuf)> = adapter_names.into_iter().zip(dirs).collect();
     let (_, base) = load_model::<B>(&base_dir, device)?;
     let base_name = a.served_model_name.clone().unwrap_or_else(|| {
-        folder_name(if adapters.is_empty() {
-            &a.model
-        } else {
+        folder_name(if model_is_adapter {
             &base_dir
+        } else {
+            &a.model
         })
     });
     let mut names = vec![base_name];
