@@ -62,8 +62,7 @@ fn ensure_teacher<B: AutodiffBackend>(
     train_sft_first::<B>(recipe_path, dir, "[distill] teacher_recipe", opts, device)
 }
 
-/// Train the full-fine-tuning sft recipe at `recipe_path` whose export is `target` (a
-/// teacher, a policy's starting model), unless `target` already holds a model.
+/// [`train_first`] for a full-fine-tuning sft recipe (a teacher, a policy's starting model).
 pub fn train_sft_first<B: AutodiffBackend>(
     recipe_path: &Path,
     target: &Path,
@@ -71,15 +70,38 @@ pub fn train_sft_first<B: AutodiffBackend>(
     opts: &TrainOptions<'_>,
     device: &B::Device,
 ) -> Result<()> {
-    if target.join("config.json").exists() {
+    let full_sft = |r: &Recipe| r.method == MethodName::Sft && r.adapter.is_none();
+    train_first::<B>(
+        recipe_path,
+        target,
+        what,
+        ("a full-fine-tuning sft", &full_sft),
+        opts,
+        device,
+    )
+}
+
+/// Train the recipe at `recipe_path`, whose export (`output_dir/final`) must be `target`,
+/// unless `target` already holds a model or adapter: what a recipe needs built first (a
+/// teacher, a starting model, a reward model). `kind` says which recipes fit, and how.
+pub fn train_first<B: AutodiffBackend>(
+    recipe_path: &Path,
+    target: &Path,
+    what: &str,
+    kind: (&str, &dyn Fn(&Recipe) -> bool),
+    opts: &TrainOptions<'_>,
+    device: &B::Device,
+) -> Result<()> {
+    if target.join("config.json").exists() || target.join("adapter_config.json").exists() {
         return Ok(());
     }
     let recipe = Recipe::load(recipe_path, &[])
         .with_context(|| format!("{what} {}", recipe_path.display()))?;
     let exported = recipe.train.output_dir.join("final");
-    if recipe.method != MethodName::Sft || recipe.adapter.is_some() || exported != *target {
+    let (description, fits) = kind;
+    if !fits(&recipe) || exported != *target {
         bail!(
-            "{what} {} must be a full-fine-tuning sft recipe whose output_dir/final is {} (it exports to {})",
+            "{what} {} must be {description} recipe whose output_dir/final is {} (it exports to {})",
             recipe_path.display(),
             target.display(),
             exported.display()

@@ -1,6 +1,6 @@
 //! From a recipe to a GRPO or PPO method: prompts, reward functions, the reference model.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use std::path::Path;
 
@@ -111,35 +111,15 @@ impl OnlineSetup<'_> {
         let (Some(path), Some(recipe_path)) = (&spec.path, &spec.recipe) else {
             return Ok(());
         };
-        if path.join("config.json").exists() || path.join("adapter_config.json").exists() {
-            return Ok(());
-        }
-        let recipe = Recipe::load(recipe_path, &[])
-            .with_context(|| format!("[[rewards]] recipe {}", recipe_path.display()))?;
-        let exported = recipe.train.output_dir.join("final");
-        if recipe.method != MethodName::Reward || exported != *path {
-            bail!(
-                "[[rewards]] recipe {} must be a method = \"reward\" recipe whose output_dir/final is the reward model {} \
-                 (it exports to {})",
-                recipe_path.display(),
-                path.display(),
-                exported.display()
-            );
-        }
-        if self.opts.verbose {
-            println!(
-                "training the reward model first: {} -> {}",
-                recipe_path.display(),
-                path.display()
-            );
-        }
-        let sub = TrainOptions {
-            resume: None,
-            stop_after_steps: None,
-            ..*self.opts
-        };
-        crate::train::<B>(&recipe, &sub, device)?;
-        Ok(())
+        let reward = |r: &Recipe| r.method == MethodName::Reward;
+        crate::teacher::train_first::<B>(
+            recipe_path,
+            path,
+            "[[rewards]] recipe",
+            ("a method = \"reward\"", &reward),
+            self.opts,
+            device,
+        )
     }
 
     pub fn grpo<B: AutodiffBackend>(
