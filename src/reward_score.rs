@@ -13,7 +13,7 @@ use datasets::records::Reject;
 use datasets::rejects::RejectLog;
 use datasets::tokenize::{MaskPolicy, Templater, Tokenized, TokenizedPair, Truncation};
 use models::checkpoint::load_tokenizer;
-use trainers::reward::{batch_rewards, host_rewards, reward_batch};
+use trainers::reward::{score_pairs, sequence_pair};
 
 use crate::score::{output, Args};
 
@@ -37,22 +37,12 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
         max_seq_len: cfg.max_position_embeddings,
         truncation: Truncation::Left,
     };
-    // A conversation is scored as one sequence: a "pair" whose sides are the same.
     let mut items: Vec<(usize, bool, TokenizedPair)> = Vec::new();
     for row in &read.rows {
         let line = row.origin.line;
         match templater.tokenize(&row.record) {
             Ok((Tokenized::Pair(p), _)) => items.push((line, true, p)),
-            Ok((Tokenized::Seq(s), _)) => items.push((
-                line,
-                false,
-                TokenizedPair {
-                    prompt: vec![],
-                    chosen: s.ids.clone(),
-                    rejected: s.ids,
-                    margin: None,
-                },
-            )),
+            Ok((Tokenized::Seq(s), _)) => items.push((line, false, sequence_pair(s.ids))),
             Ok((Tokenized::Prompt(_), _)) => rejects.push(Reject {
                 origin: row.origin.clone(),
                 field: None,
@@ -68,19 +58,16 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
         }
     }
     a.rejects.check(&rejects, items.len(), read.rows_read)?;
+    let pairs: Vec<&TokenizedPair> = items.iter().map(|(_, _, p)| p).collect();
+    let (c, r) = score_pairs(&model, &pairs, pad, a.batch_size, |_| {});
     let mut out = output(a.out.as_ref())?;
-    for chunk in items.chunks(a.batch_size.max(1)) {
-        let pairs: Vec<&TokenizedPair> = chunk.iter().map(|(_, _, p)| p).collect();
-        let batch = reward_batch(&pairs, pad, a.batch_size);
-        let (c, r) = host_rewards(batch_rewards(&model, &batch), &batch);
-        for (i, (line, pair, _)) in chunk.iter().enumerate() {
-            let v = if *pair {
-                serde_json::json!({"line": line, "reward_chosen": c[i], "reward_rejected": r[i]})
-            } else {
-                serde_json::json!({"line": line, "reward": c[i]})
-            };
-            writeln!(out, "{v}")?;
-        }
+    for (i, (line, pair, _)) in items.iter().enumerate() {
+        let v = if *pair {
+            serde_json::json!({"line": line, "reward_chosen": c[i], "reward_rejected": r[i]})
+        } else {
+            serde_json::json!({"line": line, "reward": c[i]})
+        };
+        writeln!(out, "{v}")?;
     }
     out.finish()?;
     a.rejects

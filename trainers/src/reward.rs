@@ -76,6 +76,36 @@ pub fn host_rewards<B: Backend>(
 }
 
 /// Rewards of every row `[2 * pairs]`.
+/// A single sequence scored as a pair whose sides are the same.
+pub fn sequence_pair(ids: Vec<u32>) -> TokenizedPair {
+    TokenizedPair {
+        prompt: vec![],
+        chosen: ids.clone(),
+        rejected: ids,
+        margin: None,
+    }
+}
+
+/// The (chosen, rejected) rewards of every pair, scored `batch_size` pairs at a time;
+/// `done(n)` hears of each batch's `n` pairs (a progress bar).
+pub fn score_pairs<B: Backend>(
+    model: &CausalLm<B>,
+    pairs: &[&TokenizedPair],
+    pad: Padding,
+    batch_size: usize,
+    mut done: impl FnMut(usize),
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut chosen, mut rejected) = (vec![], vec![]);
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let batch = reward_batch(chunk, pad, batch_size);
+        let (c, r) = host_rewards(batch_rewards(model, &batch), &batch);
+        chosen.extend(c);
+        rejected.extend(r);
+        done(chunk.len());
+    }
+    (chosen, rejected)
+}
+
 pub fn batch_rewards<B: Backend>(model: &CausalLm<B>, batch: &RewardBatch) -> Tensor<B, 1> {
     let r = &batch.rows;
     let input = ForwardInput::from_host(&r.ids, &r.positions, &r.layout, &model.device());

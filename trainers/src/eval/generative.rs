@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
-use crate::reward::{batch_rewards, host_rewards, reward_batch};
+use crate::reward::{score_pairs, sequence_pair};
 use crate::rl::rewards::accuracy;
 use checkpoints::export::load_reward_model;
 use datasets::read::read_file;
@@ -222,7 +222,6 @@ pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
         id: rm_cfg.pad_token_id.or(rm_tok.pad_id).unwrap_or(0),
         multiple_of: ctx.shape_multiple,
     };
-    // A conversation is scored as one sequence: a "pair" whose sides are the same.
     let seqs = prompts
         .iter()
         .zip(&got)
@@ -235,23 +234,13 @@ pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
             let (seq, _) = templater
                 .conversation(&conv)
                 .map_err(|e| anyhow::anyhow!("{}:{}: {e}", file.display(), p.line))?;
-            Ok(TokenizedPair {
-                prompt: vec![],
-                chosen: seq.ids.clone(),
-                rejected: seq.ids,
-                margin: None,
-            })
+            Ok(sequence_pair(seq.ids))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut rewards = Vec::with_capacity(seqs.len());
     let pb = bar(seqs.len(), "scoring", ctx.settings.quiet);
-    for chunk in seqs.chunks(ctx.settings.batch_size.max(1)) {
-        let pairs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = reward_batch(&pairs, pad, ctx.settings.batch_size);
-        let (r, _) = host_rewards(batch_rewards(&rm, &batch), &batch);
-        rewards.extend(r);
-        pb.inc(chunk.len() as u64);
-    }
+    let pairs: Vec<&TokenizedPair> = seqs.iter().collect();
+    let batch_size = ctx.settings.batch_size;
+    let (rewards, _) = score_pairs(&rm, &pairs, pad, batch_size, |n| pb.inc(n as u64));
     pb.finish_and_clear();
     let rows: Vec<Value> = prompts
         .iter()
