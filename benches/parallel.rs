@@ -90,7 +90,16 @@ fn replicas(steps: usize, dir: &Path, devices: usize, topology: Option<Topology>
         move |replica, device| {
             let (model, weights) = model_and_weights::<CpuTrain>(&cfg.run_dir, device);
             let mut m = method(&cfg);
-            run_loop_on(model, &mut m, &cfg, &weights, None, &NO_STOP, Some(replica))?;
+            run_loop_on(
+                model,
+                &mut m,
+                &cfg,
+                &weights,
+                None,
+                &NO_STOP,
+                Some(replica),
+                None,
+            )?;
             Ok((
                 replica.rank,
                 replica.gradient_sync_time.as_secs_f64() / replica.gradient_syncs.max(1) as f64,
@@ -113,7 +122,7 @@ fn run_mode(mode: &str, steps: usize, dir: &Path) {
             let cfg = config(dir, steps);
             let (model, weights) = model_and_weights::<CpuTrain>(dir, &Default::default());
             let mut m = method(&cfg);
-            run_loop_on(model, &mut m, &cfg, &weights, None, &NO_STOP, None).unwrap();
+            run_loop_on(model, &mut m, &cfg, &weights, None, &NO_STOP, None, None).unwrap();
             let (tps, measured) = mean_tokens_per_s(&cfg.run_dir);
             println!(
                 "{{\"tokens_per_s\":{tps:.1},\"all_reduce_s\":0,\"peak_rss_mb\":{:.0},\"steps\":{measured}}}",

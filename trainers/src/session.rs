@@ -31,7 +31,7 @@ use crate::rl::setup::{with_value_head, OnlineSetup};
 use crate::schedule::LrSchedule;
 use crate::sft::Sft;
 use crate::teacher::{model_fingerprint, prepare_teacher};
-use crate::train_loop::{find_resume, run_loop_hooked, EvalHook, LoopConfig, Outcome, Resume};
+use crate::train_loop::{find_resume, run_loop_on, EvalHook, LoopConfig, Outcome, Resume};
 use crate::weights::WeightsFormat;
 
 pub struct TrainOptions<'a> {
@@ -816,7 +816,7 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
         })),
         _ => None,
     };
-    let result = run_loop_hooked(
+    let result = run_loop_on(
         model,
         &mut method,
         &cfg,

@@ -278,22 +278,7 @@ pub fn run_loop<B: AutodiffBackend, M: Method<B>>(
     resume: Option<Resume>,
     stop: &AtomicBool,
 ) -> Result<LoopResult<B>> {
-    run_loop_on(model, method, cfg, weights, resume, stop, None)
-}
-
-/// [`run_loop`] as one replica of a data-parallel job (`dp`), or alone (`None`): each step's
-/// micro-batches are shared among the ranks and their gradients summed; only rank 0 logs
-/// and writes checkpoints; a stop (Ctrl-C) takes effect on every rank at the same step.
-pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
-    model: CausalLm<B>,
-    method: &mut M,
-    cfg: &LoopConfig,
-    weights: &WeightsFormat,
-    resume: Option<Resume>,
-    stop: &AtomicBool,
-    dp: Option<&mut Replica>,
-) -> Result<LoopResult<B>> {
-    run_loop_hooked(model, method, cfg, weights, resume, stop, dp, None)
+    run_loop_on(model, method, cfg, weights, resume, stop, None, None)
 }
 
 /// Extra evaluation at every evaluation point (a recipe's `[eval]` tasks), on the model
@@ -302,9 +287,11 @@ pub type EvalHook<'a, B> = Box<
     dyn FnMut(&CausalLm<<B as AutodiffBackend>::InnerBackend>) -> Result<Map<String, Value>> + 'a,
 >;
 
-/// [`run_loop_on`] with an [`EvalHook`].
+/// [`run_loop`] as one replica of a data-parallel job (`dp`), or alone (`None`): each step's
+/// micro-batches are shared among the ranks and their gradients summed; only rank 0 logs
+/// and writes checkpoints; a stop (Ctrl-C) takes effect on every rank at the same step.
 #[allow(clippy::too_many_arguments)]
-pub fn run_loop_hooked<B: AutodiffBackend, M: Method<B>>(
+pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
     mut model: CausalLm<B>,
     method: &mut M,
     cfg: &LoopConfig,
