@@ -1,6 +1,7 @@
 //! `burnish eval`: every task kind end to end on a tiny model, checked against the commands
 //! that compute the same numbers another way (`generate`, `score`, `score --reward-model`),
-//! with rejects, the results/rows files, the model hash, and a stub judge endpoint.
+//! with rejects, the results/rows files and the model hash; the judge against a loopback
+//! endpoint that always gives the same verdict.
 
 mod common;
 
@@ -275,7 +276,7 @@ fn reward_scores_equal_score_reward_model_and_the_judge_undoes_position_bias() {
             json!({"prompt": "Hello?"}),
         ],
     );
-    let (url, requests) = common::openai_stub(|_| "Both are fine, but [[A]]".to_string());
+    let (url, requests) = common::fixed_openai_endpoint(|_| "Both are fine, but [[A]]".to_string());
     let other = new_tiny_model(&dir.join("other"), 14);
     let out = dir.join("res.json");
     let r = eval(

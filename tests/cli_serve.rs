@@ -525,45 +525,17 @@ fn evolve_and_distill_run_against_the_server() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny(tmp.path(), 6);
     let server = Server::start(&model, &[]);
-    let seeds = tmp.path().join("s.jsonl");
-    std::fs::write(
-        &seeds,
-        "{\"instruction\": \"Name a colour.\", \"output\": \"Red.\"}\n{\"instruction\": \"Count to three.\", \"output\": \"1 2 3\"}\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("e.jsonl");
-    let report = tmp.path().join("r.json");
-    let stdout = ok(&[
-        "data",
-        "evolve",
-        seeds.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
+    let backend = [
         "--backend",
         "openai",
         "--base-url",
         &server.url,
         "--model",
         "tiny",
-        "--max-tokens",
-        "12",
-        "--info-gain",
-        "similarity",
-        "--min-answer-words",
-        "0",
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    ];
+    let (stdout, _, _) = common::evolve_two_seeds(tmp.path(), &backend);
     assert!(stdout.contains("via openai"), "{stdout}");
-    let rep: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let eliminated: u64 = rep["eliminated"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(rep["evolved"].as_u64().unwrap() + eliminated, 2, "{rep}");
-    assert!(rep["requests"].as_u64().unwrap() >= 2, "{rep}");
+    let seeds = tmp.path().join("s.jsonl");
 
     let sft = tmp.path().join("sft.jsonl");
     ok(&[

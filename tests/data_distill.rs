@@ -26,7 +26,7 @@ fn an_endpoint_teacher_answers_prompts_as_sft_rows_with_lineage() {
     let input = tmp.path().join("prompts.jsonl");
     std::fs::write(&input, PROMPTS).unwrap();
     let out = tmp.path().join("sft.jsonl");
-    let (url, requests) = common::openai_stub(|_| "4".to_string());
+    let (url, requests) = common::fixed_openai_endpoint(|_| "4".to_string());
     ok(&[
         "data",
         "distill",

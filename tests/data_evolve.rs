@@ -420,47 +420,12 @@ fn ctrl_c_stops_evolve_without_losing_rows_and_a_rerun_finishes() {
 fn cli_evolve_with_the_local_backend_on_a_tiny_model() {
     let tmp = tempfile::tempdir().unwrap();
     let model = new_tiny_model(&tmp.path().join("tiny"), 5);
-    let seeds = tmp.path().join("s.jsonl");
-    std::fs::write(
-        &seeds,
-        "{\"instruction\": \"Name a colour.\", \"output\": \"Red.\"}\n{\"instruction\": \"Count to three.\", \"output\": \"1 2 3\"}\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("e.jsonl");
-    let report = tmp.path().join("r.json");
-    let stdout = ok(&[
-        "data",
-        "evolve",
-        seeds.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--backend",
-        "local",
-        "--model",
-        model.to_str().unwrap(),
-        "--max-tokens",
-        "12",
-        "--info-gain",
-        "similarity",
-        "--min-answer-words",
-        "0",
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let backend = ["--backend", "local", "--model", model.to_str().unwrap()];
+    let (stdout, rep, out) = common::evolve_two_seeds(tmp.path(), &backend);
     assert!(stdout.contains("via local:"), "{stdout}");
-    let rep: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    // A random model writes noise: every step is either kept or eliminated with a reason.
     let evolved = rep["evolved"].as_u64().unwrap();
-    let eliminated: u64 = rep["eliminated"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(evolved + eliminated, 2, "{rep}");
-    assert!(rep["requests"].as_u64().unwrap() >= 2);
     assert_eq!(read_lines(&out).len() as u64, evolved);
+    let seeds = tmp.path().join("s.jsonl");
 
     // The same model as `data prepare` stages: local evolve and semantic dedup by its
     // mean-pooled hidden states, in one recipe.

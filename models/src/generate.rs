@@ -176,6 +176,24 @@ pub fn bucket(len: usize, multiple: usize) -> usize {
     len.max(1).div_ceil(m) * m
 }
 
+/// `prompts` left-padded to `width`: their ids and 0/1 attention masks.
+pub(crate) fn left_padded(
+    prompts: &[Vec<u32>],
+    width: usize,
+    pad_id: u32,
+) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    prompts
+        .iter()
+        .map(|p| {
+            let pad = width - p.len();
+            (
+                [vec![pad_id; pad], p.clone()].concat(),
+                [vec![0u8; pad], vec![1u8; p.len()]].concat(),
+            )
+        })
+        .unzip()
+}
+
 pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     let [b, _, v] = logits.dims();
     let flat: Vec<f32> = logits.reshape([b * v]).into_data().iter::<f32>().collect();
@@ -228,13 +246,7 @@ pub fn generate_groups<B: Backend>(
     // every prompt batch of the same bucket, so a JIT backend compiles them once.
     let m = params.shape_multiple;
     let width = bucket(prompts.iter().map(Vec::len).max().unwrap_or(0), m);
-    let mut ids = Vec::with_capacity(batch);
-    let mut attn = Vec::with_capacity(batch);
-    for p in prompts {
-        let pad = width - p.len();
-        ids.push([vec![params.pad_id; pad], p.clone()].concat());
-        attn.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
-    }
+    let (ids, attn) = left_padded(prompts, width, params.pad_id);
     let positions = positions_from_attention_mask(&attn);
     let mut next_pos: Vec<i64> = prompts
         .iter()

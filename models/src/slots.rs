@@ -12,7 +12,7 @@
 use anyhow::{bail, Result};
 use burn::prelude::*;
 
-use crate::generate::{bucket, host_rows};
+use crate::generate::{bucket, host_rows, left_padded};
 use crate::llama::{CacheWrite, CausalLm, ForwardInput, KvCache};
 use crate::mask::{positions_from_attention_mask, AttentionLayout};
 
@@ -111,8 +111,7 @@ impl<B: Backend> SlotBatch<B> {
             bail!("slot {s} is not free");
         }
         let pad = width - prompt.len();
-        let ids = vec![[vec![self.pad_id; pad], prompt.to_vec()].concat()];
-        let attn = vec![[vec![0u8; pad], vec![1u8; prompt.len()]].concat()];
+        let (ids, attn) = left_padded(&[prompt.to_vec()], width, self.pad_id);
         let positions = positions_from_attention_mask(&attn);
         let layout = AttentionLayout::from_attention_mask(&attn);
         let device = model.device();

@@ -129,7 +129,7 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

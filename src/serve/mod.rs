@@ -220,9 +220,7 @@ impl OnDevice for Args {
             shape_multiple,
             jobs: Mutex::new(tx),
             shared: shared.clone(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: http::now_secs(),
             ids: AtomicU64::new(0),
         });
         let engine_cfg = EngineConfig {

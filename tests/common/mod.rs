@@ -53,7 +53,7 @@ pub fn new_tiny_model(out: &Path, seed: u64) -> PathBuf {
 /// A stand-in for an OpenAI-compatible endpoint on loopback: every chat-completions request
 /// is answered with `reply(request body)`; the bodies are sent to the receiver. Returns the
 /// base URL (up to `/v1`).
-pub fn openai_stub(
+pub fn fixed_openai_endpoint(
     reply: fn(&serde_json::Value) -> String,
 ) -> (String, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -176,4 +176,50 @@ pub fn read_tensorboard(dir: &Path) -> Vec<(i64, String, f32)> {
         }
     }
     out
+}
+
+/// `data evolve` of two seed instructions through `backend` (`--backend ... --model ...`),
+/// with elimination relaxed so a tiny model's noise is judged on its merits; checks that the
+/// report accounts for both seeds (evolved or eliminated with a reason) and returns
+/// (stdout, report, evolved rows file).
+pub fn evolve_two_seeds(dir: &Path, backend: &[&str]) -> (String, serde_json::Value, PathBuf) {
+    let seeds = dir.join("s.jsonl");
+    std::fs::write(
+        &seeds,
+        "{\"instruction\": \"Name a colour.\", \"output\": \"Red.\"}\n{\"instruction\": \"Count to three.\", \"output\": \"1 2 3\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("e.jsonl");
+    let report = dir.join("r.json");
+    let mut args = vec![
+        "data",
+        "evolve",
+        seeds.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(backend);
+    args.extend_from_slice(&[
+        "--max-tokens",
+        "12",
+        "--info-gain",
+        "similarity",
+        "--min-answer-words",
+        "0",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let stdout = ok(&args);
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let evolved = rep["evolved"].as_u64().unwrap();
+    let eliminated: u64 = rep["eliminated"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(evolved + eliminated, 2, "{rep}");
+    assert!(rep["requests"].as_u64().unwrap() >= 2, "{rep}");
+    (stdout, rep, out)
 }
