@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod backend;
 pub mod chat_template;
 pub mod checkpoint;
+pub mod chunked_head;
 pub mod config;
 pub mod generate;
 pub mod kernel_cache;

@@ -379,6 +379,39 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// `log softmax(logits / scale)[target]` at each row of `hidden` (`[n, d]`), through
+    /// the LM head in chunks of positions (see `chunked_head`): no `[n, vocab]` tensor is
+    /// kept for the backward. A head with a bias or an adapter goes through `logits`.
+    pub fn head_logps(
+        &self,
+        hidden: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+        scale: f64,
+        with_entropy: bool,
+    ) -> crate::chunked_head::HeadLogps<B> {
+        crate::shape_audit::record("lm_head", &[&hidden.dims()]);
+        let weight = match &self.lm_head {
+            Some(head) if head.bias.is_none() && head.lora.is_none() && head.bank.is_none() => {
+                Some(head.dense_weight())
+            }
+            Some(_) => None,
+            None => Some(self.embed_tokens.val().transpose()),
+        };
+        let chunk = crate::chunked_head::chunk_positions(self.vocab_size());
+        match weight {
+            Some(w) => {
+                crate::chunked_head::head_logps(hidden, w, targets, scale, chunk, with_entropy)
+            }
+            None => {
+                let [n, d] = hidden.dims();
+                let logits = self
+                    .logits(hidden.reshape([1, n, d]))
+                    .reshape([n, self.vocab_size()]);
+                crate::chunked_head::logits_logps(logits, targets, scale, with_entropy)
+            }
+        }
+    }
+
     pub fn forward(&self, input: ForwardInput<B>) -> Tensor<B, 3> {
         let h = self.hidden_states(input, None);
         self.logits(h)

@@ -4,7 +4,6 @@
 //! to sum them per row.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 
 use datasets::batch::SftBatch;
 use models::{CausalLm, ForwardInput};
@@ -113,12 +112,9 @@ pub fn trained_token_logps<B: Backend>(
     model: &CausalLm<B>,
     batch: &SftBatch,
 ) -> Option<(Tensor<B, 1>, Vec<usize>)> {
-    let t = trained_logits(model, batch)?;
-    let n = t.targets.dims()[0];
-    let logps = log_softmax(t.logits, 1)
-        .gather(1, t.targets.reshape([n, 1]))
-        .reshape([n]);
-    Some((keep_real(logps, &t.mask), t.rows))
+    let h = trained_hidden(model, batch)?;
+    let logps = model.head_logps(h.hidden, h.targets, 1.0, false).logps;
+    Some((keep_real(logps, &h.mask), h.rows))
 }
 
 /// Summed completion log-probs of every row of `rows`, `[rows]`.

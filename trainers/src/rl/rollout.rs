@@ -5,7 +5,6 @@
 use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -266,25 +265,12 @@ pub fn token_outputs<B: Backend>(
     with_entropy: bool,
 ) -> Option<TokenOutputs<B>> {
     let h = trained_hidden(model, batch)?;
-    let [n, d] = h.hidden.dims();
     let values = with_values.then(|| keep_real(model.values(h.hidden.clone()), &h.mask));
-    let logits = model
-        .logits(h.hidden.reshape([1, n, d]))
-        .reshape([n, model.vocab_size()])
-        .div_scalar(logit_scale);
-    let logp_all = log_softmax(logits, 1);
-    let entropy_sum = if with_entropy {
-        let lp = logp_all.clone().detach();
-        let per_token = (softmax(lp.clone(), 1) * lp).sum_dim(1).reshape([n]);
-        keep_real(per_token, &h.mask)
-            .sum()
-            .neg()
-            .into_scalar()
-            .elem::<f64>()
-    } else {
-        0.0
-    };
-    let logps = logp_all.gather(1, h.targets.reshape([n, 1])).reshape([n]);
+    let out = model.head_logps(h.hidden, h.targets, logit_scale, with_entropy);
+    let entropy_sum = out.entropy.map_or(0.0, |e| {
+        keep_real(e, &h.mask).sum().into_scalar().elem::<f64>()
+    });
+    let logps = out.logps;
     Some(TokenOutputs {
         logps: keep_real(logps, &h.mask),
         values,

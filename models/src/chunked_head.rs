@@ -1,0 +1,409 @@
+//! Log-probabilities of target tokens through the LM head, computed over chunks of
+//! positions so that no `[positions, vocab]` tensor larger than one chunk ever exists: not
+//! in the forward, and not in the backward either. Autodiff would keep the whole logits
+//! and log-softmax for the backward (two `[n, vocab]` f32 tensors: 1.2 GB at 1024
+//! positions of a 152k vocabulary); the op here keeps only the hidden states and the head
+//! weight it already had, and recomputes each chunk's logits in the backward (Liger's and
+//! torchtune's approach). The cost is one more `[chunk, d] x [d, vocab]` matmul per chunk.
+
+use std::any::Any;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
+
+/// f32 elements of one `[chunk, vocab]` tensor (64 MiB).
+const CHUNK_ELEMENTS: usize = 16 << 20;
+
+/// Positions per chunk for a vocabulary: the largest power of two whose `[chunk, vocab]`
+/// f32 tensor fits in [`CHUNK_ELEMENTS`], at least 16 so the matmul keeps some rows. A
+/// power of two keeps the chunk shapes few for a GPU backend (position counts there are
+/// bucketed to multiples of 64).
+pub fn chunk_positions(vocab: usize) -> usize {
+    let rows = (CHUNK_ELEMENTS / vocab.max(1)).max(16);
+    1 << (usize::BITS - 1 - rows.leading_zeros())
+}
+
+/// What the head computes at each position: `log p(target)` of `softmax(h W / scale)`,
+/// and optionally the entropy of that distribution (a metric: no gradient).
+pub struct HeadLogps<B: Backend> {
+    /// `[n]`.
+    pub logps: Tensor<B, 1>,
+    /// `[n]`, when asked for.
+    pub entropy: Option<Tensor<B, 1>>,
+}
+
+/// `log softmax(hidden @ weight / scale)[target]` per row of `hidden` (`[n, d]`), with
+/// `weight` `[d, vocab]`, in chunks of `chunk` rows. On the autodiff backends this crate
+/// trains with, the backward recomputes each chunk; elsewhere (inference backends) the
+/// chunks simply keep nothing.
+pub fn head_logps<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    scale: f64,
+    chunk: usize,
+    with_entropy: bool,
+) -> HeadLogps<B> {
+    let args = Args {
+        hidden,
+        weight,
+        targets,
+    };
+    let args = match on_autodiff::<B, crate::backend::Cpu>(args, scale, chunk, with_entropy) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    #[cfg(feature = "cuda")]
+    let args = match on_autodiff::<B, crate::backend::Gpu>(args, scale, chunk, with_entropy) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    if B::ad_enabled(&args.hidden.device()) {
+        // An autodiff backend this crate does not build: autodiff through plain ops.
+        return plain_head_logps(args, scale, with_entropy);
+    }
+    let (logps, entropy) = forward_chunks(
+        &args.hidden,
+        &args.weight,
+        &args.targets,
+        scale,
+        chunk,
+        with_entropy,
+    );
+    HeadLogps { logps, entropy }
+}
+
+struct Args<B: Backend> {
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+}
+
+/// The unchunked computation: what the chunked op must equal (and the path for a backend
+/// the op is not built for).
+pub fn plain_head_logps_of<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    scale: f64,
+) -> Tensor<B, 1> {
+    logits_logps(hidden.matmul(weight), targets, scale, false).logps
+}
+
+fn plain_head_logps<B: Backend>(args: Args<B>, scale: f64, with_entropy: bool) -> HeadLogps<B> {
+    logits_logps(
+        args.hidden.matmul(args.weight),
+        args.targets,
+        scale,
+        with_entropy,
+    )
+}
+
+/// Target log-probs (and entropies) from whole `[n, vocab]` logits, for a head the
+/// chunked op does not cover (a bias or an adapter on the LM head).
+pub fn logits_logps<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    scale: f64,
+    with_entropy: bool,
+) -> HeadLogps<B> {
+    let n = targets.dims()[0];
+    let logp_all = burn::tensor::activation::log_softmax(logits.div_scalar(scale), 1);
+    let entropy = with_entropy.then(|| {
+        let lp = logp_all.clone().detach();
+        (lp.clone().exp() * lp).sum_dim(1).reshape([n]).neg()
+    });
+    let logps = logp_all.gather(1, targets.reshape([n, 1])).reshape([n]);
+    HeadLogps { logps, entropy }
+}
+
+/// Row chunks `[start, end)` of `n` rows.
+fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..n.div_ceil(chunk)).map(move |i| (i * chunk, ((i + 1) * chunk).min(n)))
+}
+
+/// One chunk's scaled logits `[c, vocab]` and their log-sum-exp `[c, 1]`.
+fn chunk_logits<B: Backend>(
+    hidden: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    (start, end): (usize, usize),
+    scale: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let z = hidden
+        .clone()
+        .slice(s![start..end])
+        .matmul(weight.clone())
+        .div_scalar(scale);
+    let max = z.clone().max_dim(1);
+    let lse = max.clone() + (z.clone() - max).exp().sum_dim(1).log();
+    (z, lse)
+}
+
+/// Target log-probs `[n]` (and entropies) chunk by chunk, on any backend, without a graph.
+fn forward_chunks<B: Backend>(
+    hidden: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    targets: &Tensor<B, 1, Int>,
+    scale: f64,
+    chunk: usize,
+    with_entropy: bool,
+) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+    let n = targets.dims()[0];
+    let mut logps = Vec::new();
+    let mut entropies = Vec::new();
+    for (start, end) in chunks(n, chunk) {
+        let c = end - start;
+        let (z, lse) = chunk_logits(hidden, weight, (start, end), scale);
+        let picked = z
+            .clone()
+            .gather(1, targets.clone().slice(s![start..end]).reshape([c, 1]));
+        logps.push((picked - lse.clone()).reshape([c]));
+        if with_entropy {
+            // H = lse - sum(p z).
+            let p = (z.clone() - lse.clone()).exp();
+            entropies.push((lse - (p * z).sum_dim(1)).reshape([c]));
+        }
+    }
+    let join = |parts: Vec<Tensor<B, 1>>| match parts.len() {
+        1 => parts.into_iter().next().expect("one part"),
+        _ => Tensor::cat(parts, 0),
+    };
+    if n == 0 {
+        let device = hidden.device();
+        return (
+            Tensor::zeros([0], &device),
+            with_entropy.then(|| Tensor::zeros([0], &device)),
+        );
+    }
+    (join(logps), with_entropy.then(|| join(entropies)))
+}
+
+/// Runs the chunked op when `B` is `Autodiff<I, C>` for a strategy this crate uses; hands
+/// the arguments back otherwise. Generic code cannot name the autodiff graph, so the
+/// concrete backends are matched at run time (as `nf4_matmul` does).
+fn on_autodiff<B: Backend, I: Backend>(
+    args: Args<B>,
+    scale: f64,
+    chunk: usize,
+    with_entropy: bool,
+) -> std::result::Result<HeadLogps<B>, Args<B>> {
+    let args = match with_strategy::<B, I, NoCheckpointing>(args, scale, chunk, with_entropy) {
+        Ok(out) => return Ok(out),
+        Err(args) => args,
+    };
+    with_strategy::<B, I, BalancedCheckpointing>(args, scale, chunk, with_entropy)
+}
+
+fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy>(
+    args: Args<B>,
+    scale: f64,
+    chunk: usize,
+    with_entropy: bool,
+) -> std::result::Result<HeadLogps<B>, Args<B>> {
+    let boxed: Box<dyn Any> = Box::new(args);
+    match boxed.downcast::<Args<Autodiff<I, C>>>() {
+        Ok(args) => {
+            let out = chunked_op(*args, scale, chunk, with_entropy);
+            let out: Box<dyn Any> = Box::new(out);
+            Ok(*out.downcast::<HeadLogps<B>>().expect("same backend"))
+        }
+        Err(boxed) => Err(*boxed.downcast::<Args<B>>().expect("the input is unchanged")),
+    }
+}
+
+#[derive(Debug)]
+struct ChunkedHeadBackward;
+
+/// Hidden states `[n, d]`, head weight `[d, vocab]`, targets `[n]`, scale, chunk rows.
+type HeadState<B> = (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>, f64, usize);
+
+impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
+    type State = HeadState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_h, node_w] = ops.parents;
+        let grad =
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let (h, w, targets, scale, chunk) = ops.state;
+        let n = targets.dims()[0];
+        let mut dh = Vec::new();
+        let mut dw: Option<Tensor<B, 2>> = None;
+        for (start, end) in chunks(n, chunk) {
+            let c = end - start;
+            let (z, lse) = chunk_logits(&h, &w, (start, end), scale);
+            // d log p(t) / dz = onehot(t) - softmax(z); times the upstream gradient and 1/scale.
+            let g = grad.clone().slice(s![start..end]).reshape([c, 1]);
+            let t = targets.clone().slice(s![start..end]).reshape([c, 1]);
+            let dz = ((z - lse).exp() * g.clone().neg())
+                .scatter(1, t, g, IndexingUpdateOp::Add)
+                .div_scalar(scale);
+            if node_h.is_some() {
+                dh.push(dz.clone().matmul(w.clone().transpose()));
+            }
+            if node_w.is_some() {
+                let part = h.clone().slice(s![start..end]).transpose().matmul(dz);
+                dw = Some(match dw {
+                    Some(acc) => acc + part,
+                    None => part,
+                });
+            }
+        }
+        if let Some(node) = node_h {
+            let dh = if dh.len() == 1 {
+                dh.pop().expect("one chunk")
+            } else {
+                Tensor::cat(dh, 0)
+            };
+            grads.register::<B>(node.id, dh.into_primitive().tensor());
+        }
+        if let (Some(node), Some(dw)) = (node_w, dw) {
+            grads.register::<B>(node.id, dw.into_primitive().tensor());
+        }
+    }
+}
+
+fn chunked_op<I: Backend, C: CheckpointStrategy>(
+    args: Args<Autodiff<I, C>>,
+    scale: f64,
+    chunk: usize,
+    with_entropy: bool,
+) -> HeadLogps<Autodiff<I, C>> {
+    let h = args.hidden.into_primitive().tensor();
+    let w = args.weight.into_primitive().tensor();
+    let targets = args.targets.inner();
+    let inner_h = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(h.primitive.clone()));
+    let inner_w = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(w.primitive.clone()));
+    let (logps, entropy) = forward_chunks(&inner_h, &inner_w, &targets, scale, chunk, with_entropy);
+    let logps = logps.into_primitive().tensor();
+    let out = match ChunkedHeadBackward
+        .prepare::<C>([h.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((inner_h, inner_w, targets, scale, chunk), logps),
+        OpsKind::UnTracked(prep) => prep.finish(logps),
+    };
+    HeadLogps {
+        logps: Tensor::from_primitive(TensorPrimitive::Float(out)),
+        entropy: entropy.map(Tensor::from_inner),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Cpu, CpuTrain, CpuTrainCheckpointed};
+    use burn::tensor::backend::AutodiffBackend;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+    /// Value and gradients (hidden, weight) of `sum(probe * logps)`.
+    fn run<B: AutodiffBackend>(chunk: Option<usize>, weight_tracked: bool, scale: f64) -> Grads {
+        let device = Default::default();
+        let (n, d, v) = (13, 8, 37);
+        let h = Tensor::<B, 2>::from_data(TensorData::new(values(n * d, 1), [n, d]), &device)
+            .require_grad();
+        let mut w = Tensor::<B, 2>::from_data(TensorData::new(values(d * v, 2), [d, v]), &device);
+        if weight_tracked {
+            w = w.require_grad();
+        }
+        let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7) % v as i64).collect();
+        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
+        let probe = Tensor::<B, 1>::from_data(TensorData::new(values(n, 3), [n]), &device);
+        let logps = match chunk {
+            Some(c) => head_logps(h.clone(), w.clone(), targets, scale, c, false).logps,
+            None => plain_head_logps_of(h.clone(), w.clone(), targets, scale),
+        };
+        let host = |t: Tensor<B::InnerBackend, 2>| t.to_data().iter::<f32>().collect::<Vec<_>>();
+        let value: Vec<f32> = logps.to_data().iter::<f32>().collect();
+        let grads = (logps * probe).sum().backward();
+        let gh = host(h.grad(&grads).expect("hidden gradient"));
+        let gw = w.grad(&grads).map(host).unwrap_or_default();
+        (value, gh, gw)
+    }
+
+    fn assert_close(a: &Grads, b: &Grads) {
+        for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+            assert_eq!(x.len(), y.len());
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "{p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_logps_and_gradients_equal_the_unchunked_ones() {
+        for scale in [1.0, 0.7] {
+            for tracked in [true, false] {
+                let reference = run::<CpuTrain>(None, tracked, scale);
+                assert_eq!(reference.2.is_empty(), !tracked);
+                for chunk in [1, 4, 5, 13, 64] {
+                    assert_close(&run::<CpuTrain>(Some(chunk), tracked, scale), &reference);
+                    assert_close(
+                        &run::<CpuTrainCheckpointed>(Some(chunk), tracked, scale),
+                        &reference,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn inference_backends_chunk_too_and_entropy_matches() {
+        let device = Default::default();
+        let (n, d, v) = (9, 6, 21);
+        let h = Tensor::<Cpu, 2>::from_data(TensorData::new(values(n * d, 4), [n, d]), &device);
+        let w = Tensor::<Cpu, 2>::from_data(TensorData::new(values(d * v, 5), [d, v]), &device);
+        let t = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(vec![3i64; n], [n]), &device);
+        let plain = plain_head_logps(
+            Args {
+                hidden: h.clone(),
+                weight: w.clone(),
+                targets: t.clone(),
+            },
+            1.3,
+            true,
+        );
+        let chunked = head_logps(h, w, t, 1.3, 4, true);
+        let host = |x: Tensor<Cpu, 1>| x.to_data().iter::<f32>().collect::<Vec<_>>();
+        for (a, b) in [
+            (host(chunked.logps), host(plain.logps)),
+            (host(chunked.entropy.unwrap()), host(plain.entropy.unwrap())),
+        ] {
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-6, "{p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_rows_are_a_power_of_two_within_the_budget() {
+        assert_eq!(chunk_positions(151_936), 64);
+        assert_eq!(chunk_positions(32_000), 512);
+        assert_eq!(chunk_positions(128), 1 << 17);
+        assert_eq!(chunk_positions(1 << 30), 16);
+        for v in [1000, 32_000, 151_936] {
+            assert!(chunk_positions(v) * v <= CHUNK_ELEMENTS);
+        }
+    }
+}
