@@ -130,11 +130,23 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: Backend> SelfAttention<B> {
+    /// A `[B, 1, T, S]` mask with its rows repeated for the `group` query heads of each KV
+    /// head: `[B, KVH, group * T, S]`, the layout `forward` attends in.
+    pub(crate) fn grouped_mask(&self, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4, Bool> {
+        let [b, _, tq, tk] = mask.dims();
+        let kvh = self.num_kv_heads;
+        let group = self.num_heads / kvh;
+        mask.reshape([b, 1, 1, tq, tk])
+            .expand([b, kvh, group, tq, tk])
+            .reshape([b, kvh, group * tq, tk])
+    }
+
     fn split_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [b, t, _] = x.dims();
         x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
     }
 
+    /// `mask` is grouped (`grouped_mask`): `[B, KVH, group * T, S]`, true = blocked.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -189,13 +201,8 @@ impl<B: Backend> SelfAttention<B> {
         };
         // Grouped-query attention without repeating keys and values for every query head:
         // the `group` query heads that share a KV head become `group * t` query rows of it
-        // (`[B, H, T, D]` and `[B, KVH, group * T, D]` are the same memory), and the mask's
-        // rows repeat to match.
-        let [_, _, tq, tk] = mask.dims();
-        let mask = mask
-            .reshape([b, 1, 1, tq, tk])
-            .expand([b, kvh, group, tq, tk])
-            .reshape([b, kvh, group * tq, tk]);
+        // (`[B, H, T, D]` and `[B, KVH, group * T, D]` are the same memory); the mask came
+        // grouped to match (`grouped_mask`).
         let q = q.reshape([b, kvh, group * t, d]);
         crate::shape_audit::record("attention", &[&q.dims(), &k.dims()]);
         let o = attention(
@@ -354,6 +361,11 @@ impl<B: Backend> CausalLm<B> {
         mut cache: Option<(&mut KvCache<B>, CacheWrite<'_>)>,
     ) -> Tensor<B, 3> {
         let rope = RopeTables::new(&self.inv_freq, positions);
+        // Grouped once for every layer: one buffer, which the training attention keeps for
+        // its backward when it recomputes the probabilities.
+        let attn = &self.layers.first().expect("a decoder has layers").self_attn;
+        let mask = attn.grouped_mask(mask);
+        let windowed = windowed.map(|m| attn.grouped_mask(m));
         let mut x = self.embed(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|(c, write)| CacheSlot {

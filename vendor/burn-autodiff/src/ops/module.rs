@@ -1885,10 +1885,13 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
         // differentiates `attention_fallback` op by op: a dozen passes over the
         // `[batch, heads, queries, keys]` scores, each recorded in the graph (scale, mask,
         // max, subtract, exp, sum, divide and their backwards). Here the forward runs on the
-        // inner backend, keeps the probabilities P, and the backward is
-        // dV = Pᵀ dO, dP = dO Vᵀ, dS = P (dP - rowsum(dP P)), dQ = s dS K, dK = s dSᵀ Q.
-        // Soft-capping, additive biases, the built-in causal mask and broadcast key/value
-        // heads keep the upstream path.
+        // inner backend over blocks of query rows and the backward is
+        // dV = Pᵀ dO, dP = dO Vᵀ, dS = P (dP - rowsum(dO O)), dQ = s dS K, dK = s dSᵀ Q.
+        // When the probabilities P of all rows fit in `KEEP_PROBS_ELEMENTS` they are kept;
+        // otherwise only the row log-sum-exps are, and each block's P is recomputed in the
+        // backward (flash attention's scheme), so memory grows linearly with the sequence
+        // length apart from the mask. Soft-capping, additive biases, the built-in causal mask
+        // and broadcast key/value heads keep the upstream path.
         let batch_dims = |t: &AutodiffTensor<B>| {
             let dims = t.primitive.shape().dims::<4>();
             [dims[0], dims[1]]
@@ -1898,6 +1901,7 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
             || options.is_causal
             || batch_dims(&query) != batch_dims(&key)
             || batch_dims(&key) != batch_dims(&value)
+            || query.primitive.shape().dims::<4>()[2] == 0
         {
             return attention_fallback::<Self>(query, key, value, mask, attn_bias, options);
         }
@@ -1909,14 +1913,7 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
         struct Attention;
 
         impl<B: Backend> Backward<B, 3> for Attention {
-            /// Query, key, value, the attention probabilities and the scale.
-            type State = (
-                B::FloatTensorPrimitive,
-                B::FloatTensorPrimitive,
-                B::FloatTensorPrimitive,
-                B::FloatTensorPrimitive,
-                f64,
-            );
+            type State = AttentionState<B>;
 
             fn backward(
                 self,
@@ -1926,24 +1923,48 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
             ) {
                 let [node_q, node_k, node_v] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (q, k, v, p, scale) = ops.state;
-                if let Some(node) = node_v {
-                    let dv = B::float_matmul(B::float_transpose(p.clone()), grad.clone());
+                let st = ops.state;
+                let rows = st.q.shape().dims::<4>()[2];
+                // rowsum(dP P) = rowsum(dO O): one product over the output instead of the scores.
+                let delta = B::float_sum_dim(B::float_mul(grad.clone(), st.out.clone()), 3);
+                let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
+                for (r0, r1) in row_blocks(rows, st.block) {
+                    let q = rows_of::<B>(&st.q, r0, r1);
+                    let g = rows_of::<B>(&grad, r0, r1);
+                    let p = match &st.probs {
+                        Probs::Kept(p) => rows_of::<B>(p, r0, r1),
+                        Probs::Recompute(lse) => {
+                            let mask = st.mask.clone().map(|m| mask_rows::<B>(m, r0, r1));
+                            let scores = masked_scores::<B>(q.clone(), st.k.clone(), mask, st.scale);
+                            B::float_exp(B::float_sub(scores, rows_of::<B>(lse, r0, r1)))
+                        }
+                    };
+                    if node_v.is_some() {
+                        let part = B::float_matmul(B::float_transpose(p.clone()), g.clone());
+                        dv = Some(accumulate::<B>(dv, part));
+                    }
+                    if node_q.is_none() && node_k.is_none() {
+                        continue;
+                    }
+                    let dp = B::float_matmul(g, B::float_transpose(st.v.clone()));
+                    let ds = B::float_mul(p, B::float_sub(dp, rows_of::<B>(&delta, r0, r1)));
+                    let ds = B::float_mul_scalar(ds, st.scale.into());
+                    if node_q.is_some() {
+                        dq.push(B::float_matmul(ds.clone(), st.k.clone()));
+                    }
+                    if node_k.is_some() {
+                        let part = B::float_matmul(B::float_transpose(ds), q);
+                        dk = Some(accumulate::<B>(dk, part));
+                    }
+                }
+                if let (Some(node), Some(dv)) = (node_v, dv) {
                     grads.register::<B>(node.id, dv);
                 }
-                if node_q.is_none() && node_k.is_none() {
-                    return;
-                }
-                let dp = B::float_matmul(grad, B::float_transpose(v));
-                let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
-                let ds = B::float_mul(p, B::float_sub(dp, row));
                 if let Some(node) = node_q {
-                    let dq = B::float_matmul(ds.clone(), k);
-                    grads.register::<B>(node.id, B::float_mul_scalar(dq, scale.into()));
+                    grads.register::<B>(node.id, join_rows::<B>(dq));
                 }
-                if let Some(node) = node_k {
-                    let dk = B::float_matmul(B::float_transpose(ds), q);
-                    grads.register::<B>(node.id, B::float_mul_scalar(dk, scale.into()));
+                if let (Some(node), Some(dk)) = (node_k, dk) {
+                    grads.register::<B>(node.id, dk);
                 }
             }
         }
@@ -1953,31 +1974,60 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
             key.primitive.clone(),
             value.primitive.clone(),
         );
-        let scores = B::float_mul_scalar(
-            B::float_matmul(q.clone(), B::float_transpose(k.clone())),
-            scale.into(),
-        );
-        let scores = match mask {
-            Some(mask) => B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into()),
-            None => scores,
+        let [b, h, rows, _] = q.shape().dims::<4>();
+        let keys = k.shape().dims::<4>()[2];
+        let per_row = (b * h * keys).max(1);
+        let keep = rows * per_row <= KEEP_PROBS_ELEMENTS;
+        let block = if keep {
+            rows.max(1)
+        } else {
+            (BLOCK_SCORE_ELEMENTS / per_row).max(1)
         };
-        // NaN-safe softmax as upstream's: a fully masked row gets probabilities 0.
-        let finfo = scores.dtype().finfo().expect("float tensor");
-        let max = B::float_clamp_min(B::float_max_dim(scores.clone(), 3), finfo.min.into());
-        let numerator = B::float_exp(B::float_sub(scores, max));
-        let sum = B::float_clamp_min(
-            B::float_sum_dim(numerator.clone(), 3),
-            finfo.min_positive.into(),
-        );
-        let probs = B::float_div(numerator, sum);
-        let out = B::float_matmul(probs.clone(), v.clone());
+        let (mut outs, mut kept, mut lses) = (Vec::new(), Vec::new(), Vec::new());
+        for (r0, r1) in row_blocks(rows, block) {
+            let mask = mask.clone().map(|m| mask_rows::<B>(m, r0, r1));
+            let scores = masked_scores::<B>(rows_of::<B>(&q, r0, r1), k.clone(), mask, scale);
+            // NaN-safe softmax as upstream's: a fully masked row gets probabilities 0.
+            let finfo = scores.dtype().finfo().expect("float tensor");
+            let max = B::float_clamp_min(B::float_max_dim(scores.clone(), 3), finfo.min.into());
+            let numerator = B::float_exp(B::float_sub(scores, max.clone()));
+            let sum = B::float_clamp_min(
+                B::float_sum_dim(numerator.clone(), 3),
+                finfo.min_positive.into(),
+            );
+            let probs = B::float_div(numerator, sum.clone());
+            outs.push(B::float_matmul(probs.clone(), v.clone()));
+            if keep {
+                kept.push(probs);
+            } else {
+                lses.push(B::float_add(max, B::float_log(sum)));
+            }
+        }
+        let out = join_rows::<B>(outs);
 
         match Attention
             .prepare::<C>([query.node, key.node, value.node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((q, k, v, probs, scale), out),
+            OpsKind::Tracked(prep) => {
+                let probs = if keep {
+                    Probs::Kept(join_rows::<B>(kept))
+                } else {
+                    Probs::Recompute(join_rows::<B>(lses))
+                };
+                let state = AttentionState {
+                    q,
+                    k,
+                    v,
+                    out: out.clone(),
+                    mask: (!keep).then_some(mask).flatten(),
+                    probs,
+                    scale,
+                    block,
+                };
+                prep.finish(state, out)
+            }
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
@@ -2162,4 +2212,89 @@ impl<B: Backend> Backward<B, 1> for MaxPool2D {
             grads.register::<B>(node.id, grad.x_grad);
         }
     }
+}
+
+/// burnish patch: attention probabilities of every row are kept for the backward up to this
+/// many elements per call (16 MiB of f32); beyond it they are recomputed block by block.
+const KEEP_PROBS_ELEMENTS: usize = 1 << 22;
+/// burnish patch: elements of one block of recomputed scores (`[batch, heads, block, keys]`).
+const BLOCK_SCORE_ELEMENTS: usize = 1 << 22;
+
+/// burnish patch: what the attention backward needs.
+#[derive(Debug, Clone)]
+struct AttentionState<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    /// Only when the probabilities are recomputed.
+    mask: Option<burn_backend::tensor::BoolTensor<B>>,
+    probs: Probs<B>,
+    scale: f64,
+    /// Query rows per block.
+    block: usize,
+}
+
+/// burnish patch: the attention probabilities `[b, h, rows, keys]`, or the row
+/// log-sum-exps `[b, h, rows, 1]` to recompute them from.
+#[derive(Debug, Clone)]
+enum Probs<B: Backend> {
+    Kept(FloatTensor<B>),
+    Recompute(FloatTensor<B>),
+}
+
+fn row_blocks(rows: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
+    let block = block.max(1);
+    (0..rows.div_ceil(block)).map(move |i| (i * block, ((i + 1) * block).min(rows)))
+}
+
+fn row_slices(r0: usize, r1: usize) -> [burn_std::Slice; 3] {
+    [(..).into(), (..).into(), (r0..r1).into()]
+}
+
+/// Rows `r0..r1` (dim 2) of a `[b, h, rows, _]` tensor; the tensor itself when that is all.
+fn rows_of<B: Backend>(x: &FloatTensor<B>, r0: usize, r1: usize) -> FloatTensor<B> {
+    if r0 == 0 && r1 == x.shape().dims::<4>()[2] {
+        return x.clone();
+    }
+    B::float_slice(x.clone(), &row_slices(r0, r1))
+}
+
+fn mask_rows<B: Backend>(
+    mask: burn_backend::tensor::BoolTensor<B>,
+    r0: usize,
+    r1: usize,
+) -> burn_backend::tensor::BoolTensor<B> {
+    if r0 == 0 && r1 == mask.shape().dims::<4>()[2] {
+        return mask;
+    }
+    B::bool_slice(mask, &row_slices(r0, r1))
+}
+
+/// `s * Q Kᵀ` with masked entries at -inf.
+fn masked_scores<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: Option<burn_backend::tensor::BoolTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let scores = B::float_mul_scalar(B::float_matmul(q, B::float_transpose(k)), scale.into());
+    match mask {
+        Some(mask) => B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into()),
+        None => scores,
+    }
+}
+
+fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> FloatTensor<B> {
+    match acc {
+        Some(acc) => B::float_add(acc, part),
+        None => part,
+    }
+}
+
+fn join_rows<B: Backend>(mut parts: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+    if parts.len() == 1 {
+        return parts.pop().expect("one block");
+    }
+    B::float_cat(parts, 2)
 }
