@@ -69,15 +69,19 @@ pub fn head_logps<B: Backend>(
         // An autodiff backend this crate does not build: autodiff through plain ops.
         return plain_head_logps(args, scale, with_entropy);
     }
-    let (logps, entropy) = forward_chunks(
+    let out = forward_chunks(
         &args.hidden,
         &args.weight,
         &args.targets,
         scale,
         chunk,
         with_entropy,
+        false,
     );
-    HeadLogps { logps, entropy }
+    HeadLogps {
+        logps: out.logps,
+        entropy: out.entropy,
+    }
 }
 
 struct Args<B: Backend> {
@@ -147,6 +151,14 @@ fn chunk_logits<B: Backend>(
     (z, lse)
 }
 
+/// What one pass over the chunks gives.
+struct Forward<B: Backend> {
+    logps: Tensor<B, 1>,
+    entropy: Option<Tensor<B, 1>>,
+    /// `softmax(z)` when asked for and all positions fit in one chunk.
+    probs: Option<Tensor<B, 2>>,
+}
+
 /// Target log-probs `[n]` (and entropies) chunk by chunk, on any backend, without a graph.
 fn forward_chunks<B: Backend>(
     hidden: &Tensor<B, 2>,
@@ -155,10 +167,19 @@ fn forward_chunks<B: Backend>(
     scale: f64,
     chunk: usize,
     with_entropy: bool,
-) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+    keep_probs: bool,
+) -> Forward<B> {
     let n = targets.dims()[0];
-    let mut logps = Vec::new();
-    let mut entropies = Vec::new();
+    if n == 0 {
+        let device = hidden.device();
+        return Forward {
+            logps: Tensor::zeros([0], &device),
+            entropy: with_entropy.then(|| Tensor::zeros([0], &device)),
+            probs: None,
+        };
+    }
+    let keep_probs = keep_probs && n <= chunk;
+    let (mut logps, mut entropies, mut probs) = (Vec::new(), Vec::new(), None);
     for (start, end) in chunks(n, chunk) {
         let c = end - start;
         let (z, lse) = chunk_logits(hidden, weight, (start, end), scale);
@@ -166,24 +187,26 @@ fn forward_chunks<B: Backend>(
             .clone()
             .gather(1, targets.clone().slice(s![start..end]).reshape([c, 1]));
         logps.push((picked - lse.clone()).reshape([c]));
-        if with_entropy {
-            // H = lse - sum(p z).
+        if with_entropy || keep_probs {
             let p = (z.clone() - lse.clone()).exp();
-            entropies.push((lse - (p * z).sum_dim(1)).reshape([c]));
+            if with_entropy {
+                // H = lse - sum(p z).
+                entropies.push((lse - (p.clone() * z).sum_dim(1)).reshape([c]));
+            }
+            if keep_probs {
+                probs = Some(p);
+            }
         }
     }
     let join = |parts: Vec<Tensor<B, 1>>| match parts.len() {
         1 => parts.into_iter().next().expect("one part"),
         _ => Tensor::cat(parts, 0),
     };
-    if n == 0 {
-        let device = hidden.device();
-        return (
-            Tensor::zeros([0], &device),
-            with_entropy.then(|| Tensor::zeros([0], &device)),
-        );
+    Forward {
+        logps: join(logps),
+        entropy: with_entropy.then(|| join(entropies)),
+        probs,
     }
-    (join(logps), with_entropy.then(|| join(entropies)))
 }
 
 /// Runs the chunked op when `B` is `Autodiff<I, C>` for a strategy this crate uses; hands
@@ -222,8 +245,19 @@ fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy>(
 #[derive(Debug)]
 struct ChunkedHeadBackward;
 
-/// Hidden states `[n, d]`, head weight `[d, vocab]`, targets `[n]`, scale, chunk rows.
-type HeadState<B> = (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>, f64, usize);
+#[derive(Debug, Clone)]
+struct HeadState<B: Backend> {
+    /// `[n, d]`.
+    hidden: Tensor<B, 2>,
+    /// `[d, vocab]`.
+    weight: Tensor<B, 2>,
+    /// `[n]`.
+    targets: Tensor<B, 1, Int>,
+    scale: f64,
+    chunk: usize,
+    /// `softmax(z)` `[n, vocab]` when all positions fit in one chunk: nothing to recompute.
+    probs: Option<Tensor<B, 2>>,
+}
 
 impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
     type State = HeadState<B>;
@@ -232,17 +266,27 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
         let [node_h, node_w] = ops.parents;
         let grad =
             Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
-        let (h, w, targets, scale, chunk) = ops.state;
+        let HeadState {
+            hidden: h,
+            weight: w,
+            targets,
+            scale,
+            chunk,
+            mut probs,
+        } = ops.state;
         let n = targets.dims()[0];
         let mut dh = Vec::new();
         let mut dw: Option<Tensor<B, 2>> = None;
         for (start, end) in chunks(n, chunk) {
             let c = end - start;
-            let (z, lse) = chunk_logits(&h, &w, (start, end), scale);
+            let p = probs.take().unwrap_or_else(|| {
+                let (z, lse) = chunk_logits(&h, &w, (start, end), scale);
+                (z - lse).exp()
+            });
             // d log p(t) / dz = onehot(t) - softmax(z); times the upstream gradient and 1/scale.
             let g = grad.clone().slice(s![start..end]).reshape([c, 1]);
             let t = targets.clone().slice(s![start..end]).reshape([c, 1]);
-            let dz = ((z - lse).exp() * g.clone().neg())
+            let dz = (p * g.clone().neg())
                 .scatter(1, t, g, IndexingUpdateOp::Add)
                 .div_scalar(scale);
             if node_h.is_some() {
@@ -281,19 +325,39 @@ fn chunked_op<I: Backend, C: CheckpointStrategy>(
     let targets = args.targets.inner();
     let inner_h = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(h.primitive.clone()));
     let inner_w = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(w.primitive.clone()));
-    let (logps, entropy) = forward_chunks(&inner_h, &inner_w, &targets, scale, chunk, with_entropy);
-    let logps = logps.into_primitive().tensor();
+    // Probabilities are kept for the backward only when there is one.
+    let tracked = !(h.node.requirement.is_none() && w.node.requirement.is_none());
+    let fwd = forward_chunks(
+        &inner_h,
+        &inner_w,
+        &targets,
+        scale,
+        chunk,
+        with_entropy,
+        tracked,
+    );
+    let logps = fwd.logps.into_primitive().tensor();
     let out = match ChunkedHeadBackward
         .prepare::<C>([h.node.clone(), w.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((inner_h, inner_w, targets, scale, chunk), logps),
+        OpsKind::Tracked(prep) => prep.finish(
+            HeadState {
+                hidden: inner_h,
+                weight: inner_w,
+                targets,
+                scale,
+                chunk,
+                probs: fwd.probs,
+            },
+            logps,
+        ),
         OpsKind::UnTracked(prep) => prep.finish(logps),
     };
     HeadLogps {
         logps: Tensor::from_primitive(TensorPrimitive::Float(out)),
-        entropy: entropy.map(Tensor::from_inner),
+        entropy: fwd.entropy.map(Tensor::from_inner),
     }
 }
 
