@@ -169,16 +169,22 @@ def run_sft(a, log, lora):
     # "wrapped": the conversations' tokens concatenated and cut into rows of exactly 256,
     # a plain [8, 256] batch. (The default "bfd" turns on padding-free batches, which need
     # FlashAttention; on CPU SDPA would attend over one 2048-token row.)
+    seq = a.seq or SEQ
+    extra = {}
+    if a.gradient_checkpointing:
+        extra = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if a.batch:
+        extra["per_device_train_batch_size"] = a.batch
     args = training_args(SFTConfig, a, packing=True, packing_strategy="wrapped", padding_free=False,
-                         max_length=SEQ, assistant_only_loss=False, completion_only_loss=False,
-                         dataset_num_proc=None, shuffle_dataset=False)
+                         max_length=seq, assistant_only_loss=False, completion_only_loss=False,
+                         dataset_num_proc=None, shuffle_dataset=False, **extra)
     cls = counting(SFTTrainer, log, real_tokens)
-    tr = cls(model=load_model(a.setup / "model"), args=args, train_dataset=ds, processing_class=tok,
+    tr = cls(model=load_model(a.model or a.setup / "model"), args=args, train_dataset=ds, processing_class=tok,
              peft_config=lora_config() if lora else None, callbacks=[callback(log)])
     lens = [len(r) for r in tr.train_dataset["input_ids"]]
     # Wrapping leaves one short row at the end: drop it so every row trained is full.
-    tr.train_dataset = tr.train_dataset.filter(lambda r: len(r["input_ids"]) == SEQ)
-    log.write({"info": f"packed rows: {len(lens)}, kept (exactly {SEQ} tokens): {len(tr.train_dataset)}"})
+    tr.train_dataset = tr.train_dataset.filter(lambda r: len(r["input_ids"]) == seq)
+    log.write({"info": f"packed rows: {len(lens)}, kept (exactly {seq} tokens): {len(tr.train_dataset)}"})
     log_settings(log, tr)
     tr.train()
 
@@ -315,6 +321,12 @@ def main():
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--threads", type=int, default=2)
+    # sft/lora only (the memory benchmark, memory_vs_trl.py): another model, row length,
+    # batch size, and gradient checkpointing.
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     a = ap.parse_args()
 
     import torch

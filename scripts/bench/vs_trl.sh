@@ -40,4 +40,5 @@ if [ -z "${BURNISH_BIN:-}" ] && [ "$WANT_HELP" = 0 ]; then
 fi
 export BURNISH_BIN="${BURNISH_BIN:-$ROOT/target/release/burnish}"
 
-exec "$VENV/bin/python" "$ROOT/scripts/bench/vs_trl.py" --burnish "$BURNISH_BIN" "$@"
+# memory_vs_trl.sh runs its own harness through the same venv and build.
+exec "$VENV/bin/python" "$ROOT/scripts/bench/${BENCH_SCRIPT:-vs_trl.py}" --burnish "$BURNISH_BIN" "$@"
