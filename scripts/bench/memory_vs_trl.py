@@ -43,7 +43,7 @@ type = "lora"
 r = 16
 alpha = 32
 dropout = 0.0
-target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+target_modules = "all-linear"
 
 [data]
 files = [{t(data)}]
@@ -59,7 +59,9 @@ cache_dir = {t(cache)}
 
 [train]
 output_dir = {t(run_dir)}
-micro_batch_size = 1
+overwrite_output_dir = true
+per_device_train_batch_size = 1
+per_device_eval_batch_size = 1
 gradient_accumulation_steps = 1
 gradient_checkpointing = true
 learning_rate = 1e-4

@@ -66,15 +66,66 @@ pub fn quantized_params(cfg: &ModelConfig, q: &Quantization) -> u64 {
     (per_layer * cfg.num_hidden_layers + head) as u64
 }
 
-/// f32 training: 4 bytes per weight (NF4 ones: their bits per weight), 4 per gradient and 8 of Adam moments per trainable
-/// weight; activations kept for backward ~ per token and layer the block's intermediate
-/// tensors plus attention probabilities, and the logits with their log-softmax and gradient.
+/// f32 elements of one recomputed attention block, and the most attention probabilities
+/// a call keeps (the vendored burn-autodiff's `BLOCK_SCORE_ELEMENTS`/`KEEP_PROBS_ELEMENTS`).
+const ATTENTION_BLOCK_ELEMENTS: u64 = 1 << 22;
+
+/// Activation bytes kept for the backward of one micro-batch, and the largest transient
+/// buffers of the loss and attention on top of them.
+fn activation_bytes(
+    cfg: &ModelConfig,
+    lora: Option<&LoraSettings>,
+    micro_batch: usize,
+    seq: usize,
+    checkpointing: bool,
+) -> u64 {
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let tokens = (micro_batch * seq) as u64;
+    // Per token and layer, in f32 elements: the outputs of the matmuls (kept under either
+    // strategy), the attention op's own q, k, v and output, and without checkpointing the
+    // elementwise steps too (norms, RoPE, SiLU, residual sums).
+    let matmuls = q + 2 * kv + h + 2 * i + h;
+    let adapter: u64 = lora.map_or(0, |l| {
+        l.targets()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                let (_, d_out) = linear_dims(cfg, m);
+                (l.r + d_out) as u64
+            })
+            .sum()
+    });
+    let attention_state = 2 * q + 2 * kv;
+    let elementwise = if checkpointing { 0 } else { 4 * h + q + kv + 3 * i };
+    let per_token_layer = matmuls + adapter + attention_state + elementwise;
+    let layers = cfg.num_hidden_layers as u64;
+    // Attention probabilities: kept per layer when small, else recomputed block by block from
+    // the grouped bool mask (one for all layers).
+    let scores = (micro_batch * cfg.num_attention_heads * seq * seq) as u64;
+    let attention = if scores <= ATTENTION_BLOCK_ELEMENTS {
+        4 * scores * layers
+    } else {
+        scores + 4 * 4 * ATTENTION_BLOCK_ELEMENTS
+    };
+    // The LM head: all trained positions' probabilities when they fit in one chunk, plus a
+    // chunk's logits, exponentials and gradient while it is computed.
+    let vocab = cfg.vocab_size as u64;
+    let chunk = (models::chunked_head::chunk_positions(cfg.vocab_size) as u64).min(tokens);
+    let head = if tokens <= chunk { 4 * tokens * vocab } else { 0 } + 3 * 4 * chunk * vocab;
+    4 * tokens * per_token_layer * layers + attention + head
+}
+
+/// f32 training: 4 bytes per weight (NF4 ones: their bits per weight), 4 per gradient and
+/// 8 of Adam moments per trainable weight; activations as `activation_bytes` counts them.
 pub fn estimate(
     cfg: &ModelConfig,
     lora: Option<&LoraSettings>,
     quantization: Option<&Quantization>,
     micro_batch: usize,
     seq: usize,
+    checkpointing: bool,
 ) -> MemoryEstimate {
     let params = cfg.num_parameters() as u64;
     let (quantized, quantized_bytes) = quantization.map_or((0, 0), |q| {
@@ -83,20 +134,13 @@ pub fn estimate(
     });
     let added = lora.map_or(0, |l| lora_params(cfg, l));
     let trainable = if lora.is_some() { added } else { params };
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
-    let heads = cfg.num_attention_heads as u64;
-    let tokens = (micro_batch * seq) as u64;
-    let per_token_layer = 10 * h + 4 * kv + 4 * i + 2 * heads * seq as u64;
-    let activations =
-        4 * tokens * (per_token_layer * cfg.num_hidden_layers as u64 + 3 * cfg.vocab_size as u64);
     MemoryEstimate {
         params: params + added,
         trainable,
         weights: 4 * (params - quantized + added) + quantized_bytes,
         gradients: 4 * trainable,
         optimizer: 8 * trainable,
-        activations,
+        activations: activation_bytes(cfg, lora, micro_batch, seq, checkpointing),
     }
 }
 

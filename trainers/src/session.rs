@@ -279,7 +279,14 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     // Preference methods put chosen and rejected rows of each pair in one micro-batch.
     let rows = if expected == "pairs" { 2 * mb } else { mb };
     let quantization = recipe.model.quantization()?;
-    let mut mem = estimate(&cfg, lora.as_ref(), quantization.as_ref(), rows, seq);
+    let mut mem = estimate(
+        &cfg,
+        lora.as_ref(),
+        quantization.as_ref(),
+        rows,
+        seq,
+        recipe.train.gradient_checkpointing,
+    );
     // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
     let dpo = recipe.dpo.clone().unwrap_or_default();
     if recipe.method == MethodName::Dpo
