@@ -48,9 +48,20 @@ pub fn load_model_quantized<B: Backend>(
     device: &B::Device,
     quantization: Option<&Quantization>,
 ) -> Result<(ModelConfig, CausalLm<B>)> {
+    load_model_stored(dir, device, quantization, None)
+}
+
+/// [`load_model_quantized`], the frozen base stored in `half` precision when given
+/// (`models::half`), converted one tensor at a time.
+pub fn load_model_stored<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    quantization: Option<&Quantization>,
+    half: Option<burn::tensor::FloatDType>,
+) -> Result<(ModelConfig, CausalLm<B>)> {
     let cfg = load_config(dir)?;
     let mut reader = SafetensorsReader::open_dir(dir)?;
-    let model = CausalLm::from_source_quantized(&cfg, &mut reader, device, quantization)?;
+    let model = CausalLm::from_source_stored(&cfg, &mut reader, device, quantization, half)?;
     warn_unused(dir, &cfg, &reader.unused());
     Ok((cfg, model))
 }

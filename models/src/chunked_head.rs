@@ -103,7 +103,7 @@ pub fn plain_head_logps_of<B: Backend>(
 
 fn plain_head_logps<B: Backend>(args: Args<B>, scale: f64, with_entropy: bool) -> HeadLogps<B> {
     logits_logps(
-        args.hidden.matmul(args.weight),
+        args.hidden.matmul(crate::half::as_f32(args.weight)),
         args.targets,
         scale,
         with_entropy,
@@ -170,6 +170,8 @@ fn forward_chunks<B: Backend>(
     keep_probs: bool,
 ) -> Forward<B> {
     let n = targets.dims()[0];
+    // A half-precision head is cast once per call: its f32 copy lives while the chunks run.
+    let weight = &crate::half::as_f32(weight.clone());
     if n == 0 {
         let device = hidden.device();
         return Forward {
@@ -275,6 +277,7 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
             mut probs,
         } = ops.state;
         let n = targets.dims()[0];
+        let w = crate::half::as_f32(w);
         let mut dh = Vec::new();
         let mut dw: Option<Tensor<B, 2>> = None;
         for (start, end) in chunks(n, chunk) {

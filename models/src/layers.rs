@@ -52,8 +52,14 @@ impl<B: Backend> Proj<B> {
         }
     }
 
-    /// The weight as a dense `[d_in, d_out]` tensor, dequantised if need be.
+    /// The weight as a dense f32 `[d_in, d_out]` tensor, dequantised or cast if need be.
     pub fn dense_weight(&self) -> Tensor<B, 2> {
+        crate::half::as_f32(self.stored_weight())
+    }
+
+    /// The weight as a dense `[d_in, d_out]` tensor in its stored float dtype (half for a
+    /// half-precision base), dequantised if it is NF4.
+    pub fn stored_weight(&self) -> Tensor<B, 2> {
         match (&self.weight, &self.nf4) {
             (Some(w), _) => w.val(),
             (None, Some(q)) => q.dequantize().transpose(),
@@ -73,6 +79,12 @@ impl<B: Backend> Proj<B> {
         let lora_in = adapter.map(|_| x.clone());
         let bank_in = self.bank.as_ref().map(|_| x.clone());
         let y = match (&self.weight, &self.nf4) {
+            (Some(w), _) if crate::half::is_half(w.val().dtype()) => {
+                let (rows, mut dims) = flat_rows(&x);
+                let w = w.val();
+                dims[D - 1] = w.dims()[1];
+                crate::half::half_matmul(x.reshape([rows, w.dims()[0]]), &w).reshape(dims)
+            }
             (Some(w), _) => matmul_2d(x, w.val()),
             (None, Some(q)) => {
                 let (rows, mut dims) = flat_rows(&x);

@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, FloatDType};
 
 use crate::config::ModelConfig;
 use crate::layers::{rope_inv_freq, Proj, RmsNorm, RopeTables};
@@ -315,10 +316,8 @@ impl<B: Backend> CausalLm<B> {
         let [b, t] = ids.dims();
         crate::shape_audit::record("embedding", &[&[b, t]]);
         let d = self.hidden_size();
-        self.embed_tokens
-            .val()
-            .select(0, ids.reshape([b * t]))
-            .reshape([b, t, d])
+        let rows = self.embed_tokens.val().select(0, ids.reshape([b * t]));
+        crate::half::as_f32(rows).reshape([b, t, d])
     }
 
     /// Final hidden states `[B, T, hidden]` after the last norm.
@@ -377,7 +376,10 @@ impl<B: Backend> CausalLm<B> {
                 (Some(m), Some(w)) if w.layers[i] => m.clone(),
                 _ => mask.clone(),
             };
-            x = layer.forward(x, &rope, mask, slot);
+            x = match slot {
+                Some(slot) => layer.forward(x, &rope, mask, Some(slot)),
+                None => crate::layer_checkpoint::layer_forward(layer, x, &rope, mask),
+            };
         }
         self.norm.forward(x)
     }
@@ -387,7 +389,10 @@ impl<B: Backend> CausalLm<B> {
         crate::shape_audit::record("lm_head", &[&hidden.dims()]);
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => crate::layers::matmul_2d(hidden, self.embed_tokens.val().transpose()),
+            None => crate::layers::matmul_2d(
+                hidden,
+                crate::half::as_f32(self.embed_tokens.val()).transpose(),
+            ),
         }
     }
 
@@ -404,7 +409,7 @@ impl<B: Backend> CausalLm<B> {
         crate::shape_audit::record("lm_head", &[&hidden.dims()]);
         let weight = match &self.lm_head {
             Some(head) if head.bias.is_none() && head.lora.is_none() && head.bank.is_none() => {
-                Some(head.dense_weight())
+                Some(head.stored_weight())
             }
             Some(_) => None,
             None => Some(self.embed_tokens.val().transpose()),
@@ -560,6 +565,9 @@ struct Builder<'a, B: Backend, S: WeightSource> {
     shapes: std::collections::HashMap<String, Vec<usize>>,
     device: &'a B::Device,
     quantization: Option<&'a Quantization>,
+    /// Half-precision storage of the frozen base (`crate::half`): the embedding, the LM head
+    /// and the decoder's linear weights (the ones NF4 would quantise).
+    half: Option<FloatDType>,
 }
 
 impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
@@ -572,13 +580,20 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
         ))
     }
 
+    /// A base matrix (embedding, LM head), in the base's storage dtype.
     fn matrix(&mut self, name: &str) -> anyhow::Result<Tensor<B, 2>> {
         let shape = self.shapes[name].clone();
         let data = self.src.take(name, &shape)?;
-        Ok(Tensor::from_data(
-            TensorData::new(data, [shape[0], shape[1]]),
-            self.device,
-        ))
+        Ok(self.stored(TensorData::new(data, [shape[0], shape[1]]), true))
+    }
+
+    /// A tensor on the device, converted to the half storage dtype when the base has one and
+    /// `frozen_base` (the host f32 buffer is converted as it is uploaded).
+    fn stored(&self, data: TensorData, frozen_base: bool) -> Tensor<B, 2> {
+        match self.half.filter(|_| frozen_base) {
+            Some(dtype) => Tensor::from_data(data, (self.device, DType::from(dtype))),
+            None => Tensor::from_data(data, self.device),
+        }
     }
 
     /// A projection; `quantize` makes it NF4 when the load asks for quantisation. The HF
@@ -601,7 +616,7 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
             }
             None => {
                 let data = transpose(&hf, d_out, d_in);
-                let weight = Tensor::from_data(TensorData::new(data, [d_in, d_out]), self.device);
+                let weight = self.stored(TensorData::new(data, [d_in, d_out]), quantize);
                 Ok(Proj::from_tensors(weight, bias))
             }
         }
@@ -617,6 +632,18 @@ impl<B: Backend> CausalLm<B> {
         Self::from_source_quantized(cfg, src, device, None)
     }
 
+    /// [`Self::from_source_quantized`] with the frozen base (what NF4 would quantise, and
+    /// the embedding and LM head) stored in `half` precision when given.
+    pub fn from_source_stored<S: WeightSource>(
+        cfg: &ModelConfig,
+        src: &mut S,
+        device: &B::Device,
+        quantization: Option<&Quantization>,
+        half: Option<FloatDType>,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, src, device, quantization, half)
+    }
+
     /// Build the model, quantising the decoder's linear layers (and the LM head when asked)
     /// to NF4 as each weight is read.
     pub fn from_source_quantized<S: WeightSource>(
@@ -624,6 +651,16 @@ impl<B: Backend> CausalLm<B> {
         src: &mut S,
         device: &B::Device,
         quantization: Option<&Quantization>,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, src, device, quantization, None)
+    }
+
+    fn build<S: WeightSource>(
+        cfg: &ModelConfig,
+        src: &mut S,
+        device: &B::Device,
+        quantization: Option<&Quantization>,
+        half: Option<FloatDType>,
     ) -> anyhow::Result<Self> {
         if let Some(q) = quantization {
             q.nf4.validate()?;
@@ -634,6 +671,7 @@ impl<B: Backend> CausalLm<B> {
             shapes,
             device,
             quantization,
+            half,
         };
         let eps = cfg.rms_norm_eps;
         let embed_tokens = Param::from_tensor(b.matrix("model.embed_tokens.weight")?);

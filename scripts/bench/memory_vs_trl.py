@@ -2,12 +2,14 @@
 on this machine (issue 18's benchmark):
 
     scripts/bench/memory_vs_trl.sh [--seqs 1024,2048,4096] [--steps 2] [--warmup 1]
-                                   [--out target/bench/memory_vs_trl] [--sides burnish,ref]
+                                   [--out target/bench/memory_vs_trl] [--sides burnish,burnish-bf16,ref]
 
 Model: hidden 896, 24 layers, 14/2 heads, intermediate 4864, vocabulary 151,936, tied
 embeddings, random init (qwen05b_setup.py), f32. Job: SFT with LoRA r 16, alpha 32 on
 q,k,v,o,gate,up,down, batch 1 x SEQ tokens (burnish: packed rows of up to SEQ; TRL: rows of
 exactly SEQ, packing "wrapped"), gradient checkpointing on both sides, AdamW, lr 1e-4.
+Sides: burnish with the f32 base (as TRL's), burnish with the base stored in bf16
+(`[model] dtype = "bfloat16"`: computed in f32, adapters f32), TRL.
 Per length and side: peak RSS of the process tree, median tokens/s of the measured steps,
 CPU use; for burnish also the `--dry-run` memory estimate and its error against the peak.
 Run with the bench venv's python (memory_vs_trl.sh makes it).
@@ -29,7 +31,7 @@ import vs_trl  # noqa: E402  (same folder: the process sampling and machine desc
 ROOT = vs_trl.ROOT
 
 
-def recipe(model, data, run_dir, cache, seq, steps):
+def recipe(model, data, run_dir, cache, seq, steps, dtype):
     t = vs_trl.toml_str
     return f"""# written by scripts/bench/memory_vs_trl.py
 method = "sft"
@@ -37,6 +39,7 @@ seed = 42
 
 [model]
 path = {t(model)}
+dtype = "{dtype}"
 
 [adapter]
 type = "lora"
@@ -99,7 +102,8 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "target/bench/memory_vs_trl")
     ap.add_argument("--burnish", type=Path,
                     default=Path(os.environ.get("BURNISH_BIN") or ROOT / "target/release/burnish"))
-    ap.add_argument("--sides", default="burnish,ref")
+    ap.add_argument("--sides", default="burnish,burnish-bf16,ref",
+                    help="burnish (f32 base), burnish-bf16 (base stored in bf16, [model] dtype), ref (TRL, f32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--job-timeout", type=float, default=3600.0)
@@ -137,9 +141,10 @@ def main():
             run.mkdir(parents=True)
             vs_trl.wait_idle(10.0, 60.0)
             res = {}
-            if side == "burnish":
+            if side.startswith("burnish"):
+                dtype = "bfloat16" if side == "burnish-bf16" else "float32"
                 (run / "recipe.toml").write_text(recipe(model, setup / "data/sft.jsonl", run / "run",
-                                                        out / "burnish-cache", seq, total))
+                                                        out / "burnish-cache", seq, total, dtype))
                 est, text = dry_run_total(args.burnish, run / "recipe.toml", env)
                 (run / "dry_run.txt").write_text(text)
                 res_est = {"dry_run_bytes": est}
@@ -175,20 +180,26 @@ def main():
     lines = [f"# Memory: LoRA r16 on a Qwen2.5-0.5B-shaped model, batch 1, gradient checkpointing", "",
              f"{info['date']}; {info['cpu']} ({info['cores']} cores; {flags}); burnish {info['burnish_commit']};"
              f" {json.dumps(info.get('python_packages', {}))}", "",
-             "| seq | burnish peak RSS (MB) | TRL peak RSS (MB) | RSS ratio | burnish tok/s | TRL tok/s | speed ratio |"
-             " burnish CPU % | TRL CPU % | dry-run (GB) | dry-run error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seq | burnish base | burnish peak RSS (MB) | TRL peak RSS (MB) | RSS ratio | burnish tok/s | TRL tok/s |"
+             " speed ratio | burnish CPU % | TRL CPU % | dry-run (GB) | dry-run error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seq, r in results["runs"].items():
-        b, t = r.get("burnish", {}), r.get("ref", {})
-        rss = vs_trl.fmt(vs_trl.ratio(b.get("peak_rss_mb"), t.get("peak_rss_mb")), 2)
-        spd = vs_trl.fmt(vs_trl.ratio(b.get("tokens_per_s"), t.get("tokens_per_s")), 2)
-        est = b.get("dry_run_bytes")
-        lines.append(f"| {seq} | {vs_trl.fmt(b.get('peak_rss_mb'), 0)} | {vs_trl.fmt(t.get('peak_rss_mb'), 0)} |"
-                     f" {rss} | {vs_trl.fmt(b.get('tokens_per_s'))} | {vs_trl.fmt(t.get('tokens_per_s'))} | {spd} |"
-                     f" {vs_trl.fmt(b.get('cpu_pct'), 0)} | {vs_trl.fmt(t.get('cpu_pct'), 0)} |"
-                     f" {vs_trl.fmt(est / 1e9 if est else None, 2)} | {vs_trl.fmt(b.get('dry_run_error_pct'))}% |")
+        t = r.get("ref", {})
+        for side in [s for s in sides if s.startswith("burnish")]:
+            b = r.get(side, {})
+            rss = vs_trl.fmt(vs_trl.ratio(b.get("peak_rss_mb"), t.get("peak_rss_mb")), 2)
+            spd = vs_trl.fmt(vs_trl.ratio(b.get("tokens_per_s"), t.get("tokens_per_s")), 2)
+            est = b.get("dry_run_bytes")
+            base = "bf16" if side == "burnish-bf16" else "f32"
+            lines.append(f"| {seq} | {base} | {vs_trl.fmt(b.get('peak_rss_mb'), 0)} |"
+                         f" {vs_trl.fmt(t.get('peak_rss_mb'), 0)} | {rss} | {vs_trl.fmt(b.get('tokens_per_s'))} |"
+                         f" {vs_trl.fmt(t.get('tokens_per_s'))} | {spd} | {vs_trl.fmt(b.get('cpu_pct'), 0)} |"
+                         f" {vs_trl.fmt(t.get('cpu_pct'), 0)} | {vs_trl.fmt(est / 1e9 if est else None, 2)} |"
+                         f" {vs_trl.fmt(b.get('dry_run_error_pct'))}% |")
     lines.append("")
-    lines.append("RSS ratio = burnish / TRL (< 1: burnish uses less); speed ratio = burnish / TRL (> 1: faster).")
+    lines.append("RSS ratio = burnish / TRL (< 1: burnish uses less); speed ratio = burnish / TRL (> 1: faster)."
+                 " TRL's base is f32; burnish's bf16 base is `[model] dtype = \"bfloat16\"` (frozen base stored"
+                 " in bf16, computed in f32, adapters f32).")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -98,7 +98,11 @@ fn activation_bytes(
             .sum()
     });
     let attention_state = 2 * q + 2 * kv;
-    let elementwise = if checkpointing { 0 } else { 4 * h + q + kv + 3 * i };
+    let elementwise = if checkpointing {
+        0
+    } else {
+        4 * h + q + kv + 3 * i
+    };
     let per_token_layer = matmuls + adapter + attention_state + elementwise;
     let layers = cfg.num_hidden_layers as u64;
     // Attention probabilities: kept per layer when small, else recomputed block by block from
@@ -113,12 +117,17 @@ fn activation_bytes(
     // chunk's logits, exponentials and gradient while it is computed.
     let vocab = cfg.vocab_size as u64;
     let chunk = (models::chunked_head::chunk_positions(cfg.vocab_size) as u64).min(tokens);
-    let head = if tokens <= chunk { 4 * tokens * vocab } else { 0 } + 3 * 4 * chunk * vocab;
+    let head = if tokens <= chunk {
+        4 * tokens * vocab
+    } else {
+        0
+    } + 3 * 4 * chunk * vocab;
     4 * tokens * per_token_layer * layers + attention + head
 }
 
-/// f32 training: 4 bytes per weight (NF4 ones: their bits per weight), 4 per gradient and
-/// 8 of Adam moments per trainable weight; activations as `activation_bytes` counts them.
+/// f32 training: 4 bytes per weight (NF4 ones: their bits per weight; a `half` frozen
+/// base: 2), 4 per gradient and 8 of Adam moments per trainable weight; activations as
+/// `activation_bytes` counts them.
 pub fn estimate(
     cfg: &ModelConfig,
     lora: Option<&LoraSettings>,
@@ -126,6 +135,7 @@ pub fn estimate(
     micro_batch: usize,
     seq: usize,
     checkpointing: bool,
+    half: bool,
 ) -> MemoryEstimate {
     let params = cfg.num_parameters() as u64;
     let (quantized, quantized_bytes) = quantization.map_or((0, 0), |q| {
@@ -137,7 +147,7 @@ pub fn estimate(
     MemoryEstimate {
         params: params + added,
         trainable,
-        weights: 4 * (params - quantized + added) + quantized_bytes,
+        weights: if half { 2 } else { 4 } * (params - quantized) + 4 * added + quantized_bytes,
         gradients: 4 * trainable,
         optimizer: 8 * trainable,
         activations: activation_bytes(cfg, lora, micro_batch, seq, checkpointing),

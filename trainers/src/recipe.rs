@@ -75,7 +75,8 @@ pub struct Recipe {
 pub struct ModelSection {
     /// Hugging Face model directory (config.json + safetensors + tokenizer.json).
     pub path: PathBuf,
-    /// Training precision. Master weights, gradients and optimizer state are float32.
+    /// Storage of the frozen base: float32, or bfloat16 / float16 with an adapter (computed
+    /// in f32; `models::half`). Trainable weights, gradients and optimizer state are float32.
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// When `path` does not exist, build a seeded random-init model of this preset there
@@ -110,6 +111,11 @@ pub struct ModelSection {
 
 impl ModelSection {
     /// The quantisation the base loads with, if any.
+    /// The half-precision storage of the frozen base `dtype` asks for (None: float32).
+    pub fn half(&self) -> Result<Option<burn::tensor::FloatDType>> {
+        models::half::storage_dtype(&self.dtype)
+    }
+
     pub fn quantization(&self) -> Result<Option<Quantization>> {
         match self.quantize.as_deref() {
             None | Some("none") => Ok(None),
@@ -423,10 +429,12 @@ impl Recipe {
             bail!("[train] adam_beta1 and adam_beta2 must be in [0, 1)");
         }
         models::weights::DiskDtype::parse(&t.export_dtype).context("[train] export_dtype")?;
-        if self.model.dtype != "float32" {
+        if self.model.half()?.is_some() && self.adapter.is_none() {
             bail!(
-                "[model] dtype `{}`: training runs in float32 (master weights, gradients and Adam state); \
-                 use [train] export_dtype = \"bfloat16\" for a half-precision export",
+                "[model] dtype `{}` stores the frozen base in half precision and trains through adapters: \
+                 add an [adapter] section, or use float32 for full fine-tuning (its master weights, \
+                 gradients and Adam state are float32; [train] export_dtype = \"bfloat16\" gives a \
+                 half-precision export)",
                 self.model.dtype
             );
         }

@@ -13,7 +13,7 @@ use checkpoints::TrainerState;
 use datasets::batch::Padding;
 use datasets::cache::Dataset;
 use datasets::prepare::{prepare, Prepared};
-use models::checkpoint::{load_config, load_model, load_model_quantized, load_tokenizer};
+use models::checkpoint::{load_config, load_model, load_model_stored, load_tokenizer};
 use models::generate::{generate, SamplingParams};
 use models::presets::{new_model_config, write_new_model, NewModelSpec};
 use models::weights::{write_atomic, DiskDtype};
@@ -286,6 +286,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         rows,
         seq,
         recipe.train.gradient_checkpointing,
+        recipe.model.half()?.is_some(),
     );
     // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
     let dpo = recipe.dpo.clone().unwrap_or_default();
@@ -306,8 +307,12 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         recipe.train.gradient_accumulation_steps
     ));
     s.push_str(&format!(
-        "\n# memory estimate (float32 training, micro-batch of {rows} rows x {} tokens)\n\
+        "\n# memory estimate (float32 training{}, micro-batch of {rows} rows x {} tokens)\n\
          parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\ntotal       {}\n",
+        match recipe.model.dtype.as_str() {
+            "float32" => String::new(),
+            half => format!(", frozen base stored in {half}"),
+        },
         seq,
         mem.params as f64 / 1e6,
         mem.trainable as f64 / 1e6,
@@ -444,7 +449,8 @@ fn load_policy<B: AutodiffBackend>(
         Some(a) => {
             let settings = a.lora();
             let quantization = recipe.model.quantization()?;
-            let (cfg, model) = load_model_quantized::<B>(base, device, quantization.as_ref())?;
+            let (cfg, model) =
+                load_model_stored::<B>(base, device, quantization.as_ref(), recipe.model.half()?)?;
             let (cfg, model) = as_reward(cfg, model);
             let model = match resume {
                 Some(dir) => checkpoints::peft::load_adapter(model, dir)?.0,

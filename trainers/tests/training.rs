@@ -188,6 +188,69 @@ fn lora_learns_and_leaves_the_base_untouched() {
     assert!(opt.iter().all(|(n, _)| n.contains(".lora.")));
 }
 
+/// `[model] dtype = "bfloat16"` with LoRA: the frozen base (embedding, tied head, every
+/// linear weight) is held in bf16 and the 50-step loss curve stays within 2% of float32's.
+#[test]
+fn lora_on_a_bf16_base_tracks_the_f32_curve() {
+    let curve = |dtype: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = recipe(
+            tmp.path(),
+            "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"",
+            &[
+                "train.max_steps=50",
+                "train.learning_rate=1e-2",
+                &format!("model.dtype={dtype}"),
+            ],
+        );
+        run(&r, None).unwrap();
+        losses(&tmp.path().join("run"))
+    };
+    let (f32_curve, bf16_curve) = (curve("float32"), curve("bfloat16"));
+    assert_eq!(f32_curve.len(), 50);
+    assert_eq!(bf16_curve.len(), 50);
+    let mut worst = 0f64;
+    for ((step, a), (_, b)) in f32_curve.iter().zip(&bf16_curve) {
+        let gap = (a - b).abs() / a.abs();
+        worst = worst.max(gap);
+        assert!(gap <= 0.02, "step {step}: f32 loss {a}, bf16 base {b}");
+    }
+    assert!(worst > 0.0, "the bf16 base must differ somewhat from f32");
+    assert!(
+        bf16_curve.last().unwrap().1 < bf16_curve[0].1 - 0.5,
+        "{bf16_curve:?}"
+    );
+    eprintln!(
+        "largest per-step loss gap bf16 base vs f32: {:.3}%",
+        100.0 * worst
+    );
+
+    // The stored dtypes: half for the frozen base, f32 for norms.
+    let (_, model) = models::checkpoint::load_model_stored::<Cpu>(
+        tiny_model(),
+        &Default::default(),
+        None,
+        Some(burn::tensor::FloatDType::BF16),
+    )
+    .unwrap();
+    use burn::tensor::DType;
+    assert_eq!(model.embed_tokens.val().dtype(), DType::BF16);
+    let layer = &model.layers[0];
+    for p in [&layer.self_attn.q_proj, &layer.mlp.down_proj] {
+        assert_eq!(p.stored_weight().dtype(), DType::BF16);
+        assert_eq!(p.dense_weight().dtype(), DType::F32);
+    }
+    assert_eq!(layer.input_layernorm.weight.val().dtype(), DType::F32);
+
+    // Full fine-tuning has no frozen base to store in half precision.
+    let tmp = tempfile::tempdir().unwrap();
+    let text = recipe(tmp.path(), "", &[]).to_toml().unwrap();
+    let err = Recipe::parse(&text, &["model.dtype=bfloat16".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("add an [adapter] section"), "{err}");
+}
+
 #[test]
 fn qlora_learns_tracks_lora_and_merges_into_the_dequantised_base() {
     let tmp = tempfile::tempdir().unwrap();

@@ -162,7 +162,12 @@ impl<'a> GraphCleaner<'a> {
         let mut should_remove = Vec::new();
         for graph in graphs.values() {
             {
-                let mut guard = graph.state.lock();
+                // burnish patch: a graph whose backward is running (a backward step that runs a
+                // nested backward of its own: per-layer recomputation in burnish's models) is
+                // locked by this very thread; skip it, the next cleanup gets to it.
+                let Some(mut guard) = graph.state.try_lock() else {
+                    continue;
+                };
                 // Double safety: in case it was marked as no longer useful, but other
                 // nodes are still relevant, we only check which nodes can safely be removed.
                 if !guard.server.maybe_useful() {
