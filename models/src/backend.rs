@@ -7,10 +7,10 @@ use std::str::FromStr;
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuTrain = burn::backend::Autodiff<Cpu>;
-/// burn-autodiff's balanced checkpointing: the outputs of memory-bound operations
-/// (elementwise: activations, norms, softmax pieces) are recomputed in the backward pass
-/// instead of kept; matmul outputs are kept. `[train] gradient_checkpointing = true`.
-pub type Checkpointing = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+/// `[train] gradient_checkpointing = true`: the graph behaves as without checkpointing, and
+/// the model, seeing this backend, recomputes each decoder layer in the backward pass
+/// (`layer_checkpoint`). A strategy of the vendored burn-autodiff.
+pub type Checkpointing = burn::backend::autodiff::checkpoint::strategy::LayerRecompute;
 pub type CpuTrainCheckpointed = burn::backend::Autodiff<Cpu, Checkpointing>;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda;

@@ -10,7 +10,7 @@ use std::any::Any;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
-    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+    CheckpointStrategy, NoCheckpointing,
 };
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -76,7 +76,10 @@ pub fn head_logps<B: Backend>(
         scale,
         chunk,
         with_entropy,
-        false,
+        Keep {
+            probs: false,
+            jacobian: false,
+        },
     );
     HeadLogps {
         logps: out.logps,
@@ -157,6 +160,29 @@ struct Forward<B: Backend> {
     entropy: Option<Tensor<B, 1>>,
     /// `softmax(z)` when asked for and all positions fit in one chunk.
     probs: Option<Tensor<B, 2>>,
+    /// `d log p(target) / d hidden` per row `[n, d]`, when asked for.
+    jacobian: Option<Tensor<B, 2>>,
+}
+
+/// What the backward will need from the forward.
+#[derive(Clone, Copy)]
+struct Keep {
+    /// The probabilities, if they fit in one chunk (the weight's gradient needs them).
+    probs: bool,
+    /// Each row's gradient with respect to its hidden state.
+    jacobian: bool,
+}
+
+/// `d log p(t) / dz = onehot(t) - softmax(z)` for a chunk, times `g` per row and 1/scale.
+fn logit_grad<B: Backend>(
+    p: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    g: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, 2> {
+    (p * g.clone().neg())
+        .scatter(1, targets, g, IndexingUpdateOp::Add)
+        .div_scalar(scale)
 }
 
 /// Target log-probs `[n]` (and entropies) chunk by chunk, on any backend, without a graph.
@@ -167,7 +193,7 @@ fn forward_chunks<B: Backend>(
     scale: f64,
     chunk: usize,
     with_entropy: bool,
-    keep_probs: bool,
+    keep: Keep,
 ) -> Forward<B> {
     let n = targets.dims()[0];
     // A half-precision head is cast once per call: its f32 copy lives while the chunks run.
@@ -178,26 +204,37 @@ fn forward_chunks<B: Backend>(
             logps: Tensor::zeros([0], &device),
             entropy: with_entropy.then(|| Tensor::zeros([0], &device)),
             probs: None,
+            jacobian: keep.jacobian.then(|| Tensor::zeros([0, hidden.dims()[1]], &device)),
         };
     }
-    let keep_probs = keep_probs && n <= chunk;
-    let (mut logps, mut entropies, mut probs) = (Vec::new(), Vec::new(), None);
+    let keep_probs = keep.probs && n <= chunk;
+    let (mut logps, mut entropies, mut probs, mut jacobian) =
+        (Vec::new(), Vec::new(), None, Vec::new());
     for (start, end) in chunks(n, chunk) {
         let c = end - start;
         let (z, lse) = chunk_logits(hidden, weight, (start, end), scale);
-        let picked = z
-            .clone()
-            .gather(1, targets.clone().slice(s![start..end]).reshape([c, 1]));
+        let t = targets.clone().slice(s![start..end]).reshape([c, 1]);
+        let picked = z.clone().gather(1, t.clone());
         logps.push((picked - lse.clone()).reshape([c]));
-        if with_entropy || keep_probs {
-            let p = (z.clone() - lse.clone()).exp();
-            if with_entropy {
-                // H = lse - sum(p z).
-                entropies.push((lse - (p.clone() * z).sum_dim(1)).reshape([c]));
-            }
-            if keep_probs {
-                probs = Some(p);
-            }
+        if !(with_entropy || keep_probs || keep.jacobian) {
+            continue;
+        }
+        let p = (z.clone() - lse.clone()).exp();
+        if with_entropy {
+            // H = lse - sum(p z).
+            entropies.push((lse - (p.clone() * z).sum_dim(1)).reshape([c]));
+        }
+        if keep.jacobian {
+            // Each log-prob depends on its own row only, so its gradient with respect to the
+            // hidden state is known now, whatever the loss above it does with it: the
+            // backward scales it by the row's upstream gradient instead of recomputing the
+            // chunk's logits.
+            let ones = Tensor::ones([c, 1], &hidden.device());
+            let dz = logit_grad(p.clone(), t, ones, scale);
+            jacobian.push(dz.matmul(weight.clone().transpose()));
+        }
+        if keep_probs {
+            probs = Some(p);
         }
     }
     let join = |parts: Vec<Tensor<B, 1>>| match parts.len() {
@@ -208,6 +245,7 @@ fn forward_chunks<B: Backend>(
         logps: join(logps),
         entropy: with_entropy.then(|| join(entropies)),
         probs,
+        jacobian: keep.jacobian.then(|| Tensor::cat(jacobian, 0)),
     }
 }
 
@@ -224,7 +262,7 @@ fn on_autodiff<B: Backend, I: Backend>(
         Ok(out) => return Ok(out),
         Err(args) => args,
     };
-    with_strategy::<B, I, BalancedCheckpointing>(args, scale, chunk, with_entropy)
+    with_strategy::<B, I, crate::backend::Checkpointing>(args, scale, chunk, with_entropy)
 }
 
 fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy>(
@@ -257,8 +295,11 @@ struct HeadState<B: Backend> {
     targets: Tensor<B, 1, Int>,
     scale: f64,
     chunk: usize,
-    /// `softmax(z)` `[n, vocab]` when all positions fit in one chunk: nothing to recompute.
+    /// `softmax(z)` `[n, vocab]` when all positions fit in one chunk: nothing to recompute
+    /// for the weight's gradient.
     probs: Option<Tensor<B, 2>>,
+    /// `d log p(target) / d hidden` `[n, d]` (see `forward_chunks`).
+    jacobian: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
@@ -275,10 +316,17 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
             scale,
             chunk,
             mut probs,
+            jacobian,
         } = ops.state;
         let n = targets.dims()[0];
+        if let (Some(node), Some(j)) = (&node_h, jacobian) {
+            let dh = j * grad.clone().reshape([n, 1]);
+            grads.register::<B>(node.id, dh.into_primitive().tensor());
+        }
+        let Some(node) = node_w else {
+            return;
+        };
         let w = crate::half::as_f32(w);
-        let mut dh = Vec::new();
         let mut dw: Option<Tensor<B, 2>> = None;
         for (start, end) in chunks(n, chunk) {
             let c = end - start;
@@ -286,32 +334,19 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
                 let (z, lse) = chunk_logits(&h, &w, (start, end), scale);
                 (z - lse).exp()
             });
-            // d log p(t) / dz = onehot(t) - softmax(z); times the upstream gradient and 1/scale.
             let g = grad.clone().slice(s![start..end]).reshape([c, 1]);
             let t = targets.clone().slice(s![start..end]).reshape([c, 1]);
-            let dz = (p * g.clone().neg())
-                .scatter(1, t, g, IndexingUpdateOp::Add)
-                .div_scalar(scale);
-            if node_h.is_some() {
-                dh.push(dz.clone().matmul(w.clone().transpose()));
-            }
-            if node_w.is_some() {
-                let part = h.clone().slice(s![start..end]).transpose().matmul(dz);
-                dw = Some(match dw {
-                    Some(acc) => acc + part,
-                    None => part,
-                });
-            }
+            let part = h
+                .clone()
+                .slice(s![start..end])
+                .transpose()
+                .matmul(logit_grad(p, t, g, scale));
+            dw = Some(match dw {
+                Some(acc) => acc + part,
+                None => part,
+            });
         }
-        if let Some(node) = node_h {
-            let dh = if dh.len() == 1 {
-                dh.pop().expect("one chunk")
-            } else {
-                Tensor::cat(dh, 0)
-            };
-            grads.register::<B>(node.id, dh.into_primitive().tensor());
-        }
-        if let (Some(node), Some(dw)) = (node_w, dw) {
+        if let Some(dw) = dw {
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
     }
@@ -328,8 +363,10 @@ fn chunked_op<I: Backend, C: CheckpointStrategy>(
     let targets = args.targets.inner();
     let inner_h = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(h.primitive.clone()));
     let inner_w = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(w.primitive.clone()));
-    // Probabilities are kept for the backward only when there is one.
-    let tracked = !(h.node.requirement.is_none() && w.node.requirement.is_none());
+    let keep = Keep {
+        probs: !w.node.requirement.is_none(),
+        jacobian: !h.node.requirement.is_none(),
+    };
     let fwd = forward_chunks(
         &inner_h,
         &inner_w,
@@ -337,7 +374,7 @@ fn chunked_op<I: Backend, C: CheckpointStrategy>(
         scale,
         chunk,
         with_entropy,
-        tracked,
+        keep,
     );
     let logps = fwd.logps.into_primitive().tensor();
     let out = match ChunkedHeadBackward
@@ -353,6 +390,7 @@ fn chunked_op<I: Backend, C: CheckpointStrategy>(
                 scale,
                 chunk,
                 probs: fwd.probs,
+                jacobian: fwd.jacobian,
             },
             logps,
         ),

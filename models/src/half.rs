@@ -12,7 +12,7 @@ use std::any::Any;
 use anyhow::{bail, Result};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
-    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+    CheckpointStrategy, NoCheckpointing,
 };
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
@@ -67,7 +67,7 @@ fn on_autodiff<B: Backend, I: Backend>(
         Ok(y) => return Ok(y),
         Err(x) => x,
     };
-    with_strategy::<B, I, BalancedCheckpointing>(x, w)
+    with_strategy::<B, I, crate::backend::Checkpointing>(x, w)
 }
 
 fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy>(

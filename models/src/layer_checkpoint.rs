@@ -13,7 +13,7 @@
 use std::any::Any;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
@@ -63,7 +63,7 @@ fn on_checkpointed<B: Backend, I: Backend>(
     layer: &DecoderLayer<B>,
     args: Args<B>,
 ) -> std::result::Result<Tensor<B, 3>, Args<B>> {
-    type Ckpt<I> = Autodiff<I, BalancedCheckpointing>;
+    type Ckpt<I> = Autodiff<I, crate::backend::Checkpointing>;
     let boxed: Box<dyn Any> = Box::new(args);
     match boxed.downcast::<Args<Ckpt<I>>>() {
         Ok(args) => {

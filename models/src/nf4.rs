@@ -13,7 +13,7 @@ use std::any::Any;
 
 use anyhow::{bail, Result};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
@@ -451,17 +451,29 @@ pub fn nf4_matmul<B: Backend>(x: Tensor<B, 2>, weight: &Nf4Weight<B>) -> Tensor<
     x.matmul(weight.dequantize().transpose())
 }
 
-/// Runs the recomputing op when `B` is `Autodiff<I>`; hands `x` back otherwise. Generic
-/// code cannot name the autodiff graph, so the concrete backends are matched at run time.
+/// Runs the recomputing op when `B` is `Autodiff<I, C>` for a strategy this crate trains
+/// with; hands `x` back otherwise. Generic code cannot name the autodiff graph, so the
+/// concrete backends are matched at run time.
 fn on_autodiff<B: Backend, I: Backend>(
     x: Tensor<B, 2>,
     weight: &Nf4Weight<B>,
 ) -> std::result::Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let x = match with_strategy::<B, I, NoCheckpointing>(x, weight) {
+        Ok(y) => return Ok(y),
+        Err(x) => x,
+    };
+    with_strategy::<B, I, crate::backend::Checkpointing>(x, weight)
+}
+
+fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy>(
+    x: Tensor<B, 2>,
+    weight: &Nf4Weight<B>,
+) -> std::result::Result<Tensor<B, 2>, Tensor<B, 2>> {
     let boxed: Box<dyn Any> = Box::new(x);
-    match boxed.downcast::<Tensor<Autodiff<I>, 2>>() {
+    match boxed.downcast::<Tensor<Autodiff<I, C>, 2>>() {
         Ok(x) => {
             let weight = (weight as &dyn Any)
-                .downcast_ref::<Nf4Weight<Autodiff<I>>>()
+                .downcast_ref::<Nf4Weight<Autodiff<I, C>>>()
                 .expect("the weight lives on the input's backend");
             let y: Box<dyn Any> = Box::new(recomputing_matmul(*x, weight));
             Ok(*y.downcast::<Tensor<B, 2>>().expect("same backend"))

@@ -100,3 +100,28 @@ impl CheckpointStrategy for BalancedCheckpointing {
         Ok(())
     }
 }
+
+/// burnish patch: a strategy that behaves as [`NoCheckpointing`] inside the graph but is a
+/// distinct type, so that a model generic over the backend can tell that it trains with
+/// activation checkpointing and recompute whole layers itself (burnish's
+/// `models::layer_checkpoint`), without the memory-bound recomputation of
+/// [`BalancedCheckpointing`] on top.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerRecompute {}
+
+impl CheckpointStrategy for LayerRecompute {
+    fn compute_property<R: RetroForward>(retro_forward: R) -> ComputingProperty {
+        NoCheckpointing::compute_property(retro_forward)
+    }
+
+    fn checkpoint_parents<'a, B2, A>(
+        parents: A,
+        builder: &mut CheckpointerBuilder,
+    ) -> Result<(), CheckpointingError>
+    where
+        B2: Backend,
+        A: IntoIterator<Item = &'a AutodiffTensor<B2>>,
+    {
+        NoCheckpointing::checkpoint_parents::<B2, A>(parents, builder)
+    }
+}
