@@ -9,9 +9,7 @@
 use std::any::Any;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{
-    CheckpointStrategy, NoCheckpointing,
-};
+use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
@@ -204,7 +202,9 @@ fn forward_chunks<B: Backend>(
             logps: Tensor::zeros([0], &device),
             entropy: with_entropy.then(|| Tensor::zeros([0], &device)),
             probs: None,
-            jacobian: keep.jacobian.then(|| Tensor::zeros([0, hidden.dims()[1]], &device)),
+            jacobian: keep
+                .jacobian
+                .then(|| Tensor::zeros([0, hidden.dims()[1]], &device)),
         };
     }
     let keep_probs = keep.probs && n <= chunk;

@@ -284,9 +284,30 @@ impl SafetensorsReader {
                 e.shape
             );
         }
+        release_pages(mmap, e.start, e.end);
         self.taken.insert(name.to_string());
         Ok((e.shape.clone(), values))
     }
+}
+
+/// Drops the pages of `mmap[start..end]` from this process once a tensor has been copied
+/// out: the file stays in the page cache, but without this every weight would be counted
+/// twice in the resident set while a model loads (the mapped file and the tensors built from
+/// it: 2 GB of a 0.5B f32 model's 4 GB load peak).
+fn release_pages(mmap: &Mmap, start: usize, end: usize) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let from = start / PAGE * PAGE;
+        // SAFETY: the mapping is a read-only view of the file and nothing borrows this range
+        // any more; a later read of it (a neighbouring tensor sharing an edge page) faults
+        // the page back in from the file.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, end - from)
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = (mmap, start, end);
 }
 
 impl WeightSource for SafetensorsReader {

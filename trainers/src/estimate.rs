@@ -78,14 +78,15 @@ fn activation_bytes(
     micro_batch: usize,
     seq: usize,
     checkpointing: bool,
+    half: bool,
 ) -> u64 {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
     let tokens = (micro_batch * seq) as u64;
-    // Per token and layer, in f32 elements: the outputs of the matmuls (kept under either
-    // strategy), the attention op's own q, k, v and output, and without checkpointing the
-    // elementwise steps too (norms, RoPE, SiLU, residual sums).
+    // One layer's graph, per token, in f32 elements: the outputs of the matmuls, the
+    // adapters' intermediates, the attention op's q, k, v and output, and the elementwise
+    // steps (norms, RoPE, SiLU, residual sums).
     let matmuls = q + 2 * kv + h + 2 * i + h;
     let adapter: u64 = lora.map_or(0, |l| {
         l.targets()
@@ -97,32 +98,29 @@ fn activation_bytes(
             })
             .sum()
     });
-    let attention_state = 2 * q + 2 * kv;
-    let elementwise = if checkpointing {
-        0
-    } else {
-        4 * h + q + kv + 3 * i
-    };
-    let per_token_layer = matmuls + adapter + attention_state + elementwise;
+    let layer = 4 * tokens * (matmuls + adapter + 2 * q + 2 * kv + 4 * h + q + kv + 3 * i);
     let layers = cfg.num_hidden_layers as u64;
-    // Attention probabilities: kept per layer when small, else recomputed block by block from
-    // the grouped bool mask (one for all layers).
+    // Attention: the grouped bool mask (one for all layers), and per layer the probabilities
+    // when small, else a few blocks of recomputed scores.
     let scores = (micro_batch * cfg.num_attention_heads * seq * seq) as u64;
-    let attention = if scores <= ATTENTION_BLOCK_ELEMENTS {
-        4 * scores * layers
+    let (probs, blocks) = if scores <= ATTENTION_BLOCK_ELEMENTS {
+        (4 * scores, 0)
     } else {
-        scores + 4 * 4 * ATTENTION_BLOCK_ELEMENTS
+        (0, 4 * 4 * ATTENTION_BLOCK_ELEMENTS)
     };
-    // The LM head: all trained positions' probabilities when they fit in one chunk, plus a
-    // chunk's logits, exponentials and gradient while it is computed.
+    // With checkpointing each layer keeps its input, and one layer's graph exists at a time
+    // (the one being recomputed); without, every layer keeps its graph.
+    let kept = if checkpointing {
+        4 * tokens * h * layers + layer + probs
+    } else {
+        (layer + probs) * layers
+    };
+    // The LM head: each position's gradient with respect to its hidden state, a chunk's
+    // logits, exponentials and gradient while it is computed, and a half head's f32 copy.
     let vocab = cfg.vocab_size as u64;
     let chunk = (models::chunked_head::chunk_positions(cfg.vocab_size) as u64).min(tokens);
-    let head = if tokens <= chunk {
-        4 * tokens * vocab
-    } else {
-        0
-    } + 3 * 4 * chunk * vocab;
-    4 * tokens * per_token_layer * layers + attention + head
+    let head = 4 * tokens * h + 3 * 4 * chunk * vocab + if half { 4 * vocab * h } else { 0 };
+    kept + scores + blocks + head
 }
 
 /// f32 training: 4 bytes per weight (NF4 ones: their bits per weight; a `half` frozen
@@ -150,7 +148,7 @@ pub fn estimate(
         weights: if half { 2 } else { 4 } * (params - quantized) + 4 * added + quantized_bytes,
         gradients: 4 * trainable,
         optimizer: 8 * trainable,
-        activations: activation_bytes(cfg, lora, micro_batch, seq, checkpointing),
+        activations: activation_bytes(cfg, lora, micro_batch, seq, checkpointing, half),
     }
 }
 

@@ -749,6 +749,32 @@ impl FloatTensorOps<Flex> for Flex {
         let tensor = tensor.to_contiguous();
         let shape = tensor.layout().shape().clone();
 
+        // burnish patch: half <-> f32 directly and in parallel. The f64 path below takes 8
+        // bytes per element (a 1 GB transient to cast a 545 MB embedding) and one thread.
+        let direct = |data: Bytes, dtype| Some(FlexTensor::new(data, Layout::contiguous(shape.clone()), dtype));
+        let out = match (src_dtype, target_dtype) {
+            (DType::BF16, DType::F32) => direct(
+                Bytes::from_elems(crate::ops::map_collect(tensor.storage::<bf16>(), |v| v.to_f32())),
+                DType::F32,
+            ),
+            (DType::F16, DType::F32) => direct(
+                Bytes::from_elems(crate::ops::map_collect(tensor.storage::<f16>(), |v| v.to_f32())),
+                DType::F32,
+            ),
+            (DType::F32, DType::BF16) => direct(
+                Bytes::from_elems(crate::ops::map_collect(tensor.storage::<f32>(), bf16::from_f32)),
+                DType::BF16,
+            ),
+            (DType::F32, DType::F16) => direct(
+                Bytes::from_elems(crate::ops::map_collect(tensor.storage::<f32>(), f16::from_f32)),
+                DType::F16,
+            ),
+            _ => None,
+        };
+        if let Some(out) = out {
+            return out;
+        }
+
         // Convert to f64 intermediate, then to target
         let f64_values: Vec<f64> = match src_dtype {
             DType::F32 => {
