@@ -1,5 +1,7 @@
-//! Peak memory of one SFT forward+backward with burn-autodiff's BalancedCheckpointing and
-//! without (a probe for issue 18): `cargo run --release --example checkpointing_probe -- none|balanced`.
+//! Peak memory of one SFT forward+backward without checkpointing, with burnish's per-layer
+//! recomputation (`[train] gradient_checkpointing`) and with burn-autodiff's
+//! BalancedCheckpointing (a probe for issue 18):
+//! `cargo run --release --example checkpointing_probe -- none|layers|balanced`.
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
@@ -66,6 +68,7 @@ fn main() {
     trainers::allocator::tune_for_training();
     match std::env::args().nth(1).as_deref() {
         Some("balanced") => run::<Autodiff<Flex, BalancedCheckpointing>>(),
+        Some("layers") => run::<Autodiff<Flex, models::backend::Checkpointing>>(),
         _ => run::<Autodiff<Flex, NoCheckpointing>>(),
     }
 }

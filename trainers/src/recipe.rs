@@ -110,12 +110,12 @@ pub struct ModelSection {
 }
 
 impl ModelSection {
-    /// The quantisation the base loads with, if any.
     /// The half-precision storage of the frozen base `dtype` asks for (None: float32).
     pub fn half(&self) -> Result<Option<burn::tensor::FloatDType>> {
         models::half::storage_dtype(&self.dtype)
     }
 
+    /// The quantisation the base loads with, if any.
     pub fn quantization(&self) -> Result<Option<Quantization>> {
         match self.quantize.as_deref() {
             None | Some("none") => Ok(None),
