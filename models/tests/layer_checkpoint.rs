@@ -14,8 +14,11 @@ fn fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny-llama")
 }
 
+/// `(dims, values)` of each parameter's gradient, in module order.
+type Grads = Vec<(Vec<usize>, Vec<f32>)>;
+
 /// Loss and the gradient of every parameter that has one, in module order.
-fn step<B: AutodiffBackend>(lora: bool) -> (f32, Vec<(Vec<usize>, Vec<f32>)>) {
+fn step<B: AutodiffBackend>(lora: bool) -> (f32, Grads) {
     let device = Default::default();
     let (_, mut model) = models::checkpoint::load_model::<B>(&fixture(), &device).unwrap();
     if lora {
