@@ -408,17 +408,7 @@ mod tests {
     use crate::backend::{Cpu, CpuTrain, CpuTrainCheckpointed};
     use burn::tensor::backend::AutodiffBackend;
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-            })
-            .collect()
-    }
+    use crate::test_values::values;
 
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
 

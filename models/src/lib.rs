@@ -21,6 +21,8 @@ pub mod presets;
 pub mod scoring;
 pub mod shape_audit;
 pub mod slots;
+#[cfg(test)]
+mod test_values;
 pub mod tokenizer;
 pub mod weights;
 
