@@ -84,21 +84,13 @@ fn activation_bytes(
     let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
     let tokens = (micro_batch * seq) as u64;
-    // One layer's graph, per token, in f32 elements: the outputs of the matmuls, the
-    // adapters' intermediates, the attention op's q, k, v and output, and the elementwise
-    // steps (norms, RoPE, SiLU, residual sums).
-    let matmuls = q + 2 * kv + h + 2 * i + h;
-    let adapter: u64 = lora.map_or(0, |l| {
-        l.targets()
-            .unwrap_or_default()
-            .iter()
-            .map(|m| {
-                let (_, d_out) = linear_dims(cfg, m);
-                (l.r + d_out) as u64
-            })
-            .sum()
-    });
-    let layer = 4 * tokens * (matmuls + adapter + 2 * q + 2 * kv + 4 * h + q + kv + 3 * i);
+    // One layer's graph, per token, in f32 elements: what its backward reads. The two norms'
+    // inputs and outputs (4h, plus 2h of their statistics and scaled copies), the attention
+    // op's q, k, v and output and o_proj's input (3q + 2kv), the MLP's gate, up, SiLU(gate)
+    // and product (4i), and each adapter's `x A` (r). Matmul outputs that nothing reads back
+    // (o_proj, down_proj, the adapters' `x A B`) are not kept.
+    let adapter: u64 = lora.map_or(0, |l| (l.r * l.targets().unwrap_or_default().len()) as u64);
+    let layer = 4 * tokens * (6 * h + 3 * q + 2 * kv + 4 * i + adapter);
     let layers = cfg.num_hidden_layers as u64;
     // Attention: the grouped bool mask (one for all layers), and per layer the probabilities
     // when small, else a few blocks of recomputed scores.
@@ -109,11 +101,12 @@ fn activation_bytes(
         (0, 4 * 4 * ATTENTION_BLOCK_ELEMENTS)
     };
     // With checkpointing each layer keeps its input, and one layer's graph exists at a time
-    // (the one being recomputed); without, every layer keeps its graph.
+    // (the one being recomputed); without, every layer keeps its graph. Either way the
+    // backward through a layer holds gradients about as large as what the layer kept.
     let kept = if checkpointing {
-        4 * tokens * h * layers + layer + probs
+        4 * tokens * h * layers + 2 * layer + probs
     } else {
-        (layer + probs) * layers
+        (layer + probs) * layers + layer
     };
     // The LM head: each position's gradient with respect to its hidden state, a chunk's
     // logits, exponentials and gradient while it is computed, and a half head's f32 copy.
