@@ -2,9 +2,13 @@
 //! positions so that no `[positions, vocab]` tensor larger than one chunk ever exists: not
 //! in the forward, and not in the backward either. Autodiff would keep the whole logits
 //! and log-softmax for the backward (two `[n, vocab]` f32 tensors: 1.2 GB at 1024
-//! positions of a 152k vocabulary); the op here keeps only the hidden states and the head
-//! weight it already had, and recomputes each chunk's logits in the backward (Liger's and
-//! torchtune's approach). The cost is one more `[chunk, d] x [d, vocab]` matmul per chunk.
+//! positions of a 152k vocabulary). Each log-prob depends on its own row only, so the op
+//! computes each row's gradient with respect to its hidden state in the forward, chunk by
+//! chunk, and keeps that (`[n, hidden]`); the backward scales it by the upstream gradient,
+//! whatever loss sits above (Liger's fused linear cross-entropy, generalised to any loss
+//! over the log-probs). A trainable head recomputes each chunk's logits in the backward for
+//! its own gradient (torchtune's chunked approach). Cost without a trainable head: one
+//! `[chunk, vocab] x [vocab, d]` matmul per chunk, as autodiff's backward would do anyway.
 
 use std::any::Any;
 
@@ -39,8 +43,8 @@ pub struct HeadLogps<B: Backend> {
 
 /// `log softmax(hidden @ weight / scale)[target]` per row of `hidden` (`[n, d]`), with
 /// `weight` `[d, vocab]`, in chunks of `chunk` rows. On the autodiff backends this crate
-/// trains with, the backward recomputes each chunk; elsewhere (inference backends) the
-/// chunks simply keep nothing.
+/// trains with, the op keeps each row's hidden-state gradient (and recomputes chunks only
+/// for a trainable head's gradient); elsewhere (inference backends) the chunks keep nothing.
 pub fn head_logps<B: Backend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
