@@ -83,19 +83,7 @@ fn on_checkpointed<B: Backend, I: Backend>(
 }
 
 fn draws_dropout<B: Backend>(layer: &DecoderLayer<B>) -> bool {
-    let a = &layer.self_attn;
-    let m = &layer.mlp;
-    [
-        &a.q_proj,
-        &a.k_proj,
-        &a.v_proj,
-        &a.o_proj,
-        &m.gate_proj,
-        &m.up_proj,
-        &m.down_proj,
-    ]
-    .iter()
-    .any(|p| {
+    layer.projections().iter().any(|p| {
         p.lora
             .as_ref()
             .is_some_and(|l| l.enabled && l.dropout > 0.0)

@@ -238,6 +238,20 @@ fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// The layer's linear projections, in the order of `lora::LINEAR_MODULES`.
+    pub fn projections(&self) -> [&Proj<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     pub fn forward(
         &self,
         x: Tensor<B, 3>,

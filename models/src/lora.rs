@@ -182,18 +182,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn linear_layers(&self) -> Vec<(String, &'static str, &Proj<B>)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let m = &layer.mlp;
-            let projs = [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ];
-            for (name, p) in LINEAR_MODULES.iter().zip(projs) {
+            for (name, p) in LINEAR_MODULES.iter().zip(layer.projections()) {
                 out.push((module_path(l, name), *name, p));
             }
         }
