@@ -1,13 +1,14 @@
-//! Log-probabilities of target tokens through the LM head, computed over chunks of
-//! positions so that no `[positions, vocab]` tensor larger than one chunk ever exists: not
-//! in the forward, and not in the backward either. Autodiff would keep the whole logits
-//! and log-softmax for the backward (two `[n, vocab]` f32 tensors: 1.2 GB at 1024
-//! positions of a 152k vocabulary). Each log-prob depends on its own row only, so the op
-//! computes each row's gradient with respect to its hidden state in the forward, chunk by
-//! chunk, and keeps that (`[n, hidden]`); the backward scales it by the upstream gradient,
-//! whatever loss sits above (Liger's fused linear cross-entropy, generalised to any loss
-//! over the log-probs). A trainable head recomputes each chunk's logits in the backward for
-//! its own gradient (torchtune's chunked approach). Cost without a trainable head: one
+//! Per-row objectives of the LM head's logits (target log-probs, a distillation loss)
+//! computed over chunks of positions, so that no `[positions, vocab]` tensor larger than
+//! one chunk ever exists: not in the forward, and not in the backward either. Autodiff
+//! would keep the whole logits and their softmax for the backward (two `[n, vocab]` f32
+//! tensors: 1.2 GB at 1024 positions of a 152k vocabulary). Each row's output depends on
+//! its own logits only, so the op computes each row's gradient with respect to its hidden
+//! state in the forward, chunk by chunk, and keeps that (`[n, hidden]`); the backward
+//! scales it by the upstream gradient, whatever loss sits above (Liger's fused linear
+//! cross-entropy, generalised to any per-row objective through [`RowObjective`]). A
+//! trainable head recomputes each chunk's logits in the backward for its own gradient
+//! (torchtune's chunked approach). Cost without a trainable head: one
 //! `[chunk, vocab] x [vocab, d]` matmul per chunk, as autodiff's backward would do anyway.
 
 use std::any::Any;
@@ -32,6 +33,119 @@ pub fn chunk_positions(vocab: usize) -> usize {
     1 << (usize::BITS - 1 - rows.leading_zeros())
 }
 
+/// Untracked tensors an objective reads besides the logits. Row-indexed ones (`[n, ..]`)
+/// are sliced by the objective to the chunk it is given.
+#[derive(Debug, Clone)]
+pub struct Aux<B: Backend> {
+    pub floats: Vec<Tensor<B, 2>>,
+    pub ints: Vec<Tensor<B, 2, Int>>,
+}
+
+/// An objective's outputs for a chunk of rows.
+pub struct Rows<B: Backend> {
+    /// `[c]`: the output that carries a gradient.
+    pub value: Tensor<B, 1>,
+    /// `[c]` each: outputs reported without a gradient (metrics).
+    pub metrics: Vec<Tensor<B, 1>>,
+    /// `d value / d z` `[c, vocab]`, when asked for.
+    pub dz: Option<Tensor<B, 2>>,
+}
+
+/// A function of each row's logits, evaluated on chunks of rows.
+pub trait RowObjective: Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// How many metric outputs [`RowObjective::rows`] gives.
+    fn metric_count(&self) -> usize;
+
+    /// Outputs for rows `[start, end)` of the batch from their logits `z` (`[c, vocab]`,
+    /// already divided by the op's scale). With `grad`, also `d value / d z` per row. The
+    /// value must be computed with differentiable ops on `z`: the unchunked path
+    /// ([`logits_rows`]) differentiates it by autodiff.
+    fn rows<X: Backend>(
+        &self,
+        aux: &Aux<X>,
+        z: Tensor<X, 2>,
+        range: (usize, usize),
+        grad: bool,
+    ) -> Rows<X>;
+}
+
+/// What the op gives for all rows.
+pub struct RowOutputs<B: Backend> {
+    /// `[n]`, differentiable with respect to the hidden states and the head.
+    pub value: Tensor<B, 1>,
+    /// `[n]` each, without a gradient.
+    pub metrics: Vec<Tensor<B, 1>>,
+}
+
+/// `[c, 1]` row log-sum-exp of `z` (the max is a constant for the gradient).
+pub fn row_logsumexp<B: Backend>(z: &Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = z.clone().detach().max_dim(1);
+    max.clone() + (z.clone() - max).exp().sum_dim(1).log()
+}
+
+/// `objective` over the rows of `hidden` (`[n, d]`) through the head `weight`
+/// (`[d, vocab]`), logits divided by `scale`, in chunks of `chunk` rows. On the autodiff
+/// backends this crate trains with, the op keeps each row's hidden-state gradient (and
+/// recomputes chunks only for a trainable head's gradient); elsewhere (inference backends)
+/// the chunks keep nothing.
+pub fn head_rows<B: Backend, O: RowObjective>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    aux: Aux<B>,
+    objective: &O,
+    scale: f64,
+    chunk: usize,
+) -> RowOutputs<B> {
+    let args = Args {
+        hidden,
+        weight,
+        aux,
+    };
+    let args = match on_autodiff::<B, crate::backend::Cpu, O>(args, objective, scale, chunk) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    #[cfg(feature = "cuda")]
+    let args = match on_autodiff::<B, crate::backend::Gpu, O>(args, objective, scale, chunk) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    if B::ad_enabled(&args.hidden.device()) {
+        // An autodiff backend this crate does not build: autodiff through plain ops.
+        let logits = args.hidden.matmul(crate::half::as_f32(args.weight));
+        return logits_rows(logits, &args.aux, objective, scale);
+    }
+    let out = forward_chunks(&args, objective, scale, chunk, Keep::default());
+    RowOutputs {
+        value: out.value,
+        metrics: out.metrics,
+    }
+}
+
+/// The unchunked computation from whole `[n, vocab]` logits: what the chunked op must
+/// equal, and the path for a head it does not cover (a bias or an adapter on the LM head).
+pub fn logits_rows<B: Backend, O: RowObjective>(
+    logits: Tensor<B, 2>,
+    aux: &Aux<B>,
+    objective: &O,
+    scale: f64,
+) -> RowOutputs<B> {
+    let n = logits.dims()[0];
+    let r = objective.rows(aux, divide(logits, scale), (0, n), false);
+    RowOutputs {
+        value: r.value,
+        metrics: r.metrics.into_iter().map(Tensor::detach).collect(),
+    }
+}
+
+fn divide<B: Backend, const D: usize>(x: Tensor<B, D>, scale: f64) -> Tensor<B, D> {
+    if scale == 1.0 {
+        x
+    } else {
+        x.div_scalar(scale)
+    }
+}
+
 /// What the head computes at each position: `log p(target)` of `softmax(h W / scale)`,
 /// and optionally the entropy of that distribution (a metric: no gradient).
 pub struct HeadLogps<B: Backend> {
@@ -41,10 +155,71 @@ pub struct HeadLogps<B: Backend> {
     pub entropy: Option<Tensor<B, 1>>,
 }
 
+impl<B: Backend> From<RowOutputs<B>> for HeadLogps<B> {
+    fn from(out: RowOutputs<B>) -> Self {
+        Self {
+            logps: out.value,
+            entropy: out.metrics.into_iter().next(),
+        }
+    }
+}
+
+/// The target's log-prob at each row (`aux.ints[0]`: targets `[n, 1]`), and its entropy.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetLogps {
+    pub entropy: bool,
+}
+
+impl TargetLogps {
+    pub fn aux<B: Backend>(targets: Tensor<B, 1, Int>) -> Aux<B> {
+        let n = targets.dims()[0];
+        Aux {
+            floats: vec![],
+            ints: vec![targets.reshape([n, 1])],
+        }
+    }
+}
+
+impl RowObjective for TargetLogps {
+    fn metric_count(&self) -> usize {
+        usize::from(self.entropy)
+    }
+
+    fn rows<X: Backend>(
+        &self,
+        aux: &Aux<X>,
+        z: Tensor<X, 2>,
+        (start, end): (usize, usize),
+        grad: bool,
+    ) -> Rows<X> {
+        let c = end - start;
+        let t = aux.ints[0].clone().slice(s![start..end]);
+        let lse = row_logsumexp(&z);
+        let value = (z.clone().gather(1, t.clone()) - lse.clone()).reshape([c]);
+        if !(self.entropy || grad) {
+            return Rows {
+                value,
+                metrics: vec![],
+                dz: None,
+            };
+        }
+        let p = (z.clone() - lse.clone()).exp();
+        let metrics = match self.entropy {
+            // H = lse - sum(p z).
+            true => vec![(lse - (p.clone().detach() * z.detach()).sum_dim(1)).reshape([c])],
+            false => vec![],
+        };
+        // d log p(t) / dz = onehot(t) - softmax(z).
+        let dz = grad.then(|| {
+            let ones = Tensor::ones([c, 1], &p.device());
+            p.neg().scatter(1, t, ones, IndexingUpdateOp::Add)
+        });
+        Rows { value, metrics, dz }
+    }
+}
+
 /// `log softmax(hidden @ weight / scale)[target]` per row of `hidden` (`[n, d]`), with
-/// `weight` `[d, vocab]`, in chunks of `chunk` rows. On the autodiff backends this crate
-/// trains with, the op keeps each row's hidden-state gradient (and recomputes chunks only
-/// for a trainable head's gradient); elsewhere (inference backends) the chunks keep nothing.
+/// `weight` `[d, vocab]`, in chunks of `chunk` rows (see [`head_rows`]).
 pub fn head_logps<B: Backend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
@@ -53,50 +228,34 @@ pub fn head_logps<B: Backend>(
     chunk: usize,
     with_entropy: bool,
 ) -> HeadLogps<B> {
-    let args = Args {
+    let objective = TargetLogps {
+        entropy: with_entropy,
+    };
+    head_rows(
         hidden,
         weight,
-        targets,
-    };
-    let args = match on_autodiff::<B, crate::backend::Cpu>(args, scale, chunk, with_entropy) {
-        Ok(out) => return out,
-        Err(args) => args,
-    };
-    #[cfg(feature = "cuda")]
-    let args = match on_autodiff::<B, crate::backend::Gpu>(args, scale, chunk, with_entropy) {
-        Ok(out) => return out,
-        Err(args) => args,
-    };
-    if B::ad_enabled(&args.hidden.device()) {
-        // An autodiff backend this crate does not build: autodiff through plain ops.
-        return plain_head_logps(args, scale, with_entropy);
-    }
-    let out = forward_chunks(
-        &args.hidden,
-        &args.weight,
-        &args.targets,
+        TargetLogps::aux(targets),
+        &objective,
         scale,
         chunk,
-        with_entropy,
-        Keep {
-            probs: false,
-            jacobian: false,
-        },
-    );
-    HeadLogps {
-        logps: out.logps,
-        entropy: out.entropy,
-    }
+    )
+    .into()
 }
 
-struct Args<B: Backend> {
-    hidden: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+/// Target log-probs (and entropies) from whole `[n, vocab]` logits.
+pub fn logits_logps<B: Backend>(
+    logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
+    scale: f64,
+    with_entropy: bool,
+) -> HeadLogps<B> {
+    let objective = TargetLogps {
+        entropy: with_entropy,
+    };
+    logits_rows(logits, &TargetLogps::aux(targets), &objective, scale).into()
 }
 
-/// The unchunked computation: what the chunked op must equal (and the path for a backend
-/// the op is not built for).
+/// The unchunked computation of [`head_logps`]: what the chunked op must equal.
 pub fn plain_head_logps_of<B: Backend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
@@ -106,31 +265,10 @@ pub fn plain_head_logps_of<B: Backend>(
     logits_logps(hidden.matmul(weight), targets, scale, false).logps
 }
 
-fn plain_head_logps<B: Backend>(args: Args<B>, scale: f64, with_entropy: bool) -> HeadLogps<B> {
-    logits_logps(
-        args.hidden.matmul(crate::half::as_f32(args.weight)),
-        args.targets,
-        scale,
-        with_entropy,
-    )
-}
-
-/// Target log-probs (and entropies) from whole `[n, vocab]` logits, for a head the
-/// chunked op does not cover (a bias or an adapter on the LM head).
-pub fn logits_logps<B: Backend>(
-    logits: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-    scale: f64,
-    with_entropy: bool,
-) -> HeadLogps<B> {
-    let n = targets.dims()[0];
-    let logp_all = burn::tensor::activation::log_softmax(logits.div_scalar(scale), 1);
-    let entropy = with_entropy.then(|| {
-        let lp = logp_all.clone().detach();
-        (lp.clone().exp() * lp).sum_dim(1).reshape([n]).neg()
-    });
-    let logps = logp_all.gather(1, targets.reshape([n, 1])).reshape([n]);
-    HeadLogps { logps, entropy }
+struct Args<B: Backend> {
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    aux: Aux<B>,
 }
 
 /// Row chunks `[start, end)` of `n` rows.
@@ -139,106 +277,81 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n.div_ceil(chunk)).map(move |i| (i * chunk, ((i + 1) * chunk).min(n)))
 }
 
-/// One chunk's scaled logits `[c, vocab]` and their log-sum-exp `[c, 1]`.
+/// One chunk's logits divided by `scale`, `[c, vocab]`.
 fn chunk_logits<B: Backend>(
     hidden: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     (start, end): (usize, usize),
     scale: f64,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let z = hidden
-        .clone()
-        .slice(s![start..end])
-        .matmul(weight.clone())
-        .div_scalar(scale);
-    let max = z.clone().max_dim(1);
-    let lse = max.clone() + (z.clone() - max).exp().sum_dim(1).log();
-    (z, lse)
+) -> Tensor<B, 2> {
+    divide(
+        hidden.clone().slice(s![start..end]).matmul(weight.clone()),
+        scale,
+    )
 }
 
 /// What one pass over the chunks gives.
 struct Forward<B: Backend> {
-    logps: Tensor<B, 1>,
-    entropy: Option<Tensor<B, 1>>,
-    /// `softmax(z)` when asked for and all positions fit in one chunk.
-    probs: Option<Tensor<B, 2>>,
-    /// `d log p(target) / d hidden` per row `[n, d]`, when asked for.
+    value: Tensor<B, 1>,
+    metrics: Vec<Tensor<B, 1>>,
+    /// `d value / d z` `[n, vocab]` when asked for and all rows fit in one chunk.
+    dz: Option<Tensor<B, 2>>,
+    /// `d value / d hidden` per row `[n, d]`, when asked for.
     jacobian: Option<Tensor<B, 2>>,
 }
 
 /// What the backward will need from the forward.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Keep {
-    /// The probabilities, if they fit in one chunk (the weight's gradient needs them).
-    probs: bool,
-    /// Each row's gradient with respect to its hidden state.
-    jacobian: bool,
+    /// The head is trained: keep `d value / d z` if it fits in one chunk.
+    weight: bool,
+    /// The hidden states are trained: keep each row's gradient with respect to them.
+    hidden: bool,
 }
 
-/// `d log p(t) / dz = onehot(t) - softmax(z)` for a chunk, times `g` per row and 1/scale.
-fn logit_grad<B: Backend>(
-    p: Tensor<B, 2>,
-    targets: Tensor<B, 2, Int>,
-    g: Tensor<B, 2>,
-    scale: f64,
-) -> Tensor<B, 2> {
-    (p * g.clone().neg())
-        .scatter(1, targets, g, IndexingUpdateOp::Add)
-        .div_scalar(scale)
-}
-
-/// Target log-probs `[n]` (and entropies) chunk by chunk, on any backend, without a graph.
-fn forward_chunks<B: Backend>(
-    hidden: &Tensor<B, 2>,
-    weight: &Tensor<B, 2>,
-    targets: &Tensor<B, 1, Int>,
+/// The objective over all rows, chunk by chunk, on any backend, without a graph.
+fn forward_chunks<B: Backend, O: RowObjective>(
+    args: &Args<B>,
+    objective: &O,
     scale: f64,
     chunk: usize,
-    with_entropy: bool,
     keep: Keep,
 ) -> Forward<B> {
-    let n = targets.dims()[0];
+    let (hidden, aux) = (&args.hidden, &args.aux);
+    let [n, d] = hidden.dims();
     // A half-precision head is cast once per call: its f32 copy lives while the chunks run.
-    let weight = &crate::half::as_f32(weight.clone());
+    let weight = &crate::half::as_f32(args.weight.clone());
     if n == 0 {
         let device = hidden.device();
         return Forward {
-            logps: Tensor::zeros([0], &device),
-            entropy: with_entropy.then(|| Tensor::zeros([0], &device)),
-            probs: None,
-            jacobian: keep
-                .jacobian
-                .then(|| Tensor::zeros([0, hidden.dims()[1]], &device)),
+            value: Tensor::zeros([0], &device),
+            metrics: (0..objective.metric_count())
+                .map(|_| Tensor::zeros([0], &device))
+                .collect(),
+            dz: None,
+            jacobian: keep.hidden.then(|| Tensor::zeros([0, d], &device)),
         };
     }
-    let keep_probs = keep.probs && n <= chunk;
-    let (mut logps, mut entropies, mut probs, mut jacobian) =
-        (Vec::new(), Vec::new(), None, Vec::new());
-    for (start, end) in chunks(n, chunk) {
-        let c = end - start;
-        let (z, lse) = chunk_logits(hidden, weight, (start, end), scale);
-        let t = targets.clone().slice(s![start..end]).reshape([c, 1]);
-        let picked = z.clone().gather(1, t.clone());
-        logps.push((picked - lse.clone()).reshape([c]));
-        if !(with_entropy || keep_probs || keep.jacobian) {
-            continue;
+    let keep_dz = keep.weight && n <= chunk;
+    let (mut values, mut jacobian, mut kept) = (Vec::new(), Vec::new(), None);
+    let mut metrics: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); objective.metric_count()];
+    for range in chunks(n, chunk) {
+        let z = chunk_logits(hidden, weight, range, scale);
+        let rows = objective.rows(aux, z, range, keep.hidden || keep_dz);
+        values.push(rows.value);
+        for (all, m) in metrics.iter_mut().zip(rows.metrics) {
+            all.push(m);
         }
-        let p = (z.clone() - lse.clone()).exp();
-        if with_entropy {
-            // H = lse - sum(p z).
-            entropies.push((lse - (p.clone() * z).sum_dim(1)).reshape([c]));
+        let Some(dz) = rows.dz else { continue };
+        if keep.hidden {
+            // Each row's output depends on its own logits only, so its gradient with
+            // respect to the hidden state is known now, whatever the loss above does with
+            // it: the backward scales it by the row's upstream gradient instead of
+            // recomputing the chunk's logits.
+            jacobian.push(divide(dz.clone().matmul(weight.clone().transpose()), scale));
         }
-        if keep.jacobian {
-            // Each log-prob depends on its own row only, so its gradient with respect to the
-            // hidden state is known now, whatever the loss above it does with it: the
-            // backward scales it by the row's upstream gradient instead of recomputing the
-            // chunk's logits.
-            let ones = Tensor::ones([c, 1], &hidden.device());
-            let dz = logit_grad(p.clone(), t, ones, scale);
-            jacobian.push(dz.matmul(weight.clone().transpose()));
-        }
-        if keep_probs {
-            probs = Some(p);
+        if keep_dz {
+            kept = Some(dz);
         }
     }
     let join = |parts: Vec<Tensor<B, 1>>| match parts.len() {
@@ -246,68 +359,68 @@ fn forward_chunks<B: Backend>(
         _ => Tensor::cat(parts, 0),
     };
     Forward {
-        logps: join(logps),
-        entropy: with_entropy.then(|| join(entropies)),
-        probs,
-        jacobian: keep.jacobian.then(|| Tensor::cat(jacobian, 0)),
+        value: join(values),
+        metrics: metrics.into_iter().map(join).collect(),
+        dz: kept,
+        jacobian: keep.hidden.then(|| Tensor::cat(jacobian, 0)),
     }
 }
 
 /// Runs the chunked op when `B` is `Autodiff<I, C>` for a strategy this crate uses; hands
 /// the arguments back otherwise. Generic code cannot name the autodiff graph, so the
 /// concrete backends are matched at run time (as `nf4_matmul` does).
-fn on_autodiff<B: Backend, I: Backend>(
+fn on_autodiff<B: Backend, I: Backend, O: RowObjective>(
     args: Args<B>,
+    objective: &O,
     scale: f64,
     chunk: usize,
-    with_entropy: bool,
-) -> std::result::Result<HeadLogps<B>, Args<B>> {
-    let args = match with_strategy::<B, I, NoCheckpointing>(args, scale, chunk, with_entropy) {
+) -> std::result::Result<RowOutputs<B>, Args<B>> {
+    let args = match with_strategy::<B, I, NoCheckpointing, O>(args, objective, scale, chunk) {
         Ok(out) => return Ok(out),
         Err(args) => args,
     };
-    with_strategy::<B, I, crate::backend::Checkpointing>(args, scale, chunk, with_entropy)
+    with_strategy::<B, I, crate::backend::Checkpointing, O>(args, objective, scale, chunk)
 }
 
-fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy>(
+fn with_strategy<B: Backend, I: Backend, C: CheckpointStrategy, O: RowObjective>(
     args: Args<B>,
+    objective: &O,
     scale: f64,
     chunk: usize,
-    with_entropy: bool,
-) -> std::result::Result<HeadLogps<B>, Args<B>> {
+) -> std::result::Result<RowOutputs<B>, Args<B>> {
     let boxed: Box<dyn Any> = Box::new(args);
     match boxed.downcast::<Args<Autodiff<I, C>>>() {
         Ok(args) => {
-            let out = chunked_op(*args, scale, chunk, with_entropy);
+            let out = chunked_op(*args, objective, scale, chunk);
             let out: Box<dyn Any> = Box::new(out);
-            Ok(*out.downcast::<HeadLogps<B>>().expect("same backend"))
+            Ok(*out.downcast::<RowOutputs<B>>().expect("same backend"))
         }
         Err(boxed) => Err(*boxed.downcast::<Args<B>>().expect("the input is unchanged")),
     }
 }
 
 #[derive(Debug)]
-struct ChunkedHeadBackward;
+struct ChunkedHeadBackward<O>(std::marker::PhantomData<O>);
 
 #[derive(Debug, Clone)]
-struct HeadState<B: Backend> {
+struct HeadState<B: Backend, O> {
     /// `[n, d]`.
     hidden: Tensor<B, 2>,
     /// `[d, vocab]`.
     weight: Tensor<B, 2>,
-    /// `[n]`.
-    targets: Tensor<B, 1, Int>,
+    aux: Aux<B>,
+    objective: O,
     scale: f64,
     chunk: usize,
-    /// `softmax(z)` `[n, vocab]` when all positions fit in one chunk: nothing to recompute
+    /// `d value / d z` `[n, vocab]` when all rows fit in one chunk: nothing to recompute
     /// for the weight's gradient.
-    probs: Option<Tensor<B, 2>>,
-    /// `d log p(target) / d hidden` `[n, d]` (see `forward_chunks`).
+    dz: Option<Tensor<B, 2>>,
+    /// `d value / d hidden` `[n, d]` (see `forward_chunks`).
     jacobian: Option<Tensor<B, 2>>,
 }
 
-impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
-    type State = HeadState<B>;
+impl<B: Backend, O: RowObjective> Backward<B, 2> for ChunkedHeadBackward<O> {
+    type State = HeadState<B, O>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_h, node_w] = ops.parents;
@@ -316,13 +429,14 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
         let HeadState {
             hidden: h,
             weight: w,
-            targets,
+            aux,
+            objective,
             scale,
             chunk,
-            mut probs,
+            mut dz,
             jacobian,
         } = ops.state;
-        let n = targets.dims()[0];
+        let n = h.dims()[0];
         if let (Some(node), Some(j)) = (&node_h, jacobian) {
             let dh = j * grad.clone().reshape([n, 1]);
             grads.register::<B>(node.id, dh.into_primitive().tensor());
@@ -332,19 +446,17 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
         };
         let w = crate::half::as_f32(w);
         let mut dw: Option<Tensor<B, 2>> = None;
-        for (start, end) in chunks(n, chunk) {
-            let c = end - start;
-            let p = probs.take().unwrap_or_else(|| {
-                let (z, lse) = chunk_logits(&h, &w, (start, end), scale);
-                (z - lse).exp()
+        for range in chunks(n, chunk) {
+            let (start, end) = range;
+            let dz = dz.take().unwrap_or_else(|| {
+                let z = chunk_logits(&h, &w, range, scale);
+                objective.rows(&aux, z, range, true).dz.expect("asked for")
             });
-            let g = grad.clone().slice(s![start..end]).reshape([c, 1]);
-            let t = targets.clone().slice(s![start..end]).reshape([c, 1]);
-            let part = h
-                .clone()
-                .slice(s![start..end])
-                .transpose()
-                .matmul(logit_grad(p, t, g, scale));
+            let g = grad.clone().slice(s![start..end]).reshape([end - start, 1]);
+            let part = divide(
+                h.clone().slice(s![start..end]).transpose().matmul(dz * g),
+                scale,
+            );
             dw = Some(match dw {
                 Some(acc) => acc + part,
                 None => part,
@@ -356,53 +468,51 @@ impl<B: Backend> Backward<B, 2> for ChunkedHeadBackward {
     }
 }
 
-fn chunked_op<I: Backend, C: CheckpointStrategy>(
+fn chunked_op<I: Backend, C: CheckpointStrategy, O: RowObjective>(
     args: Args<Autodiff<I, C>>,
+    objective: &O,
     scale: f64,
     chunk: usize,
-    with_entropy: bool,
-) -> HeadLogps<Autodiff<I, C>> {
+) -> RowOutputs<Autodiff<I, C>> {
     let h = args.hidden.into_primitive().tensor();
     let w = args.weight.into_primitive().tensor();
-    let targets = args.targets.inner();
-    let inner_h = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(h.primitive.clone()));
-    let inner_w = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(w.primitive.clone()));
-    let keep = Keep {
-        probs: !w.node.requirement.is_none(),
-        jacobian: !h.node.requirement.is_none(),
+    let inner = Args {
+        hidden: Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(h.primitive.clone())),
+        weight: Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(w.primitive.clone())),
+        aux: Aux {
+            floats: args.aux.floats.into_iter().map(|t| t.inner()).collect(),
+            ints: args.aux.ints.into_iter().map(|t| t.inner()).collect(),
+        },
     };
-    let fwd = forward_chunks(
-        &inner_h,
-        &inner_w,
-        &targets,
-        scale,
-        chunk,
-        with_entropy,
-        keep,
-    );
-    let logps = fwd.logps.into_primitive().tensor();
-    let out = match ChunkedHeadBackward
+    let keep = Keep {
+        weight: !w.node.requirement.is_none(),
+        hidden: !h.node.requirement.is_none(),
+    };
+    let fwd = forward_chunks(&inner, objective, scale, chunk, keep);
+    let value = fwd.value.into_primitive().tensor();
+    let out = match ChunkedHeadBackward(std::marker::PhantomData)
         .prepare::<C>([h.node.clone(), w.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish(
             HeadState {
-                hidden: inner_h,
-                weight: inner_w,
-                targets,
+                hidden: inner.hidden,
+                weight: inner.weight,
+                aux: inner.aux,
+                objective: objective.clone(),
                 scale,
                 chunk,
-                probs: fwd.probs,
+                dz: fwd.dz,
                 jacobian: fwd.jacobian,
             },
-            logps,
+            value,
         ),
-        OpsKind::UnTracked(prep) => prep.finish(logps),
+        OpsKind::UnTracked(prep) => prep.finish(value),
     };
-    HeadLogps {
-        logps: Tensor::from_primitive(TensorPrimitive::Float(out)),
-        entropy: fwd.entropy.map(Tensor::from_inner),
+    RowOutputs {
+        value: Tensor::from_primitive(TensorPrimitive::Float(out)),
+        metrics: fwd.metrics.into_iter().map(Tensor::from_inner).collect(),
     }
 }
 
@@ -474,15 +584,7 @@ mod tests {
         let h = Tensor::<Cpu, 2>::from_data(TensorData::new(values(n * d, 4), [n, d]), &device);
         let w = Tensor::<Cpu, 2>::from_data(TensorData::new(values(d * v, 5), [d, v]), &device);
         let t = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(vec![3i64; n], [n]), &device);
-        let plain = plain_head_logps(
-            Args {
-                hidden: h.clone(),
-                weight: w.clone(),
-                targets: t.clone(),
-            },
-            1.3,
-            true,
-        );
+        let plain = logits_logps(h.clone().matmul(w.clone()), t.clone(), 1.3, true);
         let chunked = head_logps(h, w, t, 1.3, 4, true);
         let host = |x: Tensor<Cpu, 1>| x.to_data().iter::<f32>().collect::<Vec<_>>();
         for (a, b) in [

@@ -410,9 +410,45 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// `log softmax(logits / scale)[target]` at each row of `hidden` (`[n, d]`), through
-    /// the LM head in chunks of positions (see `chunked_head`): no `[n, vocab]` tensor is
-    /// kept for the backward. A head with a bias or an adapter goes through `logits`.
+    /// The LM head as a plain `[hidden, vocab]` weight (in its stored dtype), when it is
+    /// one: no bias, adapter or adapter bank.
+    pub fn plain_head(&self) -> Option<Tensor<B, 2>> {
+        match &self.lm_head {
+            Some(head) if head.bias.is_none() && head.lora.is_none() && head.bank.is_none() => {
+                Some(head.stored_weight())
+            }
+            Some(_) => None,
+            None => Some(self.embed_tokens.val().transpose()),
+        }
+    }
+
+    /// A per-row `objective` of the logits (divided by `scale`) at each row of `hidden`
+    /// (`[n, d]`), through the LM head in chunks of positions (see `chunked_head`): no
+    /// `[n, vocab]` tensor is kept for the backward. A head with a bias or an adapter goes
+    /// through `logits`.
+    pub fn head_rows<O: crate::chunked_head::RowObjective>(
+        &self,
+        hidden: Tensor<B, 2>,
+        aux: crate::chunked_head::Aux<B>,
+        objective: &O,
+        scale: f64,
+    ) -> crate::chunked_head::RowOutputs<B> {
+        crate::shape_audit::record("lm_head", &[&hidden.dims()]);
+        let chunk = crate::chunked_head::chunk_positions(self.vocab_size());
+        match self.plain_head() {
+            Some(w) => crate::chunked_head::head_rows(hidden, w, aux, objective, scale, chunk),
+            None => {
+                let [n, d] = hidden.dims();
+                let logits = self
+                    .logits(hidden.reshape([1, n, d]))
+                    .reshape([n, self.vocab_size()]);
+                crate::chunked_head::logits_rows(logits, &aux, objective, scale)
+            }
+        }
+    }
+
+    /// `log softmax(logits / scale)[target]` at each row of `hidden` (`[n, d]`), and the
+    /// entropy when asked for, through [`CausalLm::head_rows`].
     pub fn head_logps(
         &self,
         hidden: Tensor<B, 2>,
@@ -420,27 +456,11 @@ impl<B: Backend> CausalLm<B> {
         scale: f64,
         with_entropy: bool,
     ) -> crate::chunked_head::HeadLogps<B> {
-        crate::shape_audit::record("lm_head", &[&hidden.dims()]);
-        let weight = match &self.lm_head {
-            Some(head) if head.bias.is_none() && head.lora.is_none() && head.bank.is_none() => {
-                Some(head.stored_weight())
-            }
-            Some(_) => None,
-            None => Some(self.embed_tokens.val().transpose()),
+        let objective = crate::chunked_head::TargetLogps {
+            entropy: with_entropy,
         };
-        let chunk = crate::chunked_head::chunk_positions(self.vocab_size());
-        match weight {
-            Some(w) => {
-                crate::chunked_head::head_logps(hidden, w, targets, scale, chunk, with_entropy)
-            }
-            None => {
-                let [n, d] = hidden.dims();
-                let logits = self
-                    .logits(hidden.reshape([1, n, d]))
-                    .reshape([n, self.vocab_size()]);
-                crate::chunked_head::logits_logps(logits, targets, scale, with_entropy)
-            }
-        }
+        let aux = crate::chunked_head::TargetLogps::aux(targets);
+        self.head_rows(hidden, aux, &objective, scale).into()
     }
 
     pub fn forward(&self, input: ForwardInput<B>) -> Tensor<B, 3> {

@@ -216,7 +216,8 @@ fn reward_model_matches_transformers_sequence_classification_and_trl_loss() {
 #[test]
 fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
     use burn::prelude::*;
-    use trainers::distill::{kd_loss_sum, KdLoss, TeacherTargets};
+    use models::chunked_head::head_rows;
+    use trainers::distill::{kd_loss_sum, kd_sums, KdLoss, KdObjective, TeacherTargets};
 
     let f: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("losses/distill.json")).unwrap(),
@@ -239,10 +240,13 @@ fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
         &device,
     );
     let temperature = f["temperature"].as_f64().unwrap();
+    let teacher_logits = TensorData::new(rows(&teacher), [n, vocab]);
     let teacher_full = {
-        let t = Tensor::<Cpu, 2>::from_data(TensorData::new(rows(&teacher), [n, vocab]), &device);
+        let t = Tensor::<Cpu, 2>::from_data(teacher_logits.clone(), &device);
         burn::tensor::activation::log_softmax(t.div_scalar(temperature), 1).into_data()
     };
+    // The chunked path with identity heads: the logits are the "hidden states".
+    let identity = Tensor::<Cpu, 2>::eye(vocab, &device);
     for case in f["cases"].as_array().unwrap() {
         let p = KdLoss {
             alpha: f["alpha"].as_f64().unwrap(),
@@ -261,24 +265,43 @@ fn distillation_losses_match_trl_gkd_and_the_top_k_reference() {
                 k: k as usize,
             },
         };
-        let (loss, div, ce) = kd_loss_sum(
+        let unchunked = kd_loss_sum(
             student_logits.clone(),
             targets.clone(),
             &None,
             &targets_of_teacher,
+            None,
             &p,
         );
+        // Chunks of 3 positions; a full teacher as hidden states through its head.
+        let chunked_teacher = match &targets_of_teacher {
+            TeacherTargets::Full(_) => TeacherTargets::Hidden(teacher_logits.clone()),
+            other => other.clone(),
+        };
+        let (objective, aux) =
+            KdObjective::new(p, targets.clone(), &chunked_teacher, Some(identity.clone()));
+        let rows = head_rows(
+            student_logits.clone(),
+            identity.clone(),
+            aux,
+            &objective,
+            1.0,
+            3,
+        );
+        let chunked = kd_sums(rows, &None);
         let label = format!(
             "{} beta {} top_k {:?}",
             case["divergence"], p.beta, case["top_k"]
         );
-        for (got, key) in [(loss, "loss_sum"), (div, "divergence_sum"), (ce, "ce_sum")] {
-            let got = got.into_scalar() as f64;
-            let want = case[key].as_f64().unwrap();
-            assert!(
-                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                "{label} {key}: {got} vs {want}"
-            );
+        for (path, (loss, div, ce)) in [("unchunked", unchunked), ("chunked", chunked)] {
+            for (got, key) in [(loss, "loss_sum"), (div, "divergence_sum"), (ce, "ce_sum")] {
+                let got = got.into_scalar() as f64;
+                let want = case[key].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{label} {path} {key}: {got} vs {want}"
+                );
+            }
         }
     }
 }

@@ -8,6 +8,8 @@
 //! beside the tokenized data. With `lmbda > 0` a step trains, with that probability, on the
 //! student's own samples of the prompts instead of the dataset completions (on-policy GKD).
 
+mod loss;
+
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -16,6 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::any::Any;
 use std::path::PathBuf;
 
 use datasets::batch::{collate_sft, Padding, SftBatch};
@@ -24,8 +27,10 @@ use models::generate::{generate, SamplingParams};
 use models::CausalLm;
 
 use crate::data_order::{eval_chunks, EpochCursor};
-use crate::logprobs::{keep_real, trained_logits, TrainedLogits};
+use crate::logprobs::{trained_hidden, trained_logits, TrainedHidden, TrainedLogits};
+
 use crate::method::{BatchShape, LossOutput, Method};
+pub use loss::{kd_loss_sum, kd_sums, KdLoss, KdObjective, TeacherTargets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -120,110 +125,29 @@ impl DistillSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KdLoss {
-    pub alpha: f64,
-    pub temperature: f64,
-    /// 0: forward KL(teacher || student); 1: reverse KL; between: generalised JSD.
-    pub beta: f64,
-}
-
-/// What the teacher says about a batch's trained positions, in their row-major order.
-#[derive(Debug, Clone)]
-pub enum TeacherTargets {
-    /// Log-probs over the whole vocabulary at temperature T, `[positions, vocab]`.
-    Full(TensorData),
-    /// The k most likely ids and their log-probs at temperature 1, `[positions, k]` each.
-    TopK {
-        ids: Vec<i32>,
-        logps: Vec<f32>,
-        k: usize,
-    },
-}
-
-/// `D` of each row of `[n, m]` log-prob tensors (student `ls`, teacher `lt`), `[n]`.
-fn divergences<B: Backend>(ls: Tensor<B, 2>, lt: Tensor<B, 2>, beta: f64) -> Tensor<B, 1> {
-    let n = ls.dims()[0];
-    let kl = |p_log: Tensor<B, 2>, q_log: Tensor<B, 2>| {
-        (p_log.clone().exp() * (p_log - q_log))
-            .sum_dim(1)
-            .reshape([n])
-    };
-    if beta == 0.0 {
-        return kl(lt, ls);
-    }
-    if beta == 1.0 {
-        return kl(ls, lt);
-    }
-    // log m = log((1 - beta) p_s + beta p_t), with the max taken out for stability.
-    let a = ls.clone().add_scalar((1.0 - beta).ln());
-    let b = lt.clone().add_scalar(beta.ln());
-    let m = a.clone().max_pair(b.clone());
-    let lm = m.clone() + ((a - m.clone()).exp() + (b - m).exp()).log();
-    kl(lt, lm.clone()).mul_scalar(beta) + kl(ls, lm).mul_scalar(1.0 - beta)
-}
-
-/// `log_softmax` over dim 1 of an `[n, m]` tensor restricted to those m entries.
-fn renormalise<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let max = x.clone().max_dim(1);
-    let lse = max.clone() + (x.clone() - max).exp().sum_dim(1).log();
-    x - lse
-}
-
-/// The summed loss of `[n, vocab]` student logits against the teacher and the labels, and
-/// the divergence and cross-entropy sums it is made of. Rows where `mask` is 0 (bucket
-/// padding) count for nothing.
-pub fn kd_loss_sum<B: Backend>(
-    student_logits: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-    mask: &Option<Tensor<B, 1>>,
-    teacher: &TeacherTargets,
-    p: &KdLoss,
-) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
-    let device = student_logits.device();
-    let n = targets.dims()[0];
-    let t = p.temperature;
-    let ce = keep_real(
-        log_softmax(student_logits.clone(), 1)
-            .gather(1, targets.reshape([n, 1]))
-            .reshape([n]),
-        mask,
-    )
-    .sum()
-    .neg();
-    let ls = log_softmax(student_logits.div_scalar(t), 1);
-    let div = match teacher {
-        TeacherTargets::Full(data) => {
-            let lt = Tensor::<B, 2>::from_data(data.clone(), &device);
-            divergences(ls, lt, p.beta)
-        }
-        TeacherTargets::TopK { ids, logps, k } => {
-            let ids =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [n, *k]), &device);
-            let top = Tensor::<B, 2>::from_data(TensorData::new(logps.clone(), [n, *k]), &device);
-            let lt = log_softmax(top.div_scalar(t), 1);
-            divergences(renormalise(ls.gather(1, ids)), lt, p.beta)
-        }
-    };
-    let div = keep_real(div, mask).sum();
-    let loss = div.clone().mul_scalar(p.alpha * t * t) + ce.clone().mul_scalar(1.0 - p.alpha);
-    (loss, div.detach(), ce.detach())
-}
-
-/// The teacher's targets for a collated batch: the full tempered distribution, or (with
-/// `top_k`) its k most likely tokens at temperature 1.
+/// The teacher's targets for a collated batch: its hidden states at the trained positions
+/// (its logits are recomputed chunk by chunk in the loss), the full tempered distribution
+/// when its head is not a plain weight, or (with `top_k`) its k most likely tokens at
+/// temperature 1.
 pub fn teacher_targets<B: Backend>(
     teacher: &CausalLm<B>,
     batch: &SftBatch,
     temperature: f64,
     top_k: Option<usize>,
 ) -> TeacherTargets {
-    let Some(TrainedLogits { logits, .. }) = trained_logits(teacher, batch) else {
-        return TeacherTargets::TopK {
-            ids: vec![],
-            logps: vec![],
-            k: top_k.unwrap_or(1),
+    let empty = || TeacherTargets::TopK {
+        ids: vec![],
+        logps: vec![],
+        k: top_k.unwrap_or(1),
+    };
+    if top_k.is_none() && teacher.plain_head().is_some() {
+        return match trained_hidden(teacher, batch) {
+            Some(TrainedHidden { hidden, .. }) => TeacherTargets::Hidden(hidden.into_data()),
+            None => empty(),
         };
+    }
+    let Some(TrainedLogits { logits, .. }) = trained_logits(teacher, batch) else {
+        return empty();
     };
     match top_k {
         None => TeacherTargets::Full(log_softmax(logits.div_scalar(temperature), 1).into_data()),
@@ -237,6 +161,26 @@ pub fn teacher_targets<B: Backend>(
             }
         }
     }
+}
+
+/// A tensor of the teacher's backend (the training backend's inner one) on the backend a
+/// loss runs on: that inner backend itself (evaluation) or the training backend, where it
+/// enters untracked.
+fn on_loss_backend<B: AutodiffBackend, Bk: Backend, const D: usize>(
+    t: Tensor<B::InnerBackend, D>,
+) -> Tensor<Bk, D> {
+    let boxed: Box<dyn Any> = Box::new(t);
+    let boxed = match boxed.downcast::<Tensor<Bk, D>>() {
+        Ok(t) => return *t,
+        Err(boxed) => boxed,
+    };
+    let t = *boxed
+        .downcast::<Tensor<B::InnerBackend, D>>()
+        .expect("the input is unchanged");
+    let tracked: Box<dyn Any> = Box::new(Tensor::<B, D>::from_inner(t));
+    *tracked
+        .downcast::<Tensor<Bk, D>>()
+        .expect("a loss runs on the training backend or its inner backend")
 }
 
 /// A student micro-batch and the teacher's targets for it.
@@ -448,19 +392,29 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
     }
 
     fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &DistillBatch) -> LossOutput<Bk> {
-        let Some(TrainedLogits {
-            logits,
+        let Some(TrainedHidden {
+            hidden,
             targets,
             mask,
             ..
-        }) = trained_logits(model, &batch.batch)
+        }) = trained_hidden(model, &batch.batch)
         else {
             return LossOutput {
                 loss_sum: Tensor::zeros([1], &model.device()),
                 metric_sums: vec![],
             };
         };
-        let (loss, div, ce) = kd_loss_sum(logits, targets, &mask, &batch.teacher, &self.loss);
+        let teacher_head = match &batch.teacher {
+            TeacherTargets::Hidden(_) => self
+                .teacher
+                .model()
+                .and_then(CausalLm::plain_head)
+                .map(on_loss_backend::<B, Bk, 2>),
+            _ => None,
+        };
+        let (objective, aux) = KdObjective::new(self.loss, targets, &batch.teacher, teacher_head);
+        let rows = model.head_rows(hidden, aux, &objective, 1.0);
+        let (loss, div, ce) = kd_sums(rows, &mask);
         LossOutput {
             loss_sum: loss,
             metric_sums: vec![
