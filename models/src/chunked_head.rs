@@ -194,8 +194,15 @@ impl RowObjective for TargetLogps {
     ) -> Rows<X> {
         let c = end - start;
         let t = aux.ints[0].clone().slice(s![start..end]);
-        let lse = row_logsumexp(&z);
-        let value = (z.clone().gather(1, t.clone()) - lse.clone()).reshape([c]);
+        // One `[c, vocab]` buffer at a time where the backend updates in place: the shifted
+        // logits, their exponentials, then the probabilities and the gradient.
+        let max = z.clone().detach().max_dim(1);
+        let shifted = z - max;
+        let picked = shifted.clone().gather(1, t.clone());
+        let e = shifted.clone().exp();
+        let sum = e.clone().sum_dim(1);
+        let lse = sum.clone().log();
+        let value = (picked - lse.clone()).reshape([c]);
         if !(self.entropy || grad) {
             return Rows {
                 value,
@@ -203,10 +210,10 @@ impl RowObjective for TargetLogps {
                 dz: None,
             };
         }
-        let p = (z.clone() - lse.clone()).exp();
+        let p = e.detach() / sum.detach();
         let metrics = match self.entropy {
             // H = lse - sum(p z).
-            true => vec![(lse - (p.clone().detach() * z.detach()).sum_dim(1)).reshape([c])],
+            true => vec![(lse.detach() - (p.clone() * shifted.detach()).sum_dim(1)).reshape([c])],
             false => vec![],
         };
         // d log p(t) / dz = onehot(t) - softmax(z).
