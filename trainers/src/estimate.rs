@@ -13,11 +13,13 @@ pub struct MemoryEstimate {
     pub gradients: u64,
     pub optimizer: u64,
     pub activations: u64,
+    /// Frozen models held beside the trained one (a distillation teacher).
+    pub other_models: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.gradients + self.optimizer + self.activations
+        self.weights + self.gradients + self.optimizer + self.activations + self.other_models
     }
 }
 
@@ -142,7 +144,17 @@ pub fn estimate(
         gradients: 4 * trainable,
         optimizer: 8 * trainable,
         activations: activation_bytes(cfg, lora, micro_batch, seq, checkpointing, half),
+        other_models: 0,
     }
+}
+
+/// The weights of a frozen model kept for inference: f32, its NF4 layers at their bits.
+pub fn frozen_model_bytes(cfg: &ModelConfig, quantization: Option<&Quantization>) -> u64 {
+    let params = cfg.num_parameters() as u64;
+    quantization.map_or(4 * params, |q| {
+        let n = quantized_params(cfg, q);
+        4 * (params - n) + (n as f64 * q.nf4.bits_per_param() / 8.0).ceil() as u64
+    })
 }
 
 pub fn human_bytes(b: u64) -> String {

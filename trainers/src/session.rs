@@ -297,6 +297,22 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     {
         mem.weights *= 2;
     }
+    let teacher = match (&recipe.method, &recipe.distill) {
+        (MethodName::Distill, Some(d)) => match crate::teacher::teacher_bytes(d)? {
+            Some(0) => {
+                "teacher     none while training (its top-k log-probs are cached first)\n".into()
+            }
+            Some(b) => {
+                mem.other_models = b;
+                format!("teacher     {}\n", human_bytes(b))
+            }
+            None => format!(
+                "teacher     not built yet ({} is trained first)\n",
+                d.teacher.display()
+            ),
+        },
+        _ => String::new(),
+    };
     let mut s = String::new();
     s.push_str("# resolved recipe\n");
     s.push_str(&recipe.to_toml()?);
@@ -308,7 +324,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     ));
     s.push_str(&format!(
         "\n# memory estimate (float32 training{}, micro-batch of {rows} rows x {} tokens)\n\
-         parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\ntotal       {}\n",
+         parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\n{teacher}total       {}\n",
         match recipe.model.dtype.as_str() {
             "float32" => String::new(),
             half => format!(", frozen base stored in {half}"),

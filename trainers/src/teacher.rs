@@ -191,6 +191,24 @@ fn teacher_quantization(settings: &DistillSettings) -> Result<Option<Quantizatio
     }
 }
 
+/// Bytes of the teacher's weights held while the student trains (`--dry-run`): none when
+/// only its cached top-k log-probs are (it runs once, before training), None when it has
+/// not been trained yet.
+pub fn teacher_bytes(settings: &DistillSettings) -> Result<Option<u64>> {
+    if settings.top_k.is_some() && settings.lmbda == 0.0 {
+        return Ok(Some(0));
+    }
+    if !settings.teacher.join("config.json").exists() {
+        return Ok(None);
+    }
+    let cfg = load_config(&settings.teacher)?;
+    let quantization = teacher_quantization(settings)?;
+    Ok(Some(crate::estimate::frozen_model_bytes(
+        &cfg,
+        quantization.as_ref(),
+    )))
+}
+
 /// Everything the distillation method needs from its teacher.
 #[allow(clippy::too_many_arguments)]
 pub fn prepare_teacher<B: AutodiffBackend>(
@@ -350,4 +368,37 @@ fn read_top_k(
         Some(rows)
     };
     Ok(split("train", train_rows).zip(split("eval", eval_rows)))
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    fn settings(teacher: &Path) -> DistillSettings {
+        toml::from_str(&format!("teacher = {:?}", teacher.display().to_string()))
+            .expect("a [distill] section")
+    }
+
+    #[test]
+    fn the_dry_run_counts_the_teacher_it_holds() {
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny-qwen2");
+        let cfg = load_config(&dir).unwrap();
+        let mut s = settings(&dir);
+        let full = teacher_bytes(&s).unwrap().unwrap();
+        assert_eq!(full, 4 * cfg.num_parameters() as u64);
+        s.teacher_quantize = Some("nf4".into());
+        let nf4 = teacher_bytes(&s).unwrap().unwrap();
+        assert!(nf4 < full, "{nf4} vs {full}");
+        s.top_k = Some(4);
+        assert_eq!(teacher_bytes(&s).unwrap(), Some(0), "cached top-k only");
+        s.lmbda = 0.5;
+        assert_eq!(
+            teacher_bytes(&s).unwrap(),
+            Some(nf4),
+            "on-policy steps keep it"
+        );
+        let missing = settings(&dir.join("not-trained-yet"));
+        assert_eq!(teacher_bytes(&missing).unwrap(), None);
+    }
 }
