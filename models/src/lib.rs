@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod backend;
+pub mod causal_attention;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod chunked_head;

@@ -147,7 +147,8 @@ impl<B: Backend> SelfAttention<B> {
         x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
     }
 
-    /// `mask` is grouped (`grouped_mask`): `[B, KVH, group * T, S]`, true = blocked.
+    /// `mask` is grouped (`grouped_mask`): `[B, KVH, group * T, S]`, true = blocked; or,
+    /// without a cache where `causal_attention::fused` holds, `[B, 1, T, T]`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -163,6 +164,7 @@ impl<B: Backend> SelfAttention<B> {
         let q = rope.apply(head_norm(&self.q_norm, q));
         let k = rope.apply(head_norm(&self.k_norm, k));
         let v = self.split_heads(self.v_proj.forward(x), kvh);
+        let cache_less = cache.is_none();
         let (k, v) = match cache {
             None => (k, v),
             Some(CacheSlot {
@@ -200,6 +202,11 @@ impl<B: Backend> SelfAttention<B> {
                 out
             }
         };
+        if cache_less && crate::causal_attention::fused::<B>(t) {
+            let o = crate::causal_attention::forward(q, k, v, mask, 1.0 / (d as f64).sqrt());
+            let o = o.swap_dims(1, 2).reshape([b, t, self.num_heads * d]);
+            return self.o_proj.forward(o);
+        }
         // Grouped-query attention without repeating keys and values for every query head:
         // the `group` query heads that share a KV head become `group * t` query rows of it
         // (`[B, H, T, D]` and `[B, KVH, group * T, D]` are the same memory); the mask came
@@ -374,11 +381,18 @@ impl<B: Backend> CausalLm<B> {
         mut cache: Option<(&mut KvCache<B>, CacheWrite<'_>)>,
     ) -> Tensor<B, 3> {
         let rope = RopeTables::new(&self.inv_freq, positions);
-        // Grouped once for every layer: one buffer, which the training attention keeps for
+        // The fused causal attention takes the `[B, 1, T, T]` mask as it is. Otherwise it is
+        // grouped once for every layer: one buffer, which the training attention keeps for
         // its backward when it recomputes the probabilities.
+        let fused = cache.is_none() && crate::causal_attention::fused::<B>(ids.dims()[1]);
         let attn = &self.layers.first().expect("a decoder has layers").self_attn;
-        let mask = attn.grouped_mask(mask);
-        let windowed = windowed.map(|m| attn.grouped_mask(m));
+        let (mask, windowed) = match fused {
+            true => (mask, windowed),
+            false => (
+                attn.grouped_mask(mask),
+                windowed.map(|m| attn.grouped_mask(m)),
+            ),
+        };
         let mut x = self.embed(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|(c, write)| CacheSlot {

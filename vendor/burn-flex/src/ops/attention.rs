@@ -17,6 +17,7 @@ use burn_std::Bytes;
 use bytemuck::Pod;
 use num_traits::Float;
 
+use crate::ops::attention_rows as rows;
 use crate::{FlexTensor, Layout};
 
 /// KV tile size for flash attention.
@@ -366,6 +367,7 @@ where
                 bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
                 &params,
                 scratch,
+                None,
             );
         },
     );
@@ -376,6 +378,430 @@ where
         Layout::contiguous(shape),
         T::dtype(),
     )
+}
+
+/// burnish patch: the pieces of an f32 attention call the fused training kernels share.
+struct Prepared {
+    query: FlexTensor,
+    key: FlexTensor,
+    value: FlexTensor,
+    mask: Option<BroadcastMaskBias>,
+    params: AttentionParams<f32>,
+    pairs: usize,
+}
+
+fn prepare_f32(
+    query: FlexTensor,
+    key: FlexTensor,
+    value: FlexTensor,
+    mask: Option<FlexTensor>,
+    options: &AttentionModuleOptions,
+) -> Prepared {
+    for (name, t) in [("query", &query), ("key", &key), ("value", &value)] {
+        assert!(
+            t.dtype() == DType::F32,
+            "fused attention: {name} must be f32, got {:?}",
+            t.dtype()
+        );
+    }
+    assert!(
+        options.softcap.is_none(),
+        "fused attention: no soft-capping"
+    );
+    let (query, key, value) = (
+        query.to_contiguous(),
+        key.to_contiguous(),
+        value.to_contiguous(),
+    );
+    let [batch, heads, seq_q, head_dim] = dims4(&query);
+    let [kb, kh, seq_kv, kd] = dims4(&key);
+    let [vb, vh, vs, val_dim] = dims4(&value);
+    assert!(
+        [kb, kh, kd, vb, vh, vs] == [batch, heads, head_dim, batch, heads, seq_kv],
+        "fused attention: query, key and value shapes disagree"
+    );
+    let mask = mask.map(|m| broadcast_attn_mask_bias(m, [batch, heads, seq_q, seq_kv], "mask"));
+    let params = AttentionParams {
+        scale: options
+            .scale
+            .unwrap_or_else(|| 1.0 / (head_dim as f64).sqrt()) as f32,
+        softcap: None,
+        causal_offset: options
+            .is_causal
+            .then_some(seq_kv as isize - seq_q as isize),
+        seq_q,
+        seq_kv,
+        head_dim,
+        val_dim,
+    };
+    Prepared {
+        query,
+        key,
+        value,
+        mask,
+        params,
+        pairs: batch * heads,
+    }
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    assert!(s.num_dims() == 4, "fused attention: 4-D tensors only");
+    [s[0], s[1], s[2], s[3]]
+}
+
+impl Prepared {
+    /// The `[seq_q, seq_kv]` mask tile of `(batch, head)` pair `pair`.
+    fn mask_of(&self, pair: usize) -> Option<&[u8]> {
+        let heads = dims4(&self.query)[1];
+        let tile = self.params.seq_q * self.params.seq_kv;
+        self.mask.as_ref().map(|m| {
+            let off = (pair / heads) * m.batch_step + (pair % heads) * m.head_step;
+            &m.tensor.bytes()[off..off + tile]
+        })
+    }
+}
+
+/// burnish patch: flash attention (f32, no bias or soft-capping) that also returns each
+/// query row's log-sum-exp `[batch, heads, seq_q]` (+inf where every key is masked), for
+/// [`attention_flash_backward`]. Causal attention skips the KV tiles a block cannot see.
+pub fn attention_flash_with_lse(
+    query: FlexTensor,
+    key: FlexTensor,
+    value: FlexTensor,
+    mask: Option<FlexTensor>,
+    options: AttentionModuleOptions,
+) -> (FlexTensor, FlexTensor) {
+    let prep = prepare_f32(query, key, value, mask, &options);
+    let AttentionParams {
+        seq_q,
+        seq_kv,
+        head_dim,
+        val_dim,
+        ..
+    } = prep.params;
+    let q_data: &[f32] = prep.query.storage();
+    let k_data: &[f32] = prep.key.storage();
+    let v_data: &[f32] = prep.value.storage();
+    let o_len = seq_q * val_dim;
+    // One buffer per pair holding its output rows then its log-sum-exps.
+    let pair_len = o_len + seq_q;
+    let mut joint = vec![0f32; prep.pairs * pair_len];
+    for_each_head(
+        &mut joint,
+        pair_len,
+        || ScratchBuffers {
+            row_max: vec![f32::NEG_INFINITY; seq_q],
+            row_sum: vec![0.0; seq_q],
+            scores: vec![0.0; seq_q * TILE_KV],
+        },
+        |scratch, pair, out| {
+            let (o, lse) = out.split_at_mut(o_len);
+            flash_attention_head(
+                &q_data[pair * seq_q * head_dim..(pair + 1) * seq_q * head_dim],
+                &k_data[pair * seq_kv * head_dim..(pair + 1) * seq_kv * head_dim],
+                &v_data[pair * seq_kv * val_dim..(pair + 1) * seq_kv * val_dim],
+                o,
+                prep.mask_of(pair),
+                None,
+                &prep.params,
+                scratch,
+                Some(lse),
+            );
+        },
+    );
+    let [batch, heads, _, _] = dims4(&prep.query);
+    let mut output = Vec::with_capacity(prep.pairs * o_len);
+    let mut lses = Vec::with_capacity(prep.pairs * seq_q);
+    for pair in joint.chunks_exact(pair_len) {
+        output.extend_from_slice(&pair[..o_len]);
+        lses.extend_from_slice(&pair[o_len..]);
+    }
+    let out_shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
+    let lse_shape = burn_std::Shape::from(vec![batch, heads, seq_q]);
+    (
+        FlexTensor::new(
+            Bytes::from_elems(output),
+            Layout::contiguous(out_shape),
+            DType::F32,
+        ),
+        FlexTensor::new(
+            Bytes::from_elems(lses),
+            Layout::contiguous(lse_shape),
+            DType::F32,
+        ),
+    )
+}
+
+/// burnish patch: the backward of [`attention_flash_with_lse`] (FlashAttention-2's): per
+/// `(batch, head)` pair, over blocks of query rows and the KV tiles they see, the
+/// probabilities are recomputed from the scores and the row log-sum-exps, and
+/// `dV += Pᵀ dO`, `dP = dO Vᵀ`, `dS = P (dP - rowsum(dO O))`, `dQ += s dS K`,
+/// `dK += s dSᵀ Q`. Nothing `[seq_q, seq_kv]`-sized is allocated. Returns (dQ, dK, dV).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_flash_backward(
+    query: FlexTensor,
+    key: FlexTensor,
+    value: FlexTensor,
+    output: FlexTensor,
+    lse: FlexTensor,
+    grad: FlexTensor,
+    mask: Option<FlexTensor>,
+    options: AttentionModuleOptions,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let prep = prepare_f32(query, key, value, mask, &options);
+    let (output, lse, grad) = (
+        output.to_contiguous(),
+        lse.to_contiguous(),
+        grad.to_contiguous(),
+    );
+    let AttentionParams {
+        seq_q,
+        seq_kv,
+        head_dim,
+        val_dim,
+        ..
+    } = prep.params;
+    let (q_len, k_len, v_len, o_len) = (
+        seq_q * head_dim,
+        seq_kv * head_dim,
+        seq_kv * val_dim,
+        seq_q * val_dim,
+    );
+    let q_data: &[f32] = prep.query.storage();
+    let k_data: &[f32] = prep.key.storage();
+    let v_data: &[f32] = prep.value.storage();
+    let o_data: &[f32] = output.storage();
+    let g_data: &[f32] = grad.storage();
+    let lse_data: &[f32] = lse.storage();
+    assert_eq!(lse_data.len(), prep.pairs * seq_q, "fused attention: lse shape");
+    assert_eq!(g_data.len(), prep.pairs * o_len, "fused attention: grad shape");
+    // One buffer per pair holding its dQ, dK and dV.
+    let pair_len = q_len + k_len + v_len;
+    let mut joint = vec![0f32; prep.pairs * pair_len];
+    let block = TILE_Q.min(seq_q.max(1));
+    for_each_head(
+        &mut joint,
+        pair_len,
+        || BackwardScratch {
+            p: vec![0.0; block * TILE_KV],
+            ds: vec![0.0; block * TILE_KV],
+            delta: vec![0.0; seq_q],
+        },
+        |scratch, pair, out| {
+            let (dq, rest) = out.split_at_mut(q_len);
+            let (dk, dv) = rest.split_at_mut(k_len);
+            backward_head(
+                HeadInputs {
+                    q: &q_data[pair * q_len..(pair + 1) * q_len],
+                    k: &k_data[pair * k_len..(pair + 1) * k_len],
+                    v: &v_data[pair * v_len..(pair + 1) * v_len],
+                    o: &o_data[pair * o_len..(pair + 1) * o_len],
+                    g: &g_data[pair * o_len..(pair + 1) * o_len],
+                    lse: &lse_data[pair * seq_q..(pair + 1) * seq_q],
+                    mask: prep.mask_of(pair),
+                },
+                HeadGrads { dq, dk, dv },
+                &prep.params,
+                block,
+                scratch,
+            );
+        },
+    );
+    let [batch, heads, _, _] = dims4(&prep.query);
+    let (mut dq, mut dk, mut dv) = (
+        Vec::with_capacity(prep.pairs * q_len),
+        Vec::with_capacity(prep.pairs * k_len),
+        Vec::with_capacity(prep.pairs * v_len),
+    );
+    for pair in joint.chunks_exact(pair_len) {
+        dq.extend_from_slice(&pair[..q_len]);
+        dk.extend_from_slice(&pair[q_len..q_len + k_len]);
+        dv.extend_from_slice(&pair[q_len + k_len..]);
+    }
+    let tensor = |data: Vec<f32>, last: [usize; 2]| {
+        FlexTensor::new(
+            Bytes::from_elems(data),
+            Layout::contiguous(burn_std::Shape::from(vec![batch, heads, last[0], last[1]])),
+            DType::F32,
+        )
+    };
+    (
+        tensor(dq, [seq_q, head_dim]),
+        tensor(dk, [seq_kv, head_dim]),
+        tensor(dv, [seq_kv, val_dim]),
+    )
+}
+
+struct BackwardScratch {
+    /// Probabilities of a block of rows against a KV tile.
+    p: Vec<f32>,
+    /// `dP`, then `dS` in place.
+    ds: Vec<f32>,
+    /// `rowsum(dO O)` per query row.
+    delta: Vec<f32>,
+}
+
+struct HeadInputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    g: &'a [f32],
+    lse: &'a [f32],
+    mask: Option<&'a [u8]>,
+}
+
+struct HeadGrads<'a> {
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+/// `dst (+)= lhs @ rhs` on row-major blocks, `lhs` and `rhs` optionally read transposed.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    [lhs_rs, lhs_cs]: [usize; 2],
+    rhs: *const f32,
+    [rhs_rs, rhs_cs]: [usize; 2],
+) {
+    unsafe {
+        f32::block_gemm(BlockGemmArgs {
+            m,
+            n,
+            k,
+            dst,
+            dst_cs: 1,
+            dst_rs: dst_rs as isize,
+            read_dst: accumulate,
+            lhs,
+            lhs_cs: lhs_cs as isize,
+            lhs_rs: lhs_rs as isize,
+            rhs,
+            rhs_cs: rhs_cs as isize,
+            rhs_rs: rhs_rs as isize,
+            alpha: if accumulate { 1.0 } else { 0.0 },
+            beta: 1.0,
+        });
+    }
+}
+
+fn backward_head(
+    x: HeadInputs<'_>,
+    out: HeadGrads<'_>,
+    p: &AttentionParams<f32>,
+    block: usize,
+    scratch: &mut BackwardScratch,
+) {
+    let AttentionParams {
+        scale,
+        causal_offset,
+        seq_q,
+        seq_kv,
+        head_dim: d,
+        val_dim: dv_dim,
+        ..
+    } = *p;
+    for qi in 0..seq_q {
+        let row = qi * dv_dim..(qi + 1) * dv_dim;
+        scratch.delta[qi] = rows::dot(&x.g[row.clone()], &x.o[row]);
+    }
+    for q0 in (0..seq_q).step_by(block) {
+        let q1 = (q0 + block).min(seq_q);
+        let rows = q1 - q0;
+        let kv_end = visible_keys(causal_offset, q1, seq_kv);
+        for kv_start in (0..kv_end).step_by(TILE_KV) {
+            let tile = (kv_start + TILE_KV).min(kv_end) - kv_start;
+            let (pt, ds) = (&mut scratch.p[..rows * tile], &mut scratch.ds[..rows * tile]);
+            unsafe {
+                // S = Q_blk K_tileᵀ.
+                gemm_f32(
+                    [rows, tile, d],
+                    pt.as_mut_ptr(),
+                    tile,
+                    false,
+                    x.q.as_ptr().add(q0 * d),
+                    [d, 1],
+                    x.k.as_ptr().add(kv_start * d),
+                    [1, d],
+                );
+            }
+            for r in 0..rows {
+                let qi = q0 + r;
+                let lse = x.lse[qi];
+                let prow = &mut pt[r * tile..(r + 1) * tile];
+                let start = qi * seq_kv + kv_start;
+                let visible = match causal_offset {
+                    Some(offset) => (qi as isize + offset + 1 - kv_start as isize)
+                        .clamp(0, tile as isize) as usize,
+                    None => tile,
+                };
+                rows::probs(
+                    prow,
+                    x.mask.map(|m| &m[start..start + tile]),
+                    scale,
+                    lse,
+                    visible,
+                );
+            }
+            unsafe {
+                // dV_tile += Pᵀ dO_blk.
+                gemm_f32(
+                    [tile, dv_dim, rows],
+                    out.dv.as_mut_ptr().add(kv_start * dv_dim),
+                    dv_dim,
+                    true,
+                    pt.as_ptr(),
+                    [1, tile],
+                    x.g.as_ptr().add(q0 * dv_dim),
+                    [dv_dim, 1],
+                );
+                // dP = dO_blk V_tileᵀ.
+                gemm_f32(
+                    [rows, tile, dv_dim],
+                    ds.as_mut_ptr(),
+                    tile,
+                    false,
+                    x.g.as_ptr().add(q0 * dv_dim),
+                    [dv_dim, 1],
+                    x.v.as_ptr().add(kv_start * dv_dim),
+                    [1, dv_dim],
+                );
+            }
+            for r in 0..rows {
+                let span = r * tile..(r + 1) * tile;
+                rows::softmax_grad(&mut ds[span.clone()], &pt[span], scratch.delta[q0 + r], scale);
+            }
+            unsafe {
+                // dQ_blk += dS K_tile; dK_tile += dSᵀ Q_blk.
+                gemm_f32(
+                    [rows, d, tile],
+                    out.dq.as_mut_ptr().add(q0 * d),
+                    d,
+                    true,
+                    ds.as_ptr(),
+                    [tile, 1],
+                    x.k.as_ptr().add(kv_start * d),
+                    [d, 1],
+                );
+                gemm_f32(
+                    [tile, d, rows],
+                    out.dk.as_mut_ptr().add(kv_start * d),
+                    d,
+                    true,
+                    ds.as_ptr(),
+                    [1, tile],
+                    x.q.as_ptr().add(q0 * d),
+                    [d, 1],
+                );
+            }
+        }
+    }
 }
 
 /// burnish patch: run `head(scratch, pair, out)` for every `(batch, head)` pair, `out` being
@@ -412,6 +838,13 @@ fn for_each_head<T, S>(
 /// Wraps `gemm::gemm` for f32 and f64 so `flash_attention_head` stays generic.
 /// Convention: dst = alpha * dst + beta * (lhs @ rhs)
 trait FlashGemm: Float + Pod + Copy + core::ops::AddAssign + Send + Sync {
+    /// burnish patch: scale a score row, -inf where `mask` is set and from key `visible`
+    /// on; return its largest element (`attention_rows::scale_mask_max` for f32).
+    fn scale_mask_max(row: &mut [Self], mask: Option<&[u8]>, scale: Self, visible: usize) -> Self;
+
+    /// burnish patch: `row = exp(row - shift)`, returning the sum.
+    fn exp_shift_sum(row: &mut [Self], shift: Self) -> Self;
+
     /// Block matrix multiply used for score and value matmuls.
     ///
     /// # Safety
@@ -439,8 +872,21 @@ struct BlockGemmArgs<T> {
 }
 
 macro_rules! impl_flash_gemm {
-    ($ty:ty) => {
+    ($ty:ty, $scale_mask_max:expr, $exp_shift_sum:expr) => {
         impl FlashGemm for $ty {
+            fn scale_mask_max(
+                row: &mut [Self],
+                mask: Option<&[u8]>,
+                scale: Self,
+                visible: usize,
+            ) -> Self {
+                $scale_mask_max(row, mask, scale, visible)
+            }
+
+            fn exp_shift_sum(row: &mut [Self], shift: Self) -> Self {
+                $exp_shift_sum(row, shift)
+            }
+
             unsafe fn block_gemm(a: BlockGemmArgs<Self>) {
                 unsafe {
                     gemm::gemm(
@@ -470,8 +916,41 @@ macro_rules! impl_flash_gemm {
     };
 }
 
-impl_flash_gemm!(f32);
-impl_flash_gemm!(f64);
+impl_flash_gemm!(
+    f32,
+    crate::ops::attention_rows::scale_mask_max,
+    crate::ops::attention_rows::exp_shift_sum
+);
+impl_flash_gemm!(f64, generic_scale_mask_max::<f64>, generic_exp_shift_sum::<f64>);
+
+/// burnish patch: [`FlashGemm::scale_mask_max`] for any float.
+fn generic_scale_mask_max<T: Float>(
+    row: &mut [T],
+    mask: Option<&[u8]>,
+    scale: T,
+    visible: usize,
+) -> T {
+    let mut max = T::neg_infinity();
+    let visible = visible.min(row.len());
+    for (i, s) in row.iter_mut().enumerate() {
+        let blocked = i >= visible || mask.is_some_and(|m| m[i] != 0);
+        *s = if blocked { T::neg_infinity() } else { *s * scale };
+        if *s > max {
+            max = *s;
+        }
+    }
+    max
+}
+
+/// burnish patch: [`FlashGemm::exp_shift_sum`] for any float.
+fn generic_exp_shift_sum<T: Float>(row: &mut [T], shift: T) -> T {
+    let mut sum = T::zero();
+    for s in row.iter_mut() {
+        *s = (*s - shift).exp();
+        sum = sum + *s;
+    }
+    sum
+}
 
 /// Scratch buffers reused across (batch, head) pairs to avoid per-head allocation.
 struct ScratchBuffers<T> {
@@ -491,15 +970,31 @@ struct AttentionParams<T> {
     val_dim: usize,
 }
 
+/// burnish patch: query rows per block when attention is causal. A block only visits the KV
+/// tiles its last row can see, so causal attention does about half the work of full
+/// attention (upstream scored every row against every tile and masked half of it).
+const TILE_Q: usize = 256;
+
+/// burnish patch: how many leading keys rows `..q_end` can see under a causal offset.
+fn visible_keys(causal_offset: Option<isize>, q_end: usize, seq_kv: usize) -> usize {
+    match causal_offset {
+        None => seq_kv,
+        Some(offset) => (q_end as isize + offset).clamp(0, seq_kv as isize) as usize,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Process a single (batch, head) pair with flash attention.
 ///
 /// Uses gemm for the two block matmuls per tile:
-///   1. Score matmul: scores\[seq_q, tile_kv\] = Q @ K_tile^T
+///   1. Score matmul: scores\[rows, tile_kv\] = Q_block @ K_tile^T
 ///   2. Value matmul: output += P @ V_tile (where P = exp(scores - max))
 ///
 /// The online softmax (scale, mask, bias, exp, correction) is applied
-/// row-by-row between the two gemm calls.
+/// row-by-row between the two gemm calls. burnish patch: causal attention runs over blocks
+/// of query rows and stops at the last key a block can see; exponentials use the
+/// vectorised row passes (`attention_rows`); with `lse`, each row's log-sum-exp is written (+inf for a row
+/// with every key masked), what the fused backward recomputes the probabilities from.
 fn flash_attention_head<T: FlashGemm>(
     q: &[T],
     k: &[T],
@@ -509,6 +1004,7 @@ fn flash_attention_head<T: FlashGemm>(
     bias: Option<&[T]>,
     p: &AttentionParams<T>,
     scratch: &mut ScratchBuffers<T>,
+    mut lse: Option<&mut [T]>,
 ) {
     debug_assert_eq!(q.len(), p.seq_q * p.head_dim);
     debug_assert_eq!(k.len(), p.seq_kv * p.head_dim);
@@ -533,139 +1029,145 @@ fn flash_attention_head<T: FlashGemm>(
     row_sum.fill(T::zero());
     let scores = &mut scratch.scores;
 
-    let num_kv_tiles = seq_kv.div_ceil(TILE_KV);
+    let q_block = match causal_offset {
+        Some(_) => TILE_Q,
+        None => seq_q.max(1),
+    };
+    for q0 in (0..seq_q).step_by(q_block) {
+        let q1 = (q0 + q_block).min(seq_q);
+        let rows = q1 - q0;
+        let kv_end = visible_keys(causal_offset, q1, seq_kv);
+        for kv_start in (0..kv_end).step_by(TILE_KV) {
+            let kv_stop = (kv_start + TILE_KV).min(kv_end);
+            let tile_kv = kv_stop - kv_start;
 
-    for tile_idx in 0..num_kv_tiles {
-        let kv_start = tile_idx * TILE_KV;
-        let kv_end = (kv_start + TILE_KV).min(seq_kv);
-        let tile_kv = kv_end - kv_start;
-
-        // Step 1: Score matmul via gemm
-        // scores[seq_q, tile_kv] = Q[seq_q, head_dim] @ K_tile[tile_kv, head_dim]^T
-        //
-        // Q is row-major [seq_q, head_dim]: rs=head_dim, cs=1
-        // K_tile^T: treat K[tile_kv, head_dim] row-major with swapped strides
-        //   K row-major: rs=head_dim, cs=1 -> K^T: rs=1, cs=head_dim
-        // scores row-major [seq_q, tile_kv]: rs=tile_kv, cs=1
-        unsafe {
-            T::block_gemm(BlockGemmArgs {
-                m: seq_q,
-                n: tile_kv,
-                k: head_dim,
-                dst: scores.as_mut_ptr(),
-                dst_cs: 1,
-                dst_rs: tile_kv as isize,
-                read_dst: false,
-                lhs: q.as_ptr(),
-                lhs_cs: 1,
-                lhs_rs: head_dim as isize,
-                rhs: k.as_ptr().add(kv_start * head_dim),
-                rhs_cs: head_dim as isize,
-                rhs_rs: 1,
-                alpha: T::zero(),
-                beta: T::one(),
-            });
-        }
-
-        // Step 2: Apply scale/softcap/mask/bias, online softmax, rescale output
-        for qi in 0..seq_q {
-            let score_row = &mut scores[qi * tile_kv..(qi + 1) * tile_kv];
-
-            let mut tile_max = neg_inf;
-
-            for (ki, score) in score_row.iter_mut().enumerate() {
-                let kv_idx = kv_start + ki;
-                let mut val = *score * scale;
-
-                if let Some(cap) = softcap {
-                    val = cap * (val / cap).tanh();
-                }
-
-                if let Some(m) = mask
-                    && m[qi * seq_kv + kv_idx] != 0
-                {
-                    val = neg_inf;
-                }
-
-                if let Some(offset) = causal_offset
-                    && (kv_idx as isize) > (qi as isize) + offset
-                {
-                    val = neg_inf;
-                }
-
-                if let Some(b) = bias {
-                    val += b[qi * seq_kv + kv_idx];
-                }
-
-                *score = val;
-                if val > tile_max {
-                    tile_max = val;
-                }
+            // Step 1: scores[rows, tile_kv] = Q[q0..q1] @ K_tile^T
+            // (K row-major [tile_kv, head_dim] read with swapped strides as K^T).
+            unsafe {
+                T::block_gemm(BlockGemmArgs {
+                    m: rows,
+                    n: tile_kv,
+                    k: head_dim,
+                    dst: scores.as_mut_ptr(),
+                    dst_cs: 1,
+                    dst_rs: tile_kv as isize,
+                    read_dst: false,
+                    lhs: q.as_ptr().add(q0 * head_dim),
+                    lhs_cs: 1,
+                    lhs_rs: head_dim as isize,
+                    rhs: k.as_ptr().add(kv_start * head_dim),
+                    rhs_cs: head_dim as isize,
+                    rhs_rs: 1,
+                    alpha: T::zero(),
+                    beta: T::one(),
+                });
             }
 
-            if tile_max == neg_inf {
-                // All masked: zero out scores so gemm contributes nothing
-                for score in score_row.iter_mut() {
-                    *score = T::zero();
+            // Step 2: Apply scale/softcap/mask/bias, online softmax, rescale output
+            for r in 0..rows {
+                let qi = q0 + r;
+                let score_row = &mut scores[r * tile_kv..(r + 1) * tile_kv];
+
+                let tile_max = if softcap.is_none() && bias.is_none() {
+                    // burnish patch: vectorised passes (`attention_rows`).
+                    let row_start = qi * seq_kv + kv_start;
+                    let visible = match causal_offset {
+                        Some(offset) => (qi as isize + offset + 1 - kv_start as isize)
+                            .clamp(0, tile_kv as isize) as usize,
+                        None => tile_kv,
+                    };
+                    T::scale_mask_max(
+                        score_row,
+                        mask.map(|m| &m[row_start..row_start + tile_kv]),
+                        scale,
+                        visible,
+                    )
+                } else {
+                    let mut tile_max = neg_inf;
+                    for (ki, score) in score_row.iter_mut().enumerate() {
+                        let kv_idx = kv_start + ki;
+                        let mut val = *score * scale;
+
+                        if let Some(cap) = softcap {
+                            val = cap * (val / cap).tanh();
+                        }
+
+                        if let Some(m) = mask
+                            && m[qi * seq_kv + kv_idx] != 0
+                        {
+                            val = neg_inf;
+                        }
+
+                        if let Some(offset) = causal_offset
+                            && (kv_idx as isize) > (qi as isize) + offset
+                        {
+                            val = neg_inf;
+                        }
+
+                        if let Some(b) = bias {
+                            val += b[qi * seq_kv + kv_idx];
+                        }
+
+                        *score = val;
+                        if val > tile_max {
+                            tile_max = val;
+                        }
+                    }
+                    tile_max
+                };
+
+                if tile_max == neg_inf {
+                    // All masked: zero out scores so gemm contributes nothing
+                    for score in score_row.iter_mut() {
+                        *score = T::zero();
+                    }
+                    continue;
                 }
-                continue;
+
+                let new_max = if row_max[qi] > tile_max {
+                    row_max[qi]
+                } else {
+                    tile_max
+                };
+
+                let tile_sum = T::exp_shift_sum(score_row, new_max);
+
+                let correction = if row_max[qi] == neg_inf {
+                    T::zero()
+                } else {
+                    (row_max[qi] - new_max).exp()
+                };
+
+                // Rescale existing output accumulator
+                let out_row = &mut output[qi * val_dim..(qi + 1) * val_dim];
+                for o in out_row.iter_mut() {
+                    *o = *o * correction;
+                }
+
+                row_sum[qi] = row_sum[qi] * correction + tile_sum;
+                row_max[qi] = new_max;
             }
 
-            let new_max = if row_max[qi] > tile_max {
-                row_max[qi]
-            } else {
-                tile_max
-            };
-
-            let mut tile_sum = T::zero();
-            for score in score_row.iter_mut() {
-                let e = (*score - new_max).exp();
-                *score = e;
-                tile_sum += e;
+            // Step 3: output[q0..q1] += P[rows, tile_kv] @ V_tile[tile_kv, val_dim]
+            unsafe {
+                T::block_gemm(BlockGemmArgs {
+                    m: rows,
+                    n: val_dim,
+                    k: tile_kv,
+                    dst: output.as_mut_ptr().add(q0 * val_dim),
+                    dst_cs: 1,
+                    dst_rs: val_dim as isize,
+                    read_dst: true,
+                    lhs: scores.as_ptr(),
+                    lhs_cs: 1,
+                    lhs_rs: tile_kv as isize,
+                    rhs: v.as_ptr().add(kv_start * val_dim),
+                    rhs_cs: 1,
+                    rhs_rs: val_dim as isize,
+                    alpha: T::one(),
+                    beta: T::one(),
+                });
             }
-
-            let correction = if row_max[qi] == neg_inf {
-                T::zero()
-            } else {
-                (row_max[qi] - new_max).exp()
-            };
-
-            // Rescale existing output accumulator
-            let out_row = &mut output[qi * val_dim..(qi + 1) * val_dim];
-            for o in out_row.iter_mut() {
-                *o = *o * correction;
-            }
-
-            row_sum[qi] = row_sum[qi] * correction + tile_sum;
-            row_max[qi] = new_max;
-        }
-
-        // Step 3: Value matmul via gemm
-        // output[seq_q, val_dim] += P[seq_q, tile_kv] @ V_tile[tile_kv, val_dim]
-        //
-        // P (scores buffer) row-major: rs=tile_kv, cs=1
-        // V_tile row-major [tile_kv, val_dim]: rs=val_dim, cs=1
-        // output row-major [seq_q, val_dim]: rs=val_dim, cs=1
-        //
-        // dst = 1.0 * dst + 1.0 * P @ V  (accumulate)
-        unsafe {
-            T::block_gemm(BlockGemmArgs {
-                m: seq_q,
-                n: val_dim,
-                k: tile_kv,
-                dst: output.as_mut_ptr(),
-                dst_cs: 1,
-                dst_rs: val_dim as isize,
-                read_dst: true,
-                lhs: scores.as_ptr(),
-                lhs_cs: 1,
-                lhs_rs: tile_kv as isize,
-                rhs: v.as_ptr().add(kv_start * val_dim),
-                rhs_cs: 1,
-                rhs_rs: val_dim as isize,
-                alpha: T::one(),
-                beta: T::one(),
-            });
         }
     }
 
@@ -680,6 +1182,13 @@ fn flash_attention_head<T: FlashGemm>(
             }
         }
         // sum == 0 means all positions masked; output stays zero
+        if let Some(lse) = lse.as_deref_mut() {
+            lse[qi] = if sum > T::zero() {
+                row_max[qi] + sum.ln()
+            } else {
+                T::infinity()
+            };
+        }
     }
 }
 
@@ -1095,7 +1604,8 @@ mod tests {
     use burn_backend::ops::AttentionModuleOptions;
     use burn_std::{BoolStore, Bytes, Shape, f16};
 
-    use crate::{FlexTensor, Layout};
+    use crate::ops::attention_rows as rows;
+use crate::{FlexTensor, Layout};
 
     fn flex_f32(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
         FlexTensor::new(
