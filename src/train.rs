@@ -101,7 +101,8 @@ fn seconds(flag: Option<f64>, var: &str, default: Duration) -> Result<Duration> 
 pub fn run(a: Args) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.set)?;
     if a.dry_run {
-        print!("{}", dry_run(&recipe)?);
+        let on_cpu = a.device.trim() == "cpu";
+        print!("{}", dry_run(&recipe, on_cpu)?);
         return Ok(());
     }
     ctrlc::set_handler(|| {

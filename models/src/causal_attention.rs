@@ -24,7 +24,7 @@ use crate::backend::{Checkpointing, Cpu};
 
 /// Sequences shorter than this keep the grouped layout: the whole probability matrix is
 /// small there, and a few large matmuls beat many tile-sized ones.
-const FUSED_FROM_TOKENS: usize = 1024;
+pub const FUSED_FROM_TOKENS: usize = 1024;
 
 /// Whether `forward` takes the fused path for `tokens` on backend `B` (then the decoder's
 /// mask stays `[B, 1, T, T]` instead of being grouped).

@@ -74,33 +74,39 @@ const ATTENTION_BLOCK_ELEMENTS: u64 = 1 << 22;
 
 /// Activation bytes kept for the backward of one micro-batch, and the largest transient
 /// buffers of the loss and attention on top of them.
-fn activation_bytes(
-    cfg: &ModelConfig,
-    lora: Option<&LoraSettings>,
-    micro_batch: usize,
-    seq: usize,
-    checkpointing: bool,
-    half: bool,
-) -> u64 {
+fn activation_bytes(cfg: &ModelConfig, lora: Option<&LoraSettings>, step: &StepShape) -> u64 {
+    let StepShape {
+        micro_batch,
+        seq,
+        checkpointing,
+        half,
+        on_cpu,
+    } = *step;
+    let fused = on_cpu && seq >= models::causal_attention::FUSED_FROM_TOKENS;
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
     let tokens = (micro_batch * seq) as u64;
     // One layer's graph, per token, in f32 elements: what its backward reads. The two norms'
     // inputs and outputs (4h, plus 2h of their statistics and scaled copies), the attention
-    // op's q, k, v and output and o_proj's input (3q + 2kv), the MLP's gate, up, SiLU(gate)
-    // and product (4i), and each adapter's `x A` (r). Matmul outputs that nothing reads back
-    // (o_proj, down_proj, the adapters' `x A B`) are not kept.
+    // op's q, k, v and output and o_proj's input (3q + 2kv; the fused CPU attention keeps k
+    // and v repeated for every query head: 5q), the MLP's gate, up, SiLU(gate) and product
+    // (4i), and each adapter's `x A` (r). Matmul outputs that nothing reads back (o_proj,
+    // down_proj, the adapters' `x A B`) are not kept.
     let adapter: u64 = lora.map_or(0, |l| (l.r * l.targets().unwrap_or_default().len()) as u64);
-    let layer = 4 * tokens * (6 * h + 3 * q + 2 * kv + 4 * i + adapter);
+    let attention = if fused { 5 * q } else { 3 * q + 2 * kv };
+    let layer = 4 * tokens * (6 * h + attention + 4 * i + adapter);
     let layers = cfg.num_hidden_layers as u64;
-    // Attention: the grouped bool mask (one for all layers), and per layer the probabilities
-    // when small, else a few blocks of recomputed scores.
+    // Attention: the bool mask (one for all layers; grouped per query head unless fused),
+    // and per layer the probabilities when small, else a few blocks of recomputed scores
+    // (the fused kernels hold neither: tile-sized scratch only).
     let scores = (micro_batch * cfg.num_attention_heads * seq * seq) as u64;
-    let (probs, blocks) = if scores <= ATTENTION_BLOCK_ELEMENTS {
-        (4 * scores, 0)
+    let (mask, probs, blocks) = if fused {
+        ((micro_batch * seq * seq) as u64, 0, 0)
+    } else if scores <= ATTENTION_BLOCK_ELEMENTS {
+        (scores, 4 * scores, 0)
     } else {
-        (0, 4 * 4 * ATTENTION_BLOCK_ELEMENTS)
+        (scores, 0, 4 * 4 * ATTENTION_BLOCK_ELEMENTS)
     };
     // With checkpointing each layer keeps its input, and one layer's graph exists at a time
     // (the one being recomputed); without, every layer keeps its graph. Either way the
@@ -115,7 +121,19 @@ fn activation_bytes(
     let vocab = cfg.vocab_size as u64;
     let chunk = (models::chunked_head::chunk_positions(cfg.vocab_size) as u64).min(tokens);
     let head = 4 * tokens * h + 3 * 4 * chunk * vocab + if half { 4 * vocab * h } else { 0 };
-    kept + scores + blocks + head
+    kept + mask + blocks + head
+}
+
+/// What a training step's activations depend on besides the model.
+#[derive(Debug, Clone, Copy)]
+pub struct StepShape {
+    pub micro_batch: usize,
+    pub seq: usize,
+    pub checkpointing: bool,
+    /// The frozen base is stored in half precision.
+    pub half: bool,
+    /// Trained on the CPU backend (its fused causal attention from 1024 tokens).
+    pub on_cpu: bool,
 }
 
 /// f32 training: 4 bytes per weight (NF4 ones: their bits per weight; a `half` frozen
@@ -125,11 +143,9 @@ pub fn estimate(
     cfg: &ModelConfig,
     lora: Option<&LoraSettings>,
     quantization: Option<&Quantization>,
-    micro_batch: usize,
-    seq: usize,
-    checkpointing: bool,
-    half: bool,
+    step: &StepShape,
 ) -> MemoryEstimate {
+    let half = step.half;
     let params = cfg.num_parameters() as u64;
     let (quantized, quantized_bytes) = quantization.map_or((0, 0), |q| {
         let n = quantized_params(cfg, q);
@@ -143,7 +159,7 @@ pub fn estimate(
         weights: if half { 2 } else { 4 } * (params - quantized) + 4 * added + quantized_bytes,
         gradients: 4 * trainable,
         optimizer: 8 * trainable,
-        activations: activation_bytes(cfg, lora, micro_batch, seq, checkpointing, half),
+        activations: activation_bytes(cfg, lora, step),
         other_models: 0,
     }
 }

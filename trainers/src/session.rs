@@ -21,7 +21,7 @@ use models::{CausalLm, Message, ModelConfig, TextTokenizer};
 
 use crate::distill::Distill;
 use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
-use crate::estimate::{estimate, human_bytes};
+use crate::estimate::{estimate, human_bytes, StepShape};
 use crate::method::{BatchShape, Method};
 use crate::optim::{trainable_params, AdamWSettings};
 use crate::parallel::Replica;
@@ -216,8 +216,8 @@ fn data_config(recipe: &Recipe) -> datasets::config::DataConfig {
 }
 
 /// `--dry-run`: validate everything, load no weights, print the resolved recipe, data
-/// counts, steps and a memory estimate.
-pub fn dry_run(recipe: &Recipe) -> Result<String> {
+/// counts, steps and a memory estimate (for training on the CPU backend, or on CUDA).
+pub fn dry_run(recipe: &Recipe, on_cpu: bool) -> Result<String> {
     let (cfg, tok) = if recipe.model.path.join("config.json").exists() {
         let cfg = load_config(&recipe.model.path)?;
         let tok = load_tokenizer(&recipe.model.path, &cfg)?;
@@ -228,7 +228,7 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
         // The model the init recipe trains is its own model, fine-tuned: same shapes.
         let sub = Recipe::load(init, &[])
             .with_context(|| format!("[model] init_recipe {}", init.display()))?;
-        return dry_run_with_model_of(recipe, &sub);
+        return dry_run_with_model_of(recipe, &sub, on_cpu);
     } else {
         ensure_model_possible(recipe)?;
         let (Some(preset), Some(tok_dir)) =
@@ -279,15 +279,14 @@ pub fn dry_run(recipe: &Recipe) -> Result<String> {
     // Preference methods put chosen and rejected rows of each pair in one micro-batch.
     let rows = if expected == "pairs" { 2 * mb } else { mb };
     let quantization = recipe.model.quantization()?;
-    let mut mem = estimate(
-        &cfg,
-        lora.as_ref(),
-        quantization.as_ref(),
-        rows,
+    let step = StepShape {
+        micro_batch: rows,
         seq,
-        recipe.train.gradient_checkpointing,
-        recipe.model.half()?.is_some(),
-    );
+        checkpointing: recipe.train.gradient_checkpointing,
+        half: recipe.model.half()?.is_some(),
+        on_cpu,
+    };
+    let mut mem = estimate(&cfg, lora.as_ref(), quantization.as_ref(), &step);
     // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
     let dpo = recipe.dpo.clone().unwrap_or_default();
     if recipe.method == MethodName::Dpo
@@ -372,14 +371,14 @@ fn key_metric_moves(method: MethodName, run_dir: &Path) -> Vec<(&'static str, f6
 }
 
 /// The dry run of `recipe` whose model `init` trains first: `init`'s model stands in.
-fn dry_run_with_model_of(recipe: &Recipe, init: &Recipe) -> Result<String> {
+fn dry_run_with_model_of(recipe: &Recipe, init: &Recipe, on_cpu: bool) -> Result<String> {
     let mut r = recipe.clone();
     r.model.path = init.model.path.clone();
     r.model.init_recipe = None;
     r.model.init_preset = init.model.init_preset.clone();
     r.model.init_tokenizer = init.model.init_tokenizer.clone();
     r.model.init_seed = init.model.init_seed;
-    let plan = dry_run(&r)?;
+    let plan = dry_run(&r, on_cpu)?;
     Ok(format!(
         "# [model] {} is trained first by {}\n{plan}",
         recipe.model.path.display(),
