@@ -424,16 +424,23 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// The LM head as a plain `[hidden, vocab]` weight (in its stored dtype), when it is
-    /// one: no bias, adapter or adapter bank.
+    /// Whether the LM head is a plain weight: no bias, adapter or adapter bank.
+    pub fn has_plain_head(&self) -> bool {
+        self.lm_head
+            .as_ref()
+            .is_none_or(|h| h.bias.is_none() && h.lora.is_none() && h.bank.is_none())
+    }
+
+    /// The LM head as a plain `[hidden, vocab]` weight (in its stored dtype; dequantised if
+    /// NF4), when it is one (see [`CausalLm::has_plain_head`]).
     pub fn plain_head(&self) -> Option<Tensor<B, 2>> {
-        match &self.lm_head {
-            Some(head) if head.bias.is_none() && head.lora.is_none() && head.bank.is_none() => {
-                Some(head.stored_weight())
-            }
-            Some(_) => None,
-            None => Some(self.embed_tokens.val().transpose()),
+        if !self.has_plain_head() {
+            return None;
         }
+        Some(match &self.lm_head {
+            Some(head) => head.stored_weight(),
+            None => self.embed_tokens.val().transpose(),
+        })
     }
 
     /// A per-row `objective` of the logits (divided by `scale`) at each row of `hidden`

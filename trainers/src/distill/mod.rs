@@ -1,10 +1,8 @@
 //! Knowledge distillation from a frozen teacher (same tokenizer) into the trained student:
 //!
-//! `loss = alpha * T^2 * D(p_teacher^T || p_student^T) + (1 - alpha) * CE(labels)`
-//!
-//! summed over trained tokens (the loop averages over them), with D the forward KL, the
-//! reverse KL or GKD's generalised JSD (`beta`; 0 is forward, 1 reverse KL). Teacher
-//! log-probs come from a teacher forward each step, or from its top-k log-probs cached once
+//! `alpha * T^2 * D(p_teacher^T || p_student^T) + (1 - alpha) * CE(labels)` per trained
+//! token (the loss itself, computed in chunks of positions, is in `loss.rs`). The teacher's
+//! side comes from a teacher forward each step, or from its top-k log-probs cached once
 //! beside the tokenized data. With `lmbda > 0` a step trains, with that probability, on the
 //! student's own samples of the prompts instead of the dataset completions (on-policy GKD).
 
@@ -28,8 +26,8 @@ use models::CausalLm;
 
 use crate::data_order::{eval_chunks, EpochCursor};
 use crate::logprobs::{trained_hidden, trained_logits, TrainedHidden, TrainedLogits};
-
 use crate::method::{BatchShape, LossOutput, Method};
+
 pub use loss::{kd_loss_sum, kd_sums, KdLoss, KdObjective, TeacherTargets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,7 +138,7 @@ pub fn teacher_targets<B: Backend>(
         logps: vec![],
         k: top_k.unwrap_or(1),
     };
-    if top_k.is_none() && teacher.plain_head().is_some() {
+    if top_k.is_none() && teacher.has_plain_head() {
         return match trained_hidden(teacher, batch) {
             Some(TrainedHidden { hidden, .. }) => TeacherTargets::Hidden(hidden.into_data()),
             None => empty(),
