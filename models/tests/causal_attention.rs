@@ -11,22 +11,13 @@ use models::backend::{Cpu, CpuTrain, CpuTrainCheckpointed};
 use models::mask::AttentionLayout;
 use models::{causal_attention, ForwardInput};
 
+mod common;
+use common::values;
+
 const B: usize = 2;
 const H: usize = 4;
 const KVH: usize = 2;
 const D: usize = 8;
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Row 0: right padding from `pad` on; row 1: two packed segments (or left padding).
 fn layout(t: usize, pad: usize, left_pad: bool) -> AttentionLayout {
