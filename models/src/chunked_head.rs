@@ -194,12 +194,16 @@ impl RowObjective for TargetLogps {
     ) -> Rows<X> {
         let c = end - start;
         let t = aux.ints[0].clone().slice(s![start..end]);
-        // One `[c, vocab]` buffer at a time where the backend updates in place: the shifted
-        // logits, their exponentials, then the probabilities and the gradient.
+        // One `[c, vocab]` buffer at a time where the backend updates in place (a tensor
+        // nothing else holds): the shifted logits become their exponentials, then the
+        // probabilities, then the gradient. The entropy needs the shifted logits kept.
         let max = z.clone().detach().max_dim(1);
         let shifted = z - max;
         let picked = shifted.clone().gather(1, t.clone());
-        let e = shifted.clone().exp();
+        let (e, shifted) = match self.entropy {
+            true => (shifted.clone().exp(), Some(shifted)),
+            false => (shifted.exp(), None),
+        };
         let sum = e.clone().sum_dim(1);
         let lse = sum.clone().log();
         let value = (picked - lse.clone()).reshape([c]);
@@ -213,7 +217,10 @@ impl RowObjective for TargetLogps {
         let p = e.detach() / sum.detach();
         let metrics = match self.entropy {
             // H = lse - sum(p z).
-            true => vec![(lse.detach() - (p.clone() * shifted.detach()).sum_dim(1)).reshape([c])],
+            true => {
+                let shifted = shifted.expect("kept for the entropy").detach();
+                vec![(lse.detach() - (p.clone() * shifted).sum_dim(1)).reshape([c])]
+            }
             false => vec![],
         };
         // d log p(t) / dz = onehot(t) - softmax(z).
