@@ -13,7 +13,7 @@ pub struct MemoryEstimate {
     pub gradients: u64,
     pub optimizer: u64,
     pub activations: u64,
-    /// Frozen models held beside the trained one (a distillation teacher).
+    /// Frozen models held beside the trained one (a DPO reference, a distillation teacher).
     pub other_models: u64,
 }
 

@@ -294,9 +294,12 @@ pub fn dry_run(recipe: &Recipe, on_cpu: bool) -> Result<String> {
         && dpo.needs_reference()
         && !dpo.precompute_ref_log_probs
     {
-        mem.weights *= 2;
+        mem.other_models = mem.weights;
     }
-    let teacher = match (&recipe.method, &recipe.distill) {
+    let others = match (&recipe.method, &recipe.distill) {
+        (MethodName::Dpo, _) if mem.other_models > 0 => {
+            format!("reference   {}\n", human_bytes(mem.other_models))
+        }
         (MethodName::Distill, Some(d)) => match crate::teacher::teacher_bytes(d)? {
             Some(0) => {
                 "teacher     none while training (its top-k log-probs are cached first)\n".into()
@@ -323,7 +326,7 @@ pub fn dry_run(recipe: &Recipe, on_cpu: bool) -> Result<String> {
     ));
     s.push_str(&format!(
         "\n# memory estimate (float32 training{}, micro-batch of {rows} rows x {} tokens)\n\
-         parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\n{teacher}total       {}\n",
+         parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\n{others}total       {}\n",
         match recipe.model.dtype.as_str() {
             "float32" => String::new(),
             half => format!(", frozen base stored in {half}"),
