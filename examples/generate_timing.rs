@@ -1,7 +1,9 @@
 //! Wall time of batched sampling on an HF model directory (a profiling aid):
 //! `cargo run --release --example generate_timing -- MODEL_DIR [prompt_len] [lora r]`:
 //! 2 prompts x 4 samples x 32 tokens (GRPO's bench shape), prefill and decoding step apart.
-//! With `DECODE_ONLY=1` it runs 400 decoding steps over one filled cache, for `perf`.
+//! With `DECODE_ONLY=1` it runs 400 decoding steps over one filled cache, for `perf`; with
+//! `BASE_DTYPE=bfloat16` (or `float16`) the base is stored in half precision, as
+//! `[model] dtype` stores it under an adapter.
 use burn::backend::Flex;
 use models::generate::{generate_groups, SamplingParams};
 use models::lora::LoraSettings;
@@ -21,7 +23,12 @@ fn main() {
     let prompt_len: usize = args.get(2).map_or(120, |s| s.parse().unwrap());
     let r: usize = args.get(3).map_or(16, |s| s.parse().unwrap());
     let dev = Default::default();
-    let (_, mut model) = models::checkpoint::load_model::<Flex>(&dir, &dev).unwrap();
+    let half = models::half::storage_dtype(
+        &std::env::var("BASE_DTYPE").unwrap_or_else(|_| "float32".into()),
+    )
+    .unwrap();
+    let (_, mut model) =
+        models::checkpoint::load_model_stored::<Flex>(&dir, &dev, None, half).unwrap();
     if r > 0 {
         let settings = LoraSettings {
             r,

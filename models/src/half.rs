@@ -54,7 +54,27 @@ pub fn half_matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2
         Ok(y) => return y,
         Err(x) => x,
     };
+    if let Some(y) = few_rows_on_cpu(&x, w) {
+        return y;
+    }
     x.matmul(as_f32(w.clone()))
+}
+
+/// Decoding on the CPU backend (a few rows against a large half weight): burn-flex reads
+/// the weight in its own 2 bytes per element instead of casting all of it to f32 first (a
+/// whole-model cast per generated token).
+fn few_rows_on_cpu<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let x = (x as &dyn Any).downcast_ref::<Tensor<crate::backend::Cpu, 2>>()?;
+    let w = (w as &dyn Any).downcast_ref::<Tensor<crate::backend::Cpu, 2>>()?;
+    let (x, w) = (
+        x.clone().into_primitive().tensor(),
+        w.clone().into_primitive().tensor(),
+    );
+    let y = burn::backend::flex::ops::matmul::matmul_half_rhs(&x, &w)?;
+    let y: Box<dyn Any> = Box::new(Tensor::<crate::backend::Cpu, 2>::from_primitive(
+        TensorPrimitive::Float(y),
+    ));
+    Some(*y.downcast::<Tensor<B, 2>>().expect("same backend"))
 }
 
 fn on_autodiff<B: Backend, I: Backend>(

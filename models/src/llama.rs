@@ -417,10 +417,17 @@ impl<B: Backend> CausalLm<B> {
         crate::shape_audit::record("lm_head", &[&hidden.dims()]);
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => crate::layers::matmul_2d(
-                hidden,
-                crate::half::as_f32(self.embed_tokens.val()).transpose(),
-            ),
+            None => {
+                let embed = self.embed_tokens.val();
+                if crate::half::is_half(embed.dtype()) {
+                    let [b, t, d] = hidden.dims();
+                    let w = embed.transpose();
+                    let v = w.dims()[1];
+                    return crate::half::half_matmul(hidden.reshape([b * t, d]), &w)
+                        .reshape([b, t, v]);
+                }
+                crate::layers::matmul_2d(hidden, embed.transpose())
+            }
         }
     }
 

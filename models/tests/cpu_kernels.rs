@@ -40,6 +40,35 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// A few f32 rows times a half-precision weight (decoding through a bf16/f16 frozen base):
+/// equal to the product with the weight cast to f32 first, for both layouts, and for row
+/// counts past the few-row path.
+#[test]
+fn half_weight_matmul_reads_the_weight_in_half_precision_and_matches_the_cast() {
+    use burn::tensor::FloatDType;
+    let (k, n) = (320, 1030);
+    for dtype in [FloatDType::BF16, FloatDType::F16] {
+        let w = tensor(values(k * n, 7), [k, n]).cast(dtype);
+        let transposed = tensor(values(k * n, 7), [k, n])
+            .transpose()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let w_t = tensor(transposed, [n, k]).cast(dtype).transpose();
+        for m in [1usize, 5, 16, 17] {
+            let a = tensor(values(m * k, 30 + m as u64), [m, k]);
+            for (label, weight) in [("row-major", &w), ("column-major", &w_t)] {
+                let want: Vec<f64> = host(a.clone().matmul(weight.clone().cast(FloatDType::F32)))
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                let got = host(models::half::half_matmul(a.clone(), weight));
+                assert_close(&got, &want, 1e-5, &format!("{dtype:?} {label} m={m}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn small_row_matmul_matches_reference_for_both_layouts() {
     let (k, n) = (320, 1030); // n not a multiple of the column block

@@ -107,6 +107,52 @@ pub fn matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
 
 /// Extract 2D matrix strides from a tensor layout.
 /// Returns (row_stride, col_stride) for the last two dimensions.
+/// burnish patch: `lhs[m, k] (f32) x rhs[k, n] (bf16 or f16)` for a few rows (decoding
+/// through a half-precision frozen base), reading the matrix in its own precision; `None`
+/// where it does not apply (more rows, other dtypes or layouts), and the caller casts.
+pub fn matmul_half_rhs(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
+    let (ls, rs) = (lhs.layout().shape(), rhs.layout().shape());
+    if ls.num_dims() != 2 || rs.num_dims() != 2 || lhs.dtype() != DType::F32 {
+        return None;
+    }
+    let (m, k, n) = (ls[0], ls[1], rs[1]);
+    let (lhs_row_stride, lhs_col_stride) = get_2d_strides(lhs.layout());
+    let (rhs_row_stride, rhs_col_stride) = get_2d_strides(rhs.layout());
+    if rs[0] != k || !crate::ops::small_m::applies(m, n, k, [rhs_row_stride, rhs_col_stride]) {
+        return None;
+    }
+    let to_f32: fn(&[u16], &mut [f32]) = match rhs.dtype() {
+        DType::BF16 => |src, dst| {
+            for (d, &b) in dst.iter_mut().zip(src) {
+                *d = f32::from_bits((b as u32) << 16);
+            }
+        },
+        DType::F16 => |src, dst| {
+            for (d, &b) in dst.iter_mut().zip(src) {
+                *d = f16::from_bits(b).to_f32();
+            }
+        },
+        _ => return None,
+    };
+    let lhs_data: &[f32] = lhs.storage();
+    let rhs_data: &[u16] = bytemuck::cast_slice(rhs.bytes());
+    let mut output = FlexTensor::empty(Shape::from(vec![m, n]), DType::F32);
+    let out: &mut [f32] = output.storage_mut();
+    // SAFETY: both operands are 2-D tensors of these shapes and strides over their storage.
+    unsafe {
+        crate::ops::small_m::matmul_half(
+            out,
+            lhs_data.as_ptr().add(lhs.layout().start_offset()),
+            [lhs_row_stride, lhs_col_stride],
+            rhs_data.as_ptr().add(rhs.layout().start_offset()),
+            [rhs_row_stride, rhs_col_stride],
+            [m, n, k],
+            to_f32,
+        );
+    }
+    Some(output)
+}
+
 fn get_2d_strides(layout: &Layout) -> (isize, isize) {
     let strides = layout.strides();
     let ndim = strides.len();

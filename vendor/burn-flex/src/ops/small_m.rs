@@ -28,6 +28,85 @@ pub(crate) fn applies(m: usize, n: usize, k: usize, rhs_strides: [isize; 2]) -> 
     (1..=MAX_ROWS).contains(&m) && k > 0 && n.saturating_mul(k) >= MIN_MATRIX && layout_ok
 }
 
+/// `out[m, n] = lhs[m, k] x rhs[k, n]` for a half-precision `rhs` (bf16 or f16 bits,
+/// converted by `to_f32`), strides `[row, col]` in elements: each task converts its block of
+/// columns into f32 scratch and runs the f32 kernels on it, so the matrix is read once in
+/// its own 2 bytes per weight instead of being cast whole (4 bytes written, then read).
+///
+/// # Safety
+/// As [`matmul`].
+pub(crate) unsafe fn matmul_half(
+    out: &mut [f32],
+    lhs: *const f32,
+    lhs_strides: [isize; 2],
+    rhs: *const u16,
+    rhs_strides: [isize; 2],
+    [m, n, k]: [usize; 3],
+    to_f32: fn(&[u16], &mut [f32]),
+) {
+    let mut a = vec![0f32; m * k];
+    for i in 0..m {
+        for kk in 0..k {
+            a[i * k + kk] =
+                unsafe { *lhs.offset(i as isize * lhs_strides[0] + kk as isize * lhs_strides[1]) };
+        }
+    }
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let rhs = SendPtr(rhs);
+    let row_major = rhs_strides[1] == 1;
+    let a = &a;
+    let block = move |b: usize| {
+        let c0 = b * COLS;
+        let c1 = (c0 + COLS).min(n);
+        let width = c1 - c0;
+        let (out, rhs) = (out_ptr, rhs);
+        let mut scratch = vec![0f32; width * k];
+        // SAFETY: every converted element lies in the matrix (`applies` checked the strides).
+        unsafe {
+            if row_major {
+                for kk in 0..k {
+                    let src = core::slice::from_raw_parts(
+                        rhs.0.offset(kk as isize * rhs_strides[0] + c0 as isize),
+                        width,
+                    );
+                    to_f32(src, &mut scratch[kk * width..(kk + 1) * width]);
+                }
+            } else {
+                for c in c0..c1 {
+                    let src = core::slice::from_raw_parts(rhs.0.offset(c as isize * rhs_strides[1]), k);
+                    to_f32(src, &mut scratch[(c - c0) * k..(c - c0 + 1) * k]);
+                }
+            }
+        }
+        let args = Block {
+            out: out.0,
+            a,
+            rhs: scratch.as_ptr(),
+            rhs_c0: c0,
+            m,
+            n,
+            k,
+            c0,
+            c1,
+        };
+        unsafe {
+            if row_major {
+                args.run_row_major(width)
+            } else {
+                args.run_col_major(k)
+            }
+        }
+    };
+    let blocks = n.div_ceil(COLS);
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().for_each(block);
+    }
+    #[cfg(not(feature = "rayon"))]
+    (0..blocks).for_each(block);
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr<T>(T);
 unsafe impl<T> Send for SendPtr<T> {}
@@ -66,6 +145,7 @@ pub(crate) unsafe fn matmul(
             out: out.0,
             a,
             rhs: rhs.0,
+            rhs_c0: 0,
             m,
             n,
             k,
@@ -95,6 +175,9 @@ struct Block<'a> {
     out: *mut f32,
     a: &'a [f32],
     rhs: *const f32,
+    /// The output column `rhs`'s column 0 stands for: 0 for the whole matrix, `c0` for a
+    /// block converted into scratch (`matmul_half`).
+    rhs_c0: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -181,7 +264,7 @@ impl Block<'_> {
     ) {
         let mut acc = [[0f32; TILE_COLS]; R];
         let a: [&[f32]; R] = core::array::from_fn(|r| &self.a[(row + r) * self.k..(row + r + 1) * self.k]);
-        let base = unsafe { self.rhs.add(self.c0 + col) };
+        let base = unsafe { self.rhs.add(self.c0 - self.rhs_c0 + col) };
         for kk in 0..self.k {
             // SAFETY: `c0 + col + TILE_COLS <= c1 <= n` and row `kk < k` of the matrix.
             let w = unsafe { &*(base.add(kk * row_stride) as *const [f32; TILE_COLS]) };
@@ -210,7 +293,7 @@ impl Block<'_> {
             for kk in 0..self.k {
                 let x = self.a[i * self.k + kk];
                 let w = unsafe {
-                    core::slice::from_raw_parts(self.rhs.add(kk * row_stride + self.c0 + from), width)
+                    core::slice::from_raw_parts(self.rhs.add(kk * row_stride + self.c0 - self.rhs_c0 + from), width)
                 };
                 for (o, &w) in acc[..width].iter_mut().zip(w) {
                     *o = fma(x, w, *o);
@@ -228,7 +311,7 @@ impl Block<'_> {
     unsafe fn col_major_with(&self, col_stride: usize, fma: impl Fn(f32, f32, f32) -> f32) {
         const LANES: usize = 8;
         for c in self.c0..self.c1 {
-            let w = unsafe { core::slice::from_raw_parts(self.rhs.add(c * col_stride), self.k) };
+            let w = unsafe { core::slice::from_raw_parts(self.rhs.add((c - self.rhs_c0) * col_stride), self.k) };
             for i in 0..self.m {
                 let x = &self.a[i * self.k..(i + 1) * self.k];
                 let mut lanes = [0f32; LANES];
