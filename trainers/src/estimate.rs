@@ -147,10 +147,7 @@ pub fn estimate(
 ) -> MemoryEstimate {
     let half = step.half;
     let params = cfg.num_parameters() as u64;
-    let (quantized, quantized_bytes) = quantization.map_or((0, 0), |q| {
-        let n = quantized_params(cfg, q);
-        (n, (n as f64 * q.nf4.bits_per_param() / 8.0).ceil() as u64)
-    });
+    let (quantized, quantized_bytes) = quantization.map_or((0, 0), |q| nf4_weights(cfg, q));
     let added = lora.map_or(0, |l| lora_params(cfg, l));
     let trainable = if lora.is_some() { added } else { params };
     MemoryEstimate {
@@ -167,10 +164,14 @@ pub fn estimate(
 /// The weights of a frozen model kept for inference: f32, its NF4 layers at their bits.
 pub fn frozen_model_bytes(cfg: &ModelConfig, quantization: Option<&Quantization>) -> u64 {
     let params = cfg.num_parameters() as u64;
-    quantization.map_or(4 * params, |q| {
-        let n = quantized_params(cfg, q);
-        4 * (params - n) + (n as f64 * q.nf4.bits_per_param() / 8.0).ceil() as u64
-    })
+    let (n, bytes) = quantization.map_or((0, 0), |q| nf4_weights(cfg, q));
+    4 * (params - n) + bytes
+}
+
+/// How many weights NF4 quantises, and their bytes.
+fn nf4_weights(cfg: &ModelConfig, q: &Quantization) -> (u64, u64) {
+    let n = quantized_params(cfg, q);
+    (n, (n as f64 * q.nf4.bits_per_param() / 8.0).ceil() as u64)
 }
 
 pub fn human_bytes(b: u64) -> String {
