@@ -215,7 +215,7 @@ fn model_hash(model: &Path, adapter: Option<&Path>) -> Result<String> {
     let mut parts = vec![];
     for path in [Some(model), adapter].into_iter().flatten() {
         let dir = checkpoints::export::resolve_weights_dir(path)?;
-        parts.push(trainers::teacher::model_fingerprint(&dir)?);
+        parts.push(trainers::prerequisites::model_fingerprint(&dir)?);
     }
     Ok(parts.join("+"))
 }

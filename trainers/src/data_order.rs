@@ -5,7 +5,16 @@ use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// Where a method is in its data: how far through the epochs, and the position saved in
+/// checkpoints so that a resumed run goes on with the rows the uninterrupted run would see.
+pub trait DataCursor {
+    /// Fractional epochs completed.
+    fn epoch(&self) -> f64;
+    fn to_json(&self) -> Value;
+    fn restore(&mut self, cursor: &Value) -> Result<()>;
+}
 
 pub struct EpochCursor {
     rows: usize,
@@ -61,16 +70,18 @@ impl EpochCursor {
     pub fn steps_per_epoch(&self, rows_per_step: usize) -> usize {
         self.rows.div_ceil(rows_per_step.max(1))
     }
+}
 
-    pub fn epoch(&self) -> f64 {
+impl DataCursor for EpochCursor {
+    fn epoch(&self) -> f64 {
         self.epoch as f64 + self.pos as f64 / self.rows.max(1) as f64
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
+    fn to_json(&self) -> Value {
         json!({"epoch": self.epoch, "pos": self.pos, "rows": self.rows})
     }
 
-    pub fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
+    fn restore(&mut self, cursor: &Value) -> Result<()> {
         let get = |k: &str| cursor.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
         let (Some(epoch), Some(pos), Some(rows)) = (get("epoch"), get("pos"), get("rows")) else {
             bail!("the checkpoint's data cursor is not a row cursor: {cursor}");

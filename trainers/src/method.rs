@@ -9,6 +9,8 @@ use burn::tensor::backend::AutodiffBackend;
 use datasets::batch::Padding;
 use models::CausalLm;
 
+use crate::data_order::DataCursor;
+
 /// A micro-batch's summed loss and metrics. The loop divides both by the total weight of
 /// the accumulated batch, so the update does not depend on how it was split.
 pub struct LossOutput<B: Backend> {
@@ -50,12 +52,9 @@ pub trait Method<B: AutodiffBackend> {
     /// Optimizer steps in one pass over the data, when that is defined.
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize>;
 
-    /// Fractional epochs completed.
-    fn epoch(&self) -> f64;
-
-    /// The data cursor, saved in checkpoints, and its restore.
-    fn cursor(&self) -> serde_json::Value;
-    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()>;
+    /// Where it is in its data (epochs; the position checkpoints save and restore).
+    fn data_cursor(&self) -> &dyn DataCursor;
+    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor;
 }
 
 /// How a dataset method cuts its rows into micro-batches.

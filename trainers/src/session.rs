@@ -7,57 +7,26 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use checkpoints::TrainerState;
 use datasets::batch::Padding;
-use datasets::cache::Dataset;
-use datasets::prepare::{prepare, Prepared};
+use datasets::prepare::prepare;
 use models::checkpoint::{load_config, load_model, load_model_stored, load_tokenizer};
 use models::generate::{generate, SamplingParams};
-use models::presets::{new_model_config, write_new_model, NewModelSpec};
+use models::presets::{write_new_model, NewModelSpec};
 use models::weights::{write_atomic, DiskDtype};
 use models::{CausalLm, Message, ModelConfig, TextTokenizer};
 
-use crate::distill::Distill;
-use crate::dpo::{reference_table, Dpo, DpoSettings, Reference};
-use crate::estimate::{estimate, human_bytes, StepShape};
-use crate::method::{BatchShape, Method};
+use crate::method::Method;
+use crate::method_spec::{Drive, MethodSpec, Setup, SpecVisitor};
 use crate::optim::{trainable_params, AdamWSettings};
-use crate::parallel::Replica;
-use crate::recipe::{MethodName, Recipe};
-use crate::reward::Reward;
-use crate::rl::setup::{with_value_head, OnlineSetup};
+use crate::options::{TrainOptions, TrainReport};
+use crate::prerequisites::train_sft_first;
+use crate::recipe::Recipe;
+use crate::replicas::Replicas;
 use crate::schedule::LrSchedule;
-use crate::sft::Sft;
-use crate::teacher::{model_fingerprint, prepare_teacher};
 use crate::train_loop::{find_resume, run_loop_on, EvalHook, LoopConfig, Outcome, Resume};
 use crate::weights::WeightsFormat;
-
-pub struct TrainOptions<'a> {
-    /// `None`, `auto`, or a checkpoint / run directory.
-    pub resume: Option<String>,
-    pub show_progress: bool,
-    /// Set by Ctrl-C: save a checkpoint and stop after the current step.
-    pub stop: &'a AtomicBool,
-    /// Print progress lines (data summary, samples, where things were written).
-    pub verbose: bool,
-    /// Save and stop, as Ctrl-C does, once this many steps are done.
-    pub stop_after_steps: Option<u64>,
-}
-
-#[derive(Debug)]
-pub struct TrainReport {
-    pub outcome: Outcome,
-    pub steps: u64,
-    pub run_dir: PathBuf,
-    /// The HF export (`final/`), when the run completed.
-    pub final_dir: Option<PathBuf>,
-    pub first_eval_loss: Option<f64>,
-    pub last_eval_loss: Option<f64>,
-    pub samples_before: Vec<String>,
-    pub samples_after: Vec<String>,
-}
 
 fn say(verbose: bool, msg: impl AsRef<str>) {
     if verbose {
@@ -99,17 +68,7 @@ fn ensure_model(recipe: &Recipe, verbose: bool) -> Result<()> {
     Ok(())
 }
 
-fn sft_rows(ds: Dataset, split: &str) -> Result<Vec<datasets::pack::PackedRow>> {
-    match ds {
-        Dataset::Sft(rows) => Ok(rows),
-        other => bail!(
-            "this method trains on conversations, but the {split} data are {} rows; use a conversation format (or the method for that data)",
-            other.kind()
-        ),
-    }
-}
-
-fn total_steps(recipe: &Recipe, steps_per_epoch: Option<usize>) -> Result<usize> {
+pub(crate) fn total_steps(recipe: &Recipe, steps_per_epoch: Option<usize>) -> Result<usize> {
     let t = &recipe.train;
     if t.max_steps > 0 {
         return Ok(t.max_steps);
@@ -201,168 +160,23 @@ fn print_samples(recipe: &Recipe, label: &str, samples: &[String]) {
     }
 }
 
-fn prepare_data(recipe: &Recipe, tok: &TextTokenizer, verbose: bool) -> Result<Prepared> {
-    let prepared = prepare(&data_config(recipe), tok)?;
-    say(verbose, prepared.report.summary());
-    Ok(prepared)
-}
-
 /// The recipe's `[data]`, with prompt-answer rows read as conversations for the methods that
 /// train on conversations.
-fn data_config(recipe: &Recipe) -> datasets::config::DataConfig {
+pub(crate) fn data_config(recipe: &Recipe, spec: &impl MethodSpec) -> datasets::config::DataConfig {
     let mut data = recipe.data.clone();
-    data.answers_as_responses |= matches!(recipe.method, MethodName::Sft | MethodName::Distill);
+    data.answers_as_responses |= spec.answers_as_responses();
     data
 }
 
-/// `--dry-run`: validate everything, load no weights, print the resolved recipe, data
-/// counts, steps and a memory estimate (for training on the CPU backend, or on CUDA).
-pub fn dry_run(recipe: &Recipe, on_cpu: bool) -> Result<String> {
-    let (cfg, tok) = if recipe.model.path.join("config.json").exists() {
-        let cfg = load_config(&recipe.model.path)?;
-        let tok = load_tokenizer(&recipe.model.path, &cfg)?;
-        // Headers only: names, shapes, dtypes and byte ranges against config.json.
-        models::checkpoint::check_weights(&recipe.model.path, &cfg)?;
-        (cfg, tok)
-    } else if let Some(init) = &recipe.model.init_recipe {
-        // The model the init recipe trains is its own model, fine-tuned: same shapes.
-        let sub = Recipe::load(init, &[])
-            .with_context(|| format!("[model] init_recipe {}", init.display()))?;
-        return dry_run_with_model_of(recipe, &sub, on_cpu);
-    } else {
-        ensure_model_possible(recipe)?;
-        let (Some(preset), Some(tok_dir)) =
-            (&recipe.model.init_preset, &recipe.model.init_tokenizer)
-        else {
-            unreachable!("checked above")
-        };
-        new_model_config(preset, "llama", tok_dir)?
-    };
-    let prepared = prepare(&data_config(recipe), &tok)?;
-    let expected = match recipe.method {
-        MethodName::Sft | MethodName::Distill => "sft",
-        MethodName::Dpo | MethodName::Reward => "pairs",
-        MethodName::Grpo | MethodName::Ppo => "prompts",
-    };
-    if prepared.train.kind() != expected {
-        bail!(
-            "method {:?} needs {expected} data, but [data] gives {} rows",
-            recipe.method,
-            prepared.train.kind()
-        );
-    }
-    let train_rows = prepared.train.len();
-    let eval_rows = prepared.eval.len();
-    let mb = recipe.train.per_device_train_batch_size;
-    let per_step = mb * recipe.train.gradient_accumulation_steps;
-    // Online methods: a step's rows are completions, and a rollout may feed several steps.
-    let (per_epoch, seq) = match recipe.method {
-        MethodName::Grpo => {
-            let g = recipe.grpo.clone().unwrap_or_default();
-            (
-                train_rows.div_ceil((per_step / g.num_generations).max(1)) * g.num_iterations,
-                recipe.data.max_seq_len + g.max_completion_length,
-            )
-        }
-        MethodName::Ppo => {
-            let p = recipe.ppo.clone().unwrap_or_default();
-            let per_rollout = per_step * p.num_mini_batches;
-            (
-                train_rows.div_ceil(per_rollout) * p.num_ppo_epochs * p.num_mini_batches,
-                recipe.data.max_seq_len + p.max_completion_length,
-            )
-        }
-        _ => (train_rows.div_ceil(per_step), recipe.data.max_seq_len),
-    };
-    let total = total_steps(recipe, Some(per_epoch))?;
-    let lora = recipe.adapter.as_ref().map(|a| a.lora());
-    // Preference methods put chosen and rejected rows of each pair in one micro-batch.
-    let rows = if expected == "pairs" { 2 * mb } else { mb };
-    let quantization = recipe.model.quantization()?;
-    let step = StepShape {
-        micro_batch: rows,
-        seq,
-        checkpointing: recipe.train.gradient_checkpointing,
-        half: recipe.model.half()?.is_some(),
-        on_cpu,
-    };
-    let mut mem = estimate(&cfg, lora.as_ref(), quantization.as_ref(), &step);
-    // Full-fine-tuning DPO holds a frozen reference copy unless its log-probs are precomputed.
-    let dpo = recipe.dpo.clone().unwrap_or_default();
-    if recipe.method == MethodName::Dpo
-        && recipe.adapter.is_none()
-        && dpo.needs_reference()
-        && !dpo.precompute_ref_log_probs
-    {
-        mem.other_models = mem.weights;
-    }
-    let others = match (&recipe.method, &recipe.distill) {
-        (MethodName::Dpo, _) if mem.other_models > 0 => {
-            format!("reference   {}\n", human_bytes(mem.other_models))
-        }
-        (MethodName::Distill, Some(d)) => match crate::teacher::teacher_bytes(d)? {
-            Some(0) => {
-                "teacher     none while training (its top-k log-probs are cached first)\n".into()
-            }
-            Some(b) => {
-                mem.other_models = b;
-                format!("teacher     {}\n", human_bytes(b))
-            }
-            None => format!(
-                "teacher     not built yet ({} is trained first)\n",
-                d.teacher.display()
-            ),
-        },
-        _ => String::new(),
-    };
-    let mut s = String::new();
-    s.push_str("# resolved recipe\n");
-    s.push_str(&recipe.to_toml()?);
-    s.push_str(&format!("\n# data\n{}\n", prepared.report.summary()));
-    s.push_str(&format!(
-        "train rows {train_rows}, eval rows {eval_rows}; {per_epoch} steps per epoch, {total} steps \
-         (micro-batch {mb} x accumulation {})\n",
-        recipe.train.gradient_accumulation_steps
-    ));
-    s.push_str(&format!(
-        "\n# memory estimate (float32 training{}, micro-batch of {rows} rows x {} tokens)\n\
-         parameters  {:.2}M ({:.2}M trainable)\nweights     {}\ngradients   {}\noptimizer   {}\nactivations {}\n{others}total       {}\n",
-        match recipe.model.dtype.as_str() {
-            "float32" => String::new(),
-            half => format!(", frozen base stored in {half}"),
-        },
-        seq,
-        mem.params as f64 / 1e6,
-        mem.trainable as f64 / 1e6,
-        human_bytes(mem.weights),
-        human_bytes(mem.gradients),
-        human_bytes(mem.optimizer),
-        human_bytes(mem.activations),
-        human_bytes(mem.total()),
-    ));
-    Ok(s)
-}
-
-/// What shows a method working, besides its eval loss: DPO's held-out reward accuracy and
-/// margin, the reward model's held-out accuracy, the online methods' training reward.
-fn key_metrics(method: MethodName) -> &'static [&'static str] {
-    match method {
-        MethodName::Dpo => &["eval_rewards/accuracies", "eval_rewards/margins"],
-        MethodName::Reward => &["eval_accuracy"],
-        MethodName::Grpo => &["reward"],
-        MethodName::Ppo => &["objective/scores"],
-        MethodName::Distill => &["eval_divergence"],
-        MethodName::Sft => &[],
-    }
-}
-
 /// (metric, first logged value, last logged value) of the method's key metrics.
-fn key_metric_moves(method: MethodName, run_dir: &Path) -> Vec<(&'static str, f64, f64)> {
+fn key_metric_moves(
+    keys: &'static [&'static str],
+    run_dir: &Path,
+) -> Vec<(&'static str, f64, f64)> {
     let Ok(records) = crate::metrics::read_metrics(&run_dir.join("metrics.jsonl")) else {
         return vec![];
     };
-    key_metrics(method)
-        .iter()
+    keys.iter()
         .filter_map(|&key| {
             let values: Vec<f64> = records
                 .iter()
@@ -371,37 +185,6 @@ fn key_metric_moves(method: MethodName, run_dir: &Path) -> Vec<(&'static str, f6
             Some((key, *values.first()?, *values.last()?))
         })
         .collect()
-}
-
-/// The dry run of `recipe` whose model `init` trains first: `init`'s model stands in.
-fn dry_run_with_model_of(recipe: &Recipe, init: &Recipe, on_cpu: bool) -> Result<String> {
-    let mut r = recipe.clone();
-    r.model.path = init.model.path.clone();
-    r.model.init_recipe = None;
-    r.model.init_preset = init.model.init_preset.clone();
-    r.model.init_tokenizer = init.model.init_tokenizer.clone();
-    r.model.init_seed = init.model.init_seed;
-    let plan = dry_run(&r, on_cpu)?;
-    Ok(format!(
-        "# [model] {} is trained first by {}\n{plan}",
-        recipe.model.path.display(),
-        recipe
-            .model
-            .init_recipe
-            .as_deref()
-            .unwrap_or(Path::new(""))
-            .display()
-    ))
-}
-
-fn ensure_model_possible(recipe: &Recipe) -> Result<()> {
-    if recipe.model.init_preset.is_none() {
-        bail!(
-            "[model] path {} holds no model (config.json missing) and the recipe sets no init_preset",
-            recipe.model.path.display()
-        );
-    }
-    Ok(())
 }
 
 /// Remove an earlier run's checkpoints, metrics and export (nothing else in the directory).
@@ -422,81 +205,45 @@ fn clear_run(run_dir: &Path) -> Result<()> {
 }
 
 /// Load the policy: from a checkpoint when resuming, else from `[model] path`, with fresh
-/// LoRA adapters when the recipe has an `[adapter]` section.
-fn load_policy<B: AutodiffBackend>(
+/// LoRA adapters when the recipe has an `[adapter]` section, as `spec`'s method trains it.
+fn load_policy<B: AutodiffBackend, S: MethodSpec>(
+    spec: &S,
     recipe: &Recipe,
     resume: Option<&Path>,
     device: &B::Device,
 ) -> Result<(ModelConfig, CausalLm<B>, WeightsFormat)> {
     let base = &recipe.model.path;
-    let reward = recipe.method == MethodName::Reward;
-    // A reward model grows from a causal LM: its LM head gives way to a fresh score head.
-    let as_reward = |cfg: ModelConfig, model: CausalLm<B>| -> (ModelConfig, CausalLm<B>) {
-        if !reward || cfg.reward_head {
-            return (cfg, model);
-        }
-        let pad = cfg
-            .pad_token_id
-            .or(cfg.eos_token_ids.first().copied())
-            .unwrap_or(0);
-        let std = cfg
-            .raw
-            .get("initializer_range")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.02);
-        (
-            cfg.as_reward_model(pad),
-            model.with_reward_head(std, recipe.seed),
-        )
-    };
-    match &recipe.adapter {
+    let (cfg, model, weights) = match &recipe.adapter {
         None => {
             let dir = resume.unwrap_or(base);
             let (cfg, model) = load_model::<B>(dir, device)?;
-            let (cfg, model) = as_reward(cfg, model);
+            let (cfg, model) = spec.base_model(recipe, cfg, model);
             let tokenizer_dir = base.clone();
-            Ok((
-                cfg.clone(),
-                model,
-                WeightsFormat::Full {
-                    cfg: Box::new(cfg),
-                    tokenizer_dir,
-                },
-            ))
+            let weights = WeightsFormat::Full {
+                cfg: Box::new(cfg.clone()),
+                tokenizer_dir,
+            };
+            (cfg, model, weights)
         }
         Some(a) => {
             let settings = a.lora();
             let quantization = recipe.model.quantization()?;
             let (cfg, model) =
                 load_model_stored::<B>(base, device, quantization.as_ref(), recipe.model.half()?)?;
-            let (cfg, model) = as_reward(cfg, model);
+            let (cfg, model) = spec.base_model(recipe, cfg, model);
             let model = match resume {
                 Some(dir) => checkpoints::peft::load_adapter(model, dir)?.0,
                 None => model.with_lora(&settings, recipe.seed)?,
             };
-            Ok((
-                cfg,
-                model,
-                WeightsFormat::Adapter {
-                    settings,
-                    base_model: base.clone(),
-                },
-            ))
+            let weights = WeightsFormat::Adapter {
+                settings,
+                base_model: base.clone(),
+            };
+            (cfg, model, weights)
         }
-    }
-}
-
-/// What every method's run shares once the model, data and run directory are set up.
-struct RunContext<'a> {
-    recipe: &'a Recipe,
-    opts: &'a TrainOptions<'a>,
-    run_dir: PathBuf,
-    resume: Option<Resume>,
-    tok: TextTokenizer,
-    model_cfg: ModelConfig,
-    weights: WeightsFormat,
-    /// This process's replica when training data-parallel.
-    dp: Option<&'a mut Replica>,
+    };
+    let model = spec.policy(recipe, &cfg, model, resume)?;
+    Ok((cfg, model, weights))
 }
 
 pub fn train<B: AutodiffBackend>(
@@ -508,262 +255,169 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// [`train`] as one replica of a data-parallel job (`dp`, registered: see
-/// [`crate::parallel::run_replicas`]). Rank 0 sets the run up first (clears it, builds a missing model, fills the data and reference
-/// caches); the other ranks wait for it, then set up from what it wrote.
+/// `crate::parallel::run_replicas`). Rank 0 sets the run up first (clears it, builds a
+/// missing model, fills the data and reference caches); the other ranks wait for it, then
+/// set up from what it wrote.
 pub fn train_on<B: AutodiffBackend>(
     recipe: &Recipe,
     opts: &TrainOptions<'_>,
     device: &B::Device,
-    mut dp: Option<&mut Replica>,
+    dp: Option<&mut dyn Replicas<B>>,
 ) -> Result<TrainReport> {
-    let main = dp.as_ref().is_none_or(|d| d.is_main());
-    if let Some(d) = dp.as_deref_mut() {
-        if !main {
-            d.barrier::<B::InnerBackend>("setup", device, d.timeouts.setup)?;
-        }
-    }
-    let run_dir = recipe.train.output_dir.clone();
-    let overwrite = recipe.train.overwrite_output_dir && opts.resume.is_none();
-    let resume_dir = match overwrite {
-        true => None,
-        false => find_resume(&run_dir, opts.resume.as_deref())?,
-    };
-    if let Some(init) = &recipe.model.init_recipe {
-        crate::teacher::train_sft_first::<B>(
-            init,
-            &recipe.model.path,
-            "[model] init_recipe",
+    crate::methods::visit(
+        recipe.method,
+        Run {
+            recipe,
             opts,
             device,
-        )?;
-    }
-    ensure_model(recipe, opts.verbose)?;
-    let cfg0 = load_config(&recipe.model.path)?;
-    let tok = load_tokenizer(&recipe.model.path, &cfg0)?;
-    let prepared = prepare_data(recipe, &tok, opts.verbose)?;
-    let pad = Padding {
-        id: tok.pad_id.or(cfg0.pad_token_id).or(tok.eos_id).unwrap_or(0),
-        multiple_of: recipe.train.pad_multiple::<B>(device),
-    };
-    let resume = match &resume_dir {
-        Some(dir) => Some(Resume {
-            dir: dir.clone(),
-            state: TrainerState::load(dir)?,
-        }),
-        None => None,
-    };
-    let (model_cfg, model, weights) = load_policy::<B>(recipe, resume_dir.as_deref(), device)?;
-    let model = if recipe.method == MethodName::Ppo {
-        with_value_head(model, &model_cfg, recipe.seed, resume_dir.as_deref())?
-    } else {
-        model
-    };
-    // The model and data loaded: only now does the run directory appear (or get cleared),
-    // so a run that cannot start leaves nothing behind.
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    if overwrite && main {
-        clear_run(&run_dir)?;
-    }
-    let cache_dir = prepared.report.cache_dir.clone();
-    let ctx = RunContext {
-        recipe,
-        opts,
-        run_dir,
-        resume,
-        tok,
-        model_cfg,
-        weights,
-        dp,
-    };
-    match recipe.method {
-        MethodName::Sft => {
-            let method = Sft::new(
-                sft_rows(prepared.train, "train")?,
-                sft_rows(prepared.eval, "eval")?,
-                batch_shape(recipe, pad),
-            )?;
-            drive(ctx, model, method)
-        }
-        MethodName::Dpo => {
-            let settings = recipe.dpo.clone().unwrap_or_default();
-            let (train, eval) = (
-                pair_rows(prepared.train, "train")?,
-                pair_rows(prepared.eval, "eval")?,
-            );
-            let reference = dpo_reference::<B>(
-                recipe, &settings, &model, &train, &eval, &cache_dir, pad, device,
-            )?;
-            let method = Dpo::new(train, eval, batch_shape(recipe, pad), settings, reference)?;
-            drive(ctx, model, method)
-        }
-        MethodName::Distill => {
-            let settings = recipe
-                .distill
-                .clone()
-                .context("method distill needs a [distill] section")?;
-            let (train, eval) = (
-                sft_rows(prepared.train, "train")?,
-                sft_rows(prepared.eval, "eval")?,
-            );
-            let teacher = prepare_teacher::<B>(
-                recipe, &settings, &cfg0, &train, &eval, &cache_dir, pad, opts, device,
-            )?;
-            let mut stop_ids = ctx.tok.stop_ids.clone();
-            stop_ids.extend(cfg0.eos_token_ids.iter().copied());
-            let method = Distill::<B>::new(
-                train,
-                eval,
-                batch_shape(recipe, pad),
-                stop_ids,
-                teacher,
-                settings,
-            )?;
-            drive(ctx, model, method)
-        }
-        MethodName::Grpo | MethodName::Ppo => {
-            let setup = OnlineSetup {
-                recipe,
-                opts,
-                tok: &ctx.tok,
-                cfg: &cfg0,
-                pad,
-            };
-            if recipe.method == MethodName::Grpo {
-                let method = setup.grpo::<B>(prepared.train, prepared.eval, device)?;
-                drive(ctx, model, method)
-            } else {
-                let method = setup.ppo::<B>(prepared.train, prepared.eval, device)?;
-                drive(ctx, model, method)
+            dp,
+        },
+    )
+}
+
+/// A run of one method: set up, train, export.
+struct Run<'a, 'o, 'd, B: AutodiffBackend> {
+    recipe: &'a Recipe,
+    opts: &'a TrainOptions<'o>,
+    device: &'a B::Device,
+    dp: Option<&'d mut dyn Replicas<B>>,
+}
+
+impl<B: AutodiffBackend> SpecVisitor for Run<'_, '_, '_, B> {
+    type Out = Result<TrainReport>;
+
+    fn visit<S: MethodSpec>(self, spec: S) -> Result<TrainReport> {
+        let Run {
+            recipe,
+            opts,
+            device,
+            mut dp,
+        } = self;
+        let main = dp.as_ref().is_none_or(|d| d.is_main());
+        if let Some(d) = dp.as_deref_mut() {
+            if !main {
+                d.setup_barrier(device)?;
             }
         }
-        MethodName::Reward => {
-            // Rewards are read at the last token that is not the config's pad id.
-            let pad = Padding {
-                id: ctx.model_cfg.pad_token_id.unwrap_or(pad.id),
-                ..pad
-            };
-            let method = Reward::new(
-                pair_rows(prepared.train, "train")?,
-                pair_rows(prepared.eval, "eval")?,
-                batch_shape(recipe, pad),
-                recipe.reward.clone().unwrap_or_default(),
-            )?;
-            drive(ctx, model, method)
-        }
-    }
-}
-
-fn batch_shape(recipe: &Recipe, pad: Padding) -> BatchShape {
-    BatchShape {
-        micro_batch: recipe.train.per_device_train_batch_size,
-        eval_batch: recipe.train.per_device_eval_batch_size,
-        pad,
-        seed: recipe.seed,
-    }
-}
-
-fn pair_rows(ds: Dataset, split: &str) -> Result<Vec<datasets::tokenize::TokenizedPair>> {
-    match ds {
-        Dataset::Pairs(rows) => Ok(rows),
-        other => bail!(
-            "this method trains on preference pairs (prompt, chosen, rejected), but the {split} data are {} rows; \
-             use a preference format (preference, hh-rlhf)",
-            other.kind()
-        ),
-    }
-}
-
-/// The DPO reference: none (SimPO), the base under the adapters, a frozen copy, or
-/// log-probs precomputed once and cached beside the tokenized data.
-#[allow(clippy::too_many_arguments)]
-fn dpo_reference<B: AutodiffBackend>(
-    recipe: &Recipe,
-    settings: &DpoSettings,
-    policy: &CausalLm<B>,
-    train: &[datasets::tokenize::TokenizedPair],
-    eval: &[datasets::tokenize::TokenizedPair],
-    cache_dir: &Path,
-    pad: Padding,
-    device: &B::Device,
-) -> Result<Reference<B>> {
-    if !settings.needs_reference() {
-        return Ok(Reference::None);
-    }
-    let adapters = recipe.adapter.is_some();
-    let ref_dir = settings
-        .reference_model
-        .clone()
-        .unwrap_or_else(|| recipe.model.path.clone());
-    if adapters && settings.reference_model.is_some() {
-        bail!("[dpo] reference_model is for full fine-tuning; with [adapter] the reference is the base with adapters off");
-    }
-    let load_frozen = || -> Result<CausalLm<B::InnerBackend>> {
-        Ok(load_model::<B::InnerBackend>(&ref_dir, device)?.1)
-    };
-    if !settings.precompute_ref_log_probs {
-        return Ok(if adapters {
-            Reference::BaseOfAdapters
-        } else {
-            Reference::Frozen(Box::new(load_frozen()?))
-        });
-    }
-    let path = cache_dir.join(format!("ref_logps-{}.json", model_fingerprint(&ref_dir)?));
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not valid JSON; delete it to recompute",
-                path.display()
-            )
-        })?;
-        let table =
-            |k: &str| -> Option<Vec<(f64, f64)>> { serde_json::from_value(v[k].clone()).ok() };
-        if let (Some(tr), Some(ev)) = (table("train"), table("eval")) {
-            if tr.len() == train.len() && ev.len() == eval.len() {
-                return Ok(Reference::Precomputed {
-                    train: tr,
-                    eval: ev,
-                });
+        let run_dir = recipe.train.output_dir.clone();
+        let overwrite = recipe.train.overwrite_output_dir && opts.resume.is_none();
+        let resume_dir = match overwrite {
+            true => None,
+            false => find_resume(&run_dir, opts.resume.as_deref())?,
+        };
+        let train_first = |r: &Recipe| -> Result<()> {
+            if opts.verbose {
+                println!(
+                    "training {} first ({:?}) -> {}",
+                    r.train.output_dir.display(),
+                    r.method,
+                    r.train.output_dir.join("final").display()
+                );
             }
+            let sub = TrainOptions {
+                resume: None,
+                stop_after_steps: None,
+                ..*opts
+            };
+            train::<B>(r, &sub, device).map(drop)
+        };
+        if let Some(init) = &recipe.model.init_recipe {
+            train_sft_first(
+                init,
+                &recipe.model.path,
+                "[model] init_recipe",
+                &train_first,
+            )?;
         }
+        ensure_model(recipe, opts.verbose)?;
+        let base_cfg = load_config(&recipe.model.path)?;
+        let tok = load_tokenizer(&recipe.model.path, &base_cfg)?;
+        let prepared = prepare(&data_config(recipe, &spec), &tok)?;
+        say(opts.verbose, prepared.report.summary());
+        let pad = Padding {
+            id: tok
+                .pad_id
+                .or(base_cfg.pad_token_id)
+                .or(tok.eos_id)
+                .unwrap_or(0),
+            multiple_of: recipe.train.pad_multiple::<B>(device),
+        };
+        let resume = match &resume_dir {
+            Some(dir) => Some(Resume {
+                dir: dir.clone(),
+                state: TrainerState::load(dir)?,
+            }),
+            None => None,
+        };
+        let (policy_cfg, model, weights) =
+            load_policy::<B, S>(&spec, recipe, resume_dir.as_deref(), device)?;
+        // The model and data loaded: only now does the run directory appear (or get
+        // cleared), so a run that cannot start leaves nothing behind.
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        if overwrite && main {
+            clear_run(&run_dir)?;
+        }
+        let setup = Setup {
+            recipe,
+            tok: &tok,
+            base_cfg: &base_cfg,
+            policy_cfg: &policy_cfg,
+            train: prepared.train,
+            eval: prepared.eval,
+            cache_dir: prepared.report.cache_dir.clone(),
+            pad,
+            device,
+            verbose: opts.verbose,
+            train_first: &train_first,
+        };
+        let finish = Finish {
+            recipe,
+            opts,
+            run_dir,
+            resume,
+            tok: &tok,
+            model_cfg: &policy_cfg,
+            weights,
+            dp,
+            key_metrics: spec.key_metrics(),
+            eval_reward: spec.eval_loss_is_negative_reward(),
+        };
+        spec.launch(setup, model, finish)
     }
-    let batch = recipe.train.per_device_eval_batch_size;
-    let started = std::time::Instant::now();
-    let (tr, ev) = if adapters {
-        let mut base = policy.valid();
-        base.set_adapters_enabled(false);
-        (
-            reference_table(&base, train, batch, pad),
-            reference_table(&base, eval, batch, pad),
-        )
-    } else {
-        let m = load_frozen()?;
-        (
-            reference_table(&m, train, batch, pad),
-            reference_table(&m, eval, batch, pad),
-        )
-    };
-    let json = serde_json::json!({"reference_model": ref_dir, "train": tr, "eval": ev});
-    write_atomic(&path, serde_json::to_string(&json)?.as_bytes())?;
-    eprintln!(
-        "reference log-probs of {} pairs computed in {:.1}s, cached in {}",
-        train.len() + eval.len(),
-        started.elapsed().as_secs_f64(),
-        path.display()
-    );
-    Ok(Reference::Precomputed {
-        train: tr,
-        eval: ev,
-    })
+}
+
+/// What runs the loop on the method a spec built, then exports and samples.
+struct Finish<'a, 'o, 'd, B: AutodiffBackend> {
+    recipe: &'a Recipe,
+    opts: &'a TrainOptions<'o>,
+    run_dir: PathBuf,
+    resume: Option<Resume>,
+    tok: &'a TextTokenizer,
+    model_cfg: &'a ModelConfig,
+    weights: WeightsFormat,
+    /// This process's replica when training data-parallel.
+    dp: Option<&'d mut dyn Replicas<B>>,
+    key_metrics: &'static [&'static str],
+    /// The eval loss is minus the held-out reward.
+    eval_reward: bool,
+}
+
+impl<B: AutodiffBackend> Drive<B> for Finish<'_, '_, '_, B> {
+    type Out = TrainReport;
+
+    fn drive<M: Method<B>>(self, model: CausalLm<B>, method: M) -> Result<TrainReport> {
+        finish(self, model, method)
+    }
 }
 
 /// Run the loop for a method, then export and sample.
-fn drive<B: AutodiffBackend, M: Method<B>>(
-    ctx: RunContext<'_>,
+fn finish<B: AutodiffBackend, M: Method<B>>(
+    ctx: Finish<'_, '_, '_, B>,
     model: CausalLm<B>,
     mut method: M,
 ) -> Result<TrainReport> {
-    let RunContext {
+    let Finish {
         recipe,
         opts,
         run_dir,
@@ -772,11 +426,13 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
         model_cfg,
         weights,
         mut dp,
+        key_metrics,
+        eval_reward,
     } = ctx;
     let t = &recipe.train;
     // Data-parallel: a step is `world` times the micro-batches, shared among the ranks.
     let main = dp.as_ref().is_none_or(|d| d.is_main());
-    let world = dp.as_ref().map_or(1, |d| d.world);
+    let world = dp.as_ref().map_or(1, |d| d.world());
     let micro_batches = t.gradient_accumulation_steps * world;
     let total = total_steps(recipe, method.steps_per_epoch(micro_batches))?;
     let mut cfg = loop_config(recipe, total, opts);
@@ -812,7 +468,7 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
         ),
     );
     let samples_before = if resume.is_none() && main {
-        let s = sample(&model.valid(), &model_cfg, &tok, recipe)?;
+        let s = sample(&model.valid(), model_cfg, tok, recipe)?;
         if opts.verbose {
             print_samples(recipe, "before", &s);
         }
@@ -824,7 +480,7 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
     if let Some(d) = dp.as_deref_mut() {
         if main {
             // Setup done: the other ranks may set up from what rank 0 wrote.
-            d.barrier::<B::InnerBackend>("setup", &model.device(), d.timeouts.setup)?;
+            d.setup_barrier(&model.device())?;
         }
     }
     let eval_settings = recipe.eval.clone().map(|mut e| {
@@ -842,7 +498,7 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
     let multiple = t.pad_multiple::<B::InnerBackend>(&model.valid().device());
     let hook: Option<EvalHook<'_, B>> = match (&eval_settings, &eval_template) {
         (Some(settings), Some(template)) => Some(Box::new(|m: &CausalLm<B::InnerBackend>| {
-            let ctx = crate::eval::Ctx::new(m, &model_cfg, &tok, template, settings, multiple);
+            let ctx = crate::eval::Ctx::new(m, model_cfg, tok, template, settings, multiple);
             crate::eval::metrics_record(&ctx, &eval_tasks)
         })),
         _ => None,
@@ -887,18 +543,18 @@ fn drive<B: AutodiffBackend, M: Method<B>>(
     let inner = result.model.valid();
     let dtype = DiskDtype::parse(&t.export_dtype)?;
     models::atomic::write_dir(&final_dir, |dir| weights.save(&inner, dir, dtype))?;
-    report.samples_after = sample(&inner, &model_cfg, &tok, recipe)?;
+    report.samples_after = sample(&inner, model_cfg, tok, recipe)?;
     if opts.verbose {
         print_samples(recipe, "after", &report.samples_after);
         match (report.first_eval_loss, report.last_eval_loss) {
             // Online methods log minus the held-out reward as their eval loss.
-            (Some(a), Some(b)) if recipe.method.is_online() => {
+            (Some(a), Some(b)) if eval_reward => {
                 println!("eval reward {:.4} -> {:.4}", -a, -b)
             }
             (Some(a), Some(b)) => println!("eval loss {a:.4} -> {b:.4}"),
             _ => {}
         }
-        for (key, first, last) in key_metric_moves(recipe.method, &run_dir) {
+        for (key, first, last) in key_metric_moves(key_metrics, &run_dir) {
             println!("{key} {first:.4} -> {last:.4}");
         }
         println!(

@@ -9,9 +9,10 @@ use datasets::batch::{collate_sft, SftBatch};
 use datasets::pack::PackedRow;
 use models::CausalLm;
 
-use crate::data_order::{eval_chunks, EpochCursor};
+use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::trained_token_logps;
 use crate::method::{BatchShape, LossOutput, Method};
+use crate::method_spec::{DataKind, Drive, MethodSpec, Setup};
 
 pub struct Sft {
     train: Vec<PackedRow>,
@@ -93,15 +94,35 @@ impl<B: AutodiffBackend> Method<B> for Sft {
         )
     }
 
-    fn epoch(&self) -> f64 {
-        self.cursor.epoch()
+    fn data_cursor(&self) -> &dyn DataCursor {
+        &self.cursor
     }
 
-    fn cursor(&self) -> serde_json::Value {
-        self.cursor.to_json()
+    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
+        &mut self.cursor
+    }
+}
+
+/// `method = "sft"`.
+pub struct SftSpec;
+
+impl MethodSpec for SftSpec {
+    fn data_kind(&self) -> DataKind {
+        DataKind::Sft
     }
 
-    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
-        self.cursor.restore(cursor)
+    fn answers_as_responses(&self) -> bool {
+        true
+    }
+
+    fn launch<B: AutodiffBackend, D: Drive<B>>(
+        &self,
+        mut setup: Setup<'_, B>,
+        policy: CausalLm<B>,
+        drive: D,
+    ) -> Result<D::Out> {
+        let (train, eval) = setup.sft_data()?;
+        let method = Sft::new(train, eval, setup.batch_shape(setup.pad))?;
+        drive.drive(policy, method)
     }
 }

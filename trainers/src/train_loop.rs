@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,10 +17,13 @@ use checkpoints::tensors::{load_tensors, save_tensors};
 use checkpoints::{step_dir, TrainerState};
 use models::CausalLm;
 
+use crate::accumulate::{
+    accumulate_gradients, accumulate_gradients_over, accumulate_metrics, step_weight, StepGradients,
+};
 use crate::method::Method;
 use crate::metrics::MetricsLog;
 use crate::optim::{global_grad_norm, AdamW, AdamWSettings};
-use crate::parallel::Replica;
+use crate::replicas::Replicas;
 use crate::schedule::LrSchedule;
 use crate::weights::WeightsFormat;
 
@@ -85,8 +87,8 @@ struct DataPosition {
 impl DataPosition {
     fn of<B: AutodiffBackend, M: Method<B>>(method: &M) -> Self {
         Self {
-            epoch: method.epoch(),
-            cursor: method.cursor(),
+            epoch: method.data_cursor().epoch(),
+            cursor: method.data_cursor().to_json(),
         }
     }
 }
@@ -173,15 +175,6 @@ fn evaluate<B: AutodiffBackend, M: Method<B>>(
     Ok(Some((eval_loss, m)))
 }
 
-fn accumulate_metrics(into: &mut Vec<(&'static str, f64)>, add: &[(&'static str, f64)]) {
-    for (k, v) in add {
-        match into.iter_mut().find(|(n, _)| n == k) {
-            Some(e) => e.1 += v,
-            None => into.push((k, *v)),
-        }
-    }
-}
-
 fn progress_bar(cfg: &LoopConfig, start: u64) -> ProgressBar {
     if !cfg.show_progress {
         return ProgressBar::hidden();
@@ -195,77 +188,6 @@ fn progress_bar(cfg: &LoopConfig, start: u64) -> ProgressBar {
     );
     pb.set_position(start);
     pb
-}
-
-/// The summed gradients of one optimizer step and what it measured.
-pub struct StepGradients {
-    pub grads: GradientsParams,
-    /// Loss of the whole accumulated batch (sum over micro-batches of sum / total weight).
-    pub loss: f64,
-    pub metric_sums: Vec<(&'static str, f64)>,
-    pub tokens: usize,
-    pub total_weight: f64,
-    /// The first micro-batch (1-based) whose loss was NaN/Inf, and that value; the
-    /// gradients are then incomplete and must not be applied.
-    pub non_finite: Option<(usize, f64)>,
-    /// Wall seconds in the loss forward passes and in the backward passes (this rank's).
-    pub forward_s: f64,
-    pub backward_s: f64,
-}
-
-/// Backward through every micro-batch, each loss divided by the weight of the *whole*
-/// accumulated batch: the summed gradients then equal those of one big batch however it is
-/// split (averaging per-micro-batch means, the usual bug, weighs short batches' tokens more).
-pub fn accumulate_gradients<B: AutodiffBackend, M: Method<B>>(
-    model: &CausalLm<B>,
-    method: &M,
-    batches: &[M::Batch],
-) -> Result<StepGradients> {
-    let total_weight: f64 = batches.iter().map(|b| method.weight(b)).sum();
-    if total_weight <= 0.0 {
-        bail!("the batch has nothing to train on (zero loss weight)");
-    }
-    accumulate_gradients_over(model, method, batches, total_weight)
-}
-
-/// [`accumulate_gradients`] over some of a step's micro-batches, each loss divided by
-/// `total_weight`, the weight of the whole step (a data-parallel rank's share of it).
-pub fn accumulate_gradients_over<B: AutodiffBackend, M: Method<B>>(
-    model: &CausalLm<B>,
-    method: &M,
-    batches: &[M::Batch],
-    total_weight: f64,
-) -> Result<StepGradients> {
-    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-    let mut out = StepGradients {
-        grads: GradientsParams::new(),
-        loss: 0.0,
-        metric_sums: vec![],
-        tokens: 0,
-        total_weight,
-        non_finite: None,
-        forward_s: 0.0,
-        backward_s: 0.0,
-    };
-    for (i, b) in batches.iter().enumerate() {
-        out.tokens += method.tokens(b);
-        let t0 = Instant::now();
-        let o = method.loss(model, b);
-        let l = o.loss_sum.div_scalar(total_weight);
-        let value = l.clone().into_scalar().elem::<f64>();
-        out.forward_s += t0.elapsed().as_secs_f64();
-        if !value.is_finite() {
-            out.non_finite = Some((i + 1, value));
-            return Ok(out);
-        }
-        out.loss += value;
-        accumulate_metrics(&mut out.metric_sums, &o.metric_sums);
-        let t0 = Instant::now();
-        acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
-        out.backward_s += t0.elapsed().as_secs_f64();
-    }
-    out.grads = acc.grads();
-    Ok(out)
 }
 
 /// Run the loop from step 0 or from `resume` until `total_steps`, Ctrl-C (`stop`), or a
@@ -298,7 +220,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
     weights: &WeightsFormat,
     resume: Option<Resume>,
     stop: &AtomicBool,
-    mut dp: Option<&mut Replica>,
+    mut dp: Option<&mut dyn Replicas<B>>,
     mut hook: Option<EvalHook<'_, B>>,
 ) -> Result<LoopResult<B>> {
     let main = dp.as_ref().is_none_or(|d| d.is_main());
@@ -309,7 +231,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         weights,
         last_saved: None,
         enabled: main,
-        world_size: dp.as_ref().map_or(1, |d| d.world as u64),
+        world_size: dp.as_ref().map_or(1, |d| d.world() as u64),
     };
     let (mut step, mut tokens_seen, elapsed_before) = match &resume {
         Some(r) => {
@@ -332,7 +254,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             let saved = load_tensors(&r.dir.join(OPTIMIZER_FILE))?;
             opt.load_state(&model, r.state.step, saved)
                 .with_context(|| format!("restoring the optimizer from {}", r.dir.display()))?;
-            method.restore_cursor(&r.state.data_cursor)?;
+            method.data_cursor_mut().restore(&r.state.data_cursor)?;
             ckpt.last_saved = Some(r.state.step);
             (r.state.step, r.state.tokens_seen, r.state.elapsed_s)
         }
@@ -409,14 +331,13 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         };
         let data_s = t0.elapsed().as_secs_f64();
         let acc = match dp.as_deref_mut() {
-            Some(d) => d.gradients(
-                &model,
-                method,
-                &batches,
-                step,
-                seed,
-                stop.load(Ordering::SeqCst),
-            )?,
+            Some(d) => {
+                let total_weight = step_weight(method, &batches)?;
+                let (lo, hi) = d.share(batches.len(), step, seed);
+                let local =
+                    accumulate_gradients_over(&model, method, &batches[lo..hi], total_weight)?;
+                d.combine(&model, local, lo, stop.load(Ordering::SeqCst))?
+            }
             None => accumulate_gradients(&model, method, &batches)?,
         };
         if let Some((i, value)) = acc.non_finite {
@@ -462,7 +383,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
 
         let mut rec = Map::new();
         rec.insert("step".into(), json!(step));
-        rec.insert("epoch".into(), json!(method.epoch()));
+        rec.insert("epoch".into(), json!(method.data_cursor().epoch()));
         rec.insert("loss".into(), json!(loss));
         for (k, v) in &sums {
             rec.insert((*k).into(), json!(v / total_weight));

@@ -17,6 +17,7 @@ use models::backend::{Cpu, CpuTrain};
 use models::checkpoint::load_model;
 use models::shape_audit::{count, signatures, Recording};
 use models::CausalLm;
+use trainers::accumulate::accumulate_gradients;
 use trainers::distill::{teacher_top_k, Distill, DistillSettings, TeacherSource};
 use trainers::dpo::{Dpo, DpoSettings, Reference};
 use trainers::method::{BatchShape, Method};
@@ -24,7 +25,6 @@ use trainers::reward::{Reward, RewardSettings};
 use trainers::rl::grpo::{grpo_loss_sum, GrpoSettings};
 use trainers::rl::rollout::{completion_batch, padded, token_outputs, Completion};
 use trainers::sft::Sft;
-use trainers::train_loop::accumulate_gradients;
 use trainers::{train, Recipe, TrainOptions};
 
 const BUCKET: usize = 64;

@@ -16,10 +16,10 @@ use models::presets::{write_new_model, NewModelSpec};
 use models::weights::{DiskDtype, SafetensorsReader};
 use models::ForwardInput;
 use serde_json::Value;
+use trainers::accumulate::accumulate_gradients;
 use trainers::method::{BatchShape, Method};
 use trainers::metrics::read_metrics;
 use trainers::sft::Sft;
-use trainers::train_loop::accumulate_gradients;
 use trainers::train_loop::Outcome;
 use trainers::{train, Recipe, TrainOptions, TrainReport};
 

@@ -7,6 +7,8 @@
 //! student's own samples of the prompts instead of the dataset completions (on-policy GKD).
 
 mod loss;
+pub mod setup;
+pub mod teacher;
 
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
@@ -24,7 +26,7 @@ use datasets::pack::PackedRow;
 use models::generate::{generate, SamplingParams};
 use models::CausalLm;
 
-use crate::data_order::{eval_chunks, EpochCursor};
+use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::{trained_hidden, trained_logits, TrainedHidden, TrainedLogits};
 use crate::method::{BatchShape, LossOutput, Method};
 
@@ -249,11 +251,31 @@ pub struct Distill<B: AutodiffBackend> {
     eval: Vec<PackedRow>,
     shape: BatchShape,
     stop_ids: Vec<u32>,
-    cursor: EpochCursor,
+    cursor: DistillCursor,
     teacher: TeacherSource<B::InnerBackend>,
     settings: DistillSettings,
     loss: KdLoss,
+}
+
+/// The rows' order, and the steps taken (they seed the on-policy sampling).
+struct DistillCursor {
+    rows: EpochCursor,
     steps_taken: u64,
+}
+
+impl DataCursor for DistillCursor {
+    fn epoch(&self) -> f64 {
+        self.rows.epoch()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"data": self.rows.to_json(), "steps": self.steps_taken})
+    }
+
+    fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
+        self.steps_taken = cursor["steps"].as_u64().unwrap_or(0);
+        self.rows.restore(&cursor["data"])
+    }
 }
 
 impl<B: AutodiffBackend> Distill<B> {
@@ -279,7 +301,10 @@ impl<B: AutodiffBackend> Distill<B> {
             }
         }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), shape.seed),
+            cursor: DistillCursor {
+                rows: EpochCursor::new(train.len(), shape.seed),
+                steps_taken: 0,
+            },
             train,
             eval,
             shape,
@@ -287,7 +312,6 @@ impl<B: AutodiffBackend> Distill<B> {
             loss: settings.loss(),
             teacher,
             settings,
-            steps_taken: 0,
         })
     }
 
@@ -331,7 +355,7 @@ impl<B: AutodiffBackend> Distill<B> {
             temperature: self.settings.sampling_temperature as f32,
             top_k: 0,
             top_p: 1.0,
-            seed: self.shape.seed ^ self.steps_taken.wrapping_mul(0x9E37_79B9),
+            seed: self.shape.seed ^ self.cursor.steps_taken.wrapping_mul(0x9E37_79B9),
             stop_ids: self.stop_ids.clone(),
             pad_id: self.shape.pad.id,
             shape_multiple: self.shape.pad.multiple_of,
@@ -361,10 +385,11 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
     ) -> Result<Option<Vec<DistillBatch>>> {
         let steps = self
             .cursor
+            .rows
             .next_micro_batches(self.shape.micro_batch, micro_batches);
         // One draw per step, a function of (seed, step), so resumed runs repeat it.
         let mut rng = StdRng::seed_from_u64(
-            self.shape.seed ^ (self.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+            self.shape.seed ^ (self.cursor.steps_taken + 1).wrapping_mul(0xA24B_AED4_963E_E407),
         );
         let on_policy = self.settings.lmbda > 0.0 && rng.random::<f64>() < self.settings.lmbda;
         let out = steps
@@ -377,7 +402,7 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        self.steps_taken += 1;
+        self.cursor.steps_taken += 1;
         Ok(Some(out))
     }
 
@@ -430,20 +455,16 @@ impl<B: AutodiffBackend> Method<B> for Distill<B> {
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
         Some(
             self.cursor
+                .rows
                 .steps_per_epoch(self.shape.micro_batch * micro_batches),
         )
     }
 
-    fn epoch(&self) -> f64 {
-        self.cursor.epoch()
+    fn data_cursor(&self) -> &dyn DataCursor {
+        &self.cursor
     }
 
-    fn cursor(&self) -> serde_json::Value {
-        serde_json::json!({"data": self.cursor.to_json(), "steps": self.steps_taken})
-    }
-
-    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
-        self.steps_taken = cursor["steps"].as_u64().unwrap_or(0);
-        self.cursor.restore(&cursor["data"])
+    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
+        &mut self.cursor
     }
 }

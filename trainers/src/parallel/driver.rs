@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use super::control::{ControlClient, ControlServer};
 use super::replica::{Fault, Replica, Timeouts};
 use super::topology::Topology;
+use crate::options::{TrainOptions, TrainReport};
 use crate::recipe::Recipe;
-use crate::session::{train_on, TrainOptions, TrainReport};
+use crate::replicas::Replicas;
+use crate::session::train_on;
 
 /// How a data-parallel run is watched.
 #[derive(Debug, Clone, Default)]
@@ -208,7 +210,12 @@ where
             verbose: verbose && main,
             stop_after_steps,
         };
-        train_on::<B>(&recipe, &rank_opts, device, Some(replica))
+        train_on::<B>(
+            &recipe,
+            &rank_opts,
+            device,
+            Some(replica as &mut dyn Replicas<B>),
+        )
     })?;
     Ok(reports.into_iter().next().expect("one report per device"))
 }

@@ -18,8 +18,8 @@ use burn::tensor::{DType, FloatDType};
 use models::CausalLm;
 
 use super::replica::Replica;
-use crate::method::Method;
-use crate::train_loop::{accumulate_gradients_over, StepGradients};
+use crate::accumulate::StepGradients;
+use crate::replicas::Replicas;
 
 /// Metric sums one step can carry across ranks.
 const MAX_METRICS: usize = 32;
@@ -156,11 +156,27 @@ fn join_count(parts: &[f32]) -> usize {
     parts[0].round() as usize + ((parts[1].round() as usize) << 12)
 }
 
-impl Replica {
+impl<B: AutodiffBackend> Replicas<B> for Replica {
+    fn is_main(&self) -> bool {
+        Replica::is_main(self)
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn setup_barrier(&mut self, device: &B::Device) -> Result<()> {
+        self.barrier::<B::InnerBackend>("setup", device, self.timeouts.setup)
+    }
+
+    fn stop_agreed(&self) -> bool {
+        Replica::stop_agreed(self)
+    }
+
     /// Make every replica's trainable weights rank 0's (a sum where the others add zeros),
     /// before the first step. Replicas load the same files, so this changes nothing unless
     /// something drew differently; it also waits for every rank to be ready.
-    pub fn sync_params<B: AutodiffBackend>(&mut self, model: CausalLm<B>) -> Result<CausalLm<B>> {
+    fn sync_params(&mut self, model: CausalLm<B>) -> Result<CausalLm<B>> {
         let mut v = FlattenParams::<B> { parts: vec![] };
         model.visit(&mut v);
         if v.parts.is_empty() {
@@ -174,29 +190,22 @@ impl Replica {
         Ok(model.map(&mut AssignParams::<B> { flat, offset: 0 }))
     }
 
-    /// This rank's gradients for the global step `batches`, summed over every rank, with
-    /// the step's loss, metrics, tokens and stop decision (`stop_requested`: this rank was
-    /// asked to stop; every rank stops after this step if any was).
-    pub fn gradients<B: AutodiffBackend, M: Method<B>>(
-        &mut self,
-        model: &CausalLm<B>,
-        method: &M,
-        batches: &[M::Batch],
-        step: u64,
-        step_seed: u64,
-        stop_requested: bool,
-    ) -> Result<StepGradients> {
+    /// Contiguous shares, and each rank draws its own dropout masks.
+    fn share(&mut self, n: usize, step: u64, step_seed: u64) -> (usize, usize) {
         self.step = step + 1;
-        let total_weight: f64 = batches.iter().map(|b| method.weight(b)).sum();
-        if total_weight <= 0.0 {
-            bail!("the batch has nothing to train on (zero loss weight)");
-        }
-        let (lo, hi) = shard_range(batches.len(), self.rank, self.world);
-        // Each rank draws its own dropout masks.
         models::lora::reseed_dropout(
             step_seed ^ (self.rank as u64).wrapping_mul(0xA24B_AED4_963E_E407),
         );
-        let local = accumulate_gradients_over(model, method, &batches[lo..hi], total_weight)?;
+        shard_range(n, self.rank, self.world)
+    }
+
+    fn combine(
+        &mut self,
+        model: &CausalLm<B>,
+        local: StepGradients,
+        lo: usize,
+        stop_requested: bool,
+    ) -> Result<StepGradients> {
         if local.metric_sums.len() > MAX_METRICS {
             bail!(
                 "the method logs {} metrics; data-parallel steps carry at most {MAX_METRICS}",
@@ -280,7 +289,7 @@ impl Replica {
             loss,
             metric_sums,
             tokens,
-            total_weight,
+            total_weight: local.total_weight,
             non_finite,
             forward_s: local.forward_s,
             backward_s: local.backward_s,

@@ -7,7 +7,15 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::rewards::Scored;
+/// One completion as reward functions see it.
+#[derive(Debug, Clone)]
+pub struct Scored<'a> {
+    pub prompt_ids: &'a [u32],
+    pub completion_ids: &'a [u32],
+    pub prompt: &'a str,
+    pub completion: &'a str,
+    pub answer: Option<&'a str>,
+}
 
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();

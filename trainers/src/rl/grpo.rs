@@ -18,7 +18,8 @@ use super::rollout::{
     completion_batch, flat_tensor, host_f32, padded, rollout_tokens, token_outputs, Completion,
     RolloutEngine, SamplingSettings,
 };
-use super::stats::{rollout_stats, HeldOut, RolloutCursor};
+use super::stats::{held_out, rollout_stats, HeldOut, RolloutCursor};
+use crate::data_order::DataCursor;
 use crate::method::{LossOutput, Method};
 
 /// Where GRPO's importance ratio is taken (TRL `importance_sampling_level`).
@@ -471,7 +472,7 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
     }
 
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<GrpoBatch>> {
-        let held = self.engine.held_out(policy, &self.eval, self.eval_batch)?;
+        let held = held_out(&self.engine, policy, &self.eval, self.eval_batch)?;
         Ok(held.into_iter().map(GrpoBatch::HeldOut).collect())
     }
 
@@ -480,15 +481,11 @@ impl<B: AutodiffBackend> Method<B> for Grpo<B> {
         Some(self.cursor.epoch.steps_per_epoch(prompts) * self.settings.num_iterations)
     }
 
-    fn epoch(&self) -> f64 {
-        self.cursor.epoch.epoch()
+    fn data_cursor(&self) -> &dyn DataCursor {
+        &self.cursor
     }
 
-    fn cursor(&self) -> serde_json::Value {
-        self.cursor.to_json()
-    }
-
-    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
-        self.cursor.restore(cursor)
+    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
+        &mut self.cursor
     }
 }

@@ -23,7 +23,8 @@ use super::rollout::{
     completion_batch, flat_tensor, host_f32, host_outputs, metric_name, padded, rollout_tokens,
     token_outputs, Completion, RolloutEngine, SamplingSettings,
 };
-use super::stats::{rollout_stats, HeldOut, RolloutCursor};
+use super::stats::{held_out, rollout_stats, HeldOut, RolloutCursor};
+use crate::data_order::DataCursor;
 use crate::method::{LossOutput, Method};
 
 /// The `[ppo]` section of a recipe (TRL `PPOConfig` names; `recipes/ppo.toml` sets every
@@ -450,7 +451,7 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
     }
 
     fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<PpoBatch>> {
-        let held = self.engine.held_out(policy, &self.eval, self.eval_batch)?;
+        let held = held_out(&self.engine, policy, &self.eval, self.eval_batch)?;
         Ok(held.into_iter().map(PpoBatch::HeldOut).collect())
     }
 
@@ -463,15 +464,11 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
         )
     }
 
-    fn epoch(&self) -> f64 {
-        self.cursor.epoch.epoch()
+    fn data_cursor(&self) -> &dyn DataCursor {
+        &self.cursor
     }
 
-    fn cursor(&self) -> serde_json::Value {
-        self.cursor.to_json()
-    }
-
-    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
-        self.cursor.restore(cursor)
+    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
+        &mut self.cursor
     }
 }

@@ -14,6 +14,7 @@ use datasets::pack::PackedRow;
 use models::{CausalLm, ForwardInput, ModelConfig};
 
 use super::command::run_reward_command;
+pub use super::command::Scored;
 
 /// What a `[[rewards]]` table may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,16 +140,6 @@ impl RewardSpec {
         }
         Ok(())
     }
-}
-
-/// One completion as reward functions see it.
-#[derive(Debug, Clone)]
-pub struct Scored<'a> {
-    pub prompt_ids: &'a [u32],
-    pub completion_ids: &'a [u32],
-    pub prompt: &'a str,
-    pub completion: &'a str,
-    pub answer: Option<&'a str>,
 }
 
 enum Source<B: Backend> {

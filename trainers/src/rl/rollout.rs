@@ -15,8 +15,8 @@ use datasets::tokenize::TokenizedPrompt;
 use models::generate::{generate_groups, FinishReason, SamplingParams};
 use models::{CausalLm, TextTokenizer};
 
-use super::rewards::{RewardFn, Scored};
-use super::stats::HeldOut;
+use super::command::Scored;
+use super::rewards::RewardFn;
 use crate::logprobs::{keep_real, trained_hidden};
 
 /// How completions are sampled (TRL's generation settings of GRPO/PPO).
@@ -162,24 +162,6 @@ impl<B: AutodiffBackend> RolloutEngine<B> {
             generated_tokens,
             generation_s,
         })
-    }
-
-    /// Held-out prompts completed greedily and scored, in batches of `batch_size`.
-    pub fn held_out(
-        &self,
-        policy: &CausalLm<B>,
-        prompts: &[TokenizedPrompt],
-        batch_size: usize,
-    ) -> Result<Vec<HeldOut>> {
-        let (weights, names) = (self.reward_weights(), self.reward_names());
-        prompts
-            .chunks(batch_size.max(1))
-            .map(|chunk| {
-                let prompts: Vec<&TokenizedPrompt> = chunk.iter().collect();
-                let rollout = self.roll_out(policy, &prompts, 1, 0, true)?;
-                Ok(HeldOut::new(&rollout, &weights, &names))
-            })
-            .collect()
     }
 
     fn score(

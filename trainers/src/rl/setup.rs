@@ -1,54 +1,31 @@
-//! From a recipe to a GRPO or PPO method: prompts, reward functions, the reference model.
+//! From a recipe to a GRPO or PPO method: prompts, reward functions, the reference model,
+//! PPO's value head, and the dry run's view of an online step.
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use std::path::Path;
 
-use datasets::cache::Dataset;
-use datasets::tokenize::TokenizedPrompt;
 use models::checkpoint::{load_model, load_tokenizer};
-use models::{CausalLm, ModelConfig, TextTokenizer};
+use models::{CausalLm, ModelConfig};
 
 use super::grpo::Grpo;
 use super::ppo::Ppo;
 use super::rewards::{RewardFn, RewardSpec};
 use super::rollout::{RefPolicy, RolloutEngine, SamplingSettings};
+use crate::method_spec::{DataKind, Drive, MethodSpec, Setup, StepPlan};
+use crate::prerequisites::{tokenizer_mismatch, train_first};
 use crate::recipe::{MethodName, Recipe};
-use crate::teacher::tokenizer_mismatch;
-use crate::TrainOptions;
 
-pub fn prompt_rows(ds: Dataset, split: &str) -> Result<Vec<TokenizedPrompt>> {
-    match ds {
-        Dataset::Prompts(rows) => Ok(rows),
-        // An empty split (eval_fraction = 0) carries no row kind.
-        other if other.is_empty() => Ok(vec![]),
-        other => bail!(
-            "online methods roll out prompts, but the {split} data are {} rows; use a prompt format \
-             (GSM8K question/answer, Bedrock RFT `messages` + `ground_truth`, or `prompt` with an optional `answer`)",
-            other.kind()
-        ),
-    }
-}
-
-/// Everything shared by GRPO and PPO runs.
-pub struct OnlineSetup<'a> {
-    pub recipe: &'a Recipe,
-    pub opts: &'a TrainOptions<'a>,
-    pub tok: &'a TextTokenizer,
-    pub cfg: &'a ModelConfig,
-    pub pad: datasets::batch::Padding,
-}
-
-impl OnlineSetup<'_> {
-    fn engine<B: AutodiffBackend>(
+/// What GRPO and PPO runs share: the rollout engine (rewards, reference, stop tokens).
+impl<B: AutodiffBackend> Setup<'_, B> {
+    fn engine(
         &self,
         sampling: SamplingSettings,
         needs_reference: bool,
-        device: &B::Device,
     ) -> Result<RolloutEngine<B>> {
-        let policy_dir = &self.recipe.model.path;
+        let (policy_dir, device) = (&self.recipe.model.path, self.device);
         let same_vocab = |dir: &Path, cfg: &ModelConfig| -> Result<()> {
-            if let Some(m) = tokenizer_mismatch(policy_dir, self.cfg, dir, cfg)? {
+            if let Some(m) = tokenizer_mismatch(policy_dir, self.base_cfg, dir, cfg)? {
                 bail!(
                     "[[rewards]] the reward model in {} does not share the policy's vocabulary ({m}); it scores the \
                      policy's token ids as they are, so both need the same tokenizer",
@@ -58,7 +35,7 @@ impl OnlineSetup<'_> {
             Ok(())
         };
         for spec in &self.recipe.rewards {
-            self.ensure_reward_model::<B>(spec, device)?;
+            self.ensure_reward_model(spec)?;
         }
         let rewards = self
             .recipe
@@ -82,7 +59,7 @@ impl OnlineSetup<'_> {
             )),
         };
         let mut stop_ids = self.tok.stop_ids.clone();
-        stop_ids.extend(self.cfg.eos_token_ids.iter().copied());
+        stop_ids.extend(self.base_cfg.eos_token_ids.iter().copied());
         stop_ids.sort_unstable();
         stop_ids.dedup();
         if stop_ids.is_empty() {
@@ -94,7 +71,7 @@ impl OnlineSetup<'_> {
         Ok(RolloutEngine {
             sampling,
             // The run keeps its own; the engine decodes completions with a second copy.
-            tokenizer: load_tokenizer(policy_dir, self.cfg)?,
+            tokenizer: load_tokenizer(policy_dir, self.base_cfg)?,
             stop_ids,
             pad: self.pad,
             rewards,
@@ -103,69 +80,23 @@ impl OnlineSetup<'_> {
     }
 
     /// Train a `type = "model"` reward source from its `recipe` when its `path` is empty.
-    fn ensure_reward_model<B: AutodiffBackend>(
-        &self,
-        spec: &RewardSpec,
-        device: &B::Device,
-    ) -> Result<()> {
+    fn ensure_reward_model(&self, spec: &RewardSpec) -> Result<()> {
         let (Some(path), Some(recipe_path)) = (&spec.path, &spec.recipe) else {
             return Ok(());
         };
         let reward = |r: &Recipe| r.method == MethodName::Reward;
-        crate::teacher::train_first::<B>(
+        train_first(
             recipe_path,
             path,
             "[[rewards]] recipe",
             ("a method = \"reward\"", &reward),
-            self.opts,
-            device,
-        )
-    }
-
-    pub fn grpo<B: AutodiffBackend>(
-        &self,
-        train: Dataset,
-        eval: Dataset,
-        device: &B::Device,
-    ) -> Result<Grpo<B>> {
-        let settings = self.recipe.grpo.clone().unwrap_or_default();
-        let engine = self.engine::<B>(settings.sampling(), settings.beta > 0.0, device)?;
-        let t = &self.recipe.train;
-        Grpo::new(
-            engine,
-            settings,
-            prompt_rows(train, "train")?,
-            prompt_rows(eval, "eval")?,
-            t.per_device_train_batch_size,
-            t.gradient_accumulation_steps,
-            t.per_device_eval_batch_size,
-            self.recipe.seed,
-        )
-    }
-
-    pub fn ppo<B: AutodiffBackend>(
-        &self,
-        train: Dataset,
-        eval: Dataset,
-        device: &B::Device,
-    ) -> Result<Ppo<B>> {
-        let settings = self.recipe.ppo.clone().unwrap_or_default();
-        let engine = self.engine::<B>(settings.sampling(), settings.kl_coef > 0.0, device)?;
-        let t = &self.recipe.train;
-        Ppo::new(
-            engine,
-            settings,
-            prompt_rows(train, "train")?,
-            prompt_rows(eval, "eval")?,
-            t.per_device_train_batch_size,
-            t.per_device_eval_batch_size,
-            self.recipe.seed,
+            self.train_first,
         )
     }
 }
 
 /// PPO's policy carries a value head: fresh, or the one a checkpoint saved.
-pub fn with_value_head<B: AutodiffBackend>(
+fn with_value_head<B: AutodiffBackend>(
     model: CausalLm<B>,
     cfg: &ModelConfig,
     seed: u64,
@@ -180,5 +111,128 @@ pub fn with_value_head<B: AutodiffBackend>(
     match resume {
         Some(dir) => crate::weights::load_value_head(model, dir),
         None => Ok(model),
+    }
+}
+
+/// Prompt plus completion: the longest sequence an online step puts through the model.
+fn online_seq(recipe: &Recipe, max_completion_length: usize) -> usize {
+    recipe.data.max_seq_len + max_completion_length
+}
+
+/// `method = "grpo"` (and GSPO, `[grpo] importance_sampling_level = "sequence"`).
+pub struct GrpoSpec;
+
+impl MethodSpec for GrpoSpec {
+    fn data_kind(&self) -> DataKind {
+        DataKind::Prompts
+    }
+
+    fn key_metrics(&self) -> &'static [&'static str] {
+        &["reward"]
+    }
+
+    fn eval_loss_is_negative_reward(&self) -> bool {
+        true
+    }
+
+    /// A step's rows are completions, `num_generations` per prompt; a rollout feeds
+    /// `num_iterations` steps.
+    fn step_plan(&self, recipe: &Recipe, train_rows: usize) -> StepPlan {
+        let g = recipe.grpo.clone().unwrap_or_default();
+        let t = &recipe.train;
+        let per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps;
+        StepPlan {
+            steps_per_epoch: train_rows.div_ceil((per_step / g.num_generations).max(1))
+                * g.num_iterations,
+            seq: online_seq(recipe, g.max_completion_length),
+            rows: t.per_device_train_batch_size,
+        }
+    }
+
+    fn launch<B: AutodiffBackend, D: Drive<B>>(
+        &self,
+        mut setup: Setup<'_, B>,
+        policy: CausalLm<B>,
+        drive: D,
+    ) -> Result<D::Out> {
+        let settings = setup.recipe.grpo.clone().unwrap_or_default();
+        let engine = setup.engine(settings.sampling(), settings.beta > 0.0)?;
+        let (train, eval) = setup.prompt_data()?;
+        let t = &setup.recipe.train;
+        let method = Grpo::new(
+            engine,
+            settings,
+            train,
+            eval,
+            t.per_device_train_batch_size,
+            t.gradient_accumulation_steps,
+            t.per_device_eval_batch_size,
+            setup.recipe.seed,
+        )?;
+        drive.drive(policy, method)
+    }
+}
+
+/// `method = "ppo"`.
+pub struct PpoSpec;
+
+impl MethodSpec for PpoSpec {
+    fn data_kind(&self) -> DataKind {
+        DataKind::Prompts
+    }
+
+    fn key_metrics(&self) -> &'static [&'static str] {
+        &["objective/scores"]
+    }
+
+    fn eval_loss_is_negative_reward(&self) -> bool {
+        true
+    }
+
+    /// A rollout of `num_mini_batches` steps' rows feeds `num_ppo_epochs` passes.
+    fn step_plan(&self, recipe: &Recipe, train_rows: usize) -> StepPlan {
+        let p = recipe.ppo.clone().unwrap_or_default();
+        let t = &recipe.train;
+        let per_rollout =
+            t.per_device_train_batch_size * t.gradient_accumulation_steps * p.num_mini_batches;
+        StepPlan {
+            steps_per_epoch: train_rows.div_ceil(per_rollout)
+                * p.num_ppo_epochs
+                * p.num_mini_batches,
+            seq: online_seq(recipe, p.max_completion_length),
+            rows: t.per_device_train_batch_size,
+        }
+    }
+
+    fn policy<B: AutodiffBackend>(
+        &self,
+        recipe: &Recipe,
+        cfg: &ModelConfig,
+        model: CausalLm<B>,
+        resume: Option<&Path>,
+    ) -> Result<CausalLm<B>> {
+        with_value_head(model, cfg, recipe.seed, resume)
+    }
+
+    fn launch<B: AutodiffBackend, D: Drive<B>>(
+        &self,
+        mut setup: Setup<'_, B>,
+        policy: CausalLm<B>,
+        drive: D,
+    ) -> Result<D::Out> {
+        let settings = setup.recipe.ppo.clone().unwrap_or_default();
+        let engine = setup.engine(settings.sampling(), settings.kl_coef > 0.0)?;
+        let (train, eval) = setup.prompt_data()?;
+        let t = &setup.recipe.train;
+        let method = Ppo::new(
+            engine,
+            settings,
+            train,
+            eval,
+            t.per_device_train_batch_size,
+            t.per_device_eval_batch_size,
+            setup.recipe.seed,
+        )?;
+        drive.drive(policy, method)
     }
 }

@@ -3,13 +3,17 @@
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
+use datasets::tokenize::TokenizedPrompt;
+use models::CausalLm;
+
 use super::math::nanstd;
-use super::rollout::{metric_name, Rollout};
-use crate::data_order::EpochCursor;
+use super::rollout::{metric_name, Rollout, RolloutEngine};
+use crate::data_order::{DataCursor, EpochCursor};
 use crate::method::LossOutput;
 
 /// Where an online method stands: its position in the prompts, how many rollouts it has
@@ -42,8 +46,14 @@ impl<P: Serialize + DeserializeOwned> RolloutCursor<P> {
             .wrapping_add(self.rollouts);
         (idx, seed)
     }
+}
 
-    pub fn to_json(&self) -> serde_json::Value {
+impl<P: Serialize + DeserializeOwned> DataCursor for RolloutCursor<P> {
+    fn epoch(&self) -> f64 {
+        self.epoch.epoch()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "prompts": self.epoch.to_json(),
             "rollouts": self.rollouts,
@@ -51,7 +61,7 @@ impl<P: Serialize + DeserializeOwned> RolloutCursor<P> {
         })
     }
 
-    pub fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
+    fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
         self.epoch.restore(&cursor["prompts"])?;
         self.rollouts = cursor["rollouts"]
             .as_u64()
@@ -112,6 +122,24 @@ pub struct HeldOut {
     /// Per function: (name, sum of verdicts, rows with a verdict).
     pub per_func: Vec<(String, f64, usize)>,
     pub length_sum: usize,
+}
+
+/// Held-out prompts completed greedily and scored, in batches of `batch_size`.
+pub fn held_out<B: AutodiffBackend>(
+    engine: &RolloutEngine<B>,
+    policy: &CausalLm<B>,
+    prompts: &[TokenizedPrompt],
+    batch_size: usize,
+) -> Result<Vec<HeldOut>> {
+    let (weights, names) = (engine.reward_weights(), engine.reward_names());
+    prompts
+        .chunks(batch_size.max(1))
+        .map(|chunk| {
+            let prompts: Vec<&TokenizedPrompt> = chunk.iter().collect();
+            let rollout = engine.roll_out(policy, &prompts, 1, 0, true)?;
+            Ok(HeldOut::new(&rollout, &weights, &names))
+        })
+        .collect()
 }
 
 impl HeldOut {

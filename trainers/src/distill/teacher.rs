@@ -6,48 +6,20 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use datasets::pack::PackedRow;
-use models::checkpoint::{load_config, load_model_quantized, load_tokenizer};
+use models::checkpoint::{load_config, load_model_quantized};
 use models::nf4::Quantization;
 use models::weights::write_atomic;
 use models::ModelConfig;
 
-use crate::distill::{teacher_top_k, DistillSettings, RowTopK, TeacherSource};
-use crate::recipe::{MethodName, Recipe};
-use crate::session::{train, TrainOptions};
-
-/// A fingerprint of a model (or PEFT adapter) directory's config and weights, for caches
-/// computed from it and for naming what an evaluation ran on.
-pub fn model_fingerprint(dir: &Path) -> Result<String> {
-    let mut fp = datasets::cache::Fingerprint::new();
-    let adapter = dir.join("adapter_config.json");
-    match adapter.exists() && !dir.join("config.json").exists() {
-        true => fp.file("adapter_config", &adapter)?,
-        false => fp.file("config", &dir.join("config.json"))?,
-    };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    for path in files {
-        fp.file(
-            &path.file_name().unwrap_or_default().to_string_lossy(),
-            &path,
-        )?;
-    }
-    Ok(fp.hex()[..16].to_string())
-}
+use super::{teacher_top_k, DistillSettings, RowTopK, TeacherSource};
+use crate::method_spec::Setup;
+use crate::prerequisites::{model_fingerprint, tokenizer_mismatch, train_sft_first, TrainFirst};
 
 /// Train the teacher from `teacher_recipe` when `teacher` holds no model yet.
-fn ensure_teacher<B: AutodiffBackend>(
-    settings: &DistillSettings,
-    opts: &TrainOptions<'_>,
-    device: &B::Device,
-) -> Result<()> {
+fn ensure_teacher(settings: &DistillSettings, train_first: &TrainFirst<'_>) -> Result<()> {
     let dir = &settings.teacher;
     if dir.join("config.json").exists() {
         return Ok(());
@@ -59,69 +31,7 @@ fn ensure_teacher<B: AutodiffBackend>(
             dir.display()
         );
     };
-    train_sft_first::<B>(recipe_path, dir, "[distill] teacher_recipe", opts, device)
-}
-
-/// [`train_first`] for a full-fine-tuning sft recipe (a teacher, a policy's starting model).
-pub fn train_sft_first<B: AutodiffBackend>(
-    recipe_path: &Path,
-    target: &Path,
-    what: &str,
-    opts: &TrainOptions<'_>,
-    device: &B::Device,
-) -> Result<()> {
-    let full_sft = |r: &Recipe| r.method == MethodName::Sft && r.adapter.is_none();
-    train_first::<B>(
-        recipe_path,
-        target,
-        what,
-        ("a full-fine-tuning sft", &full_sft),
-        opts,
-        device,
-    )
-}
-
-/// Train the recipe at `recipe_path`, whose export (`output_dir/final`) must be `target`,
-/// unless `target` already holds a model or adapter: what a recipe needs built first (a
-/// teacher, a starting model, a reward model). `kind` says which recipes fit, and how.
-pub fn train_first<B: AutodiffBackend>(
-    recipe_path: &Path,
-    target: &Path,
-    what: &str,
-    kind: (&str, &dyn Fn(&Recipe) -> bool),
-    opts: &TrainOptions<'_>,
-    device: &B::Device,
-) -> Result<()> {
-    if target.join("config.json").exists() || target.join("adapter_config.json").exists() {
-        return Ok(());
-    }
-    let recipe = Recipe::load(recipe_path, &[])
-        .with_context(|| format!("{what} {}", recipe_path.display()))?;
-    let exported = recipe.train.output_dir.join("final");
-    let (description, fits) = kind;
-    if !fits(&recipe) || exported != *target {
-        bail!(
-            "{what} {} must be {description} recipe whose output_dir/final is {} (it exports to {})",
-            recipe_path.display(),
-            target.display(),
-            exported.display()
-        );
-    }
-    if opts.verbose {
-        println!(
-            "training {} first: {} -> {}",
-            recipe_path.display(),
-            recipe.train.output_dir.display(),
-            target.display()
-        );
-    }
-    let sub = TrainOptions {
-        resume: None,
-        stop_after_steps: None,
-        ..*opts
-    };
-    train::<B>(&recipe, &sub, device)?;
-    Ok(())
+    train_sft_first(recipe_path, dir, "[distill] teacher_recipe", train_first)
 }
 
 /// Refuse a teacher whose vocabulary is not the student's: their distributions would be
@@ -149,34 +59,6 @@ fn check_same_vocabulary(
         ),
         None => Ok(()),
     }
-}
-
-/// The first difference between two models' tokenizers, if any.
-pub(crate) fn tokenizer_mismatch(
-    student_dir: &Path,
-    student: &ModelConfig,
-    teacher_dir: &Path,
-    teacher: &ModelConfig,
-) -> Result<Option<String>> {
-    let s_tok = load_tokenizer(student_dir, student)?;
-    let t_tok = load_tokenizer(teacher_dir, teacher)?;
-    Ok(if s_tok.vocab_size() != t_tok.vocab_size() {
-        Some(format!(
-            "tokenizers of {} vs {} tokens",
-            s_tok.vocab_size(),
-            t_tok.vocab_size()
-        ))
-    } else {
-        (0..s_tok.vocab_size() as u32)
-            .find(|&id| s_tok.id_to_token(id) != t_tok.id_to_token(id))
-            .map(|id| {
-                format!(
-                    "token {id} is {:?} vs {:?}",
-                    s_tok.id_to_token(id),
-                    t_tok.id_to_token(id)
-                )
-            })
-    })
 }
 
 fn teacher_quantization(settings: &DistillSettings) -> Result<Option<Quantization>> {
@@ -210,22 +92,17 @@ pub fn teacher_bytes(settings: &DistillSettings) -> Result<Option<u64>> {
 }
 
 /// Everything the distillation method needs from its teacher.
-#[allow(clippy::too_many_arguments)]
 pub fn prepare_teacher<B: AutodiffBackend>(
-    recipe: &Recipe,
+    setup: &Setup<'_, B>,
     settings: &DistillSettings,
-    student_cfg: &ModelConfig,
     train_rows: &[PackedRow],
     eval_rows: &[PackedRow],
-    cache_dir: &Path,
-    pad: datasets::batch::Padding,
-    opts: &TrainOptions<'_>,
-    device: &B::Device,
 ) -> Result<TeacherSource<B::InnerBackend>> {
-    ensure_teacher::<B>(settings, opts, device)?;
+    let (device, pad, cache_dir) = (setup.device, setup.pad, &setup.cache_dir);
+    ensure_teacher(settings, setup.train_first)?;
     let dir = &settings.teacher;
     let teacher_cfg = load_config(dir)?;
-    check_same_vocabulary(&recipe.model.path, student_cfg, dir, &teacher_cfg)?;
+    check_same_vocabulary(&setup.recipe.model.path, setup.base_cfg, dir, &teacher_cfg)?;
     let quantization = teacher_quantization(settings)?;
     let load = || -> Result<Box<models::CausalLm<B::InnerBackend>>> {
         let (_, m) = load_model_quantized::<B::InnerBackend>(dir, device, quantization.as_ref())?;
@@ -260,11 +137,11 @@ pub fn prepare_teacher<B: AutodiffBackend>(
             &loaded
         }
     };
-    let batch = recipe.train.per_device_eval_batch_size;
+    let batch = setup.recipe.train.per_device_eval_batch_size;
     let train = teacher_top_k(teacher, train_rows, batch, k, pad);
     let eval = teacher_top_k(teacher, eval_rows, batch, k, pad);
     write_top_k(&path, &train, &eval)?;
-    if opts.verbose {
+    if setup.verbose {
         println!(
             "teacher top-{k} log-probs of {} rows computed in {:.1}s, cached in {}",
             train_rows.len() + eval_rows.len(),
@@ -381,8 +258,8 @@ mod memory_tests {
 
     #[test]
     fn the_dry_run_counts_the_teacher_it_holds() {
-        let dir =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny-qwen2");
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/tiny-qwen2");
         let cfg = load_config(&dir).unwrap();
         let mut s = settings(&dir);
         let full = teacher_bytes(&s).unwrap().unwrap();

@@ -20,7 +20,9 @@ use datasets::batch::{Padding, SftBatch};
 use datasets::tokenize::TokenizedPair;
 use models::CausalLm;
 
-use crate::data_order::{eval_chunks, EpochCursor};
+pub mod setup;
+
+use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::completion_logps;
 use crate::method::{BatchShape, LossOutput, Method};
 use crate::pairs::{collate_pairs, real_pairs};
@@ -362,15 +364,11 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
         )
     }
 
-    fn epoch(&self) -> f64 {
-        self.cursor.epoch()
+    fn data_cursor(&self) -> &dyn DataCursor {
+        &self.cursor
     }
 
-    fn cursor(&self) -> serde_json::Value {
-        self.cursor.to_json()
-    }
-
-    fn restore_cursor(&mut self, cursor: &serde_json::Value) -> Result<()> {
-        self.cursor.restore(cursor)
+    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
+        &mut self.cursor
     }
 }
