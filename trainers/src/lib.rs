@@ -15,6 +15,7 @@ pub mod methods;
 pub mod metrics;
 pub mod optim;
 pub mod options;
+pub mod orpo;
 pub mod pairs;
 pub mod parallel;
 pub mod plots;

@@ -5,6 +5,7 @@
 use crate::distill::setup::DistillSpec;
 use crate::dpo::setup::DpoSpec;
 use crate::method_spec::SpecVisitor;
+use crate::orpo::setup::OrpoSpec;
 use crate::recipe::MethodName;
 use crate::reward::setup::RewardSpec;
 use crate::rl::setup::{GrpoSpec, PpoSpec};
@@ -19,5 +20,6 @@ pub fn visit<V: SpecVisitor>(method: MethodName, visitor: V) -> V::Out {
         MethodName::Distill => visitor.visit(DistillSpec),
         MethodName::Grpo => visitor.visit(GrpoSpec),
         MethodName::Ppo => visitor.visit(PpoSpec),
+        MethodName::Orpo => visitor.visit(OrpoSpec),
     }
 }

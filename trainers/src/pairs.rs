@@ -14,6 +14,26 @@ pub fn collate_pairs(
     pad: Padding,
     capacity: usize,
 ) -> (SftBatch, Vec<usize>) {
+    collate_pairs_trained(pairs, pad, capacity, Trained::Completions)
+}
+
+/// Which tokens of a pair's rows are trained (scored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trained {
+    /// The completions only.
+    Completions,
+    /// The chosen rows from their second token on (prompt included: ORPO's NLL term), the
+    /// rejected rows' completions. The completions are the last `lengths` trained tokens.
+    WholeChosen,
+}
+
+/// [`collate_pairs`] with the trained tokens of `trained`.
+pub fn collate_pairs_trained(
+    pairs: &[&TokenizedPair],
+    pad: Padding,
+    capacity: usize,
+    trained: Trained,
+) -> (SftBatch, Vec<usize>) {
     let empty = TokenizedPair::default();
     let slots = pad.rows(pairs.len(), capacity);
     let pairs: Vec<&TokenizedPair> = pairs
@@ -21,11 +41,18 @@ pub fn collate_pairs(
         .copied()
         .chain(std::iter::repeat_n(&empty, slots - pairs.len()))
         .collect();
-    let row = |p: &TokenizedPair, completion: &[u32]| {
-        PackedRow::completion([p.prompt.as_slice(), completion].concat(), p.prompt.len())
+    let row = |p: &TokenizedPair, completion: &[u32], from: usize| {
+        PackedRow::completion([p.prompt.as_slice(), completion].concat(), from)
     };
-    let mut rows: Vec<PackedRow> = pairs.iter().map(|p| row(p, &p.chosen)).collect();
-    rows.extend(pairs.iter().map(|p| row(p, &p.rejected)));
+    let chosen_from = |p: &TokenizedPair| match trained {
+        Trained::Completions => p.prompt.len(),
+        Trained::WholeChosen => 1,
+    };
+    let mut rows: Vec<PackedRow> = pairs
+        .iter()
+        .map(|p| row(p, &p.chosen, chosen_from(p)))
+        .collect();
+    rows.extend(pairs.iter().map(|p| row(p, &p.rejected, p.prompt.len())));
     let lengths = pairs
         .iter()
         .map(|p| p.chosen.len())

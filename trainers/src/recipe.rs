@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::distill::DistillSettings;
 use crate::dpo::DpoSettings;
+use crate::orpo::OrpoSettings;
 use crate::reward::RewardSettings;
 use crate::rl::grpo::GrpoSettings;
 use crate::rl::ppo::PpoSettings;
@@ -25,6 +26,7 @@ pub enum MethodName {
     Distill,
     Grpo,
     Ppo,
+    Orpo,
 }
 
 impl MethodName {
@@ -49,6 +51,9 @@ pub struct Recipe {
     /// `method = "dpo"` settings (TRL `DPOConfig` names); defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<DpoSettings>,
+    /// `method = "orpo"` settings (TRL `ORPOConfig` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orpo: Option<OrpoSettings>,
     /// `method = "reward"` settings (TRL `RewardConfig` names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<RewardSettings>,
@@ -452,30 +457,35 @@ impl Recipe {
             }
             a.lora().targets()?;
         }
-        if let Some(d) = &self.dpo {
-            if self.method != MethodName::Dpo {
+        // A method's own section belongs to that method only.
+        let sections = [
+            ("dpo", self.dpo.is_some(), MethodName::Dpo),
+            ("orpo", self.orpo.is_some(), MethodName::Orpo),
+            ("reward", self.reward.is_some(), MethodName::Reward),
+            ("distill", self.distill.is_some(), MethodName::Distill),
+            ("grpo", self.grpo.is_some(), MethodName::Grpo),
+            ("ppo", self.ppo.is_some(), MethodName::Ppo),
+        ];
+        for (name, set, method) in sections {
+            if set && self.method != method {
                 bail!(
-                    "[dpo] is set but method is {:?}; remove the section or set method = \"dpo\"",
+                    "[{name}] is set but method is {:?}; remove the section or set method = \"{name}\"",
                     self.method
                 );
             }
+        }
+        if let Some(d) = &self.dpo {
             d.validate()?;
         }
-        match (&self.distill, self.method) {
-            (Some(d), MethodName::Distill) => d.validate()?,
-            (None, MethodName::Distill) => {
+        if let Some(o) = &self.orpo {
+            o.validate()?;
+        }
+        match &self.distill {
+            Some(d) => d.validate()?,
+            None if self.method == MethodName::Distill => {
                 bail!("method = \"distill\" needs a [distill] section with at least `teacher = \"DIR\"`")
             }
-            (Some(_), other) => bail!(
-                "[distill] is set but method is {other:?}; remove the section or set method = \"distill\""
-            ),
-            (None, _) => {}
-        }
-        if self.reward.is_some() && self.method != MethodName::Reward {
-            bail!(
-                "[reward] is set but method is {:?}; remove the section or set method = \"reward\"",
-                self.method
-            );
+            None => {}
         }
         self.validate_online()?;
         if self.model.init_recipe.is_some() && self.model.init_preset.is_some() {
@@ -488,17 +498,6 @@ impl Recipe {
     }
 
     fn validate_online(&self) -> Result<()> {
-        let section = |name: &str, set: bool, method: MethodName| -> Result<()> {
-            if set && self.method != method {
-                bail!(
-                    "[{name}] is set but method is {:?}; remove the section or set method = \"{name}\"",
-                    self.method
-                );
-            }
-            Ok(())
-        };
-        section("grpo", self.grpo.is_some(), MethodName::Grpo)?;
-        section("ppo", self.ppo.is_some(), MethodName::Ppo)?;
         if let Some(g) = &self.grpo {
             g.validate()?;
         }

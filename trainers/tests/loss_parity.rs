@@ -90,17 +90,7 @@ fn dpo_losses_and_rewards_match_trl() {
     let exp: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/dpo.json")).unwrap())
             .unwrap();
-    let pairs: Vec<datasets::tokenize::TokenizedPair> = exp["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| datasets::tokenize::TokenizedPair {
-            prompt: serde_json::from_value(p["prompt"].clone()).unwrap(),
-            chosen: serde_json::from_value(p["chosen"].clone()).unwrap(),
-            rejected: serde_json::from_value(p["rejected"].clone()).unwrap(),
-            margin: None,
-        })
-        .collect();
+    let pairs = fixture_pairs(&exp);
     let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
     let (rows, lengths) = collate_pairs(&refs, Padding::exact(0), refs.len());
     let (_, base) =
@@ -514,5 +504,75 @@ mod rl {
             1e-9,
             "value clip fraction",
         );
+    }
+}
+
+fn fixture_pairs(exp: &Value) -> Vec<datasets::tokenize::TokenizedPair> {
+    exp["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| datasets::tokenize::TokenizedPair {
+            prompt: serde_json::from_value(p["prompt"].clone()).unwrap(),
+            chosen: serde_json::from_value(p["chosen"].clone()).unwrap(),
+            rejected: serde_json::from_value(p["rejected"].clone()).unwrap(),
+            margin: None,
+        })
+        .collect()
+}
+
+/// ORPO's loss, NLL, odds-ratio terms and rewards equal TRL's `ORPOTrainer` on the PEFT
+/// policy of the fixture (scripts/parity/orpo_reference.py), with the chosen rows' NLL over
+/// prompt and completion as TRL computes it.
+#[test]
+fn orpo_loss_and_log_odds_match_trl() {
+    use trainers::orpo::{orpo_loss, OrpoBatch, OrpoSettings};
+    use trainers::pairs::{collate_pairs_trained, Trained};
+    let exp: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("losses/orpo.json")).unwrap(),
+    )
+    .unwrap();
+    let pairs = fixture_pairs(&exp);
+    let refs: Vec<&datasets::tokenize::TokenizedPair> = pairs.iter().collect();
+    let (_, base) =
+        load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
+    let (policy, _) =
+        checkpoints::peft::load_adapter(base, &fixtures().join("peft/adapter")).unwrap();
+    // Exact shapes, and a static-shape batch with an empty pair slot after the real ones.
+    for capacity in [refs.len(), refs.len() + 1] {
+        let pad = Padding {
+            id: 0,
+            multiple_of: if capacity > refs.len() { 8 } else { 1 },
+        };
+        let (rows, lengths) = collate_pairs_trained(&refs, pad, capacity, Trained::WholeChosen);
+        let batch = OrpoBatch {
+            rows,
+            pairs: refs.len(),
+            lengths,
+        };
+        for case in exp["cases"].as_array().unwrap() {
+            let settings = OrpoSettings {
+                beta: case["beta"].as_f64().unwrap(),
+            };
+            let out = orpo_loss(&settings, &policy, &batch);
+            let p = refs.len() as f64;
+            let loss_sum: f32 = out.loss_sum.into_scalar();
+            let loss = loss_sum as f64 / p;
+            let want = case["loss"].as_f64().unwrap();
+            assert!(
+                (loss - want).abs() < 1e-5,
+                "capacity {capacity}, beta {}: loss {loss} vs TRL {want}",
+                settings.beta
+            );
+            for (name, sum) in &out.metric_sums {
+                let want = case[*name].as_f64().unwrap();
+                let got = sum / p;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "capacity {capacity}, beta {}: {name} {got} vs TRL {want}",
+                    settings.beta
+                );
+            }
+        }
     }
 }

@@ -610,6 +610,38 @@ fn dpo_with_lora_learns_the_preference_and_precompute_changes_nothing() {
 }
 
 #[test]
+fn orpo_learns_the_preference_without_a_reference_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
+    let r = dpo_recipe(
+        tmp.path(),
+        &format!("{lora}\n[orpo]\nbeta = 0.5"),
+        &["method=\"orpo\""],
+    );
+    run(&r, None).unwrap();
+    let run_dir = tmp.path().join("run");
+    let acc = eval_metric(&run_dir, "eval_rewards/accuracies");
+    let odds = eval_metric(&run_dir, "eval_log_odds_chosen");
+    let nll = eval_metric(&run_dir, "eval_nll_loss");
+    assert!(
+        acc.len() >= 2 && odds.len() == acc.len(),
+        "{acc:?} {odds:?}"
+    );
+    assert!(
+        *acc.last().unwrap() >= 0.8,
+        "held-out reward accuracy {acc:?}"
+    );
+    assert!(
+        odds.last().unwrap() > &(odds[0] + 1.0),
+        "held-out log odds of the chosen answers {odds:?}"
+    );
+    assert!(nll.last().unwrap() < &nll[0], "held-out NLL {nll:?}");
+    for key in ["log_odds_ratio", "rewards/margins", "logps/rejected"] {
+        assert!(!eval_metric(&run_dir, key).is_empty(), "{key} missing");
+    }
+}
+
+#[test]
 fn dpo_and_reward_models_train_on_an_nf4_base() {
     let tmp = tempfile::tempdir().unwrap();
     let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
