@@ -15,9 +15,10 @@ use datasets::batch::Padding;
 use models::backend::CpuTrain;
 use models::presets::{preset_config, PresetTokens, RandomInit};
 use models::CausalLm;
-use trainers::dpo::{reference_table, Dpo, DpoSettings, Reference};
+use trainers::dpo::{reference_table, Dpo, DpoSettings};
 use trainers::method::BatchShape;
 use trainers::optim::trainable_params;
+use trainers::reference::Reference;
 use trainers::train_loop::run_loop;
 use trainers::weights::WeightsFormat;
 

@@ -3,6 +3,8 @@
 conversations (assets/data/quickstart/fastchat_dummy_conversation.json, Apache-2.0):
 
 - identity_prompts.jsonl: the distinct first user turns, as `{"prompt"}` rows (GRPO, PPO);
+- identity_feedback.jsonl: `{"prompt", "completion", "label"}`, each pair's chosen (label
+  true) or rejected (false) answer, alternately: unpaired feedback for KTO.
 - identity_preferences.jsonl: per conversation, `{"prompt", "chosen", "rejected"}` where the
   chosen answer names the assistant (Vicuna) and the rejected one does not (DPO, reward).
 
@@ -38,6 +40,13 @@ def main():
     with open(DATA / "identity_preferences.jsonl", "w") as f:
         for p in pairs:
             f.write(json.dumps(p) + "\n")
+    # KTO's unpaired feedback: each prompt's answer was either liked or not, never both
+    # (alternately the chosen and the rejected answer of its pair).
+    with open(DATA / "identity_feedback.jsonl", "w") as f:
+        for i, p in enumerate(pairs):
+            liked = i % 2 == 0
+            row = {"prompt": p["prompt"], "completion": p["chosen" if liked else "rejected"], "label": liked}
+            f.write(json.dumps(row) + "\n")
     print(f"{len(prompts)} prompts, {len(pairs)} pairs ({len(named)} naming answers, {len(unnamed)} not)")
 
 

@@ -214,6 +214,11 @@ fn render_sample(tok: &TextTokenizer, t: &Tokenized) -> Result<String> {
             (ids, trained)
         }
         Tokenized::Prompt(p) => (p.prompt.clone(), vec![false; p.prompt.len()]),
+        Tokenized::Unpaired(u) => {
+            let ids = [u.prompt.as_slice(), u.completion.as_slice()].concat();
+            let trained = [vec![false; u.prompt.len()], vec![true; u.completion.len()]].concat();
+            (ids, trained)
+        }
     };
     let colour = std::io::stdout().is_terminal();
     let mut out = String::new();

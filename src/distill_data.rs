@@ -68,6 +68,7 @@ fn prompt_of(record: &Record) -> Option<Conversation> {
     let mut c = match record {
         Record::PromptTask(t) => t.prompt.clone(),
         Record::Preference(p) => p.prompt.clone(),
+        Record::Unpaired(u) => u.prompt.clone(),
         Record::Conversation(c) => c.clone(),
     };
     let last_user = c.messages.iter().rposition(|m| m.role == USER)?;

@@ -43,6 +43,12 @@ pub fn run<B: Backend>(rm: &Path, a: &Args, device: &B::Device) -> Result<()> {
         match templater.tokenize(&row.record) {
             Ok((Tokenized::Pair(p), _)) => items.push((line, true, p)),
             Ok((Tokenized::Seq(s), _)) => items.push((line, false, sequence_pair(s.ids))),
+            // An unpaired row is scored as its prompt and completion, whatever its label.
+            Ok((Tokenized::Unpaired(u), _)) => items.push((
+                line,
+                false,
+                sequence_pair([u.prompt, u.completion].concat()),
+            )),
             Ok((Tokenized::Prompt(_), _)) => rejects.push(Reject {
                 origin: row.origin.clone(),
                 field: None,

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::pack::PackedRow;
-use crate::tokenize::{TokenizedPair, TokenizedPrompt};
+use crate::tokenize::{TokenizedPair, TokenizedPrompt, TokenizedUnpaired};
 
 /// Tokenized rows of one split, in the shape training consumes.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +22,8 @@ pub enum Dataset {
     Sft(Vec<PackedRow>),
     Pairs(Vec<TokenizedPair>),
     Prompts(Vec<TokenizedPrompt>),
+    /// Completions labelled desirable or not (KTO).
+    Unpaired(Vec<TokenizedUnpaired>),
 }
 
 impl Dataset {
@@ -30,6 +32,7 @@ impl Dataset {
             Dataset::Sft(v) => v.len(),
             Dataset::Pairs(v) => v.len(),
             Dataset::Prompts(v) => v.len(),
+            Dataset::Unpaired(v) => v.len(),
         }
     }
 
@@ -44,6 +47,7 @@ impl Dataset {
             Dataset::Sft(_) => Dataset::Sft(vec![]),
             Dataset::Pairs(_) => Dataset::Pairs(vec![]),
             Dataset::Prompts(_) => Dataset::Prompts(vec![]),
+            Dataset::Unpaired(_) => Dataset::Unpaired(vec![]),
         }
     }
 
@@ -52,6 +56,7 @@ impl Dataset {
             Dataset::Sft(_) => "sft",
             Dataset::Pairs(_) => "pairs",
             Dataset::Prompts(_) => "prompts",
+            Dataset::Unpaired(_) => "unpaired",
         }
     }
 }
@@ -116,6 +121,23 @@ fn columns(data: &Dataset) -> Vec<(&'static str, ArrayRef)> {
                 )) as ArrayRef,
             ),
         ],
+        Dataset::Unpaired(rows) => {
+            let mut labels = BooleanBuilder::new();
+            for r in rows {
+                labels.append_value(r.label);
+            }
+            vec![
+                (
+                    "prompt_ids",
+                    u32_lists(rows.iter().map(|r| r.prompt.as_slice())),
+                ),
+                (
+                    "completion_ids",
+                    u32_lists(rows.iter().map(|r| r.completion.as_slice())),
+                ),
+                ("label", Arc::new(labels.finish()) as ArrayRef),
+            ]
+        }
         Dataset::Prompts(rows) => {
             let mut answers = StringBuilder::new();
             for r in rows {
@@ -188,6 +210,7 @@ pub fn read_parquet(path: &Path, kind: &str) -> Result<Dataset> {
         "sft" => Dataset::Sft(vec![]),
         "pairs" => Dataset::Pairs(vec![]),
         "prompts" => Dataset::Prompts(vec![]),
+        "unpaired" => Dataset::Unpaired(vec![]),
         other => bail!("unknown cached dataset kind `{other}`"),
     };
     for batch in reader {
@@ -223,6 +246,21 @@ pub fn read_parquet(path: &Path, kind: &str) -> Result<Dataset> {
                         chosen,
                         rejected,
                         margin: m.as_ref().and_then(|m| (!m.is_null(i)).then(|| m.value(i))),
+                    });
+                }
+            }
+            Dataset::Unpaired(rows) => {
+                let p = read_u32_lists(&batch, "prompt_ids", path)?;
+                let c = read_u32_lists(&batch, "completion_ids", path)?;
+                let l = batch
+                    .column_by_name("label")
+                    .and_then(|c| c.as_boolean_opt().cloned())
+                    .with_context(|| format!("{}: column `label` is missing", path.display()))?;
+                for (i, (prompt, completion)) in p.into_iter().zip(c).enumerate() {
+                    rows.push(TokenizedUnpaired {
+                        prompt,
+                        completion,
+                        label: l.value(i),
                     });
                 }
             }

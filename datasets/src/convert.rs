@@ -91,6 +91,10 @@ pub fn convert_record(record: &Record, target: Target) -> Result<(Value, Vec<Str
             "a prompt without an answer cannot be written as {target}: it has no assistant \
              response, and {target} rows need one"
         ),
+        Record::Unpaired(_) => bail!(
+            "an unpaired (KTO) row cannot be written as {target}: its completion may be an \
+             undesirable one, and {target} rows hold answers to train on"
+        ),
     };
     check_turns(conversation)?;
     Ok(match target {

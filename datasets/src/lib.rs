@@ -22,4 +22,4 @@ pub mod strict_json;
 pub mod tokenize;
 
 pub use config::DataConfig;
-pub use records::{Conversation, Origin, Preference, PromptTask, Record, Reject, Row};
+pub use records::{Conversation, Origin, Preference, PromptTask, Record, Reject, Row, Unpaired};

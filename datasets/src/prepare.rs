@@ -377,6 +377,12 @@ fn count_tokens(d: &Dataset) -> (usize, usize) {
             rows.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
         ),
         Dataset::Prompts(rows) => (rows.iter().map(|p| p.prompt.len()).sum(), 0),
+        Dataset::Unpaired(rows) => (
+            rows.iter()
+                .map(|u| u.prompt.len() + u.completion.len())
+                .sum(),
+            rows.iter().map(|u| u.completion.len()).sum(),
+        ),
     }
 }
 
@@ -384,12 +390,17 @@ fn to_dataset(items: Vec<Tokenized>, cfg: &DataConfig) -> Result<(Dataset, Optio
     let mut seqs = Vec::new();
     let mut pairs = Vec::new();
     let mut prompts = Vec::new();
+    let mut unpaired = Vec::new();
     for t in items {
         match t {
             Tokenized::Seq(s) => seqs.push(s),
             Tokenized::Pair(p) => pairs.push(p),
             Tokenized::Prompt(p) => prompts.push(p),
+            Tokenized::Unpaired(u) => unpaired.push(u),
         }
+    }
+    if !unpaired.is_empty() {
+        return Ok((Dataset::Unpaired(unpaired), None));
     }
     if !pairs.is_empty() {
         return Ok((Dataset::Pairs(pairs), None));

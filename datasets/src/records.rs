@@ -41,6 +41,15 @@ pub struct Preference {
     pub margin: Option<f64>,
 }
 
+/// One completion of a prompt, labelled desirable or not, with no paired alternative:
+/// KTO data (TRL's unpaired preference shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unpaired {
+    pub prompt: Conversation,
+    pub completion: Vec<Message>,
+    pub label: bool,
+}
+
 /// A prompt to roll out, with an optional reference answer. GRPO/PPO data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptTask {
@@ -57,6 +66,7 @@ pub enum Record {
     Conversation(Conversation),
     Preference(Preference),
     PromptTask(PromptTask),
+    Unpaired(Unpaired),
 }
 
 impl Record {
@@ -65,6 +75,7 @@ impl Record {
             Record::Conversation(_) => "conversation",
             Record::Preference(_) => "preference",
             Record::PromptTask(_) => "prompt_task",
+            Record::Unpaired(_) => "unpaired",
         }
     }
 }

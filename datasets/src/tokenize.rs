@@ -11,7 +11,7 @@ use models::chat_template::{ChatTemplate, SpecialTokens};
 use models::{Message, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::records::{Conversation, Preference, PromptTask, Record, ASSISTANT};
+use crate::records::{Conversation, Preference, PromptTask, Record, Unpaired, ASSISTANT};
 
 /// Which tokens the loss trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -75,6 +75,14 @@ pub struct TokenizedPair {
     pub margin: Option<f64>,
 }
 
+/// A tokenized unpaired row (KTO): prompt ids, the completion's ids, desirable or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizedUnpaired {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    pub label: bool,
+}
+
 /// A tokenized prompt for online methods, with its reference answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenizedPrompt {
@@ -88,6 +96,7 @@ pub enum Tokenized {
     Seq(TokenizedSeq),
     Pair(TokenizedPair),
     Prompt(TokenizedPrompt),
+    Unpaired(TokenizedUnpaired),
 }
 
 impl Tokenized {
@@ -96,6 +105,7 @@ impl Tokenized {
             Tokenized::Seq(s) => s.ids.len(),
             Tokenized::Pair(p) => p.prompt.len() + p.chosen.len().max(p.rejected.len()),
             Tokenized::Prompt(p) => p.prompt.len(),
+            Tokenized::Unpaired(u) => u.prompt.len() + u.completion.len(),
         }
     }
 
@@ -126,6 +136,9 @@ impl std::fmt::Display for TokenizeError {
         }
     }
 }
+
+/// Prompt ids, each completion's ids, and whether the prompt was cut to fit.
+type Completions = (Vec<u32>, Vec<Vec<u32>>, bool);
 
 pub struct Templater<'a> {
     pub tokenizer: &'a TextTokenizer,
@@ -166,6 +179,9 @@ impl Templater<'_> {
                 .map(|(s, cut)| (Tokenized::Seq(s), cut)),
             Record::Preference(p) => self.preference(p).map(|(s, cut)| (Tokenized::Pair(s), cut)),
             Record::PromptTask(t) => self.prompt(t).map(|s| (Tokenized::Prompt(s), false)),
+            Record::Unpaired(u) => self
+                .unpaired(u)
+                .map(|(s, cut)| (Tokenized::Unpaired(s), cut)),
         }
     }
 
@@ -247,8 +263,14 @@ impl Templater<'_> {
         }
     }
 
-    pub fn preference(&self, p: &Preference) -> Result<(TokenizedPair, bool), TokenizeError> {
-        let prompt_msgs = p.prompt.to_messages();
+    /// The prompt's ids (with the generation prompt) and each completion's ids after them,
+    /// the prompt cut from the left when the longest does not fit (the flag says so).
+    fn completions(
+        &self,
+        prompt: &Conversation,
+        completions: &[&[Message]],
+    ) -> Result<Completions, TokenizeError> {
+        let prompt_msgs = prompt.to_messages();
         let prompt = self.encode(&self.render(&prompt_msgs, true)?)?;
         let side = |completion: &[Message]| -> Result<Vec<u32>, TokenizeError> {
             let all: Vec<Message> = prompt_msgs.iter().chain(completion).cloned().collect();
@@ -260,38 +282,52 @@ impl Templater<'_> {
             }
             Ok(ids[prompt.len()..].to_vec())
         };
-        let (chosen, rejected) = (side(&p.chosen)?, side(&p.rejected)?);
-        if chosen.is_empty() || rejected.is_empty() {
+        let sides = completions
+            .iter()
+            .map(|c| side(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        if sides.iter().any(Vec::is_empty) {
             return Err(TokenizeError::NoTrainedTokens);
         }
-        let len = prompt.len() + chosen.len().max(rejected.len());
+        let len = prompt.len() + sides.iter().map(Vec::len).max().unwrap_or(0);
         if len <= self.max_seq_len {
-            return Ok((
-                TokenizedPair {
-                    prompt,
-                    chosen,
-                    rejected,
-                    margin: p.margin,
-                },
-                false,
-            ));
+            return Ok((prompt, sides, false));
         }
         let cut = len - self.max_seq_len;
         match self.truncation {
-            Truncation::Left if cut < prompt.len() => Ok((
-                TokenizedPair {
-                    prompt: prompt[cut..].to_vec(),
-                    chosen,
-                    rejected,
-                    margin: p.margin,
-                },
-                true,
-            )),
+            Truncation::Left if cut < prompt.len() => Ok((prompt[cut..].to_vec(), sides, true)),
             _ => Err(TokenizeError::TooLong {
                 len,
                 max: self.max_seq_len,
             }),
         }
+    }
+
+    pub fn preference(&self, p: &Preference) -> Result<(TokenizedPair, bool), TokenizeError> {
+        let (prompt, mut sides, cut) = self.completions(&p.prompt, &[&p.chosen, &p.rejected])?;
+        let rejected = sides.pop().unwrap_or_default();
+        let chosen = sides.pop().unwrap_or_default();
+        Ok((
+            TokenizedPair {
+                prompt,
+                chosen,
+                rejected,
+                margin: p.margin,
+            },
+            cut,
+        ))
+    }
+
+    pub fn unpaired(&self, u: &Unpaired) -> Result<(TokenizedUnpaired, bool), TokenizeError> {
+        let (prompt, mut sides, cut) = self.completions(&u.prompt, &[&u.completion])?;
+        Ok((
+            TokenizedUnpaired {
+                prompt,
+                completion: sides.pop().unwrap_or_default(),
+                label: u.label,
+            },
+            cut,
+        ))
     }
 
     pub fn prompt(&self, t: &PromptTask) -> Result<TokenizedPrompt, TokenizeError> {

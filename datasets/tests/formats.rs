@@ -8,7 +8,7 @@ use datasets::convert::{convert_record, Target};
 use datasets::formats::{detect, parse_row, Format};
 use datasets::read::{read_file, ReadOutput};
 use datasets::records::{Message, ASSISTANT, USER};
-use datasets::{Conversation, Origin, Preference, PromptTask, Record, Reject};
+use datasets::{Conversation, Origin, Preference, PromptTask, Record, Reject, Unpaired};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1009,4 +1009,45 @@ fn records_without_a_single_response_cannot_be_converted() {
             .to_string();
         assert!(e.contains("has no assistant response"), "{e}");
     }
+}
+
+#[test]
+fn unpaired_rows_are_read_with_their_labels() {
+    let out = read(&fixture("unpaired_kto.jsonl"), None);
+    assert_eq!(out.format, Format::Unpaired);
+    assert_eq!(
+        records(&out),
+        vec![
+            Record::Unpaired(Unpaired {
+                prompt: Conversation {
+                    system: None,
+                    messages: vec![Message::new(USER, "Is the sky blue?")],
+                },
+                completion: vec![Message::new(ASSISTANT, "Yes, on a clear day.")],
+                label: true,
+            }),
+            Record::Unpaired(Unpaired {
+                prompt: Conversation {
+                    system: Some("Be brief.".into()),
+                    messages: vec![Message::new(USER, "Capital of France?")],
+                },
+                completion: vec![Message::new(ASSISTANT, "Lyon.")],
+                label: false,
+            }),
+            Record::Unpaired(Unpaired {
+                prompt: Conversation {
+                    system: None,
+                    messages: vec![Message::new(USER, "2+2?")],
+                },
+                completion: vec![Message::new(ASSISTANT, "5")],
+                label: false,
+            }),
+        ]
+    );
+    assert_eq!(
+        reject_summary(&out.rejects),
+        vec![(3, Some("label"), "expected true or false, found a string")]
+    );
+    let e = convert_record(&records(&out)[0], Target::OpenAi).expect_err("not an answer");
+    assert!(e.to_string().contains("unpaired (KTO) row"), "{e}");
 }

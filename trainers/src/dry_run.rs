@@ -69,7 +69,7 @@ impl SpecVisitor for Plan<'_> {
         } = self;
         let prepared = prepare(&data_config(recipe, &spec), tok)?;
         let expected = spec.data_kind().name();
-        if prepared.train.kind() != expected {
+        if !spec.accepts(prepared.train.kind()) {
             bail!(
                 "method {:?} needs {expected} data, but [data] gives {} rows",
                 recipe.method,

@@ -26,6 +26,8 @@ pub enum DataKind {
     Pairs,
     /// Prompts that online methods complete themselves.
     Prompts,
+    /// Completions labelled desirable or not (KTO).
+    Unpaired,
 }
 
 impl DataKind {
@@ -34,6 +36,7 @@ impl DataKind {
             DataKind::Sft => "sft",
             DataKind::Pairs => "pairs",
             DataKind::Prompts => "prompts",
+            DataKind::Unpaired => "unpaired",
         }
     }
 }
@@ -140,6 +143,11 @@ impl<B: AutodiffBackend> Setup<'_, B> {
         ))
     }
 
+    /// The train and eval rows as prepared, whatever their kind (left empty here).
+    pub fn take_data(&mut self) -> (Dataset, Dataset) {
+        (self.take_train(), self.take_eval())
+    }
+
     fn take_train(&mut self) -> Dataset {
         std::mem::replace(&mut self.train, Dataset::Sft(vec![]))
     }
@@ -158,6 +166,12 @@ pub trait Drive<B: AutodiffBackend> {
 pub trait MethodSpec {
     /// The `[data]` rows it trains on.
     fn data_kind(&self) -> DataKind;
+
+    /// Whether it trains on `[data]` rows of this kind (`Dataset::kind`): its own kind, by
+    /// default.
+    fn accepts(&self, kind: &str) -> bool {
+        kind == self.data_kind().name()
+    }
 
     /// Whether prompt-answer rows are read as conversations (the methods that train on them).
     fn answers_as_responses(&self) -> bool {

@@ -4,6 +4,7 @@
 
 use crate::distill::setup::DistillSpec;
 use crate::dpo::setup::DpoSpec;
+use crate::kto::setup::KtoSpec;
 use crate::method_spec::SpecVisitor;
 use crate::orpo::setup::OrpoSpec;
 use crate::recipe::MethodName;
@@ -21,5 +22,6 @@ pub fn visit<V: SpecVisitor>(method: MethodName, visitor: V) -> V::Out {
         MethodName::Grpo => visitor.visit(GrpoSpec),
         MethodName::Ppo => visitor.visit(PpoSpec),
         MethodName::Orpo => visitor.visit(OrpoSpec),
+        MethodName::Kto => visitor.visit(KtoSpec),
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::distill::DistillSettings;
 use crate::dpo::DpoSettings;
+use crate::kto::KtoSettings;
 use crate::orpo::OrpoSettings;
 use crate::reward::RewardSettings;
 use crate::rl::grpo::GrpoSettings;
@@ -27,6 +28,7 @@ pub enum MethodName {
     Grpo,
     Ppo,
     Orpo,
+    Kto,
 }
 
 impl MethodName {
@@ -51,6 +53,9 @@ pub struct Recipe {
     /// `method = "dpo"` settings (TRL `DPOConfig` names); defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<DpoSettings>,
+    /// `method = "kto"` settings (TRL `KTOConfig` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kto: Option<KtoSettings>,
     /// `method = "orpo"` settings (TRL `ORPOConfig` names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orpo: Option<OrpoSettings>,
@@ -461,6 +466,7 @@ impl Recipe {
         let sections = [
             ("dpo", self.dpo.is_some(), MethodName::Dpo),
             ("orpo", self.orpo.is_some(), MethodName::Orpo),
+            ("kto", self.kto.is_some(), MethodName::Kto),
             ("reward", self.reward.is_some(), MethodName::Reward),
             ("distill", self.distill.is_some(), MethodName::Distill),
             ("grpo", self.grpo.is_some(), MethodName::Grpo),
@@ -479,6 +485,9 @@ impl Recipe {
         }
         if let Some(o) = &self.orpo {
             o.validate()?;
+        }
+        if let Some(k) = &self.kto {
+            k.validate()?;
         }
         match &self.distill {
             Some(d) => d.validate()?,

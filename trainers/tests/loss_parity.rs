@@ -576,3 +576,80 @@ fn orpo_loss_and_log_odds_match_trl() {
         }
     }
 }
+
+/// KTO's loss, KL reference point and rewards equal TRL's `KTOTrainer` on the PEFT policy
+/// of the fixture with its base as the reference (scripts/parity/kto_reference.py), the
+/// mismatched completions paired as TRL's dataset map pairs them.
+#[test]
+fn kto_loss_kl_and_rewards_match_trl() {
+    use datasets::tokenize::TokenizedUnpaired;
+    use trainers::kto::{collate_kto, kto_batch, kto_loss, rows_of_unpaired, KtoRow, KtoSettings};
+    use trainers::logprobs::completion_logps;
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/kto.json")).unwrap())
+            .unwrap();
+    let ids = |v: &Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    let data: Vec<TokenizedUnpaired> = exp["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| TokenizedUnpaired {
+            prompt: ids(&r["prompt"]),
+            completion: ids(&r["completion"]),
+            label: r["label"].as_bool().unwrap(),
+        })
+        .collect();
+    let n = data.len();
+    let rows = rows_of_unpaired(data, n);
+    for (row, kl) in rows.iter().zip(exp["kl_rows"].as_array().unwrap()) {
+        assert_eq!(row.kl_completion, ids(&kl["completion"]), "TRL's pairing");
+    }
+    let refs: Vec<&KtoRow> = rows.iter().collect();
+    let (_, base) =
+        load_model::<Cpu>(&fixtures().join("models/tiny-llama"), &Default::default()).unwrap();
+    let (mut policy, _) =
+        checkpoints::peft::load_adapter(base, &fixtures().join("peft/adapter")).unwrap();
+    let (collated, kl_rows) = collate_kto(&refs, Padding::exact(0), n);
+    let host = |t: burn::tensor::Tensor<Cpu, 1>| -> Vec<f64> {
+        t.into_data().convert::<f64>().to_vec().unwrap()
+    };
+    let policy_kl = host(completion_logps(&policy, &kl_rows));
+    policy.set_adapters_enabled(false);
+    let reference = host(completion_logps(&policy, &collated));
+    let reference_kl = host(completion_logps(&policy, &kl_rows));
+    policy.set_adapters_enabled(true);
+    for (got, key) in [
+        (&policy_kl, "policy_kl_logps"),
+        (&reference, "reference_logps"),
+        (&reference_kl, "reference_kl_logps"),
+    ] {
+        let want: Vec<f64> = serde_json::from_value(exp[key].clone()).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{key}: {got:?} vs {want:?}");
+        }
+    }
+    for case in exp["cases"].as_array().unwrap() {
+        let settings = KtoSettings {
+            beta: case["beta"].as_f64().unwrap(),
+            desirable_weight: case["desirable_weight"].as_f64().unwrap(),
+            undesirable_weight: case["undesirable_weight"].as_f64().unwrap(),
+            ..Default::default()
+        };
+        let batch = kto_batch(
+            &refs,
+            collated.clone(),
+            &policy_kl,
+            reference.clone(),
+            &reference_kl,
+        );
+        let out = kto_loss(&settings, &policy, &batch);
+        let loss_sum: f32 = out.loss_sum.into_scalar();
+        let got = loss_sum as f64 / n as f64;
+        let want = case["loss"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5, "loss {got} vs TRL {want}");
+        for (name, sum) in &out.metric_sums {
+            let (got, want) = (sum / n as f64, case[*name].as_f64().unwrap());
+            assert!((got - want).abs() < 1e-5, "{name} {got} vs TRL {want}");
+        }
+    }
+}

@@ -642,6 +642,47 @@ fn orpo_learns_the_preference_without_a_reference_model() {
 }
 
 #[test]
+fn kto_learns_the_preference_from_pairs_split_into_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";
+    let r = dpo_recipe(
+        tmp.path(),
+        &format!("{lora}\n[kto]\nbeta = 0.1"),
+        &["method=\"kto\"", "train.per_device_train_batch_size=8"],
+    );
+    run(&r, None).unwrap();
+    let run_dir = tmp.path().join("run");
+    let acc = eval_metric(&run_dir, "eval_rewards/accuracies");
+    let margins = eval_metric(&run_dir, "eval_rewards/margins");
+    assert_eq!(
+        acc[0], 0.0,
+        "at step 0 the policy is the reference: {acc:?}"
+    );
+    assert!(
+        *acc.last().unwrap() >= 0.8,
+        "held-out reward accuracy {acc:?}"
+    );
+    assert!(*margins.last().unwrap() > 0.0, "{margins:?}");
+    for key in ["kl", "rewards/chosen", "rewards/rejected", "logps/chosen"] {
+        assert!(!eval_metric(&run_dir, key).is_empty(), "{key} missing");
+    }
+    // Reference log-probs of the rows and their mismatched rows, precomputed: same run.
+    let pre = tmp.path().join("pre");
+    let r = dpo_recipe(
+        &pre,
+        &format!("{lora}\n[kto]\nbeta = 0.1\nprecompute_ref_log_probs = true"),
+        &["method=\"kto\"", "train.per_device_train_batch_size=8"],
+    );
+    run(&r, None).unwrap();
+    let (a, b) = (losses(&run_dir), losses(&pre.join("run")));
+    assert_eq!(a.len(), b.len());
+    for ((s1, l1), (s2, l2)) in a.iter().zip(&b) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() < 1e-5, "step {s1}: {l1} vs {l2}");
+    }
+}
+
+#[test]
 fn dpo_and_reward_models_train_on_an_nf4_base() {
     let tmp = tempfile::tempdir().unwrap();
     let lora = "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"";

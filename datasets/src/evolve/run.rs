@@ -161,7 +161,7 @@ pub fn seeds_from_rows(rows: &[Row]) -> (Vec<Seed>, Vec<Reject>) {
         let conv = match &r.record {
             Record::Conversation(c) => Some(c),
             Record::PromptTask(p) => Some(&p.prompt),
-            Record::Preference(_) => None,
+            Record::Preference(_) | Record::Unpaired(_) => None,
         };
         match conv.and_then(|c| c.messages.iter().find(|m| m.role == USER)) {
             Some(m) if !m.content.trim().is_empty() => out.push(Seed {

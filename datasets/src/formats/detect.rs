@@ -29,7 +29,8 @@ fn has_bedrock_parts(messages: Option<&Value>) -> bool {
 /// Bedrock conversation when they carry `schemaVersion` or a top-level `system` or use
 /// `{"text"}` parts, and OpenAI otherwise. Rows with `chosen`/`rejected` are hh-rlhf when
 /// there is no `prompt` and `chosen` is a string. A lone `prompt` or `question` is a
-/// prompt-only task; `prompt` with `completion` is Bedrock prompt/completion.
+/// prompt-only task; `prompt` with `completion` is Bedrock prompt/completion, or an unpaired
+/// (KTO) row when it has a `label`.
 pub fn classify_row(value: &Value) -> Option<Format> {
     let obj = value.as_object()?;
     let format = if has(obj, "conversations") {
@@ -57,6 +58,8 @@ pub fn classify_row(value: &Value) -> Option<Format> {
         }
     } else if has(obj, "instruction") {
         Format::Alpaca
+    } else if has(obj, "completion") && has(obj, "label") {
+        Format::Unpaired
     } else if has(obj, "completion") {
         Format::BedrockPromptCompletion
     } else if has(obj, "prompt") || has(obj, "question") {

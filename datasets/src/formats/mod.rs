@@ -53,12 +53,15 @@ pub enum Format {
     /// `{"chosen": "\n\nHuman: ..\n\nAssistant: ..", "rejected": ..}`
     #[serde(rename = "hh-rlhf")]
     HhRlhf,
+    /// `{"prompt", "completion", "label": bool}` (KTO)
+    #[serde(rename = "unpaired")]
+    Unpaired,
     /// `{"question" | "prompt", "answer"?}`
     #[serde(rename = "prompt-answer")]
     PromptAnswer,
 }
 
-const ALL: [Format; 9] = [
+const ALL: [Format; 10] = [
     Format::BedrockPromptCompletion,
     Format::BedrockConversation,
     Format::BedrockRft,
@@ -67,6 +70,7 @@ const ALL: [Format; 9] = [
     Format::OpenAiMessages,
     Format::Preference,
     Format::HhRlhf,
+    Format::Unpaired,
     Format::PromptAnswer,
 ];
 
@@ -81,6 +85,7 @@ impl Format {
             Format::OpenAiMessages => "openai",
             Format::Preference => "preference",
             Format::HhRlhf => "hh-rlhf",
+            Format::Unpaired => "unpaired",
             Format::PromptAnswer => "prompt-answer",
         }
     }
@@ -98,6 +103,7 @@ impl Format {
             Format::OpenAiMessages => "{messages: [{role, content}]}",
             Format::Preference => "{prompt?, chosen, rejected, margin?}",
             Format::HhRlhf => "{chosen, rejected} as Human/Assistant transcripts",
+            Format::Unpaired => "{prompt, completion, label: true | false}",
             Format::PromptAnswer => "{question | prompt, answer?}",
         }
     }
@@ -162,6 +168,7 @@ pub fn parse_row(format: Format, value: &Value, origin: &Origin) -> Result<Recor
         Format::OpenAiMessages => chat::openai(obj),
         Format::Preference => preference::preference(obj),
         Format::HhRlhf => preference::hh_rlhf(obj),
+        Format::Unpaired => preference::unpaired(obj),
         Format::PromptAnswer => prompt_answer::prompt_answer(obj),
     });
     let parsed = parsed.and_then(|record| match &record {

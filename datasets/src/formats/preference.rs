@@ -7,7 +7,7 @@ use super::turns::{
     check_order, into_messages, parse_turns, prompt_from_value, take_system, text_content, Roles,
     Turn,
 };
-use crate::records::{Conversation, Message, Preference, Record, ASSISTANT, USER};
+use crate::records::{Conversation, Message, Preference, Record, Unpaired, ASSISTANT, USER};
 use regex::Regex;
 use serde_json::{Map, Value};
 use std::sync::LazyLock;
@@ -32,6 +32,20 @@ pub(crate) fn preference(obj: &Map<String, Value>) -> Parsed<Record> {
         None => implicit_prompt(chosen, rejected, margin)?,
     };
     Ok(Record::Preference(pair))
+}
+
+/// `{"prompt", "completion", "label"}`: one completion, desirable (`true`) or not (TRL's
+/// unpaired preference rows, KTO data).
+pub(crate) fn unpaired(obj: &Map<String, Value>) -> Parsed<Record> {
+    let label = required(obj, "label", "")?;
+    let label = label
+        .as_bool()
+        .ok_or_else(|| wrong_type("label", "true or false", label))?;
+    Ok(Record::Unpaired(Unpaired {
+        prompt: prompt_from_value(required(obj, "prompt", "")?, "prompt")?,
+        completion: response(required(obj, "completion", "")?, "completion")?,
+        label,
+    }))
 }
 
 /// A response: a string (one assistant message) or a message list that starts and ends with

@@ -26,6 +26,7 @@ use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::completion_logps;
 use crate::method::{BatchShape, LossOutput, Method};
 use crate::pairs::{collate_pairs, real_pairs};
+use crate::reference::Reference;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,21 +119,6 @@ pub struct PairBatch {
     pub lengths: Vec<usize>,
     /// Reference summed log-probs per row, when the loss uses a reference.
     pub reference: Option<Vec<f64>>,
-}
-
-/// Where reference log-probs come from during training.
-pub enum Reference<B: AutodiffBackend> {
-    /// SimPO: none.
-    None,
-    /// The policy with its adapters switched off.
-    BaseOfAdapters,
-    /// A frozen model, without autodiff.
-    Frozen(Box<CausalLm<B::InnerBackend>>),
-    /// Summed log-probs per pair `(chosen, rejected)`, for the train and eval splits.
-    Precomputed {
-        train: Vec<(f64, f64)>,
-        eval: Vec<(f64, f64)>,
-    },
 }
 
 pub struct Dpo<B: AutodiffBackend> {
@@ -256,18 +242,16 @@ impl<B: AutodiffBackend> Dpo<B> {
         let slots = lengths.len() / 2;
         let reference = match &self.reference {
             Reference::None => None,
-            Reference::BaseOfAdapters => {
-                let mut base = policy.valid();
-                base.set_adapters_enabled(false);
-                Some(host(completion_logps(&base, &rows)))
-            }
-            Reference::Frozen(m) => Some(host(completion_logps(m.as_ref(), &rows))),
             Reference::Precomputed { train, eval: ev } => {
                 let table = if eval { ev } else { train };
                 let (mut c, mut r): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| table[i]).unzip();
                 c.resize(slots, 0.0);
                 r.resize(slots, 0.0);
                 Some([c, r].concat())
+            }
+            live => {
+                let model = live.live_model(&policy.valid()).expect("a live reference");
+                Some(host(completion_logps(model.as_ref(), &rows)))
             }
         };
         PairBatch {

@@ -52,6 +52,7 @@ pub fn read_prompts(
         let (messages, answer) = match &row.record {
             Record::PromptTask(t) => (t.prompt.to_messages(), t.answer.clone()),
             Record::Preference(p) => (p.prompt.to_messages(), None),
+            Record::Unpaired(u) => (u.prompt.to_messages(), None),
             Record::Conversation(c) => {
                 let mut messages = c.to_messages();
                 match messages.last() {

@@ -38,12 +38,23 @@ pub fn run<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
                 Some(c)
             }
             datasets::records::Record::Conversation(c) => Some(c.clone()),
+            // A desirable unpaired row is scored on its completion; an undesirable one is
+            // not an answer to score.
+            datasets::records::Record::Unpaired(u) if u.label => {
+                let mut c = u.prompt.clone();
+                c.messages.extend(u.completion.iter().cloned());
+                Some(c)
+            }
+            datasets::records::Record::Unpaired(_) => None,
         };
         let result = match record {
             Some(c) => templater
                 .tokenize(&datasets::records::Record::Conversation(c))
                 .map_err(|e| e.to_string()),
-            None => Err("a prompt without an answer has no tokens to score".to_string()),
+            None => Err(
+                "the row has no answer to score (a prompt without an answer, or an undesirable completion)"
+                    .to_string(),
+            ),
         };
         match result {
             Ok((Tokenized::Seq(s), _)) => seqs.push((row.origin.line, s)),
