@@ -36,6 +36,7 @@ fn main() {
             dropout: 0.0,
             target_modules: vec!["all-linear".into()],
             use_rslora: false,
+            use_dora: false,
         };
         model = model.with_lora(&settings, 0).unwrap();
     }

@@ -49,6 +49,7 @@ fn main() -> Result<()> {
             "down_proj".into(),
         ],
         use_rslora: true,
+        use_dora: false,
     };
     let mut model = model.with_lora(&settings, 3)?;
     // A trained adapter has B != 0; draw one so the adapter changes the logits.

@@ -66,6 +66,7 @@ fn main() {
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         use_rslora: false,
+        use_dora: false,
     };
     let mut model = model.with_lora(&lora, 0).expect("lora");
     println!(

@@ -256,6 +256,7 @@ fn adapters_are_chosen_by_model_name_in_one_batch() {
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         use_rslora: false,
+        use_dora: false,
     };
     let mut tuned = base.with_lora(&settings, 1).unwrap();
     for (_, _, p) in tuned.linear_layers_mut() {

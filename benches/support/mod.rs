@@ -151,6 +151,7 @@ pub fn bench_lora() -> LoraSettings {
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         use_rslora: false,
+        use_dora: false,
     }
 }
 

@@ -2,6 +2,7 @@
 //! PEFT's tensor names, so `PeftModel.from_pretrained` loads them unchanged (and back).
 
 use anyhow::{bail, Context, Result};
+use burn::module::Param;
 use burn::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -27,6 +28,11 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 
 fn tensor_name(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
+}
+
+/// DoRA's magnitude vector, as PEFT saves it (no `.weight` suffix).
+fn magnitude_name(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
 }
 
 fn transposed<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
@@ -67,6 +73,19 @@ pub fn save_adapter<B: Backend>(
             shape: vec![d_out, r],
             values: Box::new(move || transposed(l.b.val())),
         });
+        if let Some(m) = &l.magnitude {
+            writes.push(TensorToWrite {
+                name: magnitude_name(path),
+                shape: vec![d_out],
+                values: Box::new(move || {
+                    m.val()
+                        .into_data()
+                        .convert::<f32>()
+                        .to_vec()
+                        .expect("f32 data")
+                }),
+            });
+        }
     }
     if writes.is_empty() {
         bail!("the model has no LoRA adapters to save");
@@ -101,7 +120,7 @@ pub fn save_adapter<B: Backend>(
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": modules_to_save,
-        "use_dora": false,
+        "use_dora": settings.use_dora,
         "layers_to_transform": null,
         "layers_pattern": null,
         "rank_pattern": {},
@@ -192,12 +211,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             path.display()
         );
     }
-    if field("use_dora").and_then(Value::as_bool).unwrap_or(false) {
-        bail!(
-            "{}: DoRA adapters (use_dora = true) are not supported",
-            path.display()
-        );
-    }
     for k in ["rank_pattern", "alpha_pattern"] {
         if field(k)
             .and_then(Value::as_object)
@@ -228,6 +241,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         use_rslora: field("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        use_dora: field("use_dora").and_then(Value::as_bool).unwrap_or(false),
     };
     settings
         .targets()
@@ -254,7 +268,7 @@ pub fn load_adapter<B: Backend>(
     let mut reader = SafetensorsReader::open_files(std::slice::from_ref(&weights))?;
     let device = model.device();
     let has_score = reader.shape(SCORE).is_some();
-    let mut read = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
+    let mut read = |name: &str, shape: &[usize]| -> Result<TensorData> {
         let (got, values) = reader
             .read_f32(name)
             .with_context(|| format!("{}: missing tensor `{name}`", weights.display()))?;
@@ -264,17 +278,27 @@ pub fn load_adapter<B: Backend>(
                 weights.display()
             );
         }
-        Ok(Tensor::<B, 2>::from_data(TensorData::new(values, shape), &device).transpose())
+        Ok(TensorData::new(values, shape.to_vec()))
     };
+    // PEFT's `[out, in]` matrices in burn's `[in, out]` layout.
+    let matrix = |data: TensorData| Tensor::<B, 2>::from_data(data, &device).transpose();
     for (path, _, proj) in model.linear_layers_mut() {
         let Some(l) = proj.lora.as_mut() else {
             continue;
         };
         let [d_in, r] = l.a.dims();
         let d_out = l.b.dims()[1];
-        let a = read(&tensor_name(&path, "lora_A"), [r, d_in])?;
-        let b = read(&tensor_name(&path, "lora_B"), [d_out, r])?;
+        let a = matrix(read(&tensor_name(&path, "lora_A"), &[r, d_in])?);
+        let b = matrix(read(&tensor_name(&path, "lora_B"), &[d_out, r])?);
+        let magnitude = match cfg.settings.use_dora {
+            true => Some(Param::from_tensor(Tensor::<B, 1>::from_data(
+                read(&magnitude_name(&path), &[d_out])?,
+                &device,
+            ))),
+            false => None,
+        };
         *l = models::lora::LoraAdapter::from_tensors(a, b, &cfg.settings);
+        l.magnitude = magnitude;
     }
     if has_score {
         let Some(score) = model.score.as_mut() else {
@@ -284,7 +308,7 @@ pub fn load_adapter<B: Backend>(
             );
         };
         let [d_in, d_out] = score.dims();
-        score.set_dense_weight(read(SCORE, [d_out, d_in])?);
+        score.set_dense_weight(matrix(read(SCORE, &[d_out, d_in])?));
     }
     let unused = reader.unused();
     if !unused.is_empty() {

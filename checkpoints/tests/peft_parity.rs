@@ -189,3 +189,66 @@ fn peft_logits_match_burnish_on_qwen3() {
         max_diff(&got, &want)
     );
 }
+
+fn dora_expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("losses/dora.json")).unwrap())
+        .unwrap()
+}
+
+/// A DoRA adapter PEFT made (scripts/parity/dora_reference.py: magnitude and direction both
+/// moved) gives PEFT's logits in burnish, unmerged and merged, and PEFT's merged weights.
+#[test]
+fn peft_dora_adapter_logits_and_merge_match() {
+    let exp = dora_expected();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(exp["ids"].clone()).unwrap();
+    let (model, settings) = load_adapter(base(), &fixtures().join("peft-dora/adapter")).unwrap();
+    assert!(settings.use_dora && settings.r == 4);
+    let got = logits(&model, &ids);
+    let want = flat(&exp["logits"]);
+    assert!(
+        max_diff(&got, &want) < 1e-5,
+        "DoRA: {}",
+        max_diff(&got, &want)
+    );
+    let merged = model.clone().merge_adapters();
+    let got = logits(&merged, &ids);
+    let want = flat(&exp["merged_logits"]);
+    assert!(
+        max_diff(&got, &want) < 1e-5,
+        "merged: {}",
+        max_diff(&got, &want)
+    );
+    for (path, _, proj) in merged.linear_layers() {
+        let Some(w) = exp["merged_weights"].get(&path) else {
+            continue;
+        };
+        // PEFT's `[out, in]` against burnish's `[in, out]`.
+        let got: Vec<f32> = proj
+            .dense_weight()
+            .transpose()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert!(max_diff(&got, &flat(w)) < 1e-5, "{path}");
+    }
+
+    // Saved by burnish: PEFT's tensor names and shapes, and the same model loaded back.
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&model, &settings, "tiny-llama", dir.path(), DiskDtype::F32).unwrap();
+    let names = |d: &std::path::Path| {
+        let r = SafetensorsReader::open_files(&[d.join("adapter_model.safetensors")]).unwrap();
+        let mut v: Vec<(String, Vec<usize>)> = r
+            .names()
+            .map(|n| (n.clone(), r.shape(n).unwrap().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(dir.path()),
+        names(&fixtures().join("peft-dora/adapter"))
+    );
+    let (again, s2) = load_adapter(base(), dir.path()).unwrap();
+    assert!(s2.use_dora);
+    assert_eq!(logits(&again, &ids), logits(&model, &ids));
+}

@@ -72,34 +72,40 @@ impl<B: Backend> Proj<B> {
         self.nf4 = None;
     }
 
-    /// PEFT's order: `(x W + b) + scale * dropout(x) A B`.
+    /// `x W + scale * dropout(x) A B + b` (PEFT's LoRA), or DoRA's rescaled sum.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         crate::shape_audit::record("projection", &[&x.dims(), &self.dims()]);
         let adapter = self.lora.as_ref().filter(|l| l.enabled);
         let lora_in = adapter.map(|_| x.clone());
         let bank_in = self.bank.as_ref().map(|_| x.clone());
-        let y = match (&self.weight, &self.nf4) {
-            (Some(w), _) if crate::half::is_half(w.val().dtype()) => {
-                let (rows, mut dims) = flat_rows(&x);
-                let w = w.val();
-                dims[D - 1] = w.dims()[1];
-                crate::half::half_matmul(x.reshape([rows, w.dims()[0]]), &w).reshape(dims)
-            }
-            (Some(w), _) => matmul_2d(x, w.val()),
-            (None, Some(q)) => {
-                let (rows, mut dims) = flat_rows(&x);
-                dims[D - 1] = q.d_out;
-                nf4_matmul(x.reshape([rows, q.d_in]), q).reshape(dims)
-            }
-            (None, None) => unreachable!("a projection has a dense or an NF4 weight"),
+        let y = self.base_product(x);
+        let y = match (adapter, lora_in) {
+            (Some(l), Some(x)) => match l
+                .magnitude
+                .as_ref()
+                .and_then(|_| l.dora_factor(self.dense_weight()))
+            {
+                None => y + l.delta(x),
+                Some(g) => {
+                    // PEFT's DoRA: `(g - 1) * x W + g * scale * x A B` beside the base
+                    // output; with dropout both on the dropped input.
+                    let mut dims = [1usize; D];
+                    dims[D - 1] = g.dims()[0];
+                    let g = g.reshape(dims);
+                    if l.drops(&x.device()) {
+                        let x = l.dropout_of(x);
+                        let low = l.low_rank(x.clone());
+                        y + g.clone().sub_scalar(1.0) * self.base_product(x) + g * low
+                    } else {
+                        (y + l.low_rank(x)) * g
+                    }
+                }
+            },
+            _ => y,
         };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
-        };
-        let y = match (adapter, lora_in) {
-            (Some(l), Some(x)) => y + l.delta(x),
-            _ => y,
         };
         match (&self.bank, bank_in) {
             (Some(bank), Some(x)) => {
@@ -117,6 +123,25 @@ impl<B: Backend> Proj<B> {
                 y + delta.reshape(out)
             }
             _ => y,
+        }
+    }
+
+    /// `x W` (no bias), whatever the weight is stored in.
+    fn base_product<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) if crate::half::is_half(w.val().dtype()) => {
+                let (rows, mut dims) = flat_rows(&x);
+                let w = w.val();
+                dims[D - 1] = w.dims()[1];
+                crate::half::half_matmul(x.reshape([rows, w.dims()[0]]), &w).reshape(dims)
+            }
+            (Some(w), _) => matmul_2d(x, w.val()),
+            (None, Some(q)) => {
+                let (rows, mut dims) = flat_rows(&x);
+                dims[D - 1] = q.d_out;
+                nf4_matmul(x.reshape([rows, q.d_in]), q).reshape(dims)
+            }
+            (None, None) => unreachable!("a projection has a dense or an NF4 weight"),
         }
     }
 }

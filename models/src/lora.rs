@@ -23,10 +23,16 @@ pub const LINEAR_MODULES: [&str; 7] = [
 
 /// `delta(x) = scale * dropout(x) A B`, with `A: [d_in, r]` and `B: [r, d_out]` (burn layout;
 /// PEFT stores `lora_A.weight: [r, d_in]` and `lora_B.weight: [d_out, r]`).
+///
+/// With a `magnitude` it is DoRA (PEFT's `use_dora`, peft/tuners/lora/dora.py): the layer's
+/// weight becomes `m * (W + scale A B) / ||W + scale A B||`, the norm per output column and
+/// treated as a constant in the backward pass (the paper's section 4.3, as PEFT does).
 #[derive(Module, Debug)]
 pub struct LoraAdapter<B: Backend> {
     pub a: Param<Tensor<B, 2>>,
     pub b: Param<Tensor<B, 2>>,
+    /// DoRA's magnitude `m`, `[d_out]`.
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
     pub scale: f64,
     pub dropout: f64,
     /// Off: the layer computes the frozen base alone (a reference model without a copy).
@@ -59,6 +65,7 @@ impl<B: Backend> LoraAdapter<B> {
         Self {
             a: Param::from_tensor(a),
             b: Param::from_tensor(b),
+            magnitude: None,
             scale: settings.scale(),
             dropout: settings.dropout,
             enabled: true,
@@ -70,14 +77,34 @@ impl<B: Backend> LoraAdapter<B> {
     }
 
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
-            // Inverted dropout, as torch.nn.Dropout.
+        self.low_rank(self.dropout_of(x))
+    }
+
+    /// Whether dropout changes the input now (training, with a rate).
+    pub fn drops(&self, device: &B::Device) -> bool {
+        self.dropout > 0.0 && B::ad_enabled(device)
+    }
+
+    /// Inverted dropout, as torch.nn.Dropout, while training.
+    pub fn dropout_of<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.drops(&x.device()) {
             let mask = dropout_mask(x.dims(), self.dropout, &x.device());
             x * mask
         } else {
             x
-        };
+        }
+    }
+
+    /// `scale * x A B`.
+    pub fn low_rank<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         matmul_2d(matmul_2d(x, self.a.val()), self.b.val()).mul_scalar(self.scale)
+    }
+
+    /// DoRA's per-column factor `m / ||W + scale A B||` for the base weight `W` (f32,
+    /// `[d_in, d_out]`), the norm without gradient; None for plain LoRA.
+    pub fn dora_factor(&self, weight: Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+        let m = self.magnitude.as_ref()?;
+        Some(m.val() / column_norms(weight + self.merged_delta().detach()).detach())
     }
 
     /// `scale * A B`, the update merging adds to the `[d_in, d_out]` base weight.
@@ -127,6 +154,13 @@ fn dropout_mask<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(values, dims), device)
 }
 
+/// The Euclidean norm of every column of `w` (`[d_in, d_out]` -> `[d_out]`): per output
+/// feature, as PEFT's `get_weight_norm` takes it over the rows of torch's `[out, in]` weight.
+pub fn column_norms<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 1> {
+    let d_out = w.dims()[1];
+    w.powf_scalar(2.0).sum_dim(0).sqrt().reshape([d_out])
+}
+
 /// LoRA hyper-parameters, as PEFT's `LoraConfig` names them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSettings {
@@ -137,6 +171,8 @@ pub struct LoraSettings {
     pub target_modules: Vec<String>,
     /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output feature beside the low-rank direction update.
+    pub use_dora: bool,
 }
 
 impl LoraSettings {
@@ -220,7 +256,13 @@ impl<B: Backend> CausalLm<B> {
         for (_, name, proj) in model.linear_layers_mut() {
             if targets.contains(&name) {
                 let [d_in, d_out] = proj.dims();
-                proj.lora = Some(LoraAdapter::new(d_in, d_out, settings, &mut rng, &device));
+                let mut adapter = LoraAdapter::new(d_in, d_out, settings, &mut rng, &device);
+                if settings.use_dora {
+                    // B = 0: the magnitude starts as the base weight's norms (PEFT's init).
+                    let norms = column_norms(proj.dense_weight()).detach();
+                    adapter.magnitude = Some(Param::from_tensor(norms));
+                }
+                proj.lora = Some(adapter);
             }
         }
         // A reward head is new, task-specific and tiny: it trains in full (PEFT's
@@ -272,10 +314,17 @@ impl<B: Backend> CausalLm<B> {
 }
 
 impl<B: Backend> Proj<B> {
-    /// `W += scale * A B` and the adapter removed (nothing without one).
+    /// `W += scale * A B` (DoRA: `W = m * (W + scale A B) / ||W + scale A B||`) and the
+    /// adapter removed (nothing without one).
     fn fold_adapter(&mut self) {
         if let Some(l) = self.lora.take() {
-            let w = self.dense_weight() + l.merged_delta();
+            let base = self.dense_weight();
+            let factor = l.dora_factor(base.clone());
+            let w = base + l.merged_delta();
+            let w = match factor {
+                Some(g) => w * g.unsqueeze(),
+                None => w,
+            };
             self.set_dense_weight(w);
         }
     }

@@ -59,6 +59,13 @@ impl<B: Backend> CausalLm<B> {
                         if l.a.dims()[0] != d_in || l.b.dims()[1] != d_out {
                             bail!("{path}: an adapter's shapes do not fit the base model");
                         }
+                        if l.magnitude.is_some() {
+                            bail!(
+                                "{path}: a DoRA adapter rescales the base weight per output feature, which a \
+                                 shared-base bank cannot serve side by side; merge it (`burnish export --merge`) \
+                                 and serve the merged model"
+                            );
+                        }
                         let pad = r_max - l.rank();
                         let la = l.a.val();
                         let lb = l.b.val().mul_scalar(l.scale);

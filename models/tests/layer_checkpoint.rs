@@ -28,6 +28,7 @@ fn step<B: AutodiffBackend>(lora: bool) -> (f32, Grads) {
             dropout: 0.0,
             target_modules: vec!["all-linear".into()],
             use_rslora: false,
+            use_dora: false,
         };
         model = model.with_lora(&settings, 3).unwrap();
         // Non-zero B, so every adapter matrix has a non-zero gradient.

@@ -323,6 +323,7 @@ fn folded_adapters_sample_as_the_adapted_model() {
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         use_rslora: false,
+        use_dora: false,
     };
     let mut model = load("tiny-llama").with_lora(&settings, 5).unwrap();
     // Fresh adapters are a no-op (B = 0): give every B values so the fold matters.

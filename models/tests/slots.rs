@@ -138,6 +138,7 @@ fn with_adapter(base: &CausalLm<Cpu>, r: usize, seed: u64) -> CausalLm<Cpu> {
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         use_rslora: false,
+        use_dora: false,
     };
     let mut m = base.clone().with_lora(&settings, seed).unwrap();
     for (_, _, p) in m.linear_layers_mut() {

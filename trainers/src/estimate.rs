@@ -37,7 +37,8 @@ fn linear_dims(cfg: &ModelConfig, module: &str) -> (usize, usize) {
     }
 }
 
-/// Parameters LoRA adds: `r * (d_in + d_out)` per targeted layer.
+/// Parameters LoRA adds: `r * (d_in + d_out)` per targeted layer, and `d_out` more with
+/// DoRA's magnitude.
 pub fn lora_params(cfg: &ModelConfig, lora: &LoraSettings) -> u64 {
     let per_layer: usize = lora
         .targets()
@@ -45,7 +46,7 @@ pub fn lora_params(cfg: &ModelConfig, lora: &LoraSettings) -> u64 {
         .iter()
         .map(|m| {
             let (a, b) = linear_dims(cfg, m);
-            lora.r * (a + b)
+            lora.r * (a + b) + if lora.use_dora { b } else { 0 }
         })
         .sum();
     (per_layer * cfg.num_hidden_layers) as u64

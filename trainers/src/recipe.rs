@@ -182,6 +182,10 @@ pub struct AdapterSection {
     /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): a trained magnitude per output feature of every adapted
+    /// layer, beside the low-rank update of its direction.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub use_dora: bool,
 }
 
 impl AdapterSection {
@@ -192,6 +196,7 @@ impl AdapterSection {
             dropout: self.dropout,
             target_modules: self.target_modules.clone(),
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         }
     }
 }

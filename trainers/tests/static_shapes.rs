@@ -278,6 +278,7 @@ where
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
         use_rslora: false,
+        use_dora: false,
     };
     let model = load_model::<B>(tiny_model(), &Default::default())
         .unwrap()

@@ -138,6 +138,76 @@ fn full_sft_learns_held_out() {
 }
 
 #[test]
+fn dora_learns_on_a_dense_and_an_nf4_base_and_saves_peft_magnitudes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [("dense", ""), ("nf4", "model.quantize=\"nf4\"")] {
+        let dir = tmp.path().join(name);
+        let mut overrides = vec![
+            "train.max_steps=40",
+            "train.learning_rate=2e-2",
+            "train.eval_on_start=true",
+        ];
+        if !extra.is_empty() {
+            overrides.push(extra);
+        }
+        let r = recipe(
+            &dir,
+            "[adapter]\nr = 8\nalpha = 16\ntarget_modules = \"all-linear\"\nuse_dora = true",
+            &overrides,
+        );
+        let report = run(&r, None).unwrap();
+        let (first, last) = (
+            report.first_eval_loss.unwrap(),
+            report.last_eval_loss.unwrap(),
+        );
+        assert!(
+            last < first - 0.5,
+            "{name}: held-out loss {first} -> {last}"
+        );
+        let fin = report.final_dir.unwrap();
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(fin.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["use_dora"], true);
+        // A, B and PEFT's magnitude vector per adapted layer; the magnitudes trained.
+        let t = tensors(&fin, "adapter_model.safetensors");
+        assert_eq!(t.len(), 3 * 7 * 2, "{name}");
+        let (_, base) = models::checkpoint::load_model::<models::backend::Cpu>(
+            &tiny_model(),
+            &Default::default(),
+        )
+        .unwrap();
+        let init = base
+            .with_lora(&r.adapter.as_ref().unwrap().lora(), 0)
+            .unwrap();
+        let init_m: std::collections::HashMap<String, Vec<f32>> = init
+            .linear_layers()
+            .iter()
+            .map(|(path, _, p)| {
+                let m = p.lora.as_ref().unwrap().magnitude.as_ref().unwrap().val();
+                (
+                    format!("base_model.model.{path}.lora_magnitude_vector"),
+                    m.into_data().to_vec().unwrap(),
+                )
+            })
+            .collect();
+        let saved_m: Vec<(&String, &Vec<f32>)> = t
+            .iter()
+            .filter(|(n, _)| n.ends_with("lora_magnitude_vector"))
+            .map(|(n, v)| (n, v))
+            .collect();
+        assert_eq!(saved_m.len(), 14);
+        if name == "dense" {
+            let moved = saved_m
+                .iter()
+                .any(|(n, v)| v.iter().zip(&init_m[*n]).any(|(a, b)| (a - b).abs() > 1e-4));
+            assert!(moved, "the magnitudes train");
+        }
+    }
+}
+
+#[test]
 fn lora_learns_and_leaves_the_base_untouched() {
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe(
