@@ -174,7 +174,7 @@ fn dora_learns_on_a_dense_and_an_nf4_base_and_saves_peft_magnitudes() {
         let t = tensors(&fin, "adapter_model.safetensors");
         assert_eq!(t.len(), 3 * 7 * 2, "{name}");
         let (_, base) = models::checkpoint::load_model::<models::backend::Cpu>(
-            &tiny_model(),
+            tiny_model(),
             &Default::default(),
         )
         .unwrap();
