@@ -5,6 +5,7 @@
 use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use std::path::Path;
 
 use datasets::batch::Padding;
 use models::CausalLm;
@@ -51,6 +52,17 @@ pub trait Method<B: AutodiffBackend> {
 
     /// Optimizer steps in one pass over the data, when that is defined.
     fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize>;
+
+    /// What it trains beside the policy (PPO's separate critic), written into `dir` with
+    /// the policy: every checkpoint (`checkpoint`, with optimizer state) and the export.
+    fn save_state(&self, _dir: &Path, _checkpoint: bool) -> Result<()> {
+        Ok(())
+    }
+
+    /// Restore what [`Self::save_state`] wrote into a checkpoint.
+    fn restore_state(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
 
     /// Where it is in its data (epochs; the position checkpoints save and restore).
     fn data_cursor(&self) -> &dyn DataCursor;

@@ -202,6 +202,11 @@ impl<B: AutodiffBackend> AdamW<B> {
         Ok(())
     }
 
+    /// Updates taken (bias correction counts them).
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
     /// Parameters holding optimizer state (only trainable ones ever do).
     pub fn num_states(&self) -> usize {
         self.state.len()

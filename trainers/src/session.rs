@@ -542,7 +542,10 @@ fn finish<B: AutodiffBackend, M: Method<B>>(
     let final_dir = run_dir.join("final");
     let inner = result.model.valid();
     let dtype = DiskDtype::parse(&t.export_dtype)?;
-    models::atomic::write_dir(&final_dir, |dir| weights.save(&inner, dir, dtype))?;
+    models::atomic::write_dir(&final_dir, |dir| {
+        weights.save(&inner, dir, dtype)?;
+        method.save_state(dir, false)
+    })?;
     report.samples_after = sample(&inner, model_cfg, tok, recipe)?;
     if opts.verbose {
         print_samples(recipe, "after", &report.samples_after);

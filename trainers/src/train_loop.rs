@@ -103,10 +103,11 @@ struct Checkpointer<'a> {
 }
 
 impl Checkpointer<'_> {
-    fn save<B: AutodiffBackend>(
+    fn save<B: AutodiffBackend, M: Method<B>>(
         &mut self,
         model: &CausalLm<B>,
         opt: &AdamW<B>,
+        method: &M,
         data: &DataPosition,
         step: u64,
         tokens_seen: u64,
@@ -136,6 +137,7 @@ impl Checkpointer<'_> {
                 &opt.state_tensors(model),
                 &opt.state_metadata(),
             )?;
+            method.save_state(tmp, true)?;
             state.save(tmp)
         })
         .with_context(|| format!("saving checkpoint {}", dir.display()))?;
@@ -255,6 +257,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             opt.load_state(&model, r.state.step, saved)
                 .with_context(|| format!("restoring the optimizer from {}", r.dir.display()))?;
             method.data_cursor_mut().restore(&r.state.data_cursor)?;
+            method.restore_state(&r.dir)?;
             ckpt.last_saved = Some(r.state.step);
             (r.state.step, r.state.tokens_seen, r.state.elapsed_s)
         }
@@ -306,6 +309,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             let dir = ckpt.save(
                 &model,
                 &opt,
+                method,
                 &DataPosition::of(method),
                 step,
                 tokens_seen,
@@ -341,7 +345,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             None => accumulate_gradients(&model, method, &batches)?,
         };
         if let Some((i, value)) = acc.non_finite {
-            let dir = ckpt.save(&model, &opt, &before, step, tokens_seen, elapsed())?;
+            let dir = ckpt.save(&model, &opt, method, &before, step, tokens_seen, elapsed())?;
             bail!(
                 "loss is {value} at step {} (micro-batch {i}): stopped; the last good state (step {step}) is in {}. \
                  Lower learning_rate, check the data, or resume from there",
@@ -362,7 +366,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
         let t_opt = Instant::now();
         let grad_norm = global_grad_norm(&model, &grads);
         if !grad_norm.is_finite() {
-            let dir = ckpt.save(&model, &opt, &before, step, tokens_seen, elapsed())?;
+            let dir = ckpt.save(&model, &opt, method, &before, step, tokens_seen, elapsed())?;
             bail!(
                 "gradient norm is {grad_norm} at step {}: stopped without applying it; the last good state (step {step}) is in {}",
                 step + 1,
@@ -444,6 +448,7 @@ pub fn run_loop_on<B: AutodiffBackend, M: Method<B>>(
             ckpt.save(
                 &model,
                 &opt,
+                method,
                 &DataPosition::of(method),
                 step,
                 tokens_seen,

@@ -375,6 +375,66 @@ path = "{}"
     }
     let fin = report.final_dir.unwrap();
     assert!(fin.join("value_head.safetensors").exists());
+
+    // A separate critic, initialised from the same reward model, with its own optimizer
+    // and learning rate: the score rises too, and the critic is exported beside the policy.
+    let separate = extra.replacen(
+        "whiten_rewards = false\n",
+        "whiten_rewards = false\ncritic = \"separate\"\nvf_learning_rate = 1e-3\n",
+        1,
+    );
+    assert!(separate.contains("separate"));
+    let dir = tmp.path().join("ppo-critic");
+    let r = recipe(
+        &dir,
+        "ppo",
+        &fixture().prompts,
+        &separate,
+        &["train.max_steps=30"],
+    );
+    let report = run(&r, None, None);
+    let scores = metric(&dir.join("run"), "objective/scores");
+    let (first, last) = (mean(&scores[..4]), mean(&scores[26..]));
+    assert!(
+        last > first + 0.5,
+        "separate critic: reward-model score {first:.2} -> {last:.2}: {scores:?}"
+    );
+    let value_loss = metric(&dir.join("run"), "loss/value");
+    assert_eq!(value_loss.len(), 30, "the critic trains every step");
+    let fin = report.final_dir.unwrap();
+    assert!(
+        !fin.join("value_head.safetensors").exists(),
+        "the policy has no value head"
+    );
+    let (cfg, _) = models::checkpoint::load_model::<models::backend::Cpu>(
+        &fin.join("critic"),
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(cfg.reward_head, "the critic is saved as a reward model");
+
+    // Resume restores the critic and its optimizer: the same losses as one straight run.
+    let straight = tmp.path().join("critic-straight");
+    let resumed = tmp.path().join("critic-resumed");
+    for (dir, stops) in [(&straight, vec![None]), (&resumed, vec![Some(3), None])] {
+        let r = recipe(
+            dir,
+            "ppo",
+            &fixture().prompts,
+            &separate,
+            &["train.max_steps=6", "train.save_steps=3"],
+        );
+        for (i, stop) in stops.into_iter().enumerate() {
+            run(&r, (i > 0).then_some("auto"), stop);
+        }
+    }
+    for key in ["loss", "loss/value"] {
+        assert_eq!(
+            metric(&straight.join("run"), key),
+            metric(&resumed.join("run"), key),
+            "{key}"
+        );
+    }
 }
 
 /// GSPO (`importance_sampling_level = "sequence"`: one clipped ratio per completion) learns

@@ -2,6 +2,7 @@
 //! by reward functions. GRPO and PPO share rollouts, rewards and their arithmetic.
 
 pub mod command;
+pub mod critic;
 pub mod grpo;
 pub mod math;
 pub mod ppo;

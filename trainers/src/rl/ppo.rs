@@ -11,10 +11,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 use datasets::tokenize::TokenizedPrompt;
 use models::CausalLm;
 
+use super::critic::{Critic, ValueRows};
 use super::math::{
     clip_fraction, clipped_policy_loss, clipped_value_loss, combine_rewards, gae,
     ppo_token_rewards, whiten, KlEstimator,
@@ -67,6 +69,31 @@ pub struct PpoSettings {
     /// Subtracted from the score of completions that never emitted EOS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_eos_penalty: Option<f64>,
+    /// `shared`: a value head on the policy's backbone; `separate`: a critic model of its
+    /// own, initialised from the reward model (or `critic_model`), with its own optimizer.
+    #[serde(default, skip_serializing_if = "CriticKind::is_shared")]
+    pub critic: CriticKind,
+    /// `separate`: the reward model the critic starts from (default: the first
+    /// `[[rewards]]` model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critic_model: Option<std::path::PathBuf>,
+    /// `separate`: the critic's learning rate (default: `[train] learning_rate`; constant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vf_learning_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CriticKind {
+    #[default]
+    Shared,
+    Separate,
+}
+
+impl CriticKind {
+    fn is_shared(&self) -> bool {
+        *self == CriticKind::Shared
+    }
 }
 
 fn default_completion_length() -> usize {
@@ -122,6 +149,17 @@ impl PpoSettings {
         if !((0.0..=1.0).contains(&self.gamma) && (0.0..=1.0).contains(&self.lam)) {
             bail!("[ppo] gamma and lam must be in [0, 1]");
         }
+        if self.critic == CriticKind::Shared
+            && (self.critic_model.is_some() || self.vf_learning_rate.is_some())
+        {
+            bail!("[ppo] critic_model and vf_learning_rate are for critic = \"separate\"");
+        }
+        if self
+            .vf_learning_rate
+            .is_some_and(|lr| !(lr.is_finite() && lr > 0.0))
+        {
+            bail!("[ppo] vf_learning_rate must be positive");
+        }
         Ok(())
     }
 
@@ -144,6 +182,10 @@ pub struct PpoRows {
     pub returns: Vec<f32>,
     pub advantages: Vec<f32>,
     pub stats: Vec<(String, f64)>,
+    /// A separate critic's update on this step (`loss/value`, `val/clipfrac`, ...), logged
+    /// with the policy's metrics.
+    #[serde(default)]
+    pub critic_stats: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +202,7 @@ pub struct Ppo<B: AutodiffBackend> {
     micro_batch: usize,
     eval_batch: usize,
     cursor: RolloutCursor<Vec<PpoBatch>>,
+    critic: Option<Critic<B>>,
 }
 
 /// A rollout batch turned into PPO's training targets.
@@ -252,8 +295,12 @@ impl<B: AutodiffBackend> Ppo<B> {
         micro_batch: usize,
         eval_batch: usize,
         seed: u64,
+        critic: Option<Critic<B>>,
     ) -> Result<Self> {
         settings.validate()?;
+        if (settings.critic == CriticKind::Separate) != critic.is_some() {
+            bail!("[ppo] critic = \"separate\" needs a critic model, and only it");
+        }
         if train.is_empty() {
             bail!("the training split has no prompts: nothing to roll out");
         }
@@ -265,6 +312,7 @@ impl<B: AutodiffBackend> Ppo<B> {
             eval,
             micro_batch,
             eval_batch,
+            critic,
         })
     }
 
@@ -283,8 +331,12 @@ impl<B: AutodiffBackend> Ppo<B> {
             &rollout.completions,
             s.sampling().logit_scale(),
             self.engine.pad,
-            true,
+            self.critic.is_none(),
         );
+        let values = match &self.critic {
+            Some(c) => c.host_values(&rollout.completions, self.engine.pad),
+            None => values,
+        };
         for (c, lp) in rollout.completions.iter_mut().zip(logps) {
             c.old_logps = lp;
         }
@@ -348,6 +400,7 @@ impl<B: AutodiffBackend> Ppo<B> {
                             returns: f32s(&t.returns),
                             advantages: f32s(&t.advantages),
                             stats: stats.clone(),
+                            critic_stats: vec![],
                         })
                     })
                     .collect();
@@ -356,6 +409,40 @@ impl<B: AutodiffBackend> Ppo<B> {
         }
         Ok(())
     }
+}
+
+/// The separate critic's update on one step's micro-batches; its metrics ride on them.
+fn train_critic<B: AutodiffBackend>(
+    critic: &mut Critic<B>,
+    batches: &mut [PpoBatch],
+    s: &PpoSettings,
+    pad: datasets::batch::Padding,
+    micro_batch: usize,
+) -> Result<()> {
+    let rows: Vec<ValueRows<'_>> = batches
+        .iter()
+        .filter_map(|b| match b {
+            PpoBatch::Train(r) => Some(ValueRows {
+                completions: &r.completions,
+                old_values: &r.old_values,
+                returns: &r.returns,
+            }),
+            PpoBatch::HeldOut(_) => None,
+        })
+        .collect();
+    let stats = critic.update(&rows, pad, micro_batch, s.cliprange_value, s.vf_coef)?;
+    // Each micro-batch carries the step's means; the loop averages them back.
+    let per_batch = vec![
+        ("loss/value".to_string(), stats.value_loss),
+        ("val/clipfrac".to_string(), stats.clipfrac),
+        ("critic/grad_norm".to_string(), stats.grad_norm),
+    ];
+    for b in batches.iter_mut() {
+        if let PpoBatch::Train(r) = b {
+            r.critic_stats = per_batch.clone();
+        }
+    }
+    Ok(())
 }
 
 impl<B: AutodiffBackend> Method<B> for Ppo<B> {
@@ -369,7 +456,17 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
         if self.cursor.pending.is_empty() {
             self.rollout_steps(policy, micro_batches)?;
         }
-        Ok(self.cursor.pending.pop_front())
+        let mut step = self.cursor.pending.pop_front();
+        if let (Some(critic), Some(batches)) = (self.critic.as_mut(), step.as_mut()) {
+            train_critic(
+                critic,
+                batches,
+                &self.settings,
+                self.engine.pad,
+                self.micro_batch,
+            )?;
+        }
+        Ok(step)
     }
 
     /// TRL averages each micro-batch's masked means, then over the accumulated micro-batches.
@@ -396,8 +493,14 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
         let device = model.device();
         let rows: Vec<&Completion> = b.completions.iter().collect();
         let sft = completion_batch(&rows, self.engine.pad, self.micro_batch);
-        let out = token_outputs(model, &sft, s.sampling().logit_scale(), true, true)
-            .expect("completions have at least one token");
+        let out = token_outputs(
+            model,
+            &sft,
+            s.sampling().logit_scale(),
+            self.critic.is_none(),
+            true,
+        )
+        .expect("completions have at least one token");
         let slots = out.logps.dims()[0];
         let pad = |v: &Vec<f32>| flat_tensor(padded(v.clone(), slots), &device);
         let n = b.advantages.len() as f64;
@@ -406,7 +509,9 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
             .iter()
             .flat_map(|c| c.old_logps.iter().copied())
             .collect();
-        let values = out.values.expect("PPO's policy has a value head");
+        // With a separate critic the policy has no value head: the value loss is the
+        // critic's, already taken when the step was drawn.
+        let values = out.values.unwrap_or_else(|| pad(&b.old_values));
         let l = ppo_loss(
             out.logps.clone(),
             pad(&old),
@@ -432,20 +537,26 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
         let vf_clipfrac = host_f32(value_clipped.float()).iter().sum::<f32>() as f64 / n;
         let mut metric_sums = vec![
             ("loss/policy", pg_v),
-            ("loss/value", vf_v),
             (
                 "policy/clipfrac",
                 clip_fraction(&ratio, &b.advantages, s.cliprange, s.cliprange) / n,
             ),
             ("policy/approxkl", approx_kl),
-            ("val/clipfrac", vf_clipfrac),
             ("policy/entropy", out.entropy_sum / n),
         ];
-        for (k, v) in &b.stats {
+        let separate = self.critic.is_some();
+        if !separate {
+            metric_sums.push(("loss/value", vf_v));
+            metric_sums.push(("val/clipfrac", vf_clipfrac));
+        }
+        for (k, v) in b.stats.iter().chain(&b.critic_stats) {
             metric_sums.push((metric_name(k.clone()), *v));
         }
         LossOutput {
-            loss_sum: pg_loss + vf_loss.mul_scalar(s.vf_coef),
+            loss_sum: match separate {
+                true => pg_loss,
+                false => pg_loss + vf_loss.mul_scalar(s.vf_coef),
+            },
             metric_sums,
         }
     }
@@ -466,6 +577,20 @@ impl<B: AutodiffBackend> Method<B> for Ppo<B> {
 
     fn data_cursor(&self) -> &dyn DataCursor {
         &self.cursor
+    }
+
+    fn save_state(&self, dir: &Path, checkpoint: bool) -> Result<()> {
+        match &self.critic {
+            Some(c) => c.save(dir, checkpoint),
+            None => Ok(()),
+        }
+    }
+
+    fn restore_state(&mut self, dir: &Path) -> Result<()> {
+        match self.critic.as_mut() {
+            Some(c) => c.restore(dir),
+            None => Ok(()),
+        }
     }
 
     fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {

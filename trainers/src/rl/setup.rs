@@ -1,18 +1,21 @@
 //! From a recipe to a GRPO or PPO method: prompts, reward functions, the reference model,
 //! PPO's value head, and the dry run's view of an online step.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use std::path::Path;
 
-use models::checkpoint::{load_model, load_tokenizer};
+use models::checkpoint::{load_config, load_model, load_tokenizer};
 use models::{CausalLm, ModelConfig};
 
+use super::critic::Critic;
 use super::grpo::Grpo;
-use super::ppo::Ppo;
-use super::rewards::{RewardFn, RewardSpec};
+use super::ppo::{CriticKind, Ppo, PpoSettings};
+use super::rewards::{RewardFn, RewardKind, RewardSpec};
 use super::rollout::{RefPolicy, RolloutEngine, SamplingSettings};
-use crate::method_spec::{DataKind, Drive, MethodSpec, Setup, StepPlan};
+use crate::estimate::frozen_model_bytes;
+use crate::method_spec::{DataKind, Drive, MethodSpec, OtherModel, Setup, StepPlan};
+use crate::optim::AdamWSettings;
 use crate::prerequisites::{tokenizer_mismatch, train_first};
 use crate::recipe::{MethodName, Recipe};
 
@@ -92,6 +95,52 @@ impl<B: AutodiffBackend> Setup<'_, B> {
             ("a method = \"reward\"", &reward),
             self.train_first,
         )
+    }
+}
+
+/// Where a separate critic starts: `critic_model`, or the first `[[rewards]]` model.
+fn critic_source(recipe: &Recipe, p: &PpoSettings) -> Result<std::path::PathBuf> {
+    p.critic_model
+        .clone()
+        .or_else(|| {
+            recipe
+                .rewards
+                .iter()
+                .find(|r| r.kind == RewardKind::Model)
+                .and_then(|r| r.path.clone())
+        })
+        .context("[ppo] critic = \"separate\" starts from a reward model: set critic_model, or add a [[rewards]] model")
+}
+
+impl<B: AutodiffBackend> Setup<'_, B> {
+    /// PPO's separate critic, from its reward model (trained first, when a `[[rewards]]`
+    /// recipe says so: `engine` has run).
+    fn critic(&self, p: &PpoSettings) -> Result<Critic<B>> {
+        let t = &self.recipe.train;
+        let dir = critic_source(self.recipe, p)?;
+        let critic = Critic::from_reward_model(
+            &dir,
+            &self.recipe.model.path,
+            AdamWSettings {
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_epsilon,
+                weight_decay: t.weight_decay,
+            },
+            p.vf_learning_rate.unwrap_or(t.learning_rate),
+            t.max_grad_norm,
+            self.device,
+        )?;
+        if critic.vocab_size() != self.base_cfg.vocab_size {
+            bail!(
+                "[ppo] the critic's model {} has a vocabulary of {} tokens, the policy {}: it reads the policy's token ids, \
+                 so both need the same tokenizer",
+                dir.display(),
+                critic.vocab_size(),
+                self.base_cfg.vocab_size
+            );
+        }
+        Ok(critic)
     }
 }
 
@@ -204,6 +253,7 @@ impl MethodSpec for PpoSpec {
         }
     }
 
+    /// With the shared critic, the policy carries the value head.
     fn policy<B: AutodiffBackend>(
         &self,
         recipe: &Recipe,
@@ -211,7 +261,30 @@ impl MethodSpec for PpoSpec {
         model: CausalLm<B>,
         resume: Option<&Path>,
     ) -> Result<CausalLm<B>> {
-        with_value_head(model, cfg, recipe.seed, resume)
+        match recipe.ppo.clone().unwrap_or_default().critic {
+            CriticKind::Shared => with_value_head(model, cfg, recipe.seed, resume),
+            CriticKind::Separate => Ok(model),
+        }
+    }
+
+    /// A separate critic: its weights, gradients and two AdamW moments in f32.
+    fn other_model(&self, recipe: &Recipe, _policy_weights: u64) -> Result<Option<OtherModel>> {
+        let p = recipe.ppo.clone().unwrap_or_default();
+        if p.critic == CriticKind::Shared {
+            return Ok(None);
+        }
+        let dir = critic_source(recipe, &p)?;
+        let bytes = match dir.join("config.json").exists() {
+            true => Ok(4 * frozen_model_bytes(&load_config(&dir)?, None)),
+            false => Err(format!(
+                "not built yet ({} is trained first)",
+                dir.display()
+            )),
+        };
+        Ok(Some(OtherModel {
+            label: "critic",
+            bytes,
+        }))
     }
 
     fn launch<B: AutodiffBackend, D: Drive<B>>(
@@ -222,6 +295,10 @@ impl MethodSpec for PpoSpec {
     ) -> Result<D::Out> {
         let settings = setup.recipe.ppo.clone().unwrap_or_default();
         let engine = setup.engine(settings.sampling(), settings.kl_coef > 0.0)?;
+        let critic = match settings.critic {
+            CriticKind::Shared => None,
+            CriticKind::Separate => Some(setup.critic(&settings)?),
+        };
         let (train, eval) = setup.prompt_data()?;
         let t = &setup.recipe.train;
         let method = Ppo::new(
@@ -232,6 +309,7 @@ impl MethodSpec for PpoSpec {
             t.per_device_train_batch_size,
             t.per_device_eval_batch_size,
             setup.recipe.seed,
+            critic,
         )?;
         drive.drive(policy, method)
     }
