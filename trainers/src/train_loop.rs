@@ -103,6 +103,7 @@ struct Checkpointer<'a> {
 }
 
 impl Checkpointer<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn save<B: AutodiffBackend, M: Method<B>>(
         &mut self,
         model: &CausalLm<B>,
