@@ -27,6 +27,7 @@ pub mod replicas;
 pub mod report;
 pub mod reward;
 pub mod rl;
+pub mod row_method;
 pub mod schedule;
 pub mod session;
 pub mod sft;

@@ -1,7 +1,7 @@
 //! Supervised fine-tuning: next-token cross-entropy summed over the trained (assistant)
 //! tokens; the loop averages it over the trained tokens of the whole accumulated batch.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -9,35 +9,20 @@ use datasets::batch::{collate_sft, SftBatch};
 use datasets::pack::PackedRow;
 use models::CausalLm;
 
-use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::trained_token_logps;
-use crate::method::{BatchShape, LossOutput, Method};
+use crate::method::{BatchShape, LossOutput};
 use crate::method_spec::{DataKind, Drive, MethodSpec, Setup};
+use crate::row_method::{row_method, RowMethod, Rows};
 
 pub struct Sft {
-    train: Vec<PackedRow>,
-    eval: Vec<PackedRow>,
-    shape: BatchShape,
-    cursor: EpochCursor,
+    rows: Rows<PackedRow>,
 }
 
 impl Sft {
     pub fn new(train: Vec<PackedRow>, eval: Vec<PackedRow>, shape: BatchShape) -> Result<Self> {
-        if train.is_empty() {
-            bail!("the training split is empty: nothing to train on");
-        }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), shape.seed),
-            train,
-            eval,
-            shape,
+            rows: Rows::new(train, eval, shape, "rows")?,
         })
-    }
-
-    fn collate(&self, rows: &[usize], eval: bool) -> SftBatch {
-        let from = if eval { &self.eval } else { &self.train };
-        let rows: Vec<PackedRow> = rows.iter().map(|&i| from[i].clone()).collect();
-        collate_sft(&rows, self.shape.pad, self.shape.capacity(eval))
     }
 }
 
@@ -49,57 +34,43 @@ pub fn sft_loss_sum<B: Backend>(model: &CausalLm<B>, batch: &SftBatch) -> Tensor
     }
 }
 
-impl<B: AutodiffBackend> Method<B> for Sft {
+row_method!(Sft);
+
+impl<B: AutodiffBackend> RowMethod<B> for Sft {
+    type Row = PackedRow;
     type Batch = SftBatch;
 
-    fn next_step(
-        &mut self,
-        _policy: &CausalLm<B>,
-        micro_batches: usize,
-    ) -> Result<Option<Vec<SftBatch>>> {
-        let steps = self
-            .cursor
-            .next_micro_batches(self.shape.micro_batch, micro_batches);
-        Ok(Some(steps.iter().map(|c| self.collate(c, false)).collect()))
+    fn rows(&self) -> &Rows<PackedRow> {
+        &self.rows
     }
 
-    fn weight(&self, batch: &SftBatch) -> f64 {
+    fn rows_mut(&mut self) -> &mut Rows<PackedRow> {
+        &mut self.rows
+    }
+
+    fn batch(&self, idx: &[usize], eval: bool, _policy: &CausalLm<B>) -> SftBatch {
+        let rows: Vec<PackedRow> = self.rows.pick(idx, eval).into_iter().cloned().collect();
+        let shape = &self.rows.shape;
+        collate_sft(&rows, shape.pad, shape.capacity(eval))
+    }
+
+    fn batch_weight(&self, batch: &SftBatch) -> f64 {
         batch.num_trained() as f64
     }
 
-    fn tokens(&self, batch: &SftBatch) -> usize {
+    fn batch_tokens(&self, batch: &SftBatch) -> usize {
         batch.num_tokens()
     }
 
-    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &SftBatch) -> LossOutput<Bk> {
+    fn batch_loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &SftBatch) -> LossOutput<Bk> {
         LossOutput {
             loss_sum: sft_loss_sum(model, batch),
             metric_sums: vec![],
         }
     }
 
-    fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<SftBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
-        Ok(chunks.iter().map(|c| self.collate(c, true)).collect())
-    }
-
-    fn loss_is_token_nll(&self) -> bool {
+    fn token_nll(&self) -> bool {
         true
-    }
-
-    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
-        Some(
-            self.cursor
-                .steps_per_epoch(self.shape.micro_batch * micro_batches),
-        )
-    }
-
-    fn data_cursor(&self) -> &dyn DataCursor {
-        &self.cursor
-    }
-
-    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
-        &mut self.cursor
     }
 }
 

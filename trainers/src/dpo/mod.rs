@@ -22,11 +22,11 @@ use models::CausalLm;
 
 pub mod setup;
 
-use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::completion_logps;
-use crate::method::{BatchShape, LossOutput, Method};
+use crate::method::{BatchShape, LossOutput};
 use crate::pairs::{collate_pairs, real_pairs};
 use crate::reference::Reference;
+use crate::row_method::{row_method, RowMethod, Rows};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -122,10 +122,7 @@ pub struct PairBatch {
 }
 
 pub struct Dpo<B: AutodiffBackend> {
-    train: Vec<TokenizedPair>,
-    eval: Vec<TokenizedPair>,
-    shape: BatchShape,
-    cursor: EpochCursor,
+    rows: Rows<TokenizedPair>,
     pub settings: DpoSettings,
     reference: Reference<B>,
 }
@@ -222,23 +219,50 @@ impl<B: AutodiffBackend> Dpo<B> {
         settings: DpoSettings,
         reference: Reference<B>,
     ) -> Result<Self> {
-        if train.is_empty() {
-            bail!("the training split has no preference pairs: nothing to train on");
-        }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), shape.seed),
-            train,
-            eval,
-            shape,
+            rows: Rows::new(train, eval, shape, "preference pairs")?,
             settings,
             reference,
         })
     }
+}
+
+/// Reference log-probs `(chosen, rejected)` of every pair, in micro-batches.
+pub fn reference_table<B: Backend>(
+    model: &CausalLm<B>,
+    pairs: &[TokenizedPair],
+    batch: usize,
+    pad: Padding,
+) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch.max(1)) {
+        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+        let (rows, lengths) = collate_pairs(&refs, pad, batch);
+        let v = host(completion_logps(model, &rows));
+        let p = lengths.len() / 2;
+        out.extend((0..chunk.len()).map(|i| (v[i], v[p + i])));
+    }
+    out
+}
+
+row_method!(Dpo<B>);
+
+impl<B: AutodiffBackend> RowMethod<B> for Dpo<B> {
+    type Row = TokenizedPair;
+    type Batch = PairBatch;
+
+    fn rows(&self) -> &Rows<TokenizedPair> {
+        &self.rows
+    }
+
+    fn rows_mut(&mut self) -> &mut Rows<TokenizedPair> {
+        &mut self.rows
+    }
 
     fn batch(&self, idx: &[usize], eval: bool, policy: &CausalLm<B>) -> PairBatch {
-        let from = if eval { &self.eval } else { &self.train };
-        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        let (rows, lengths) = collate_pairs(&pairs, self.shape.pad, self.shape.capacity(eval));
+        let pairs = self.rows.pick(idx, eval);
+        let shape = &self.rows.shape;
+        let (rows, lengths) = collate_pairs(&pairs, shape.pad, shape.capacity(eval));
         let slots = lengths.len() / 2;
         let reference = match &self.reference {
             Reference::None => None,
@@ -261,51 +285,16 @@ impl<B: AutodiffBackend> Dpo<B> {
             reference,
         }
     }
-}
 
-/// Reference log-probs `(chosen, rejected)` of every pair, in micro-batches.
-pub fn reference_table<B: Backend>(
-    model: &CausalLm<B>,
-    pairs: &[TokenizedPair],
-    batch: usize,
-    pad: Padding,
-) -> Vec<(f64, f64)> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(batch.max(1)) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let (rows, lengths) = collate_pairs(&refs, pad, batch);
-        let v = host(completion_logps(model, &rows));
-        let p = lengths.len() / 2;
-        out.extend((0..chunk.len()).map(|i| (v[i], v[p + i])));
-    }
-    out
-}
-
-impl<B: AutodiffBackend> Method<B> for Dpo<B> {
-    type Batch = PairBatch;
-
-    fn next_step(
-        &mut self,
-        policy: &CausalLm<B>,
-        micro_batches: usize,
-    ) -> Result<Option<Vec<PairBatch>>> {
-        let steps = self
-            .cursor
-            .next_micro_batches(self.shape.micro_batch, micro_batches);
-        Ok(Some(
-            steps.iter().map(|c| self.batch(c, false, policy)).collect(),
-        ))
-    }
-
-    fn weight(&self, batch: &PairBatch) -> f64 {
+    fn batch_weight(&self, batch: &PairBatch) -> f64 {
         batch.pairs as f64
     }
 
-    fn tokens(&self, batch: &PairBatch) -> usize {
+    fn batch_tokens(&self, batch: &PairBatch) -> usize {
         batch.rows.num_tokens()
     }
 
-    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &PairBatch) -> LossOutput<Bk> {
+    fn batch_loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &PairBatch) -> LossOutput<Bk> {
         let policy = completion_logps(model, &batch.rows);
         let t = pair_terms(
             &self.settings,
@@ -334,25 +323,5 @@ impl<B: AutodiffBackend> Method<B> for Dpo<B> {
                 ("logps/rejected", real(t.rejected_logps).iter().sum()),
             ],
         }
-    }
-
-    fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<PairBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
-        Ok(chunks.iter().map(|c| self.batch(c, true, policy)).collect())
-    }
-
-    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
-        Some(
-            self.cursor
-                .steps_per_epoch(self.shape.micro_batch * micro_batches),
-        )
-    }
-
-    fn data_cursor(&self) -> &dyn DataCursor {
-        &self.cursor
-    }
-
-    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
-        &mut self.cursor
     }
 }

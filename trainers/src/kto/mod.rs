@@ -29,10 +29,10 @@ use datasets::pack::PackedRow;
 use datasets::tokenize::{TokenizedPair, TokenizedUnpaired};
 use models::CausalLm;
 
-use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::completion_logps;
-use crate::method::{BatchShape, LossOutput, Method};
+use crate::method::{BatchShape, LossOutput};
 use crate::reference::Reference;
+use crate::row_method::{row_method, RowMethod, Rows};
 
 fn default_beta() -> f64 {
     0.1
@@ -290,10 +290,7 @@ pub fn kto_loss<B: Backend>(
 }
 
 pub struct Kto<B: AutodiffBackend> {
-    train: Vec<KtoRow>,
-    eval: Vec<KtoRow>,
-    shape: BatchShape,
-    cursor: EpochCursor,
+    rows: Rows<KtoRow>,
     pub settings: KtoSettings,
     reference: Reference<B>,
 }
@@ -306,26 +303,35 @@ impl<B: AutodiffBackend> Kto<B> {
         settings: KtoSettings,
         reference: Reference<B>,
     ) -> Result<Self> {
-        if train.is_empty() {
-            bail!("the training split has no rows: nothing to train on");
-        }
         if matches!(reference, Reference::None) {
             bail!("KTO needs a reference model");
         }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), shape.seed),
-            train,
-            eval,
-            shape,
+            rows: Rows::new(train, eval, shape, "rows")?,
             settings,
             reference,
         })
     }
+}
+
+row_method!(Kto<B>);
+
+impl<B: AutodiffBackend> RowMethod<B> for Kto<B> {
+    type Row = KtoRow;
+    type Batch = KtoBatch;
+
+    fn rows(&self) -> &Rows<KtoRow> {
+        &self.rows
+    }
+
+    fn rows_mut(&mut self) -> &mut Rows<KtoRow> {
+        &mut self.rows
+    }
 
     fn batch(&self, idx: &[usize], eval: bool, policy: &CausalLm<B>) -> KtoBatch {
-        let from = if eval { &self.eval } else { &self.train };
-        let rows: Vec<&KtoRow> = idx.iter().map(|&i| &from[i]).collect();
-        let (collated, kl_rows) = collate_kto(&rows, self.shape.pad, self.shape.capacity(eval));
+        let rows = self.rows.pick(idx, eval);
+        let (collated, kl_rows) =
+            collate_kto(&rows, self.rows.shape.pad, self.rows.shape.capacity(eval));
         let slots = collated.ids.len();
         let live = policy.valid();
         let policy_kl = host(completion_logps(&live, &kl_rows));
@@ -346,53 +352,16 @@ impl<B: AutodiffBackend> Kto<B> {
         };
         kto_batch(&rows, collated, &policy_kl, reference, &reference_kl)
     }
-}
 
-impl<B: AutodiffBackend> Method<B> for Kto<B> {
-    type Batch = KtoBatch;
-
-    fn next_step(
-        &mut self,
-        policy: &CausalLm<B>,
-        micro_batches: usize,
-    ) -> Result<Option<Vec<KtoBatch>>> {
-        let steps = self
-            .cursor
-            .next_micro_batches(self.shape.micro_batch, micro_batches);
-        Ok(Some(
-            steps.iter().map(|c| self.batch(c, false, policy)).collect(),
-        ))
-    }
-
-    fn weight(&self, batch: &KtoBatch) -> f64 {
+    fn batch_weight(&self, batch: &KtoBatch) -> f64 {
         batch.n as f64
     }
 
-    fn tokens(&self, batch: &KtoBatch) -> usize {
+    fn batch_tokens(&self, batch: &KtoBatch) -> usize {
         batch.rows.num_tokens()
     }
 
-    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &KtoBatch) -> LossOutput<Bk> {
+    fn batch_loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &KtoBatch) -> LossOutput<Bk> {
         kto_loss(&self.settings, model, batch)
-    }
-
-    fn eval_batches(&mut self, policy: &CausalLm<B>) -> Result<Vec<KtoBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
-        Ok(chunks.iter().map(|c| self.batch(c, true, policy)).collect())
-    }
-
-    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
-        Some(
-            self.cursor
-                .steps_per_epoch(self.shape.micro_batch * micro_batches),
-        )
-    }
-
-    fn data_cursor(&self) -> &dyn DataCursor {
-        &self.cursor
-    }
-
-    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
-        &mut self.cursor
     }
 }

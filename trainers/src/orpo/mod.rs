@@ -26,10 +26,10 @@ use datasets::batch::SftBatch;
 use datasets::tokenize::TokenizedPair;
 use models::CausalLm;
 
-use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
 use crate::logprobs::trained_token_logps;
-use crate::method::{BatchShape, LossOutput, Method};
+use crate::method::{BatchShape, LossOutput};
 use crate::pairs::{collate_pairs_trained, real_pairs, Trained};
+use crate::row_method::{row_method, RowMethod, Rows};
 
 fn default_beta() -> f64 {
     0.1
@@ -71,10 +71,7 @@ pub struct OrpoBatch {
 }
 
 pub struct Orpo {
-    train: Vec<TokenizedPair>,
-    eval: Vec<TokenizedPair>,
-    shape: BatchShape,
-    cursor: EpochCursor,
+    rows: Rows<TokenizedPair>,
     pub settings: OrpoSettings,
 }
 
@@ -155,32 +152,10 @@ impl Orpo {
         shape: BatchShape,
         settings: OrpoSettings,
     ) -> Result<Self> {
-        if train.is_empty() {
-            bail!("the training split has no preference pairs: nothing to train on");
-        }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), shape.seed),
-            train,
-            eval,
-            shape,
+            rows: Rows::new(train, eval, shape, "preference pairs")?,
             settings,
         })
-    }
-
-    fn batch(&self, idx: &[usize], eval: bool) -> OrpoBatch {
-        let from = if eval { &self.eval } else { &self.train };
-        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        let (rows, lengths) = collate_pairs_trained(
-            &pairs,
-            self.shape.pad,
-            self.shape.capacity(eval),
-            Trained::WholeChosen,
-        );
-        OrpoBatch {
-            rows,
-            pairs: idx.len(),
-            lengths,
-        }
     }
 }
 
@@ -230,49 +205,44 @@ pub fn orpo_loss<B: Backend>(
     }
 }
 
-impl<B: AutodiffBackend> Method<B> for Orpo {
+row_method!(Orpo);
+
+impl<B: AutodiffBackend> RowMethod<B> for Orpo {
+    type Row = TokenizedPair;
     type Batch = OrpoBatch;
 
-    fn next_step(
-        &mut self,
-        _policy: &CausalLm<B>,
-        micro_batches: usize,
-    ) -> Result<Option<Vec<OrpoBatch>>> {
-        let steps = self
-            .cursor
-            .next_micro_batches(self.shape.micro_batch, micro_batches);
-        Ok(Some(steps.iter().map(|c| self.batch(c, false)).collect()))
+    fn rows(&self) -> &Rows<TokenizedPair> {
+        &self.rows
     }
 
-    fn weight(&self, batch: &OrpoBatch) -> f64 {
+    fn rows_mut(&mut self) -> &mut Rows<TokenizedPair> {
+        &mut self.rows
+    }
+
+    fn batch(&self, idx: &[usize], eval: bool, _policy: &CausalLm<B>) -> OrpoBatch {
+        let pairs = self.rows.pick(idx, eval);
+        let (rows, lengths) = collate_pairs_trained(
+            &pairs,
+            self.rows.shape.pad,
+            self.rows.shape.capacity(eval),
+            Trained::WholeChosen,
+        );
+        OrpoBatch {
+            rows,
+            pairs: idx.len(),
+            lengths,
+        }
+    }
+
+    fn batch_weight(&self, batch: &OrpoBatch) -> f64 {
         batch.pairs as f64
     }
 
-    fn tokens(&self, batch: &OrpoBatch) -> usize {
+    fn batch_tokens(&self, batch: &OrpoBatch) -> usize {
         batch.rows.num_tokens()
     }
 
-    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &OrpoBatch) -> LossOutput<Bk> {
+    fn batch_loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &OrpoBatch) -> LossOutput<Bk> {
         orpo_loss(&self.settings, model, batch)
-    }
-
-    fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<OrpoBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
-        Ok(chunks.iter().map(|c| self.batch(c, true)).collect())
-    }
-
-    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
-        Some(
-            self.cursor
-                .steps_per_epoch(self.shape.micro_batch * micro_batches),
-        )
-    }
-
-    fn data_cursor(&self) -> &dyn DataCursor {
-        &self.cursor
-    }
-
-    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
-        &mut self.cursor
     }
 }

@@ -4,7 +4,7 @@
 //! LM backbone with a scalar `score` head on the last non-padding token, exactly
 //! `LlamaForSequenceClassification` with `num_labels = 1`.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::AutodiffBackend;
@@ -16,9 +16,9 @@ use models::{CausalLm, ForwardInput};
 
 pub mod setup;
 
-use crate::data_order::{eval_chunks, DataCursor, EpochCursor};
-use crate::method::{BatchShape, LossOutput, Method};
+use crate::method::{BatchShape, LossOutput};
 use crate::pairs::{collate_pairs, real_pairs};
+use crate::row_method::{row_method, RowMethod, Rows};
 
 /// The `[reward]` section of a recipe (TRL `RewardConfig` names).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -136,10 +136,7 @@ pub fn pair_losses<B: Backend>(
 }
 
 pub struct Reward {
-    train: Vec<TokenizedPair>,
-    eval: Vec<TokenizedPair>,
-    shape: BatchShape,
-    cursor: EpochCursor,
+    rows: Rows<TokenizedPair>,
     settings: RewardSettings,
 }
 
@@ -150,48 +147,41 @@ impl Reward {
         shape: BatchShape,
         settings: RewardSettings,
     ) -> Result<Self> {
-        if train.is_empty() {
-            bail!("the training split has no preference pairs: nothing to train on");
-        }
         Ok(Self {
-            cursor: EpochCursor::new(train.len(), shape.seed),
-            train,
-            eval,
-            shape,
+            rows: Rows::new(train, eval, shape, "preference pairs")?,
             settings,
         })
     }
-
-    fn batch(&self, idx: &[usize], eval: bool) -> RewardBatch {
-        let from = if eval { &self.eval } else { &self.train };
-        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &from[i]).collect();
-        reward_batch(&pairs, self.shape.pad, self.shape.capacity(eval))
-    }
 }
 
-impl<B: AutodiffBackend> Method<B> for Reward {
+row_method!(Reward);
+
+impl<B: AutodiffBackend> RowMethod<B> for Reward {
+    type Row = TokenizedPair;
     type Batch = RewardBatch;
 
-    fn next_step(
-        &mut self,
-        _policy: &CausalLm<B>,
-        micro_batches: usize,
-    ) -> Result<Option<Vec<RewardBatch>>> {
-        let steps = self
-            .cursor
-            .next_micro_batches(self.shape.micro_batch, micro_batches);
-        Ok(Some(steps.iter().map(|c| self.batch(c, false)).collect()))
+    fn rows(&self) -> &Rows<TokenizedPair> {
+        &self.rows
     }
 
-    fn weight(&self, batch: &RewardBatch) -> f64 {
+    fn rows_mut(&mut self) -> &mut Rows<TokenizedPair> {
+        &mut self.rows
+    }
+
+    fn batch(&self, idx: &[usize], eval: bool, _policy: &CausalLm<B>) -> RewardBatch {
+        let pairs = self.rows.pick(idx, eval);
+        reward_batch(&pairs, self.rows.shape.pad, self.rows.shape.capacity(eval))
+    }
+
+    fn batch_weight(&self, batch: &RewardBatch) -> f64 {
         batch.pairs as f64
     }
 
-    fn tokens(&self, batch: &RewardBatch) -> usize {
+    fn batch_tokens(&self, batch: &RewardBatch) -> usize {
         batch.rows.num_tokens()
     }
 
-    fn loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &RewardBatch) -> LossOutput<Bk> {
+    fn batch_loss<Bk: Backend>(&self, model: &CausalLm<Bk>, batch: &RewardBatch) -> LossOutput<Bk> {
         let rewards = batch_rewards(model, batch);
         let (c, r) = host_rewards(rewards.clone(), batch);
         let losses = pair_losses(rewards, batch.margins.as_deref(), &self.settings);
@@ -211,25 +201,5 @@ impl<B: AutodiffBackend> Method<B> for Reward {
                 ("rewards/rejected", r.iter().sum()),
             ],
         }
-    }
-
-    fn eval_batches(&mut self, _policy: &CausalLm<B>) -> Result<Vec<RewardBatch>> {
-        let chunks = eval_chunks(self.eval.len(), self.shape.eval_batch);
-        Ok(chunks.iter().map(|c| self.batch(c, true)).collect())
-    }
-
-    fn steps_per_epoch(&self, micro_batches: usize) -> Option<usize> {
-        Some(
-            self.cursor
-                .steps_per_epoch(self.shape.micro_batch * micro_batches),
-        )
-    }
-
-    fn data_cursor(&self) -> &dyn DataCursor {
-        &self.cursor
-    }
-
-    fn data_cursor_mut(&mut self) -> &mut dyn DataCursor {
-        &mut self.cursor
     }
 }
