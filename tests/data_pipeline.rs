@@ -43,6 +43,7 @@ fn chat() -> Conversation {
             Message::new("user", "And 3+3?"),
             Message::new("assistant", "6, of course."),
         ],
+        tools: Vec::new(),
     }
 }
 
@@ -100,6 +101,7 @@ fn rows_without_trained_tokens_and_broken_templates_are_errors() {
     let no_answer = Conversation {
         system: None,
         messages: vec![Message::new("user", "hi")],
+        tools: Vec::new(),
     };
     assert_eq!(
         templater(&tok, MaskPolicy::Assistant)
@@ -143,6 +145,7 @@ fn preference_rows_share_the_prompt() {
         prompt: Conversation {
             system: None,
             messages: vec![Message::new("user", "Pick a colour.")],
+            tools: Vec::new(),
         },
         chosen: vec![Message::new("assistant", "Blue.")],
         rejected: vec![Message::new("assistant", "No.")],
@@ -352,6 +355,7 @@ fn records_split_deterministically() {
                 Message::new("user", &format!("q{i}")),
                 Message::new("assistant", "a"),
             ],
+            tools: Vec::new(),
         })
     };
     let first: Vec<bool> = (0..200)

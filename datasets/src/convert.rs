@@ -1,11 +1,15 @@
 //! Writing canonical records in the supervised fine-tuning formats. Alpaca, ShareGPT, OpenAI
 //! and Bedrock conversation hold any conversation exactly (reading the row back gives the
 //! same record); Bedrock prompt/completion holds one exchange and says what it dropped.
+//! Conversations with tool use are written by the three formats that hold it (OpenAI,
+//! Bedrock conversation, ShareGPT), each in its own shape; ShareGPT has no call ids, so they
+//! are dropped there (reading back numbers the calls `call_0`, `call_1`, ...).
 
 use crate::formats::bedrock::CONVERSATION_SCHEMA;
-use crate::records::{Conversation, Message, Record, ASSISTANT, USER};
+use crate::records::{Conversation, Message, Record, ToolCall, ASSISTANT, TOOL, USER};
 use anyhow::{bail, Result};
-use serde_json::{json, Value};
+use models::py_json::Dumps;
+use serde_json::{json, Map, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -96,6 +100,9 @@ pub fn convert_record(record: &Record, target: Target) -> Result<(Value, Vec<Str
              undesirable one, and {target} rows hold answers to train on"
         ),
     };
+    if uses_tools(conversation) {
+        return with_tools(conversation, target);
+    }
     check_turns(conversation)?;
     Ok(match target {
         Target::Bedrock => prompt_completion(conversation),
@@ -104,6 +111,32 @@ pub fn convert_record(record: &Record, target: Target) -> Result<(Value, Vec<Str
         Target::ShareGpt => (sharegpt(conversation), Vec::new()),
         Target::OpenAi => (openai(conversation), Vec::new()),
     })
+}
+
+fn uses_tools(conversation: &Conversation) -> bool {
+    !conversation.tools.is_empty()
+        || conversation
+            .messages
+            .iter()
+            .any(|m| m.role == TOOL || !m.tool_calls.is_empty())
+}
+
+/// A conversation with tool definitions, calls or results, in a format that holds them. The
+/// readers have checked the turns (calls name defined tools, results answer calls).
+fn with_tools(conversation: &Conversation, target: Target) -> Result<(Value, Vec<String>)> {
+    if conversation.messages.last().map(|m| m.role.as_str()) != Some(ASSISTANT) {
+        bail!("the conversation does not end with an assistant turn; there is no response to write");
+    }
+    match target {
+        Target::OpenAi => Ok((openai(conversation), Vec::new())),
+        Target::BedrockConversation => Ok(bedrock_with_tools(conversation)),
+        Target::ShareGpt => Ok(sharegpt_with_tools(conversation)),
+        Target::Bedrock | Target::Alpaca => bail!(
+            "a conversation with tool use cannot be written as {target}: the format has no \
+             place for tool definitions, calls or results (write openai, \
+             bedrock-conversation or sharegpt)"
+        ),
+    }
 }
 
 /// The writers below rely on user/assistant pairs, as every reader produces them.
@@ -167,12 +200,82 @@ fn bedrock_conversation(conversation: &Conversation) -> Value {
         .iter()
         .map(|m| json!({"role": m.role, "content": [{"text": m.content}]}))
         .collect();
+    bedrock_row(conversation, messages)
+}
+
+fn bedrock_row(conversation: &Conversation, messages: Vec<Value>) -> Value {
     let mut row = json!({"schemaVersion": CONVERSATION_SCHEMA});
     if let Some(system) = &conversation.system {
         row["system"] = json!([{ "text": system }]);
     }
     row["messages"] = Value::Array(messages);
     row
+}
+
+/// Converse blocks: the assistant's text and `toolUse` blocks in one message; tool results
+/// as `toolResult` blocks of the user message that follows them (with the user's own text,
+/// if the user speaks next), since Converse alternates user and assistant; the tools in
+/// `toolConfig`.
+fn bedrock_with_tools(conversation: &Conversation) -> (Value, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut messages: Vec<Value> = Vec::new();
+    let mut results: Vec<Value> = Vec::new();
+    for m in &conversation.messages {
+        let mut blocks: Vec<Value> = Vec::new();
+        if m.role == TOOL {
+            results.push(json!({"toolResult": {
+                "toolUseId": m.tool_call_id,
+                "content": [{"text": m.content}],
+            }}));
+            continue;
+        }
+        if m.role == USER {
+            blocks.append(&mut results);
+        } else if !results.is_empty() {
+            messages.push(json!({"role": USER, "content": std::mem::take(&mut results)}));
+        }
+        if !m.content.is_empty() {
+            blocks.push(json!({ "text": m.content }));
+        }
+        blocks.extend(m.tool_calls.iter().map(|c| {
+            json!({"toolUse": {
+                "toolUseId": c.id,
+                "name": c.function.name,
+                "input": c.function.arguments,
+            }})
+        }));
+        messages.push(json!({"role": m.role, "content": blocks}));
+    }
+    let mut row = bedrock_row(conversation, messages);
+    if !conversation.tools.is_empty() {
+        let specs: Vec<Value> = conversation
+            .tools
+            .iter()
+            .map(|tool| {
+                let f = &tool["function"];
+                let mut spec = Map::new();
+                spec.insert("name".into(), f["name"].clone());
+                if let Some(d) = f.get("description") {
+                    spec.insert("description".into(), d.clone());
+                }
+                let schema = match f.get("parameters") {
+                    Some(p) => p.clone(),
+                    None => {
+                        warnings.push(format!(
+                            "tool `{}` declares no parameters; wrote an empty object schema \
+                             (Bedrock requires inputSchema)",
+                            f["name"].as_str().unwrap_or_default()
+                        ));
+                        json!({"type": "object", "properties": {}})
+                    }
+                };
+                spec.insert("inputSchema".into(), json!({ "json": schema }));
+                json!({ "toolSpec": spec })
+            })
+            .collect();
+        row["toolConfig"] = json!({ "tools": specs });
+    }
+    (row, warnings)
 }
 
 /// The last exchange is instruction/output (with an empty `input`), earlier exchanges go to
@@ -205,6 +308,59 @@ fn text(pair: &[Message], i: usize) -> &str {
     pair.get(i).map_or("", |m| m.content.as_str())
 }
 
+/// LLaMA-Factory's tool layout: `function_call` turns holding `{"name", "arguments"}` JSON
+/// (a list for parallel calls) after the assistant's text (as a `gpt` turn), `observation`
+/// turns for results, and `tools` as a JSON string of the bare function definitions.
+fn sharegpt_with_tools(conversation: &Conversation) -> (Value, Vec<String>) {
+    let dumps = Dumps::default();
+    let mut turns: Vec<Value> = conversation
+        .system
+        .iter()
+        .map(|s| json!({"from": "system", "value": s}))
+        .collect();
+    for m in &conversation.messages {
+        match m.role.as_str() {
+            TOOL => turns.push(json!({"from": "observation", "value": m.content})),
+            USER => turns.push(json!({"from": "human", "value": m.content})),
+            _ => {
+                if !m.content.is_empty() {
+                    turns.push(json!({"from": "gpt", "value": m.content}));
+                }
+                if !m.tool_calls.is_empty() {
+                    let call = |c: &ToolCall| {
+                        json!({"name": c.function.name, "arguments": c.function.arguments})
+                    };
+                    let value = match m.tool_calls.as_slice() {
+                        [one] => call(one),
+                        many => Value::Array(many.iter().map(call).collect()),
+                    };
+                    turns.push(json!({"from": "function_call", "value": dumps.dumps(&value)}));
+                }
+            }
+        }
+    }
+    let mut row = json!({ "conversations": turns });
+    if !conversation.tools.is_empty() {
+        let bare: Vec<Value> = conversation
+            .tools
+            .iter()
+            .map(|t| t["function"].clone())
+            .collect();
+        row["tools"] = Value::String(dumps.dumps(&Value::Array(bare)));
+    }
+    let ids_read_back = (0..).map(|n| format!("call_{n}"));
+    let calls = conversation.messages.iter().flat_map(|m| &m.tool_calls);
+    let warnings = if calls
+        .zip(ids_read_back)
+        .any(|(c, id)| c.id.as_deref() != Some(id.as_str()))
+    {
+        vec!["dropped the tool call ids (ShareGPT has none; results follow their calls in order)".into()]
+    } else {
+        Vec::new()
+    };
+    (row, warnings)
+}
+
 fn sharegpt(conversation: &Conversation) -> Value {
     let system = conversation
         .system
@@ -217,13 +373,41 @@ fn sharegpt(conversation: &Conversation) -> Value {
     json!({"conversations": system.chain(turns).collect::<Vec<_>>()})
 }
 
+/// OpenAI's fine-tuning shape: `arguments` as a JSON string, `content` null for an
+/// assistant turn that only calls tools, `tools` beside `messages`.
 fn openai(conversation: &Conversation) -> Value {
     let messages: Vec<Value> = conversation
         .to_messages()
         .into_iter()
-        .map(|m| json!({"role": m.role, "content": m.content}))
+        .map(|m| {
+            let mut out = json!({"role": m.role, "content": m.content});
+            if !m.tool_calls.is_empty() {
+                if m.content.is_empty() {
+                    out["content"] = Value::Null;
+                }
+                let calls: Vec<Value> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function", "function": {
+                            "name": c.function.name,
+                            "arguments": Value::Object(c.function.arguments.clone()).to_string(),
+                        }})
+                    })
+                    .collect();
+                out["tool_calls"] = Value::Array(calls);
+            }
+            if let Some(id) = &m.tool_call_id {
+                out["tool_call_id"] = json!(id);
+            }
+            out
+        })
         .collect();
-    json!({ "messages": messages })
+    let mut row = json!({ "messages": messages });
+    if !conversation.tools.is_empty() {
+        row["tools"] = json!(conversation.tools);
+    }
+    row
 }
 
 #[cfg(test)]
@@ -239,6 +423,7 @@ mod tests {
         Record::Conversation(Conversation {
             system: system.map(str::to_string),
             messages,
+            tools: Vec::new(),
         })
     }
 

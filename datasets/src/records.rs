@@ -3,18 +3,25 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-pub use models::Message;
+pub use models::{Message, ToolCall};
 
 /// Roles after normalisation (ShareGPT's human/gpt, Bedrock's user/assistant, ...).
 pub const SYSTEM: &str = "system";
 pub const USER: &str = "user";
 pub const ASSISTANT: &str = "assistant";
+/// A tool's result, answering an assistant's tool call.
+pub const TOOL: &str = "tool";
 
-/// A chat: optional system prompt, then user/assistant turns. SFT and distillation data.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A chat: optional system prompt, then user/assistant turns (with tool calls and `tool`
+/// results between them when the row uses tools). SFT and distillation data.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Conversation {
     pub system: Option<String>,
     pub messages: Vec<Message>,
+    /// Tool definitions as transformers' `tools=` takes them (`{"type": "function",
+    /// "function": {name, description, parameters}}`); empty when the row uses none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<serde_json::Value>,
 }
 
 impl Conversation {

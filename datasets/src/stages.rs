@@ -164,6 +164,7 @@ pub fn read_evolved(out: &Path, roots: &std::collections::HashSet<&str>) -> Resu
                     Message::new(USER, &text(0)?),
                     Message::new(ASSISTANT, &text(1)?),
                 ],
+                tools: Vec::new(),
             }),
         });
     }

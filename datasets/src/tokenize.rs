@@ -154,13 +154,15 @@ fn is_prefix(p: &[u32], of: &[u32]) -> bool {
 }
 
 impl Templater<'_> {
+    /// `tools` go to the template as transformers' `tools=`.
     fn render(
         &self,
         messages: &[Message],
+        tools: &[serde_json::Value],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizeError> {
         self.template
-            .render(messages, add_generation_prompt, &self.tokens)
+            .render_with_tools(messages, tools, add_generation_prompt, &self.tokens)
             .map_err(|e| TokenizeError::Template(format!("{e:#}")))
     }
 
@@ -187,7 +189,7 @@ impl Templater<'_> {
 
     pub fn conversation(&self, conv: &Conversation) -> Result<(TokenizedSeq, bool), TokenizeError> {
         let messages = conv.to_messages();
-        let ids = self.encode(&self.render(&messages, false)?)?;
+        let ids = self.encode(&self.render(&messages, &conv.tools, false)?)?;
         let mut trained = vec![self.mask == MaskPolicy::All; ids.len()];
         let assistant_turns: Vec<usize> = messages
             .iter()
@@ -203,7 +205,7 @@ impl Templater<'_> {
             }
         };
         for &k in chosen {
-            let (start, end) = self.turn_span(&messages, k, &ids)?;
+            let (start, end) = self.turn_span(&messages, &conv.tools, k, &ids)?;
             trained[start..end].iter_mut().for_each(|t| *t = true);
         }
         self.fit(TokenizedSeq { ids, trained })
@@ -213,14 +215,15 @@ impl Templater<'_> {
     fn turn_span(
         &self,
         messages: &[Message],
+        tools: &[serde_json::Value],
         k: usize,
         ids: &[u32],
     ) -> Result<(usize, usize), TokenizeError> {
-        let prompt = self.encode(&self.render(&messages[..k], true)?)?;
+        let prompt = self.encode(&self.render(&messages[..k], tools, true)?)?;
         if !is_prefix(&prompt, ids) {
             return Err(TokenizeError::PrefixBroken { message: k });
         }
-        let through = self.encode(&self.render(&messages[..=k], false)?)?;
+        let through = self.encode(&self.render(&messages[..=k], tools, false)?)?;
         // A template may close the *whole* conversation with extra text (e.g. EOS after the
         // last turn); the turn ends where its own rendering stops agreeing with the full one.
         let end = if k + 1 == messages.len() {
@@ -271,10 +274,11 @@ impl Templater<'_> {
         completions: &[&[Message]],
     ) -> Result<Completions, TokenizeError> {
         let prompt_msgs = prompt.to_messages();
-        let prompt = self.encode(&self.render(&prompt_msgs, true)?)?;
+        let tools = &prompt.tools;
+        let prompt = self.encode(&self.render(&prompt_msgs, tools, true)?)?;
         let side = |completion: &[Message]| -> Result<Vec<u32>, TokenizeError> {
             let all: Vec<Message> = prompt_msgs.iter().chain(completion).cloned().collect();
-            let ids = self.encode(&self.render(&all, false)?)?;
+            let ids = self.encode(&self.render(&all, tools, false)?)?;
             if !is_prefix(&prompt, &ids) {
                 return Err(TokenizeError::PrefixBroken {
                     message: prompt_msgs.len(),
@@ -331,7 +335,7 @@ impl Templater<'_> {
     }
 
     pub fn prompt(&self, t: &PromptTask) -> Result<TokenizedPrompt, TokenizeError> {
-        let prompt = self.encode(&self.render(&t.prompt.to_messages(), true)?)?;
+        let prompt = self.encode(&self.render(&t.prompt.to_messages(), &t.prompt.tools, true)?)?;
         if prompt.len() > self.max_seq_len {
             return Err(TokenizeError::TooLong {
                 len: prompt.len(),

@@ -52,6 +52,7 @@ fn conversation(system: Option<&str>, turns: &[&str]) -> Record {
             .enumerate()
             .map(|(i, t)| Message::new(if i % 2 == 0 { USER } else { ASSISTANT }, t))
             .collect(),
+        tools: Vec::new(),
     })
 }
 
@@ -734,6 +735,7 @@ fn preference_strings_message_lists_and_implicit_prompts() {
     let prompt = |system: Option<&str>, user: &str| Conversation {
         system: system.map(str::to_string),
         messages: vec![Message::new(USER, user)],
+        tools: Vec::new(),
     };
     assert_eq!(
         records(&out),
@@ -813,12 +815,16 @@ fn openai_parts_developer_role_and_unsupported_turns() {
                 Some("messages[0].content[0]"),
                 "non-text content part of type `image_url` is not supported (text only)"
             ),
-            (4, Some("messages[1].content"), "missing required field"),
+            (
+                4,
+                Some("messages[1].tool_calls[0].function"),
+                "missing required field"
+            ),
             (
                 5,
                 Some("messages[1].role"),
-                "unsupported role `tool` (expected one of: system, developer, user, \
-                 assistant); tool and function turns are not supported"
+                "expected role `assistant`, found `tool` (turns must start with `user` and \
+                 alternate user/assistant)"
             ),
         ]
     );
@@ -1022,6 +1028,7 @@ fn unpaired_rows_are_read_with_their_labels() {
                 prompt: Conversation {
                     system: None,
                     messages: vec![Message::new(USER, "Is the sky blue?")],
+                    tools: Vec::new(),
                 },
                 completion: vec![Message::new(ASSISTANT, "Yes, on a clear day.")],
                 label: true,
@@ -1030,6 +1037,7 @@ fn unpaired_rows_are_read_with_their_labels() {
                 prompt: Conversation {
                     system: Some("Be brief.".into()),
                     messages: vec![Message::new(USER, "Capital of France?")],
+                    tools: Vec::new(),
                 },
                 completion: vec![Message::new(ASSISTANT, "Lyon.")],
                 label: false,
@@ -1038,6 +1046,7 @@ fn unpaired_rows_are_read_with_their_labels() {
                 prompt: Conversation {
                     system: None,
                     messages: vec![Message::new(USER, "2+2?")],
+                    tools: Vec::new(),
                 },
                 completion: vec![Message::new(ASSISTANT, "5")],
                 label: false,

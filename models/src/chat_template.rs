@@ -6,10 +6,20 @@ use anyhow::{bail, Result};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message in the shape transformers' chat templates read: `role` and `content`,
+/// plus, for tool use, the assistant's `tool_calls` and a `tool` message's `tool_call_id` and
+/// `name` (absent keys when unused, so templates testing `message.tool_calls` see nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
+    /// Empty for an assistant turn that only calls tools.
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -17,6 +27,42 @@ impl Message {
         Self {
             role: role.to_string(),
             content: content.to_string(),
+            ..Self::default()
+        }
+    }
+}
+
+/// An assistant's call of a tool, as OpenAI and transformers write it:
+/// `{"id"?, "type": "function", "function": {"name", "arguments": {..}}}`. The arguments are
+/// a JSON object (not OpenAI's JSON string): templates print them with `tojson`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ToolCall {
+    pub fn function(
+        id: Option<String>,
+        name: &str,
+        arguments: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        Self {
+            id,
+            kind: "function".into(),
+            function: FunctionCall {
+                name: name.into(),
+                arguments,
+            },
         }
     }
 }
@@ -98,6 +144,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", crate::py_json::tojson);
         // A syntax error surfaces on the first render, with the template's name.
         let _ = env.add_template_owned("chat", source.clone());
         Self {
@@ -128,8 +175,23 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tokens: &SpecialTokens,
     ) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt, tokens)
+    }
+
+    /// Render as `apply_chat_template(messages, tools=tools, tokenize=False)`: `tools` are
+    /// JSON-schema tool definitions (`{"type": "function", "function": {..}}`); none passes
+    /// `tools=None`, as transformers does.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+        tokens: &SpecialTokens,
+    ) -> Result<String> {
+        let tools = (!tools.is_empty()).then(|| Value::from_serialize(tools));
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => tokens.bos_token.clone(),
             eos_token => tokens.eos_token.clone(),

@@ -19,6 +19,7 @@ pub mod lora_bank;
 pub mod mask;
 pub mod nf4;
 pub mod presets;
+pub mod py_json;
 pub mod scoring;
 pub mod shape_audit;
 pub mod slots;
@@ -27,7 +28,7 @@ mod test_values;
 pub mod tokenizer;
 pub mod weights;
 
-pub use chat_template::{ChatTemplate, Message};
+pub use chat_template::{ChatTemplate, FunctionCall, Message, ToolCall};
 pub use config::ModelConfig;
 pub use llama::{CausalLm, ForwardInput, KvCache};
 pub use tokenizer::TextTokenizer;

@@ -984,3 +984,105 @@ fn cached_top_k_and_on_policy_distillation_learn() {
         "the teacher's top-k log-probs are cached beside the data"
     );
 }
+
+/// A synthetic agent task: two tools, eight cities, three phrasings per tool. Each row ends
+/// with the assistant's call (OpenAI shape). One (phrasing, city) pair per city is held out.
+fn write_tool_rows(path: &Path) -> (Vec<(String, String, String)>, Value) {
+    let cities = [
+        "Oslo", "Paris", "Lima", "Rome", "Cairo", "Tokyo", "Delhi", "Quito",
+    ];
+    let asks = [
+        ("get_weather", "What is the weather in {}?"),
+        ("get_weather", "Is it raining in {}?"),
+        ("get_weather", "How warm is {} today?"),
+        ("get_time", "What time is it in {}?"),
+        ("get_time", "Tell me the local time in {}."),
+        ("get_time", "Current time in {}, please."),
+    ];
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    ]);
+    let mut train = String::new();
+    let mut held_out = Vec::new();
+    for (c, city) in cities.iter().enumerate() {
+        for (a, (tool, ask)) in asks.iter().enumerate() {
+            let question = ask.replace("{}", city);
+            if a == (c * 5) % asks.len() {
+                held_out.push((question, tool.to_string(), city.to_string()));
+                continue;
+            }
+            let args = serde_json::json!({ "city": city }).to_string();
+            let row = serde_json::json!({"tools": tools, "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c0", "type": "function",
+                     "function": {"name": tool, "arguments": args}}]}]});
+            train.push_str(&format!("{row}\n"));
+        }
+    }
+    std::fs::write(path, train).unwrap();
+    (held_out, tools)
+}
+
+/// The share of held-out questions whose greedy answer is exactly the right call.
+fn right_calls(model_dir: &Path, held_out: &[(String, String, String)], tools: &Value) -> f64 {
+    let (cfg, model) = load_model::<Cpu>(model_dir, &Default::default()).unwrap();
+    let tok = models::checkpoint::load_tokenizer(model_dir, &cfg).unwrap();
+    let template = tok.template(None).unwrap();
+    let tools = tools.as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = held_out
+        .iter()
+        .map(|(q, _, _)| {
+            let messages = [models::Message::new("user", q)];
+            let text = template
+                .render_with_tools(&messages, tools, true, &tok.template_tokens())
+                .unwrap();
+            tok.encode(&text, false).unwrap()
+        })
+        .collect();
+    let params = models::generate::SamplingParams {
+        max_new_tokens: 40,
+        stop_ids: tok.stop_ids.clone(),
+        pad_id: 0,
+        shape_multiple: 1,
+        ..Default::default()
+    };
+    let got = models::generate::generate(&model, &prompts, &params, None).unwrap();
+    let right = got
+        .iter()
+        .zip(held_out)
+        .filter(|(g, (_, tool, city))| {
+            let text = tok.decode(&g.tokens, true).unwrap();
+            let want =
+                format!("<tool_call>\n{{\"name\": \"{tool}\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>");
+            text.trim_start().starts_with(&want)
+        })
+        .count();
+    right as f64 / held_out.len() as f64
+}
+
+#[test]
+fn sft_on_tool_calls_learns_to_make_the_right_call_on_held_out_questions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("tool_calls.jsonl");
+    let (held_out, tools) = write_tool_rows(&data);
+    let data_set = format!("data.files=[\"{}\"]", data.display());
+    let r = recipe(
+        tmp.path(),
+        "",
+        &[
+            &data_set,
+            "data.format=\"openai\"",
+            "data.eval_fraction=0.0",
+            "data.max_seq_len=512",
+            "train.max_steps=150",
+        ],
+    );
+    assert_eq!(right_calls(tiny_model(), &held_out, &tools), 0.0);
+    let fin = run(&r, None).unwrap().final_dir.unwrap();
+    let share = right_calls(&fin, &held_out, &tools);
+    assert!(share >= 0.75, "right calls on held-out questions: {share}");
+}

@@ -2,8 +2,8 @@
 
 use serde_json::Value;
 
-/// Keys left out when no fields are chosen: identifiers and provenance, which would make
-/// every row unique, and chat roles, which are structure rather than content.
+/// Keys left out when no fields are chosen: identifiers and provenance (tool call ids too),
+/// which would make every row unique, and chat roles, which are structure rather than content.
 pub const METADATA_KEYS: &[&str] = &[
     "id",
     "_id",
@@ -17,6 +17,8 @@ pub const METADATA_KEYS: &[&str] = &[
     "evol",
     "role",
     "from",
+    "tool_call_id",
+    "toolUseId",
 ];
 
 /// Field selection: dot paths such as `instruction`, `messages.0.content` or `messages.content`

@@ -38,7 +38,11 @@ pub(crate) fn alpaca(obj: &Map<String, Value>) -> Parsed<Record> {
     let mut messages = history(obj)?;
     messages.push(Message::new(USER, &user));
     messages.push(Message::new(ASSISTANT, &output));
-    Ok(Record::Conversation(Conversation { system, messages }))
+    Ok(Record::Conversation(Conversation {
+        system,
+        messages,
+        tools: Vec::new(),
+    }))
 }
 
 fn history(obj: &Map<String, Value>) -> Parsed<Vec<Message>> {

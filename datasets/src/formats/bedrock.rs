@@ -20,6 +20,7 @@ pub(crate) fn prompt_completion(obj: &Map<String, Value>) -> Parsed<Record> {
             Message::new(USER, &prompt),
             Message::new(ASSISTANT, &completion),
         ],
+        tools: Vec::new(),
     }))
 }
 

@@ -26,7 +26,7 @@ fn has_bedrock_parts(messages: Option<&Value>) -> bool {
 /// their values), or `None` when it looks like none.
 ///
 /// Rows with `messages` are Bedrock RFT when they carry `reference_answer`/`ground_truth`,
-/// Bedrock conversation when they carry `schemaVersion` or a top-level `system` or use
+/// Bedrock conversation when they carry `schemaVersion`, `toolConfig` or a top-level `system` or use
 /// `{"text"}` parts, and OpenAI otherwise. Rows with `chosen`/`rejected` are hh-rlhf when
 /// there is no `prompt` and `chosen` is a string. A lone `prompt` or `question` is a
 /// prompt-only task; `prompt` with `completion` is Bedrock prompt/completion, or an unpaired
@@ -40,6 +40,7 @@ pub fn classify_row(value: &Value) -> Option<Format> {
             Format::BedrockRft
         } else if has(obj, "schemaVersion")
             || has(obj, "system")
+            || has(obj, "toolConfig")
             || has_bedrock_parts(obj.get("messages"))
         {
             Format::BedrockConversation

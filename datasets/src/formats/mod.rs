@@ -3,7 +3,10 @@
 //!
 //! Joining rules, shared by all formats:
 //! - several text parts in one message (`[{"text": a}, {"text": b}]`) are joined with "\n"
-//!   ([`turns::PART_SEPARATOR`]); non-text parts (images, tool use) reject the row;
+//!   ([`turns::PART_SEPARATOR`]); non-text parts (images, audio) reject the row;
+//! - tool definitions, calls and results are read as [`tools`] describes; a call of an
+//!   undefined tool, arguments that are not a JSON object, or a result without a call reject
+//!   the row;
 //! - Alpaca's `input` follows `instruction` after a blank line ("\n\n",
 //!   [`alpaca::INPUT_SEPARATOR`]);
 //! - text is otherwise kept exactly as written (no trimming), but empty or whitespace-only
@@ -18,6 +21,7 @@ pub(crate) mod fields;
 pub mod parquet_rows;
 mod preference;
 pub mod prompt_answer;
+pub mod tools;
 pub mod turns;
 
 pub use detect::{classify_row, detect, DETECT_ROWS};

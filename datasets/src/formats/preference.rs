@@ -54,8 +54,8 @@ fn response(value: &Value, path: &str) -> Parsed<Vec<Message>> {
     match value {
         Value::String(_) => Ok(vec![Message::new(ASSISTANT, &text_content(value, path)?)]),
         Value::Array(_) => {
-            let turns = parse_turns(value, path, Roles::OpenAi)?;
-            check_order(&turns, path, ASSISTANT, ASSISTANT)?;
+            let mut turns = parse_turns(value, path, Roles::OpenAi)?;
+            check_order(&mut turns, path, ASSISTANT, ASSISTANT, &[])?;
             Ok(into_messages(turns))
         }
         other => Err(wrong_type(path, "a string or a list of messages", other)),
@@ -89,8 +89,8 @@ fn implicit_prompt(chosen: &Value, rejected: &Value, margin: Option<f64>) -> Par
                 ),
             ));
         }
-        let (system, turns) = take_system(parse_turns(value, path, Roles::OpenAi)?)?;
-        check_order(&turns, path, USER, ASSISTANT)?;
+        let (system, mut turns) = take_system(parse_turns(value, path, Roles::OpenAi)?)?;
+        check_order(&mut turns, path, USER, ASSISTANT, &[])?;
         Ok((system, turns))
     };
     let (chosen_system, chosen) = side(chosen, "chosen")?;
@@ -120,6 +120,7 @@ fn implicit_prompt(chosen: &Value, rejected: &Value, margin: Option<f64>) -> Par
         prompt: Conversation {
             system: chosen_system,
             messages: prompt,
+            tools: Vec::new(),
         },
         chosen: chosen_last.into_iter().collect(),
         rejected: rejected_last.into_iter().collect(),
@@ -258,6 +259,7 @@ pub(crate) fn hh_rlhf(obj: &Map<String, Value>) -> Parsed<Record> {
         prompt: Conversation {
             system: None,
             messages: chosen[..chosen.len() - 1].iter().map(to_message).collect(),
+            tools: Vec::new(),
         },
         chosen: last(&chosen),
         rejected: last(&rejected),

@@ -53,6 +53,7 @@ pub(crate) fn prompt_answer(obj: &Map<String, Value>) -> Parsed<Record> {
         Conversation {
             system: None,
             messages: vec![Message::new(USER, text)],
+            tools: Vec::new(),
         }
     } else if let Some(prompt) = optional(obj, "prompt") {
         prompt_from_value(prompt, "prompt")?

@@ -230,6 +230,7 @@ pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
             let mut conv = datasets::records::Conversation {
                 system: None,
                 messages: p.messages.clone(),
+                tools: Vec::new(),
             };
             conv.messages.push(Message::new("assistant", &a.text));
             let (seq, _) = templater
