@@ -125,7 +125,9 @@ fn uses_tools(conversation: &Conversation) -> bool {
 /// readers have checked the turns (calls name defined tools, results answer calls).
 fn with_tools(conversation: &Conversation, target: Target) -> Result<(Value, Vec<String>)> {
     if conversation.messages.last().map(|m| m.role.as_str()) != Some(ASSISTANT) {
-        bail!("the conversation does not end with an assistant turn; there is no response to write");
+        bail!(
+            "the conversation does not end with an assistant turn; there is no response to write"
+        );
     }
     match target {
         Target::OpenAi => Ok((openai(conversation), Vec::new())),
@@ -327,9 +329,7 @@ fn sharegpt_with_tools(conversation: &Conversation) -> (Value, Vec<String>) {
                     turns.push(json!({"from": "gpt", "value": m.content}));
                 }
                 if !m.tool_calls.is_empty() {
-                    let call = |c: &ToolCall| {
-                        json!({"name": c.function.name, "arguments": c.function.arguments})
-                    };
+                    let call = |c: &ToolCall| json!({"name": c.function.name, "arguments": c.function.arguments});
                     let value = match m.tool_calls.as_slice() {
                         [one] => call(one),
                         many => Value::Array(many.iter().map(call).collect()),
@@ -354,7 +354,10 @@ fn sharegpt_with_tools(conversation: &Conversation) -> (Value, Vec<String>) {
         .zip(ids_read_back)
         .any(|(c, id)| c.id.as_deref() != Some(id.as_str()))
     {
-        vec!["dropped the tool call ids (ShareGPT has none; results follow their calls in order)".into()]
+        vec![
+            "dropped the tool call ids (ShareGPT has none; results follow their calls in order)"
+                .into(),
+        ]
     } else {
         Vec::new()
     };

@@ -11,7 +11,8 @@ use models::chat_template::{ChatTemplate, SpecialTokens};
 use models::{Message, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::records::{Conversation, Preference, PromptTask, Record, Unpaired, ASSISTANT};
+use crate::formats::tools::tool_name;
+use crate::records::{Conversation, Preference, PromptTask, Record, Unpaired, ASSISTANT, TOOL};
 
 /// Which tokens the loss trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -166,6 +167,39 @@ impl Templater<'_> {
             .map_err(|e| TokenizeError::Template(format!("{e:#}")))
     }
 
+    /// A template that ignores `tools`, `tool_calls` or `tool` messages renders a tool
+    /// conversation as empty turns, and training on that teaches the model to say nothing:
+    /// every tool name and result must appear in the rendering.
+    fn check_tool_use(
+        &self,
+        text: &str,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+    ) -> Result<(), TokenizeError> {
+        let defined = tools.iter().filter_map(tool_name);
+        let called = messages
+            .iter()
+            .flat_map(|m| &m.tool_calls)
+            .map(|c| c.function.name.as_str());
+        let results = messages
+            .iter()
+            .filter(|m| m.role == TOOL)
+            .map(|m| m.content.as_str());
+        match defined
+            .chain(called)
+            .chain(results)
+            .find(|s| !text.contains(s))
+        {
+            None => Ok(()),
+            Some(missing) => Err(TokenizeError::Template(format!(
+                "the chat template `{}` does not render tool use (`{missing}` is missing from \
+                 its output); use a tools-aware template: the model's own if it has one, or \
+                 `template = \"chatml\"`",
+                self.template.name
+            ))),
+        }
+    }
+
     fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         // As transformers' apply_chat_template: the template writes special tokens itself.
         self.tokenizer
@@ -189,7 +223,9 @@ impl Templater<'_> {
 
     pub fn conversation(&self, conv: &Conversation) -> Result<(TokenizedSeq, bool), TokenizeError> {
         let messages = conv.to_messages();
-        let ids = self.encode(&self.render(&messages, &conv.tools, false)?)?;
+        let text = self.render(&messages, &conv.tools, false)?;
+        self.check_tool_use(&text, &messages, &conv.tools)?;
+        let ids = self.encode(&text)?;
         let mut trained = vec![self.mask == MaskPolicy::All; ids.len()];
         let assistant_turns: Vec<usize> = messages
             .iter()
@@ -278,7 +314,9 @@ impl Templater<'_> {
         let prompt = self.encode(&self.render(&prompt_msgs, tools, true)?)?;
         let side = |completion: &[Message]| -> Result<Vec<u32>, TokenizeError> {
             let all: Vec<Message> = prompt_msgs.iter().chain(completion).cloned().collect();
-            let ids = self.encode(&self.render(&all, tools, false)?)?;
+            let text = self.render(&all, tools, false)?;
+            self.check_tool_use(&text, &all, tools)?;
+            let ids = self.encode(&text)?;
             if !is_prefix(&prompt, &ids) {
                 return Err(TokenizeError::PrefixBroken {
                     message: prompt_msgs.len(),
@@ -335,7 +373,10 @@ impl Templater<'_> {
     }
 
     pub fn prompt(&self, t: &PromptTask) -> Result<TokenizedPrompt, TokenizeError> {
-        let prompt = self.encode(&self.render(&t.prompt.to_messages(), &t.prompt.tools, true)?)?;
+        let messages = t.prompt.to_messages();
+        let text = self.render(&messages, &t.prompt.tools, true)?;
+        self.check_tool_use(&text, &messages, &t.prompt.tools)?;
+        let prompt = self.encode(&text)?;
         if prompt.len() > self.max_seq_len {
             return Err(TokenizeError::TooLong {
                 len: prompt.len(),

@@ -77,7 +77,11 @@ fn every_shape_renders_and_masks_as_transformers_does() {
                 .template
                 .render_with_tools(&messages[..last], &conv.tools, true, &templater.tokens)
                 .unwrap();
-            assert_eq!(prompt, row["prompt_text"].as_str().unwrap(), "{shape} row {i}");
+            assert_eq!(
+                prompt,
+                row["prompt_text"].as_str().unwrap(),
+                "{shape} row {i}"
+            );
 
             let (seq, cut) = templater.conversation(conv).unwrap();
             assert!(!cut);
@@ -91,7 +95,9 @@ fn every_shape_renders_and_masks_as_transformers_does() {
             assert_eq!(seq.ids, ids, "{shape} row {i}");
             assert_eq!(seq.trained, trained, "{shape} row {i}: mask");
             // The tool results are context, never trained on.
-            let decoded = tok.decode(&trained_ids(&seq.ids, &seq.trained), false).unwrap();
+            let decoded = tok
+                .decode(&trained_ids(&seq.ids, &seq.trained), false)
+                .unwrap();
             assert!(!decoded.contains("<tool_response>"), "{shape} row {i}");
         }
     }
@@ -113,7 +119,10 @@ fn the_shapes_read_into_the_same_conversations() {
     assert_eq!(openai, bedrock);
     // ShareGPT has no call ids: calls are numbered in order, results follow their calls.
     assert_eq!(without_ids(&openai), without_ids(&sharegpt));
-    assert_eq!(sharegpt[1].messages[1].tool_calls[1].id.as_deref(), Some("call_1"));
+    assert_eq!(
+        sharegpt[1].messages[1].tool_calls[1].id.as_deref(),
+        Some("call_1")
+    );
     let results: Vec<_> = sharegpt[1]
         .messages
         .iter()
@@ -129,7 +138,10 @@ fn the_shapes_read_into_the_same_conversations() {
     );
     let call = &openai[3].messages[1].tool_calls[0];
     assert_eq!(call.function.name, "search_flights");
-    assert_eq!(call.function.arguments["options"]["tolerance"], json!(2.5e-6));
+    assert_eq!(
+        call.function.arguments["options"]["tolerance"],
+        json!(2.5e-6)
+    );
     // Bedrock's json tool result is read as compact JSON text.
     assert_eq!(
         bedrock[4].messages[2].content,
@@ -167,7 +179,10 @@ fn conversion_between_the_shapes_loses_nothing() {
                     other => panic!("{shape} -> {target}: {other:?}\n{row}"),
                 };
                 if target == Target::ShareGpt {
-                    assert_eq!(without_ids(&[back]), without_ids(&[conv.clone()]));
+                    assert_eq!(
+                        without_ids(&[back]),
+                        without_ids(std::slice::from_ref(&conv))
+                    );
                     let had_ids = shape != "sharegpt";
                     assert_eq!(!warnings.is_empty(), had_ids, "{shape}: {warnings:?}");
                 } else {
@@ -268,7 +283,10 @@ fn malformed_tool_calls_are_rejected_with_field_and_reason() {
                "tools": "[]"}),
     );
     assert_eq!(field.as_deref(), Some("conversations[1].from"));
-    assert!(reason.contains("expected role `assistant`, found `observation`"), "{reason}");
+    assert!(
+        reason.contains("expected role `assistant`, found `observation`"),
+        "{reason}"
+    );
     let (field, reason) = reject(
         Format::ShareGpt,
         json!({"conversations": [{"from": "human", "value": "hi"},
@@ -276,7 +294,10 @@ fn malformed_tool_calls_are_rejected_with_field_and_reason() {
                "tools": "[{\"name\": \"get_weather\"}]"}),
     );
     assert_eq!(field.as_deref(), Some("conversations[1].value"));
-    assert!(reason.starts_with("a function_call must be JSON"), "{reason}");
+    assert!(
+        reason.starts_with("a function_call must be JSON"),
+        "{reason}"
+    );
     let (field, reason) = reject(
         Format::ShareGpt,
         json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}],
@@ -306,4 +327,25 @@ fn malformed_tool_calls_are_rejected_with_field_and_reason() {
     );
     assert_eq!(field.as_deref(), Some("messages[0].content[0]"));
     assert!(reason.contains("cannot hold toolUse"), "{reason}");
+}
+
+#[test]
+fn a_template_that_ignores_tools_is_refused_rather_than_trained_on() {
+    let tok = tokenizer();
+    // The bundled tokenizer's own (Phi-3) template prints only `content`.
+    let templater = Templater {
+        tokenizer: &tok,
+        template: tok.template(None).unwrap(),
+        tokens: tok.template_tokens(),
+        mask: MaskPolicy::Assistant,
+        max_seq_len: 4096,
+        truncation: Truncation::Drop,
+    };
+    let conv = &conversations("openai", Format::OpenAiMessages)[0];
+    let e = templater.conversation(conv).unwrap_err().to_string();
+    assert!(
+        e.contains("does not render tool use (`get_weather` is missing"),
+        "{e}"
+    );
+    assert!(e.contains("template = \"chatml\""), "{e}");
 }

@@ -47,7 +47,10 @@ pub fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Va
         Some(v) => Some(match v.as_str() {
             Some(s) => s.to_string(),
             None => " ".repeat(v.as_usize().ok_or_else(|| {
-                Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a count")
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be a count",
+                )
             })?),
         }),
     };

@@ -985,19 +985,24 @@ fn cached_top_k_and_on_policy_distillation_learn() {
     );
 }
 
-/// A synthetic agent task: two tools, eight cities, three phrasings per tool. Each row ends
-/// with the assistant's call (OpenAI shape). One (phrasing, city) pair per city is held out.
+/// A synthetic agent task: two tools, eight cities, four phrasings per tool. Each row ends
+/// with the assistant's call (OpenAI shape). Two questions per city (one per tool) are held
+/// out: their phrasing and city were each seen, never together.
 fn write_tool_rows(path: &Path) -> (Vec<(String, String, String)>, Value) {
+    // One token each after a space in the bundled tokenizer, so that the tiny model's task
+    // is choosing the tool and carrying the city over, not spelling unseen pieces.
     let cities = [
-        "Oslo", "Paris", "Lima", "Rome", "Cairo", "Tokyo", "Delhi", "Quito",
+        "Paris", "Lima", "Rome", "Tokyo", "London", "Berlin", "Madrid", "Boston",
     ];
     let asks = [
         ("get_weather", "What is the weather in {}?"),
         ("get_weather", "Is it raining in {}?"),
         ("get_weather", "How warm is {} today?"),
+        ("get_weather", "Forecast for {}?"),
         ("get_time", "What time is it in {}?"),
         ("get_time", "Tell me the local time in {}."),
         ("get_time", "Current time in {}, please."),
+        ("get_time", "Clock check: {}."),
     ];
     let tools = serde_json::json!([
         {"type": "function", "function": {"name": "get_weather",
@@ -1010,7 +1015,7 @@ fn write_tool_rows(path: &Path) -> (Vec<(String, String, String)>, Value) {
     for (c, city) in cities.iter().enumerate() {
         for (a, (tool, ask)) in asks.iter().enumerate() {
             let question = ask.replace("{}", city);
-            if a == (c * 5) % asks.len() {
+            if a == c % 4 || a == 4 + (c + 2) % 4 {
                 held_out.push((question, tool.to_string(), city.to_string()));
                 continue;
             }
@@ -1031,7 +1036,7 @@ fn write_tool_rows(path: &Path) -> (Vec<(String, String, String)>, Value) {
 fn right_calls(model_dir: &Path, held_out: &[(String, String, String)], tools: &Value) -> f64 {
     let (cfg, model) = load_model::<Cpu>(model_dir, &Default::default()).unwrap();
     let tok = models::checkpoint::load_tokenizer(model_dir, &cfg).unwrap();
-    let template = tok.template(None).unwrap();
+    let template = models::ChatTemplate::named("chatml").unwrap();
     let tools = tools.as_array().unwrap();
     let prompts: Vec<Vec<u32>> = held_out
         .iter()
@@ -1076,13 +1081,15 @@ fn sft_on_tool_calls_learns_to_make_the_right_call_on_held_out_questions() {
         &[
             &data_set,
             "data.format=\"openai\"",
+            "data.template=\"chatml\"",
             "data.eval_fraction=0.0",
             "data.max_seq_len=512",
-            "train.max_steps=150",
+            "train.max_steps=240",
         ],
     );
     assert_eq!(right_calls(tiny_model(), &held_out, &tools), 0.0);
     let fin = run(&r, None).unwrap().final_dir.unwrap();
     let share = right_calls(&fin, &held_out, &tools);
+    // 240 steps give 16/16 here (150 steps: 13/16).
     assert!(share >= 0.75, "right calls on held-out questions: {share}");
 }

@@ -14,8 +14,8 @@
 //! results can be paired with them and written back in formats that need ids.
 
 use super::fields::{
-    array_at, index_path, key_path, object_at, optional, required, str_at, type_name,
-    wrong_type, Fail, Parsed,
+    array_at, index_path, key_path, object_at, optional, required, str_at, type_name, wrong_type,
+    Fail, Parsed,
 };
 use super::turns::{text_content, Roles, Turn};
 use crate::records::{ToolCall, ASSISTANT, TOOL};
@@ -41,7 +41,10 @@ pub(crate) fn definitions(obj: &Map<String, Value>, roles: Roles) -> Parsed<Vec<
             // LLaMA-Factory stores the list as a JSON string.
             Some(Value::String(text)) => {
                 let list: Value = serde_json::from_str(text).map_err(|e| {
-                    Fail::at("tools", format!("is a string but not a JSON list of tools: {e}"))
+                    Fail::at(
+                        "tools",
+                        format!("is a string but not a JSON list of tools: {e}"),
+                    )
                 })?;
                 tool_list(&list, "tools")
             }
@@ -89,8 +92,14 @@ fn function_tool(tool: &Value, path: &str) -> Parsed<Value> {
 /// `{"toolSpec": {"name", "description"?, "inputSchema": {"json": {..}}}}`.
 fn bedrock_tool(tool: &Value, path: &str) -> Parsed<Value> {
     let spec_path = key_path(path, "toolSpec");
-    let spec = object_at(required(object_at(tool, path)?, "toolSpec", path)?, &spec_path)?;
-    let name = str_at(required(spec, "name", &spec_path)?, &key_path(&spec_path, "name"))?;
+    let spec = object_at(
+        required(object_at(tool, path)?, "toolSpec", path)?,
+        &spec_path,
+    )?;
+    let name = str_at(
+        required(spec, "name", &spec_path)?,
+        &key_path(&spec_path, "name"),
+    )?;
     let mut function = Map::new();
     function.insert("name".into(), name.into());
     if let Some(d) = optional(spec, "description") {
@@ -115,9 +124,8 @@ fn arguments(value: &Value, path: &str) -> Parsed<Map<String, Value>> {
     let parsed;
     let value = match value {
         Value::String(text) => {
-            parsed = serde_json::from_str::<Value>(text).map_err(|e| {
-                Fail::at(path, format!("the arguments are not valid JSON: {e}"))
-            })?;
+            parsed = serde_json::from_str::<Value>(text)
+                .map_err(|e| Fail::at(path, format!("the arguments are not valid JSON: {e}")))?;
             &parsed
         }
         other => other,
@@ -269,7 +277,10 @@ pub(crate) fn link(turns: &mut [Turn], tools: &[Value]) -> Parsed<()> {
                         format!("calls tool `{name}`, which is not in the row's tools ({defined})"),
                     ));
                 }
-                let id = call.id.get_or_insert_with(|| format!("call_{count}")).clone();
+                let id = call
+                    .id
+                    .get_or_insert_with(|| format!("call_{count}"))
+                    .clone();
                 count += 1;
                 open.push((id, name.clone(), call_path.clone()));
             }

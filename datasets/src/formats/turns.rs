@@ -2,8 +2,8 @@
 //! lists of text parts), tool calls and results, and the turn-order rules.
 
 use super::fields::{
-    array_at, index_path, key_path, non_empty, object_at, optional, required, str_at,
-    wrong_type, Fail, Parsed,
+    array_at, index_path, key_path, non_empty, object_at, optional, required, str_at, wrong_type,
+    Fail, Parsed,
 };
 use super::tools;
 use crate::records::{Conversation, Message, ToolCall, ASSISTANT, SYSTEM, TOOL, USER};
@@ -216,7 +216,10 @@ fn openai_turn(
         Some(_) => {
             return Err(Fail::at(
                 key_path(&turn.path, "tool_calls"),
-                format!("only assistant turns call tools, this is a `{}` turn", turn.raw_role),
+                format!(
+                    "only assistant turns call tools, this is a `{}` turn",
+                    turn.raw_role
+                ),
             ))
         }
         None => Vec::new(),
