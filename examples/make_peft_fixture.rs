@@ -5,8 +5,8 @@
 //!
 //!     cargo run --release --example make_peft_fixture && python3 scripts/parity/check_peft_export.py
 //!
-//! With a fixture name (`tiny-qwen3`) it writes `tests/fixtures/peft-qwen3/` (adapter and
-//! merged model only); `check_peft_export.py --model tiny-qwen3` checks it.
+//! With a fixture name (`tiny-qwen3`, `tiny-phi3`) it writes `tests/fixtures/peft-qwen3/`
+//! (adapter and merged model only); `check_peft_export.py --model tiny-qwen3` checks it.
 
 use anyhow::Result;
 use burn::module::Param;
@@ -41,13 +41,14 @@ fn main() -> Result<()> {
         r: 4,
         alpha: 8.0,
         dropout: 0.05,
-        target_modules: vec![
-            "q_proj".into(),
-            "v_proj".into(),
-            "o_proj".into(),
-            "up_proj".into(),
-            "down_proj".into(),
-        ],
+        // Phi-3's fused layers are adapted as PEFT adapts them: one adapter per fused layer.
+        target_modules: match name.as_str() {
+            "tiny-phi3" => vec!["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            _ => vec!["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        }
+        .into_iter()
+        .map(String::from)
+        .collect(),
         use_rslora: true,
         use_dora: false,
     };

@@ -445,31 +445,68 @@ fn grpo_and_ppo_recipes_run_on_gsm8k_and_bedrock_rft_rows() {
 /// qwen3` fine-tuned on the quickstart data lowers its held-out loss, and its export loads.
 #[test]
 fn a_qwen3_model_learns_the_quickstart_data() {
+    let tmp = an_arch_learns_the_quickstart_data("qwen3", "Qwen3ForCausalLM", &[]);
+    let fin = tmp.path().join("run/final");
+    let cfg = std::fs::read_to_string(fin.join("config.json")).unwrap();
+    assert!(cfg.contains("Qwen3ForCausalLM"), "{cfg}");
+    generates(&fin);
+}
+
+/// Phi-3 (fused qkv_proj and gate_up_proj) too, with LoRA on its fused layers as PEFT names
+/// them.
+#[test]
+fn a_phi3_model_learns_the_quickstart_data_with_lora_on_its_fused_layers() {
+    let tmp = an_arch_learns_the_quickstart_data(
+        "phi3",
+        "Phi3ForCausalLM",
+        &[
+            "adapter.target_modules=[\"qkv_proj\", \"gate_up_proj\"]",
+            "adapter.r=16",
+            "train.learning_rate=1e-2",
+        ],
+    );
+    let fin = tmp.path().join("run/final");
+    let adapter = std::fs::read_to_string(fin.join("adapter_config.json")).unwrap();
+    assert!(
+        adapter.contains("qkv_proj") && adapter.contains("gate_up_proj"),
+        "{adapter}"
+    );
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "export",
+        fin.to_str().unwrap(),
+        "--merge",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let cfg = std::fs::read_to_string(merged.join("config.json")).unwrap();
+    assert!(cfg.contains("Phi3ForCausalLM"), "{cfg}");
+    generates(&merged);
+}
+
+fn an_arch_learns_the_quickstart_data(arch: &str, class: &str, sets: &[&str]) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("qwen3");
+    let model = tmp.path().join(arch);
     ok(&[
         "new-model",
         "--preset",
         "tiny",
         "--arch",
-        "qwen3",
+        arch,
         "--tokenizer",
         "assets/tokenizers/phi3_vision",
         "--out",
         model.to_str().unwrap(),
     ]);
     let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
-    assert!(cfg.contains("Qwen3ForCausalLM"), "{cfg}");
-    let mut owned = train_args(
-        "quickstart",
-        tmp.path(),
-        "run",
-        &[
-            "train.max_steps=40",
-            "train.eval_steps=40",
-            "train.sample_prompts=[]",
-        ],
-    );
+    assert!(cfg.contains(class), "{cfg}");
+    let mut extra = vec![
+        "train.max_steps=40",
+        "train.eval_steps=40",
+        "train.sample_prompts=[]",
+    ];
+    extra.extend_from_slice(sets);
+    let mut owned = train_args("quickstart", tmp.path(), "run", &extra);
     owned.extend([
         "--set".into(),
         format!("model.path=\"{}\"", model.display()),
@@ -481,15 +518,15 @@ fn a_qwen3_model_learns_the_quickstart_data() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["eval_loss"].as_f64())
         .collect();
     let (first, last) = (losses[0], *losses.last().unwrap());
-    assert!(last < first - 1.0, "eval loss {first} -> {last}");
-    let fin = tmp.path().join("run/final");
-    assert!(std::fs::read_to_string(fin.join("config.json"))
-        .unwrap()
-        .contains("Qwen3ForCausalLM"));
+    assert!(last < first - 1.0, "{arch}: eval loss {first} -> {last}");
+    tmp
+}
+
+fn generates(model: &Path) {
     ok(&[
         "generate",
         "--model",
-        fin.to_str().unwrap(),
+        model.to_str().unwrap(),
         "--chat",
         "Who are you?",
         "--max-new-tokens",

@@ -167,25 +167,36 @@ fn adapters_for_another_model_are_refused() {
 /// `make_peft_fixture tiny-qwen3`, loaded by PEFT over transformers' Qwen3ForCausalLM.
 #[test]
 fn peft_logits_match_burnish_on_qwen3() {
-    let dir = fixtures().join("peft-qwen3");
+    peft_logits_match_burnish_on("qwen3");
+}
+
+/// And for Phi-3, whose adapters sit on the fused `qkv_proj` and `gate_up_proj` (one
+/// `lora_A` shared by q, k and v, as PEFT has it).
+#[test]
+fn peft_logits_match_burnish_on_phi3() {
+    peft_logits_match_burnish_on("phi3");
+}
+
+fn peft_logits_match_burnish_on(arch: &str) {
+    let dir = fixtures().join(format!("peft-{arch}"));
     let exp: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     assert!(exp["adapter_effect_max_abs"].as_f64().unwrap() > 1e-2);
     let ids: Vec<Vec<u32>> = serde_json::from_value(exp["input_ids"].clone()).unwrap();
     let want = flat(&exp["peft_logits"]);
-    let (_, base) =
-        load_model::<Cpu>(&fixtures().join("models/tiny-qwen3"), &Default::default()).unwrap();
+    let base_dir = fixtures().join(format!("models/tiny-{arch}"));
+    let (_, base) = load_model::<Cpu>(&base_dir, &Default::default()).unwrap();
     let (model, _) = load_adapter(base, &dir.join("adapter")).unwrap();
     let got = logits(&model, &ids);
     assert!(
         max_diff(&got, &want) < 1e-4,
-        "unmerged: {}",
+        "{arch} unmerged: {}",
         max_diff(&got, &want)
     );
     let got = logits(&model.merge_adapters(), &ids);
     assert!(
         max_diff(&got, &want) < 1e-4,
-        "merged: {}",
+        "{arch} merged: {}",
         max_diff(&got, &want)
     );
 }

@@ -1,4 +1,4 @@
-//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3).
+//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -11,6 +11,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("mistral", "MistralForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
 ];
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -54,6 +55,9 @@ pub struct ModelConfig {
     /// Qwen3: RMSNorm over each head's queries and keys (`q_norm`, `k_norm`, `[head_dim]`)
     /// before the rotary embedding.
     pub qk_norm: bool,
+    /// Phi-3: one `qkv_proj` (`[q | k | v]` outputs) and one `gate_up_proj` (`[gate | up]`)
+    /// instead of separate projections.
+    pub fused_projections: bool,
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -102,6 +106,7 @@ struct RawFields {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    partial_rotary_factor: Option<f64>,
 }
 
 /// Which layers attend through a window, as transformers reads the config: `layer_types`
@@ -124,7 +129,8 @@ fn sliding_window(f: &RawFields, model_type: &str, layers: usize) -> Result<Opti
             }
             types.iter().map(|t| t == "sliding_attention").collect()
         }
-        None if model_type == "mistral" => vec![true; layers],
+        // Phi-3 masks every layer with the window when one is set, as Mistral does.
+        None if model_type == "mistral" || model_type == "phi3" => vec![true; layers],
         None if (model_type == "qwen2" || model_type == "qwen3")
             && f.use_sliding_window == Some(true) =>
         {
@@ -265,6 +271,19 @@ impl ModelConfig {
             Some(p) => parse_rope_scaling(Some(p)).context("in `rope_parameters`")?,
             None => parse_rope_scaling(f.rope_scaling.as_ref()).context("in `rope_scaling`")?,
         };
+        let partial_rotary = f
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .or(f.partial_rotary_factor)
+            .unwrap_or(1.0);
+        if partial_rotary != 1.0 {
+            bail!(
+                "partial_rotary_factor {partial_rotary} is not supported: rotary embeddings \
+                 cover the whole head here"
+            );
+        }
         let rope_theta = f
             .rope_parameters
             .as_ref()
@@ -292,6 +311,7 @@ impl ModelConfig {
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
             qk_norm: model_type == "qwen3",
+            fused_projections: model_type == "phi3",
             mlp_bias: f.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(&f.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&f.eos_token_id),
@@ -385,6 +405,10 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
+        "longrope" | "su" => bail!(
+            "unsupported rope_scaling type `{kind}` (Phi-3.5, Phi-3 128k and Phi-4-mini \
+             checkpoints); supported: default, linear, llama3"
+        ),
         other => {
             bail!("unsupported rope_scaling type `{other}`; supported: default, linear, llama3")
         }
@@ -402,6 +426,23 @@ mod tests {
         assert!(
             msg.contains("gpt2") && msg.contains("qwen2") && msg.contains("LlamaForCausalLM"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn phi3_is_fused_and_windowed_and_its_long_rope_is_refused() {
+        let base = r#""model_type":"phi3","hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,"vocab_size":10,"intermediate_size":8"#;
+        let cfg = ModelConfig::from_json_str(&format!(r#"{{{base},"sliding_window":5}}"#)).unwrap();
+        assert!(cfg.fused_projections);
+        assert_eq!(cfg.sliding_window.unwrap().layers, vec![true, true]);
+        let long = r#""rope_scaling":{"type":"longrope","short_factor":[1],"long_factor":[1]}"#;
+        let err = ModelConfig::from_json_str(&format!("{{{base},{long}}}")).unwrap_err();
+        assert!(format!("{err:#}").contains("`longrope`"), "{err:#}");
+        let partial = r#""partial_rotary_factor":0.75"#;
+        let err = ModelConfig::from_json_str(&format!("{{{base},{partial}}}")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("partial_rotary_factor 0.75"),
+            "{err:#}"
         );
     }
 

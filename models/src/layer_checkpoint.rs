@@ -83,7 +83,7 @@ fn on_checkpointed<B: Backend, I: Backend>(
 }
 
 fn draws_dropout<B: Backend>(layer: &DecoderLayer<B>) -> bool {
-    layer.projections().iter().any(|p| {
+    layer.projections().iter().any(|(_, p)| {
         p.lora
             .as_ref()
             .is_some_and(|l| l.enabled && l.dropout > 0.0)

@@ -1,6 +1,6 @@
-//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3), with
-//! the exact computation order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` /
-//! `Qwen3ForCausalLM`.
+//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3),
+//! with the exact computation order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` /
+//! `Qwen3ForCausalLM` / `Phi3ForCausalLM`.
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -14,11 +14,16 @@ use crate::layers::{rope_inv_freq, Proj, RmsNorm, RopeTables};
 use crate::mask::AttentionLayout;
 use crate::nf4::{Nf4Weight, Quantization};
 
+/// Separate projections (q/k/v, gate/up) or, in Phi-3, one fused projection each
+/// (`qkv_proj`, `gate_up_proj`): one of the two is set. Fused layers stay fused so that LoRA
+/// adapts them as PEFT does (one `lora_A` shared by q, k and v).
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
-    pub q_proj: Proj<B>,
-    pub k_proj: Proj<B>,
-    pub v_proj: Proj<B>,
+    pub q_proj: Option<Proj<B>>,
+    pub k_proj: Option<Proj<B>>,
+    pub v_proj: Option<Proj<B>>,
+    /// Phi-3: `[q | k | v]` outputs.
+    pub qkv_proj: Option<Proj<B>>,
     pub o_proj: Proj<B>,
     /// Qwen3's per-head RMSNorm of queries and keys, `[head_dim]` each.
     pub q_norm: Option<RmsNorm<B>>,
@@ -30,9 +35,43 @@ pub struct SelfAttention<B: Backend> {
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Proj<B>,
-    pub up_proj: Proj<B>,
+    pub gate_proj: Option<Proj<B>>,
+    pub up_proj: Option<Proj<B>>,
+    /// Phi-3: `[gate | up]` outputs.
+    pub gate_up_proj: Option<Proj<B>>,
     pub down_proj: Proj<B>,
+}
+
+/// Splits a fused projection's output `[B, T, sum(widths)]` into consecutive parts.
+fn split_last<B: Backend>(y: Tensor<B, 3>, widths: &[usize]) -> Vec<Tensor<B, 3>> {
+    let mut at = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = y.clone().narrow(2, at, w);
+            at += w;
+            part
+        })
+        .collect()
+}
+
+/// The projections of one input that are either separate or fused (`parts` of the fused
+/// output, in order): exactly one form is present, as the loader builds them.
+fn projected<B: Backend, const N: usize>(
+    x: Tensor<B, 3>,
+    separate: [&Option<Proj<B>>; N],
+    fused: &Option<Proj<B>>,
+    widths: [usize; N],
+) -> [Tensor<B, 3>; N] {
+    match fused {
+        Some(f) => split_last(f.forward(x), &widths)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one part per width")),
+        None => separate.map(|p| match p {
+            Some(p) => p.forward(x.clone()),
+            None => unreachable!("a layer has its separate or its fused projections"),
+        }),
+    }
 }
 
 #[derive(Module, Debug)]
@@ -125,8 +164,14 @@ impl<B: Backend> KvCache<B> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let i = self.down_proj.dims()[0];
+        let [gate, up] = projected(
+            x,
+            [&self.gate_proj, &self.up_proj],
+            &self.gate_up_proj,
+            [i, i],
+        );
+        self.down_proj.forward(silu(gate) * up)
     }
 }
 
@@ -159,11 +204,15 @@ impl<B: Backend> SelfAttention<B> {
         let [b, t, _] = x.dims();
         let (kvh, d) = (self.num_kv_heads, self.head_dim);
         let group = self.num_heads / kvh;
-        let q = self.split_heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = self.split_heads(self.k_proj.forward(x.clone()), kvh);
-        let q = rope.apply(head_norm(&self.q_norm, q));
-        let k = rope.apply(head_norm(&self.k_norm, k));
-        let v = self.split_heads(self.v_proj.forward(x), kvh);
+        let [q, k, v] = projected(
+            x,
+            [&self.q_proj, &self.k_proj, &self.v_proj],
+            &self.qkv_proj,
+            [self.num_heads * d, kvh * d, kvh * d],
+        );
+        let q = rope.apply(head_norm(&self.q_norm, self.split_heads(q, self.num_heads)));
+        let k = rope.apply(head_norm(&self.k_norm, self.split_heads(k, kvh)));
+        let v = self.split_heads(v, kvh);
         let cache_less = cache.is_none();
         let (k, v) = match cache {
             None => (k, v),
@@ -245,18 +294,43 @@ fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// The layer's linear projections, in the order of `lora::LINEAR_MODULES`.
-    pub fn projections(&self) -> [&Proj<B>; 7] {
+    /// The layer's linear projections with their HF names, in the order of
+    /// `lora::LINEAR_MODULES` (separate or fused, as the layer has them).
+    pub fn projections(&self) -> Vec<(&'static str, &Proj<B>)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+        let all = [
+            ("q_proj", a.q_proj.as_ref()),
+            ("k_proj", a.k_proj.as_ref()),
+            ("v_proj", a.v_proj.as_ref()),
+            ("qkv_proj", a.qkv_proj.as_ref()),
+            ("o_proj", Some(&a.o_proj)),
+            ("gate_proj", m.gate_proj.as_ref()),
+            ("up_proj", m.up_proj.as_ref()),
+            ("gate_up_proj", m.gate_up_proj.as_ref()),
+            ("down_proj", Some(&m.down_proj)),
+        ];
+        all.into_iter()
+            .filter_map(|(name, p)| Some((name, p?)))
+            .collect()
+    }
+
+    /// [`Self::projections`], mutable.
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj<B>)> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let all = [
+            ("q_proj", a.q_proj.as_mut()),
+            ("k_proj", a.k_proj.as_mut()),
+            ("v_proj", a.v_proj.as_mut()),
+            ("qkv_proj", a.qkv_proj.as_mut()),
+            ("o_proj", Some(&mut a.o_proj)),
+            ("gate_proj", m.gate_proj.as_mut()),
+            ("up_proj", m.up_proj.as_mut()),
+            ("gate_up_proj", m.gate_up_proj.as_mut()),
+            ("down_proj", Some(&mut m.down_proj)),
+        ];
+        all.into_iter()
+            .filter_map(|(name, p)| Some((name, p?)))
+            .collect()
     }
 
     pub fn forward(
@@ -573,12 +647,20 @@ pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for (name, d_out, d_in, bias) in [
-            ("q_proj", q, h, cfg.qkv_bias),
-            ("k_proj", kv, h, cfg.qkv_bias),
-            ("v_proj", kv, h, cfg.qkv_bias),
-            ("o_proj", h, q, cfg.o_bias),
-        ] {
+        let attention: &[(&str, usize, usize, bool)] = if cfg.fused_projections {
+            &[
+                ("qkv_proj", q + 2 * kv, h, cfg.qkv_bias),
+                ("o_proj", h, q, cfg.o_bias),
+            ]
+        } else {
+            &[
+                ("q_proj", q, h, cfg.qkv_bias),
+                ("k_proj", kv, h, cfg.qkv_bias),
+                ("v_proj", kv, h, cfg.qkv_bias),
+                ("o_proj", h, q, cfg.o_bias),
+            ]
+        };
+        for &(name, d_out, d_in, bias) in attention {
             out.push((format!("{p}.self_attn.{name}.weight"), vec![d_out, d_in]));
             if bias {
                 out.push((format!("{p}.self_attn.{name}.bias"), vec![d_out]));
@@ -590,7 +672,12 @@ pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             }
         }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (name, d_out, d_in) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+        let mlp: &[(&str, usize, usize)] = if cfg.fused_projections {
+            &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
+        } else {
+            &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+        };
+        for &(name, d_out, d_in) in mlp {
             out.push((format!("{p}.mlp.{name}.weight"), vec![d_out, d_in]));
             if cfg.mlp_bias {
                 out.push((format!("{p}.mlp.{name}.bias"), vec![d_out]));
@@ -740,10 +827,28 @@ impl<B: Backend> CausalLm<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            let fused = cfg.fused_projections;
+            let mut opt = |name: &str, bias: bool, present: bool| -> anyhow::Result<_> {
+                present
+                    .then(|| b.proj(&format!("{p}.{name}"), bias, true))
+                    .transpose()
+            };
+            let (q_proj, k_proj, v_proj, qkv_proj) = (
+                opt("self_attn.q_proj", cfg.qkv_bias, !fused)?,
+                opt("self_attn.k_proj", cfg.qkv_bias, !fused)?,
+                opt("self_attn.v_proj", cfg.qkv_bias, !fused)?,
+                opt("self_attn.qkv_proj", cfg.qkv_bias, fused)?,
+            );
+            let (gate_proj, up_proj, gate_up_proj) = (
+                opt("mlp.gate_proj", cfg.mlp_bias, !fused)?,
+                opt("mlp.up_proj", cfg.mlp_bias, !fused)?,
+                opt("mlp.gate_up_proj", cfg.mlp_bias, fused)?,
+            );
             let self_attn = SelfAttention {
-                q_proj: b.proj(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias, true)?,
-                k_proj: b.proj(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias, true)?,
-                v_proj: b.proj(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias, true)?,
+                q_proj,
+                k_proj,
+                v_proj,
+                qkv_proj,
                 o_proj: b.proj(&format!("{p}.self_attn.o_proj"), cfg.o_bias, true)?,
                 q_norm: match cfg.qk_norm {
                     true => Some(RmsNorm::from_tensor(
@@ -764,8 +869,9 @@ impl<B: Backend> CausalLm<B> {
                 head_dim: cfg.head_dim,
             };
             let mlp = Mlp {
-                gate_proj: b.proj(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias, true)?,
-                up_proj: b.proj(&format!("{p}.mlp.up_proj"), cfg.mlp_bias, true)?,
+                gate_proj,
+                up_proj,
+                gate_up_proj,
                 down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias, true)?,
             };
             layers.push(DecoderLayer {
@@ -843,10 +949,16 @@ impl<B: Backend> CausalLm<B> {
                 HfTensor::Plain1(n),
             ));
             let a = &layer.self_attn;
-            proj(&mut all, format!("{p}.self_attn.q_proj"), &a.q_proj);
-            proj(&mut all, format!("{p}.self_attn.k_proj"), &a.k_proj);
-            proj(&mut all, format!("{p}.self_attn.v_proj"), &a.v_proj);
-            proj(&mut all, format!("{p}.self_attn.o_proj"), &a.o_proj);
+            let projections = layer.projections();
+            let (attention, mlp) = projections.split_at(
+                projections
+                    .iter()
+                    .position(|(name, _)| *name == "o_proj")
+                    .map_or(0, |o| o + 1),
+            );
+            for (name, w) in attention {
+                proj(&mut all, format!("{p}.self_attn.{name}"), w);
+            }
             for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
                 if let Some(n) = norm {
                     let w = n.weight.val();
@@ -863,9 +975,9 @@ impl<B: Backend> CausalLm<B> {
                 n.dims().to_vec(),
                 HfTensor::Plain1(n),
             ));
-            proj(&mut all, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
-            proj(&mut all, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
-            proj(&mut all, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+            for (name, w) in mlp {
+                proj(&mut all, format!("{p}.mlp.{name}"), w);
+            }
         }
         let n = self.norm.weight.val();
         all.push((

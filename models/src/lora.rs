@@ -11,15 +11,31 @@ use crate::layers::{matmul_2d, Proj};
 use crate::llama::CausalLm;
 
 /// Every linear layer of a decoder block, in PEFT's `all-linear` order.
-pub const LINEAR_MODULES: [&str; 7] = [
+pub const LINEAR_MODULES: [&str; 9] = [
     "q_proj",
     "k_proj",
     "v_proj",
+    "qkv_proj",
     "o_proj",
     "gate_proj",
     "up_proj",
+    "gate_up_proj",
     "down_proj",
 ];
+
+/// The linear layers of one decoder block of `cfg`'s architecture, in
+/// [`LINEAR_MODULES`] order.
+pub fn linear_module_names(cfg: &crate::ModelConfig) -> Vec<&'static str> {
+    let fused = ["qkv_proj", "gate_up_proj"];
+    let split = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
+    LINEAR_MODULES
+        .into_iter()
+        .filter(|m| match cfg.fused_projections {
+            true => !split.contains(m),
+            false => !fused.contains(m),
+        })
+        .collect()
+}
 
 /// `delta(x) = scale * dropout(x) A B`, with `A: [d_in, r]` and `B: [r, d_out]` (burn layout;
 /// PEFT stores `lora_A.weight: [r, d_in]` and `lora_B.weight: [d_out, r]`).
@@ -210,6 +226,31 @@ impl LoraSettings {
         }
         Ok(out)
     }
+
+    /// [`Self::targets`] for a model whose linear layers are `present`: `all-linear` means
+    /// those, and a named module the model lacks is an error (PEFT's "target modules not
+    /// found"), with the fused names to use instead on Phi-3.
+    pub fn targets_in(&self, present: &[&'static str]) -> Result<Vec<&'static str>> {
+        if self.target_modules.iter().any(|t| t == "all-linear") {
+            self.targets()?;
+            return Ok(present.to_vec());
+        }
+        let targets = self.targets()?;
+        if let Some(missing) = targets.iter().find(|t| !present.contains(t)) {
+            let fused = if present.contains(&"qkv_proj") {
+                " (this architecture fuses q/k/v into `qkv_proj` and gate/up into \
+                 `gate_up_proj`; PEFT's default for it is [\"qkv_proj\"])"
+            } else {
+                ""
+            };
+            bail!(
+                "[adapter] target_modules: this model has no `{missing}` layers; its linear \
+                 layers are {}{fused}",
+                present.join(", ")
+            );
+        }
+        Ok(targets)
+    }
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -218,8 +259,8 @@ impl<B: Backend> CausalLm<B> {
     pub fn linear_layers(&self) -> Vec<(String, &'static str, &Proj<B>)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            for (name, p) in LINEAR_MODULES.iter().zip(layer.projections()) {
-                out.push((module_path(l, name), *name, p));
+            for (name, p) in layer.projections() {
+                out.push((module_path(l, name), name, p));
             }
         }
         out
@@ -228,28 +269,26 @@ impl<B: Backend> CausalLm<B> {
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &'static str, &mut Proj<B>)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            let projs = [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ];
-            for (name, p) in LINEAR_MODULES.iter().zip(projs) {
-                out.push((module_path(l, name), *name, p));
+            for (name, p) in layer.projections_mut() {
+                out.push((module_path(l, name), name, p));
             }
         }
         out
     }
 
+    /// The short names of the linear layers this architecture has (`q_proj` ... or Phi-3's
+    /// fused `qkv_proj` and `gate_up_proj`).
+    pub fn linear_names(&self) -> Vec<&'static str> {
+        match self.layers.first() {
+            Some(layer) => layer.projections().iter().map(|(n, _)| *n).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Freeze every base weight (no gradients, no optimizer state) and add fresh adapters
     /// to the targeted layers; `seed` makes their init reproducible.
     pub fn with_lora(self, settings: &LoraSettings, seed: u64) -> Result<Self> {
-        let targets = settings.targets()?;
+        let targets = settings.targets_in(&self.linear_names())?;
         let mut model = self.no_grad();
         let device = model.device();
         let mut rng = StdRng::seed_from_u64(seed);
@@ -331,10 +370,47 @@ impl<B: Backend> Proj<B> {
 }
 
 fn module_path(layer: usize, name: &str) -> String {
-    let block = if ["gate_proj", "up_proj", "down_proj"].contains(&name) {
+    let block = if ["gate_proj", "up_proj", "gate_up_proj", "down_proj"].contains(&name) {
         "mlp"
     } else {
         "self_attn"
     };
     format!("model.layers.{layer}.{block}.{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(targets: &[&str]) -> LoraSettings {
+        LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            use_rslora: false,
+            use_dora: false,
+        }
+    }
+
+    #[test]
+    fn targets_are_the_models_own_layers() {
+        let fused = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+        assert_eq!(settings(&["all-linear"]).targets_in(&fused).unwrap(), fused);
+        assert_eq!(
+            settings(&["qkv_proj"]).targets_in(&fused).unwrap(),
+            ["qkv_proj"]
+        );
+        let e = settings(&["q_proj", "v_proj"])
+            .targets_in(&fused)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `q_proj` layers"), "{e}");
+        assert!(e.contains("PEFT's default for it is [\"qkv_proj\"]"), "{e}");
+        let e = settings(&["gate_up_proj"])
+            .targets_in(&["q_proj", "k_proj", "v_proj", "o_proj"])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("fuses"), "{e}");
+    }
 }

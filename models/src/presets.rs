@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::llama::WeightSource;
 
 pub const PRESETS: &[&str] = &["micro", "tiny", "small", "base"];
-pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3"];
+pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "phi3"];
 
 /// Special token ids the config records.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +46,7 @@ pub fn preset_config(
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
+        "phi3" => ("phi3", "Phi3ForCausalLM"),
         other => bail!(
             "unknown arch `{other}`; architectures: {}",
             ARCHS.join(", ")
@@ -71,11 +72,17 @@ pub fn preset_config(
         json!(preset == "tiny" || preset == "micro" || arch != "llama"),
     );
     raw.insert("attention_dropout".into(), json!(0.0));
-    if model_type == "llama" {
-        raw.insert("attention_bias".into(), json!(false));
-        raw.insert("mlp_bias".into(), json!(false));
-    } else {
-        raw.insert("use_sliding_window".into(), json!(false));
+    match model_type {
+        "llama" => {
+            raw.insert("attention_bias".into(), json!(false));
+            raw.insert("mlp_bias".into(), json!(false));
+        }
+        "phi3" => {
+            raw.insert("sliding_window".into(), Value::Null);
+        }
+        _ => {
+            raw.insert("use_sliding_window".into(), json!(false));
+        }
     }
     if model_type == "qwen3" {
         raw.insert("attention_bias".into(), json!(false));

@@ -18,6 +18,7 @@ const MODELS: &[&str] = &[
     "tiny-mistral",
     "tiny-mistral-swa",
     "tiny-qwen3",
+    "tiny-phi3",
 ];
 
 fn fixture(name: &str) -> PathBuf {

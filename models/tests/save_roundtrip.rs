@@ -19,6 +19,7 @@ fn save_then_load_is_lossless_single_and_sharded() {
         ("tiny-llama", None),
         ("tiny-qwen2", Some(100_000u64)),
         ("tiny-qwen3", None),
+        ("tiny-phi3", None),
     ] {
         let (cfg, model) = load_model::<Cpu>(&fixture(name), &device).unwrap();
         let tmp = tempfile::tempdir().unwrap();

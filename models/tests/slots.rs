@@ -102,6 +102,7 @@ fn sequences_joining_a_running_batch_decode_as_alone() {
         ("tiny-llama", 64),
         ("tiny-mistral-swa", 64),
         ("tiny-qwen3", 64),
+        ("tiny-phi3", 64),
         ("tiny-llama", 1),
     ] {
         let mut model = load(name);

@@ -10,6 +10,8 @@ Writes, with transformers + torch on CPU:
           generations, so the window decides the logits)
       tiny-qwen3:   f32, per-head q/k RMSNorm, explicit head_dim 32 (not hidden / heads = 16),
           GQA, tied embeddings
+      tiny-phi3:    f32, fused qkv_proj and gate_up_proj, GQA, untied, sliding_window 5
+          (every layer, shorter than the inputs)
   tests/fixtures/models/<name>/expected.json: input ids, logits (f32, computed from the
       weights as stored on disk), logits of a left-padded batch, and greedy continuations.
   tests/fixtures/tokenizer/phi3_expected.json: ids for strings and rendered chat templates
@@ -23,8 +25,8 @@ import pathlib
 
 import torch
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -125,6 +127,10 @@ def _register():
           Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                       tie_word_embeddings=True, rope_theta=1000000.0, attention_bias=False,
                       use_sliding_window=False),
+          torch.float32, shard=False)
+    model("tiny-phi3", Phi3ForCausalLM,
+          Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                     rope_theta=10000.0, sliding_window=5, original_max_position_embeddings=128),
           torch.float32, shard=False)
     model("tiny-mistral-swa", MistralForCausalLM,
           MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,

@@ -1,7 +1,7 @@
 //! Memory estimate printed by `--dry-run`: weights, gradients, optimizer state and
 //! activations for one micro-batch, from the config alone (no weights loaded).
 
-use models::lora::{LoraSettings, LINEAR_MODULES};
+use models::lora::{linear_module_names, LoraSettings};
 use models::nf4::Quantization;
 use models::ModelConfig;
 
@@ -31,8 +31,10 @@ fn linear_dims(cfg: &ModelConfig, module: &str) -> (usize, usize) {
     match module {
         "q_proj" => (h, q),
         "k_proj" | "v_proj" => (h, kv),
+        "qkv_proj" => (h, q + 2 * kv),
         "o_proj" => (q, h),
         "gate_proj" | "up_proj" => (h, i),
+        "gate_up_proj" => (h, 2 * i),
         _ => (i, h),
     }
 }
@@ -41,7 +43,7 @@ fn linear_dims(cfg: &ModelConfig, module: &str) -> (usize, usize) {
 /// DoRA's magnitude.
 pub fn lora_params(cfg: &ModelConfig, lora: &LoraSettings) -> u64 {
     let per_layer: usize = lora
-        .targets()
+        .targets_in(&linear_module_names(cfg))
         .unwrap_or_default()
         .iter()
         .map(|m| {
@@ -54,7 +56,7 @@ pub fn lora_params(cfg: &ModelConfig, lora: &LoraSettings) -> u64 {
 
 /// Weights NF4 quantisation covers: every decoder linear layer, and the LM head when asked.
 pub fn quantized_params(cfg: &ModelConfig, q: &Quantization) -> u64 {
-    let per_layer: usize = LINEAR_MODULES
+    let per_layer: usize = linear_module_names(cfg)
         .iter()
         .map(|m| {
             let (a, b) = linear_dims(cfg, m);
@@ -94,7 +96,10 @@ fn activation_bytes(cfg: &ModelConfig, lora: Option<&LoraSettings>, step: &StepS
     // and v repeated for every query head: 5q), the MLP's gate, up, SiLU(gate) and product
     // (4i), and each adapter's `x A` (r). Matmul outputs that nothing reads back (o_proj,
     // down_proj, the adapters' `x A B`) are not kept.
-    let adapter: u64 = lora.map_or(0, |l| (l.r * l.targets().unwrap_or_default().len()) as u64);
+    let adapter: u64 = lora.map_or(0, |l| {
+        let targets = l.targets_in(&linear_module_names(cfg)).unwrap_or_default();
+        (l.r * targets.len()) as u64
+    });
     let attention = if fused { 5 * q } else { 3 * q + 2 * kv };
     let layer = 4 * tokens * (6 * h + attention + 4 * i + adapter);
     let layers = cfg.num_hidden_layers as u64;

@@ -176,7 +176,7 @@ pub struct AdapterSection {
     #[serde(default)]
     pub dropout: f64,
     /// Module names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
-    /// `down_proj`) or `["all-linear"]`.
+    /// `down_proj`; Phi-3's fused `qkv_proj`, `gate_up_proj`) or `["all-linear"]`.
     #[serde(default = "default_targets", deserialize_with = "one_or_many")]
     pub target_modules: Vec<String>,
     /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
@@ -649,7 +649,7 @@ output_dir = "out"
         assert_eq!(r.train.output_dir, PathBuf::from("runs/x"));
         let a = r.adapter.as_ref().unwrap();
         assert_eq!(a.r, 4);
-        assert_eq!(a.lora().targets().unwrap().len(), 7);
+        assert_eq!(a.lora().targets().unwrap().len(), 9);
         assert_eq!(r.train.gradient_accumulation_steps, 1);
         let again = Recipe::parse(&r.to_toml().unwrap(), &[]).unwrap();
         assert_eq!(again, r);

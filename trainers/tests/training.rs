@@ -306,7 +306,7 @@ fn lora_on_a_bf16_base_tracks_the_f32_curve() {
     use burn::tensor::DType;
     assert_eq!(model.embed_tokens.val().dtype(), DType::BF16);
     let layer = &model.layers[0];
-    for p in [&layer.self_attn.q_proj, &layer.mlp.down_proj] {
+    for (_, p) in layer.projections() {
         assert_eq!(p.stored_weight().dtype(), DType::BF16);
         assert_eq!(p.dense_weight().dtype(), DType::F32);
     }
