@@ -23,12 +23,24 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// LongRoPE (`rope_type = "longrope"`, Phi-3.5 / Phi-3 128k / Phi-4-mini): per-frequency
+/// divisors, `short_factor` while a forward pass stays within `original_max_position_embeddings`
+/// positions and `long_factor` past it, and cos/sin scaled by `attention_factor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRopeScaling {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     None,
     Llama3(Llama3RopeScaling),
     /// Plain position interpolation (`rope_type = "linear"`): positions divided by `factor`.
     Linear(f64),
+    LongRope(LongRopeScaling),
 }
 
 /// The parsed architecture. `raw` keeps every key of the original file so that saving
@@ -43,6 +55,9 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// Dimensions of each head the rotary embedding turns: `head_dim`, or the first
+    /// `head_dim * partial_rotary_factor` (Phi-4-mini).
+    pub rotary_dim: usize,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
@@ -107,6 +122,7 @@ struct RawFields {
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
     partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
 }
 
 /// Which layers attend through a window, as transformers reads the config: `layer_types`
@@ -267,10 +283,6 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             bail!("head_dim ({head_dim}) must be even for rotary embeddings");
         }
-        let rope_scaling = match &f.rope_parameters {
-            Some(p) => parse_rope_scaling(Some(p)).context("in `rope_parameters`")?,
-            None => parse_rope_scaling(f.rope_scaling.as_ref()).context("in `rope_scaling`")?,
-        };
         let partial_rotary = f
             .rope_parameters
             .as_ref()
@@ -278,12 +290,29 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .or(f.partial_rotary_factor)
             .unwrap_or(1.0);
-        if partial_rotary != 1.0 {
+        // transformers: `int(head_dim * partial_rotary_factor)`.
+        let rotary_dim = (head_dim as f64 * partial_rotary) as usize;
+        if !(0.0..=1.0).contains(&partial_rotary)
+            || rotary_dim == 0
+            || !rotary_dim.is_multiple_of(2)
+        {
             bail!(
-                "partial_rotary_factor {partial_rotary} is not supported: rotary embeddings \
-                 cover the whole head here"
+                "partial_rotary_factor {partial_rotary} gives {rotary_dim} rotary dimensions \
+                 of head_dim {head_dim}; a positive even number is needed"
             );
         }
+        let max_position_embeddings = f.max_position_embeddings.unwrap_or(2048);
+        let rope = RopeContext {
+            rotary_dim,
+            max_position_embeddings,
+            original_max_position_embeddings: f.original_max_position_embeddings,
+        };
+        let rope_scaling = match &f.rope_parameters {
+            Some(p) => parse_rope_scaling(Some(p), &rope).context("in `rope_parameters`")?,
+            None => {
+                parse_rope_scaling(f.rope_scaling.as_ref(), &rope).context("in `rope_scaling`")?
+            }
+        };
         let rope_theta = f
             .rope_parameters
             .as_ref()
@@ -303,7 +332,8 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            max_position_embeddings: f.max_position_embeddings.unwrap_or(2048),
+            rotary_dim,
+            max_position_embeddings,
             rms_norm_eps: f.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
@@ -378,7 +408,15 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
+/// What LongRoPE's parameters are checked and completed against.
+struct RopeContext {
+    rotary_dim: usize,
+    max_position_embeddings: usize,
+    /// The top-level field (older Phi-3 configs keep it outside `rope_scaling`).
+    original_max_position_embeddings: Option<usize>,
+}
+
+fn parse_rope_scaling(v: Option<&Value>, ctx: &RopeContext) -> Result<RopeScaling> {
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
@@ -405,13 +443,54 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
-        "longrope" | "su" => bail!(
-            "unsupported rope_scaling type `{kind}` (Phi-3.5, Phi-3 128k and Phi-4-mini \
-             checkpoints); supported: default, linear, llama3"
-        ),
-        other => {
-            bail!("unsupported rope_scaling type `{other}`; supported: default, linear, llama3")
+        "longrope" | "su" => {
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                let list: Vec<f64> = obj
+                    .get(k)
+                    .and_then(Value::as_array)
+                    .with_context(|| format!("`{k}` (a list of numbers) is required for longrope"))?
+                    .iter()
+                    .map(|x| {
+                        x.as_f64()
+                            .with_context(|| format!("`{k}` must hold numbers"))
+                    })
+                    .collect::<Result<_>>()?;
+                if list.len() != ctx.rotary_dim / 2 {
+                    bail!(
+                        "`{k}` has {} entries; longrope needs one per rotary frequency ({})",
+                        list.len(),
+                        ctx.rotary_dim / 2
+                    );
+                }
+                Ok(list)
+            };
+            let original = obj
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .or(ctx.original_max_position_embeddings)
+                .context("`original_max_position_embeddings` is required for longrope")?;
+            // transformers: the ratio of the context lengths when `factor` is not given, and
+            // sqrt(1 + ln(factor) / ln(original)) when `attention_factor` is not.
+            let factor = obj
+                .get("factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(ctx.max_position_embeddings as f64 / original as f64);
+            let attention_factor = match obj.get("attention_factor").and_then(Value::as_f64) {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            Ok(RopeScaling::LongRope(LongRopeScaling {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }))
         }
+        other => bail!(
+            "unsupported rope_scaling type `{other}`; supported: default, linear, llama3, longrope"
+        ),
     }
 }
 
@@ -430,18 +509,24 @@ mod tests {
     }
 
     #[test]
-    fn phi3_is_fused_and_windowed_and_its_long_rope_is_refused() {
+    fn phi3_is_fused_and_windowed_and_reads_long_rope() {
         let base = r#""model_type":"phi3","hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,"vocab_size":10,"intermediate_size":8"#;
         let cfg = ModelConfig::from_json_str(&format!(r#"{{{base},"sliding_window":5}}"#)).unwrap();
         assert!(cfg.fused_projections);
         assert_eq!(cfg.sliding_window.unwrap().layers, vec![true, true]);
-        let long = r#""rope_scaling":{"type":"longrope","short_factor":[1],"long_factor":[1]}"#;
-        let err = ModelConfig::from_json_str(&format!("{{{base},{long}}}")).unwrap_err();
-        assert!(format!("{err:#}").contains("`longrope`"), "{err:#}");
-        let partial = r#""partial_rotary_factor":0.75"#;
-        let err = ModelConfig::from_json_str(&format!("{{{base},{partial}}}")).unwrap_err();
+        // head_dim 16, rotary 12: six frequencies; factor 4096/1024 = 4.
+        let long = r#""partial_rotary_factor":0.75,"max_position_embeddings":4096,"original_max_position_embeddings":1024,"rope_scaling":{"type":"longrope","short_factor":[1,1,1,1,1,2],"long_factor":[2,2,2,2,2,4]}"#;
+        let cfg = ModelConfig::from_json_str(&format!("{{{base},{long}}}")).unwrap();
+        assert_eq!(cfg.rotary_dim, 12);
+        let RopeScaling::LongRope(l) = &cfg.rope_scaling else {
+            panic!("{:?}", cfg.rope_scaling)
+        };
+        assert_eq!(l.original_max_position_embeddings, 1024);
+        assert!((l.attention_factor - (1.0 + 4f64.ln() / 1024f64.ln()).sqrt()).abs() < 1e-12);
+        let short = long.replace("[2,2,2,2,2,4]", "[2]");
+        let err = ModelConfig::from_json_str(&format!("{{{base},{short}}}")).unwrap_err();
         assert!(
-            format!("{err:#}").contains("partial_rotary_factor 0.75"),
+            format!("{err:#}").contains("`long_factor` has 1 entries"),
             "{err:#}"
         );
     }

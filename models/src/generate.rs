@@ -6,7 +6,7 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::llama::{CausalLm, ForwardInput};
+use crate::llama::{CausalLm, ForwardInput, KvCache};
 use crate::mask::{positions_from_attention_mask, AttentionLayout};
 
 #[derive(Debug, Clone)]
@@ -269,14 +269,16 @@ pub fn generate_groups<B: Backend>(
         .collect();
     let mut done = vec![false; batch];
 
+    let mut fed = repeat_rows(ids.clone(), copies);
+    let mut fed_mask = repeat_rows(attn.clone(), copies);
     let input = ForwardInput::from_host(&ids, &positions, &layout, &device);
     let hidden = model.hidden_states(input, Some(&mut cache));
-    let prefill = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
+    let prefill_logits = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
     cache.repeat_rows(copies);
     layout.key_valid = repeat_rows(std::mem::take(&mut layout.key_valid), copies);
     layout.segments = layout.segments.take().map(|s| repeat_rows(s, copies));
     layout.batch = batch;
-    let mut logits = repeat_rows(prefill, copies);
+    let mut logits = repeat_rows(prefill_logits, copies);
 
     for _ in 0..params.max_new_tokens {
         let mut step_ids = Vec::with_capacity(batch);
@@ -305,6 +307,18 @@ pub fn generate_groups<B: Backend>(
         for p in next_pos.iter_mut() {
             *p += 1;
         }
+        for ((row, mask), id) in fed.iter_mut().zip(fed_mask.iter_mut()).zip(&step_ids) {
+            row.push(id[0]);
+            mask.push(1);
+        }
+        // LongRoPE turns with other frequencies once a pass reaches past the original
+        // context: the cached keys were turned with the short ones, so the cache is rebuilt
+        // from every token so far at that step, as transformers' Phi-3 drops its cache there.
+        let reach = step_pos.iter().map(|p| p[0]).max().unwrap_or(0) as usize;
+        if model.rope.long_from() == Some(reach) {
+            (cache, layout, logits) = prefill(model, &fed, &fed_mask, capacity)?;
+            continue;
+        }
         for valid in layout.key_valid.iter_mut() {
             valid[cache.len] = true;
         }
@@ -315,6 +329,27 @@ pub fn generate_groups<B: Backend>(
         logits = host_rows(model.logits(hidden));
     }
     Ok(out)
+}
+
+/// A fresh cache of `capacity` filled from the rows `ids` (attention `mask`), the layout to
+/// go on decoding with, and the last position's logits.
+fn prefill<B: Backend>(
+    model: &CausalLm<B>,
+    ids: &[Vec<u32>],
+    mask: &[Vec<u8>],
+    capacity: usize,
+) -> Result<(KvCache<B>, AttentionLayout, Vec<Vec<f32>>)> {
+    let width = ids.first().map_or(0, Vec::len);
+    let positions = positions_from_attention_mask(mask);
+    let mut layout = AttentionLayout::from_attention_mask(mask);
+    for valid in layout.key_valid.iter_mut() {
+        valid.resize(capacity, false);
+    }
+    let mut cache = model.new_cache(capacity);
+    let input = ForwardInput::from_host(ids, &positions, &layout, &model.device());
+    let hidden = model.hidden_states(input, Some(&mut cache));
+    let logits = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
+    Ok((cache, layout, logits))
 }
 
 #[cfg(test)]

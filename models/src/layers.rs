@@ -4,7 +4,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{LongRopeScaling, ModelConfig, RopeScaling};
 use crate::lora::LoraAdapter;
 use crate::lora_bank::LoraBank;
 use crate::nf4::{nf4_matmul, Nf4Weight};
@@ -188,7 +188,13 @@ impl<B: Backend> RmsNorm<B> {
 /// Inverse frequencies of rotary embeddings, including Llama-3 / linear scaling, computed
 /// as transformers' `ROPE_INIT_FUNCTIONS` do.
 pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let dim = cfg.head_dim;
+    scaled_inv_freq(cfg, |s| &s.short_factor)
+}
+
+/// The base frequencies of `cfg`'s rotary dimensions, scaled as its `rope_scaling` says
+/// (LongRoPE: divided by the factors `pick` chooses).
+fn scaled_inv_freq(cfg: &ModelConfig, pick: impl Fn(&LongRopeScaling) -> &Vec<f64>) -> Vec<f32> {
+    let dim = cfg.rotary_dim;
     let base = cfg.rope_theta;
     let inv: Vec<f64> = (0..dim)
         .step_by(2)
@@ -197,6 +203,7 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     let scaled: Vec<f64> = match &cfg.rope_scaling {
         RopeScaling::None => inv,
         RopeScaling::Linear(f) => inv.iter().map(|x| x / f).collect(),
+        RopeScaling::LongRope(s) => inv.iter().zip(pick(s)).map(|(x, f)| x / f).collect(),
         RopeScaling::Llama3(s) => {
             let old = s.original_max_position_embeddings as f64;
             let low_wavelen = old / s.low_freq_factor;
@@ -220,7 +227,57 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     scaled.into_iter().map(|x| x as f32).collect()
 }
 
-/// cos/sin tables for the given positions, shaped `[B, 1, T, head_dim]` to broadcast over heads.
+/// A model's rotary embedding: the frequencies of its rotary dimensions, the factor cos and
+/// sin are scaled by (LongRoPE's attention factor, else 1), and LongRoPE's long frequencies
+/// with the length past which a forward pass uses them, decided per call from its largest
+/// position as transformers does.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub inv_freq: Vec<f32>,
+    pub scale: f32,
+    pub long: Option<(usize, Vec<f32>)>,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        match &cfg.rope_scaling {
+            RopeScaling::LongRope(s) => Self {
+                inv_freq: rope_inv_freq(cfg),
+                scale: s.attention_factor as f32,
+                long: Some((
+                    s.original_max_position_embeddings,
+                    scaled_inv_freq(cfg, |s| &s.long_factor),
+                )),
+            },
+            _ => Self {
+                inv_freq: rope_inv_freq(cfg),
+                scale: 1.0,
+                long: None,
+            },
+        }
+    }
+
+    /// The length past which LongRoPE turns with its long factors (None without LongRoPE).
+    pub fn long_from(&self) -> Option<usize> {
+        self.long.as_ref().map(|(original, _)| *original)
+    }
+
+    pub fn tables<B: Backend>(&self, positions: Tensor<B, 2, Int>) -> RopeTables<B> {
+        let inv_freq = match &self.long {
+            // One read of the largest position, only for LongRoPE models.
+            Some((original, long))
+                if positions.clone().max().into_scalar().elem::<i64>() + 1 > *original as i64 =>
+            {
+                long
+            }
+            _ => &self.inv_freq,
+        };
+        RopeTables::new(inv_freq, positions, self.scale)
+    }
+}
+
+/// cos/sin tables for the given positions, shaped `[B, 1, T, rotary_dim]` to broadcast over
+/// heads; dimensions past `rotary_dim` (Phi's partial rotary) pass unturned.
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
     /// `[-sin, sin]` over the two halves of `head_dim`.
@@ -228,14 +285,17 @@ pub struct RopeTables<B: Backend> {
 }
 
 impl<B: Backend> RopeTables<B> {
-    pub fn new(inv_freq: &[f32], positions: Tensor<B, 2, Int>) -> Self {
+    pub fn new(inv_freq: &[f32], positions: Tensor<B, 2, Int>, scale: f32) -> Self {
         let device = positions.device();
         let [b, t] = positions.dims();
         let half = inv_freq.len();
         let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
             .reshape([1, 1, half]);
         let freqs = positions.float().reshape([b, t, 1]) * inv;
-        let (cos, sin) = (freqs.clone().cos(), freqs.sin());
+        let (cos, sin) = match scale {
+            1.0 => (freqs.clone().cos(), freqs.sin()),
+            s => (freqs.clone().cos() * s, freqs.sin() * s),
+        };
         let table = |halves: Vec<Tensor<B, 3>>| Tensor::cat(halves, 2).reshape([b, 1, t, 2 * half]);
         Self {
             cos: table(vec![cos.clone(), cos]),
@@ -248,7 +308,11 @@ impl<B: Backend> RopeTables<B> {
     /// once per forward) instead of a negation of every query and key. Negation is exact, so
     /// the result is bit-identical to HF's.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
+        let (d, rotary) = (x.dims()[3], self.cos.dims()[3]);
+        if rotary < d {
+            let turned = self.apply(x.clone().slice(s![.., .., .., 0..rotary]));
+            return Tensor::cat(vec![turned, x.slice(s![.., .., .., rotary..d])], 3);
+        }
         let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
         let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
         let swapped = Tensor::cat(vec![x2, x1], 3);

@@ -10,7 +10,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, FloatDType};
 
 use crate::config::ModelConfig;
-use crate::layers::{rope_inv_freq, Proj, RmsNorm, RopeTables};
+use crate::layers::{Proj, RmsNorm, Rope, RopeTables};
 use crate::mask::AttentionLayout;
 use crate::nf4::{Nf4Weight, Quantization};
 
@@ -95,7 +95,7 @@ pub struct CausalLm<B: Backend> {
     /// PPO's value head `[hidden, 1]` on the policy's backbone; never part of an HF export.
     pub value_head: Option<Proj<B>>,
     #[module(skip)]
-    pub inv_freq: Vec<f32>,
+    pub rope: Rope,
     /// Sliding-window attention, when the config has it.
     #[module(skip)]
     pub sliding_window: Option<crate::config::SlidingWindow>,
@@ -454,7 +454,7 @@ impl<B: Backend> CausalLm<B> {
         windowed: Option<Tensor<B, 4, Bool>>,
         mut cache: Option<(&mut KvCache<B>, CacheWrite<'_>)>,
     ) -> Tensor<B, 3> {
-        let rope = RopeTables::new(&self.inv_freq, positions);
+        let rope = self.rope.tables(positions);
         // The fused causal attention takes the `[B, 1, T, T]` mask as it is. Otherwise it is
         // grouped once for every layer: one buffer, which the training attention keeps for
         // its backward when it recomputes the probabilities.
@@ -907,7 +907,7 @@ impl<B: Backend> CausalLm<B> {
             lm_head,
             score,
             value_head: None,
-            inv_freq: rope_inv_freq(cfg),
+            rope: Rope::new(cfg),
             sliding_window: cfg.sliding_window.clone(),
         })
     }

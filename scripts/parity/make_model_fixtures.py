@@ -12,6 +12,9 @@ Writes, with transformers + torch on CPU:
           GQA, tied embeddings
       tiny-phi3:    f32, fused qkv_proj and gate_up_proj, GQA, untied, sliding_window 5
           (every layer, shorter than the inputs)
+      tiny-phi3-longrope: f32, LongRoPE (original context 8: the 12-token inputs use the long
+          factors, generation prompts start on the short ones and cross over while decoding),
+          partial_rotary_factor 0.5 (8 of 16 head dims turn), attention factor from 128/8
   tests/fixtures/models/<name>/expected.json: input ids, logits (f32, computed from the
       weights as stored on disk), logits of a left-padded batch, and greedy continuations.
   tests/fixtures/tokenizer/phi3_expected.json: ids for strings and rendered chat templates
@@ -131,6 +134,15 @@ def _register():
     model("tiny-phi3", Phi3ForCausalLM,
           Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                      rope_theta=10000.0, sliding_window=5, original_max_position_embeddings=128),
+          torch.float32, shard=False)
+    model("tiny-phi3-longrope", Phi3ForCausalLM,
+          Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                      "partial_rotary_factor": 0.5,
+                                      "original_max_position_embeddings": 8,
+                                      "short_factor": [1.0, 1.3, 2.1, 3.7],
+                                      "long_factor": [1.5, 2.9, 6.2, 11.0]},
+                     original_max_position_embeddings=8),
           torch.float32, shard=False)
     model("tiny-mistral-swa", MistralForCausalLM,
           MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
