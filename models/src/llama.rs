@@ -748,6 +748,16 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
     /// A projection; `quantize` makes it NF4 when the load asks for quantisation. The HF
     /// weight is quantised straight from the host buffer, so its f32 copy never reaches
     /// the device.
+    /// A quantisable decoder projection the architecture may not have.
+    fn proj_if(
+        &mut self,
+        present: bool,
+        prefix: &str,
+        bias: bool,
+    ) -> anyhow::Result<Option<Proj<B>>> {
+        present.then(|| self.proj(prefix, bias, true)).transpose()
+    }
+
     fn proj(&mut self, prefix: &str, bias: bool, quantize: bool) -> anyhow::Result<Proj<B>> {
         let name = format!("{prefix}.weight");
         let shape = self.shapes[&name].clone();
@@ -827,22 +837,13 @@ impl<B: Backend> CausalLm<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            // In file order (q, k, v, o, then the MLP): a seeded random init draws them so.
             let fused = cfg.fused_projections;
-            let mut opt = |name: &str, bias: bool, present: bool| -> anyhow::Result<_> {
-                present
-                    .then(|| b.proj(&format!("{p}.{name}"), bias, true))
-                    .transpose()
-            };
             let (q_proj, k_proj, v_proj, qkv_proj) = (
-                opt("self_attn.q_proj", cfg.qkv_bias, !fused)?,
-                opt("self_attn.k_proj", cfg.qkv_bias, !fused)?,
-                opt("self_attn.v_proj", cfg.qkv_bias, !fused)?,
-                opt("self_attn.qkv_proj", cfg.qkv_bias, fused)?,
-            );
-            let (gate_proj, up_proj, gate_up_proj) = (
-                opt("mlp.gate_proj", cfg.mlp_bias, !fused)?,
-                opt("mlp.up_proj", cfg.mlp_bias, !fused)?,
-                opt("mlp.gate_up_proj", cfg.mlp_bias, fused)?,
+                b.proj_if(!fused, &format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
+                b.proj_if(!fused, &format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
+                b.proj_if(!fused, &format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                b.proj_if(fused, &format!("{p}.self_attn.qkv_proj"), cfg.qkv_bias)?,
             );
             let self_attn = SelfAttention {
                 q_proj,
@@ -868,6 +869,11 @@ impl<B: Backend> CausalLm<B> {
                 num_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
             };
+            let (gate_proj, up_proj, gate_up_proj) = (
+                b.proj_if(!fused, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                b.proj_if(!fused, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                b.proj_if(fused, &format!("{p}.mlp.gate_up_proj"), cfg.mlp_bias)?,
+            );
             let mlp = Mlp {
                 gate_proj,
                 up_proj,
