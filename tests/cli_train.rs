@@ -484,6 +484,16 @@ fn a_phi3_model_learns_the_quickstart_data_with_lora_on_its_fused_layers() {
     generates(&merged);
 }
 
+/// Gemma 2 (1 + weight norms, GeGLU, soft-capping, alternating windows) too, in full.
+#[test]
+fn a_gemma2_model_learns_the_quickstart_data() {
+    let tmp = an_arch_learns_the_quickstart_data("gemma2", "Gemma2ForCausalLM", &[]);
+    let fin = tmp.path().join("run/final");
+    let cfg = std::fs::read_to_string(fin.join("config.json")).unwrap();
+    assert!(cfg.contains("Gemma2ForCausalLM"), "{cfg}");
+    generates(&fin);
+}
+
 fn an_arch_learns_the_quickstart_data(arch: &str, class: &str, sets: &[&str]) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join(arch);

@@ -177,6 +177,12 @@ fn peft_logits_match_burnish_on_phi3() {
     peft_logits_match_burnish_on("phi3");
 }
 
+/// And for Gemma 2 (1 + weight norms, GeGLU, soft-capped attention and logits).
+#[test]
+fn peft_logits_match_burnish_on_gemma2() {
+    peft_logits_match_burnish_on("gemma2");
+}
+
 fn peft_logits_match_burnish_on(arch: &str) {
     let dir = fixtures().join(format!("peft-{arch}"));
     let exp: Value =

@@ -12,6 +12,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
+    ("gemma2", "Gemma2ForCausalLM"),
 ];
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -74,6 +75,10 @@ pub struct ModelConfig {
     /// instead of separate projections.
     pub fused_projections: bool,
     pub mlp_bias: bool,
+    /// The MLP's gate activation: SiLU, or Gemma's tanh-approximated GELU.
+    pub activation: Activation,
+    /// Gemma 2: its architecture's differences from Llama (None for the Llama family).
+    pub gemma: Option<GemmaOptions>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -85,6 +90,24 @@ pub struct ModelConfig {
     /// `max_window_layers` on; or as `layer_types` lists them).
     pub sliding_window: Option<SlidingWindow>,
     pub raw: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// `gelu_pytorch_tanh`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+}
+
+/// What Gemma 2 computes differently from Llama: RMSNorm scaled by `1 + weight`, embeddings
+/// scaled by sqrt(hidden), norms after attention and around the MLP (`pre_feedforward_` /
+/// `post_feedforward_layernorm`), attention scaled by `query_pre_attn_scalar^-0.5`, and
+/// attention scores and final logits soft-capped (`cap * tanh(x / cap)`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaOptions {
+    pub query_pre_attn_scalar: f64,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +137,10 @@ struct RawFields {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     pad_token_id: Option<Value>,
@@ -147,6 +174,8 @@ fn sliding_window(f: &RawFields, model_type: &str, layers: usize) -> Result<Opti
         }
         // Phi-3 masks every layer with the window when one is set, as Mistral does.
         None if model_type == "mistral" || model_type == "phi3" => vec![true; layers],
+        // Gemma 2 alternates, starting with a sliding layer.
+        None if model_type == "gemma2" => (0..layers).map(|i| i % 2 == 0).collect(),
         None if (model_type == "qwen2" || model_type == "qwen3")
             && f.use_sliding_window == Some(true) =>
         {
@@ -251,11 +280,22 @@ impl ModelConfig {
                 bail!("sequence classification with {labels} labels is not supported: reward models have num_labels = 1");
             }
         }
-        if let Some(act) = &f.hidden_act {
-            if act != "silu" {
-                bail!("unsupported hidden_act `{act}`: the Llama family uses `silu`");
-            }
-        }
+        let is_gemma = model_type == "gemma2";
+        // Gemma names its activation `hidden_activation` (and may carry an unused
+        // `hidden_act`).
+        let act = match is_gemma {
+            true => f.hidden_activation.as_ref().or(f.hidden_act.as_ref()),
+            false => f.hidden_act.as_ref(),
+        };
+        let activation = match act.map(String::as_str) {
+            None if is_gemma => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") if is_gemma => Activation::GeluTanh,
+            Some(other) => bail!(
+                "unsupported activation `{other}`: the Llama family uses `silu`, Gemma \
+                 `gelu_pytorch_tanh`"
+            ),
+        };
         let need = |name: &str, v: Option<usize>| -> Result<usize> {
             match v {
                 Some(0) => bail!("field `{name}` must be positive, found 0"),
@@ -337,11 +377,17 @@ impl ModelConfig {
             rms_norm_eps: f.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: f.tie_word_embeddings.unwrap_or(is_gemma),
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
             qk_norm: model_type == "qwen3",
             fused_projections: model_type == "phi3",
+            activation,
+            gemma: is_gemma.then(|| GemmaOptions {
+                query_pre_attn_scalar: f.query_pre_attn_scalar.unwrap_or(head_dim as f64),
+                attn_logit_softcapping: f.attn_logit_softcapping,
+                final_logit_softcapping: f.final_logit_softcapping,
+            }),
             mlp_bias: f.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(&f.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&f.eos_token_id),
@@ -402,7 +448,8 @@ impl ModelConfig {
         if self.mlp_bias {
             mlp += 2 * i + h;
         }
-        let layer = attn + mlp + 2 * h;
+        let norms = if self.gemma.is_some() { 4 } else { 2 };
+        let layer = attn + mlp + norms * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_hidden_layers * layer + h + head
     }

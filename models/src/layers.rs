@@ -168,6 +168,8 @@ pub fn matmul_2d<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
+    /// Gemma scales by `1 + weight` (its stored weights are offsets from one); 0 otherwise.
+    pub offset: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
@@ -175,13 +177,26 @@ impl<B: Backend> RmsNorm<B> {
         Self {
             weight: Param::from_tensor(weight),
             eps,
+            offset: 0.0,
+        }
+    }
+
+    /// Gemma's norm: `x / rms(x) * (1 + weight)`.
+    pub fn with_unit_offset(self) -> Self {
+        Self {
+            offset: 1.0,
+            ..self
         }
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let variance = x.clone().powf_scalar(2.0).mean_dim(2);
         let normed = x * variance.add_scalar(self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze()
+        let weight = match self.offset {
+            0.0 => self.weight.val(),
+            o => self.weight.val().add_scalar(o),
+        };
+        normed * weight.unsqueeze()
     }
 }
 

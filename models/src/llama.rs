@@ -31,6 +31,10 @@ pub struct SelfAttention<B: Backend> {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Scores are scaled by this: `head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`.
+    pub scale: f64,
+    /// Gemma 2's `attn_logit_softcapping`: scores become `cap * tanh(scores / cap)`.
+    pub softcap: Option<f64>,
 }
 
 #[derive(Module, Debug)]
@@ -40,6 +44,8 @@ pub struct Mlp<B: Backend> {
     /// Phi-3: `[gate | up]` outputs.
     pub gate_up_proj: Option<Proj<B>>,
     pub down_proj: Proj<B>,
+    /// SiLU (Llama), or Gemma's `gelu_pytorch_tanh`.
+    pub gelu: bool,
 }
 
 /// Splits a fused projection's output `[B, T, sum(widths)]` into consecutive parts.
@@ -74,11 +80,16 @@ fn projected<B: Backend, const N: usize>(
     }
 }
 
+/// Llama: `x + attn(input_norm(x))`, then `x + mlp(post_attention_norm(x))`. Gemma 2 (with
+/// the feed-forward norms): `x + post_attention_norm(attn(input_norm(x)))`, then
+/// `x + post_feedforward_norm(mlp(pre_feedforward_norm(x)))`.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: SelfAttention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     pub mlp: Mlp<B>,
 }
 
@@ -96,6 +107,12 @@ pub struct CausalLm<B: Backend> {
     pub value_head: Option<Proj<B>>,
     #[module(skip)]
     pub rope: Rope,
+    /// Gemma scales the embeddings by sqrt(hidden) (as an f32 constant, as transformers).
+    #[module(skip)]
+    pub embed_scale: Option<f32>,
+    /// Gemma 2's `final_logit_softcapping`: logits become `cap * tanh(logits / cap)`.
+    #[module(skip)]
+    pub final_softcap: Option<f64>,
     /// Sliding-window attention, when the config has it.
     #[module(skip)]
     pub sliding_window: Option<crate::config::SlidingWindow>,
@@ -162,6 +179,13 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// transformers' `gelu_pytorch_tanh`: `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    (x.clone() + x * inner.tanh()).mul_scalar(0.5)
+}
+
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let i = self.down_proj.dims()[0];
@@ -171,7 +195,11 @@ impl<B: Backend> Mlp<B> {
             &self.gate_up_proj,
             [i, i],
         );
-        self.down_proj.forward(silu(gate) * up)
+        let gate = match self.gelu {
+            true => gelu_tanh(gate),
+            false => silu(gate),
+        };
+        self.down_proj.forward(gate * up)
     }
 }
 
@@ -185,6 +213,12 @@ impl<B: Backend> SelfAttention<B> {
         mask.reshape([b, 1, 1, tq, tk])
             .expand([b, kvh, group, tq, tk])
             .reshape([b, kvh, group * tq, tk])
+    }
+
+    /// Whether a pass over `tokens` without a cache takes the fused causal attention (which
+    /// has no soft-capping).
+    pub(crate) fn fused(&self, tokens: usize) -> bool {
+        self.softcap.is_none() && crate::causal_attention::fused::<B>(tokens)
     }
 
     fn split_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
@@ -251,8 +285,8 @@ impl<B: Backend> SelfAttention<B> {
                 out
             }
         };
-        if cache_less && crate::causal_attention::fused::<B>(t) {
-            let o = crate::causal_attention::forward(q, k, v, mask, 1.0 / (d as f64).sqrt());
+        if cache_less && self.fused(t) {
+            let o = crate::causal_attention::forward(q, k, v, mask, self.scale);
             let o = o.swap_dims(1, 2).reshape([b, t, self.num_heads * d]);
             return self.o_proj.forward(o);
         }
@@ -269,8 +303,8 @@ impl<B: Backend> SelfAttention<B> {
             Some(mask),
             None,
             AttentionModuleOptions {
-                scale: Some(1.0 / (d as f64).sqrt()),
-                softcap: None,
+                scale: Some(self.scale),
+                softcap: self.softcap,
                 is_causal: false,
             },
         );
@@ -343,11 +377,23 @@ impl<B: Backend> DecoderLayer<B> {
         let h = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
-        let x = x + h;
-        let h = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
-        x + h
+        match (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            (Some(pre), Some(post)) => {
+                let x = x + self.post_attention_layernorm.forward(h);
+                let h = self.mlp.forward(pre.forward(x.clone()));
+                x + post.forward(h)
+            }
+            _ => {
+                let x = x + h;
+                let h = self
+                    .mlp
+                    .forward(self.post_attention_layernorm.forward(x.clone()));
+                x + h
+            }
+        }
     }
 }
 
@@ -412,7 +458,11 @@ impl<B: Backend> CausalLm<B> {
         crate::shape_audit::record("embedding", &[&[b, t]]);
         let d = self.hidden_size();
         let rows = self.embed_tokens.val().select(0, ids.reshape([b * t]));
-        crate::half::as_f32(rows).reshape([b, t, d])
+        let x = crate::half::as_f32(rows).reshape([b, t, d]);
+        match self.embed_scale {
+            Some(s) => x.mul_scalar(s),
+            None => x,
+        }
     }
 
     /// Final hidden states `[B, T, hidden]` after the last norm.
@@ -458,8 +508,8 @@ impl<B: Backend> CausalLm<B> {
         // The fused causal attention takes the `[B, 1, T, T]` mask as it is. Otherwise it is
         // grouped once for every layer: one buffer, which the training attention keeps for
         // its backward when it recomputes the probabilities.
-        let fused = cache.is_none() && crate::causal_attention::fused::<B>(ids.dims()[1]);
         let attn = &self.layers.first().expect("a decoder has layers").self_attn;
+        let fused = cache.is_none() && attn.fused(ids.dims()[1]);
         let (mask, windowed) = match fused {
             true => (mask, windowed),
             false => (
@@ -488,6 +538,14 @@ impl<B: Backend> CausalLm<B> {
 
     /// Logits `[B, T, vocab]` for the given hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let logits = self.head_logits(hidden);
+        match self.final_softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        }
+    }
+
+    fn head_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         crate::shape_audit::record("lm_head", &[&hidden.dims()]);
         match &self.lm_head {
             Some(head) => head.forward(hidden),
@@ -505,11 +563,14 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// Whether the LM head is a plain weight: no bias, adapter or adapter bank.
+    /// Whether the LM head is a plain weight: no bias, adapter or adapter bank, and no
+    /// soft-capping of its logits (the chunked losses multiply by the weight alone).
     pub fn has_plain_head(&self) -> bool {
-        self.lm_head
-            .as_ref()
-            .is_none_or(|h| h.bias.is_none() && h.lora.is_none() && h.bank.is_none())
+        self.final_softcap.is_none()
+            && self
+                .lm_head
+                .as_ref()
+                .is_none_or(|h| h.bias.is_none() && h.lora.is_none() && h.bank.is_none())
     }
 
     /// The LM head as a plain `[hidden, vocab]` weight (in its stored dtype; dequantised if
@@ -672,6 +733,11 @@ pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             }
         }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        if cfg.gemma.is_some() {
+            for name in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                out.push((format!("{p}.{name}.weight"), vec![h]));
+            }
+        }
         let mlp: &[(&str, usize, usize)] = if cfg.fused_projections {
             &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
         } else {
@@ -748,6 +814,16 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
     /// A projection; `quantize` makes it NF4 when the load asks for quantisation. The HF
     /// weight is quantised straight from the host buffer, so its f32 copy never reaches
     /// the device.
+    /// An RMSNorm (Gemma's scales by `1 + weight`).
+    fn norm(&mut self, prefix: &str, cfg: &ModelConfig) -> anyhow::Result<RmsNorm<B>> {
+        let norm =
+            RmsNorm::from_tensor(self.vector(&format!("{prefix}.weight"))?, cfg.rms_norm_eps);
+        Ok(match cfg.gemma {
+            Some(_) => norm.with_unit_offset(),
+            None => norm,
+        })
+    }
+
     /// A quantisable decoder projection the architecture may not have.
     fn proj_if(
         &mut self,
@@ -868,6 +944,11 @@ impl<B: Backend> CausalLm<B> {
                 num_heads: cfg.num_attention_heads,
                 num_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
+                scale: match &cfg.gemma {
+                    Some(g) => g.query_pre_attn_scalar.powf(-0.5),
+                    None => (cfg.head_dim as f64).powf(-0.5),
+                },
+                softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
             };
             let (gate_proj, up_proj, gate_up_proj) = (
                 b.proj_if(!fused, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
@@ -879,21 +960,23 @@ impl<B: Backend> CausalLm<B> {
                 up_proj,
                 gate_up_proj,
                 down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias, true)?,
+                gelu: cfg.activation == crate::config::Activation::GeluTanh,
             };
+            let gemma = cfg.gemma.is_some();
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::from_tensor(
-                    b.vector(&format!("{p}.input_layernorm.weight"))?,
-                    eps,
-                ),
+                input_layernorm: b.norm(&format!("{p}.input_layernorm"), cfg)?,
                 self_attn,
-                post_attention_layernorm: RmsNorm::from_tensor(
-                    b.vector(&format!("{p}.post_attention_layernorm.weight"))?,
-                    eps,
-                ),
+                post_attention_layernorm: b.norm(&format!("{p}.post_attention_layernorm"), cfg)?,
+                pre_feedforward_layernorm: gemma
+                    .then(|| b.norm(&format!("{p}.pre_feedforward_layernorm"), cfg))
+                    .transpose()?,
+                post_feedforward_layernorm: gemma
+                    .then(|| b.norm(&format!("{p}.post_feedforward_layernorm"), cfg))
+                    .transpose()?,
                 mlp,
             });
         }
-        let norm = RmsNorm::from_tensor(b.vector("model.norm.weight")?, eps);
+        let norm = b.norm("model.norm", cfg)?;
         let (lm_head, score) = if cfg.reward_head {
             (None, Some(b.proj("score", false, false)?))
         } else if cfg.tie_word_embeddings {
@@ -914,6 +997,8 @@ impl<B: Backend> CausalLm<B> {
             score,
             value_head: None,
             rope: Rope::new(cfg),
+            embed_scale: cfg.gemma.is_some().then(|| (cfg.hidden_size as f32).sqrt()),
+            final_softcap: cfg.gemma.as_ref().and_then(|g| g.final_logit_softcapping),
             sliding_window: cfg.sliding_window.clone(),
         })
     }
@@ -975,12 +1060,30 @@ impl<B: Backend> CausalLm<B> {
                     ));
                 }
             }
-            let n = layer.post_attention_layernorm.weight.val();
-            all.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                n.dims().to_vec(),
-                HfTensor::Plain1(n),
-            ));
+            let norms = [
+                (
+                    "post_attention_layernorm",
+                    Some(&layer.post_attention_layernorm),
+                ),
+                (
+                    "pre_feedforward_layernorm",
+                    layer.pre_feedforward_layernorm.as_ref(),
+                ),
+                (
+                    "post_feedforward_layernorm",
+                    layer.post_feedforward_layernorm.as_ref(),
+                ),
+            ];
+            for (name, norm) in norms {
+                if let Some(n) = norm {
+                    let w = n.weight.val();
+                    all.push((
+                        format!("{p}.{name}.weight"),
+                        w.dims().to_vec(),
+                        HfTensor::Plain1(w),
+                    ));
+                }
+            }
             for (name, w) in mlp {
                 proj(&mut all, format!("{p}.mlp.{name}"), w);
             }

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::llama::WeightSource;
 
 pub const PRESETS: &[&str] = &["micro", "tiny", "small", "base"];
-pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "phi3"];
+pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2"];
 
 /// Special token ids the config records.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +47,7 @@ pub fn preset_config(
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),
+        "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         other => bail!(
             "unknown arch `{other}`; architectures: {}",
             ARCHS.join(", ")
@@ -65,7 +66,9 @@ pub fn preset_config(
     raw.insert("max_position_embeddings".into(), json!(maxp));
     raw.insert("rms_norm_eps".into(), json!(1e-5));
     raw.insert("rope_theta".into(), json!(10000.0));
-    raw.insert("hidden_act".into(), json!("silu"));
+    if model_type != "gemma2" {
+        raw.insert("hidden_act".into(), json!("silu"));
+    }
     raw.insert("initializer_range".into(), json!(0.02));
     raw.insert(
         "tie_word_embeddings".into(),
@@ -79,6 +82,24 @@ pub fn preset_config(
         }
         "phi3" => {
             raw.insert("sliding_window".into(), Value::Null);
+        }
+        "gemma2" => {
+            // Gemma 2's own defaults.
+            raw.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            raw.insert("query_pre_attn_scalar".into(), json!(h / nh));
+            raw.insert("attn_logit_softcapping".into(), json!(50.0));
+            raw.insert("final_logit_softcapping".into(), json!(30.0));
+            raw.insert("sliding_window".into(), json!(4096));
+            let types: Vec<&str> = (0..l)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            raw.insert("layer_types".into(), json!(types));
         }
         _ => {
             raw.insert("use_sliding_window".into(), json!(false));

@@ -20,6 +20,7 @@ const MODELS: &[&str] = &[
     "tiny-qwen3",
     "tiny-phi3",
     "tiny-phi3-longrope",
+    "tiny-gemma2",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -173,7 +174,12 @@ fn greedy_without_cache(
 fn kv_cache_equals_recomputation_on_left_padded_batches() {
     // tiny-phi3-longrope crosses its original context (8) while decoding: the cache is
     // rebuilt with the long frequencies there, as transformers does.
-    for name in ["tiny-llama", "tiny-phi3", "tiny-phi3-longrope"] {
+    for name in [
+        "tiny-llama",
+        "tiny-phi3",
+        "tiny-phi3-longrope",
+        "tiny-gemma2",
+    ] {
         let model = load(name);
         let prompts = vec![
             vec![5, 9, 200],

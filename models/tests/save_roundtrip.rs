@@ -20,6 +20,7 @@ fn save_then_load_is_lossless_single_and_sharded() {
         ("tiny-qwen2", Some(100_000u64)),
         ("tiny-qwen3", None),
         ("tiny-phi3", None),
+        ("tiny-gemma2", None),
     ] {
         let (cfg, model) = load_model::<Cpu>(&fixture(name), &device).unwrap();
         let tmp = tempfile::tempdir().unwrap();

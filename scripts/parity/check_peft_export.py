@@ -28,7 +28,8 @@ FIX = ROOT / "tests/fixtures" / ("peft" if NAME == "tiny-llama" else "peft-" + N
 ids = json.loads((BASE / "expected.json").read_text())["input_ids"]
 x = torch.tensor(ids)
 
-base = AutoModelForCausalLM.from_pretrained(BASE, torch_dtype=torch.float32)
+# Eager attention: the only one of transformers' that soft-caps (Gemma 2).
+base = AutoModelForCausalLM.from_pretrained(BASE, torch_dtype=torch.float32, attn_implementation="eager")
 base.eval()
 with torch.no_grad():
     base_logits = base(x).logits
@@ -37,7 +38,8 @@ peft.eval()
 with torch.no_grad():
     peft_logits = peft(x).logits
     peft_merged_logits = peft.merge_and_unload()(x).logits
-merged = AutoModelForCausalLM.from_pretrained(FIX / "merged", torch_dtype=torch.float32)
+merged = AutoModelForCausalLM.from_pretrained(FIX / "merged", torch_dtype=torch.float32,
+                                              attn_implementation="eager")
 merged.eval()
 with torch.no_grad():
     burnish_merged_logits = merged(x).logits

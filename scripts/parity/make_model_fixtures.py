@@ -12,6 +12,10 @@ Writes, with transformers + torch on CPU:
           GQA, tied embeddings
       tiny-phi3:    f32, fused qkv_proj and gate_up_proj, GQA, untied, sliding_window 5
           (every layer, shorter than the inputs)
+      tiny-gemma2:  f32, Gemma 2: norms scaled by 1 + weight, sqrt(hidden) embedding scale,
+          GeGLU (gelu_pytorch_tanh), pre/post feed-forward norms, query_pre_attn_scalar 24
+          (not head_dim 32), attention soft-cap 2 and final logit soft-cap 3 (small, so they
+          bite on random weights), sliding window 5 on alternating layers, GQA, tied
       tiny-phi3-longrope: f32, LongRoPE (original context 8: the 12-token inputs use the long
           factors, generation prompts start on the short ones and cross over while decoding),
           partial_rotary_factor 0.5 (8 of 16 head dims turn), attention factor from 128/8
@@ -27,7 +31,8 @@ import os
 import pathlib
 
 import torch
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -61,7 +66,8 @@ def build(name, cls, cfg, dtype, shard):
     model.to(dtype).save_pretrained(out, safe_serialization=True,
                                     max_shard_size="200KB" if shard else "1GB")
     # Reference values come from the weights as stored, upcast to f32 (what burnish loads).
-    model = cls.from_pretrained(out, torch_dtype=torch.float32).eval()
+    # Eager attention: the only one of transformers' that soft-caps (Gemma 2).
+    model = cls.from_pretrained(out, torch_dtype=torch.float32, attn_implementation="eager").eval()
 
     ids = torch.randint(3, cfg.vocab_size, (2, 12), generator=gen)
     with torch.no_grad():
@@ -134,6 +140,12 @@ def _register():
     model("tiny-phi3", Phi3ForCausalLM,
           Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                      rope_theta=10000.0, sliding_window=5, original_max_position_embeddings=128),
+          torch.float32, shard=False)
+    model("tiny-gemma2", Gemma2ForCausalLM,
+          Gemma2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                       query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                       final_logit_softcapping=3.0, sliding_window=5, tie_word_embeddings=True,
+                       hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0),
           torch.float32, shard=False)
     model("tiny-phi3-longrope", Phi3ForCausalLM,
           Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
