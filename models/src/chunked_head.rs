@@ -96,10 +96,25 @@ pub fn head_rows<B: Backend, O: RowObjective>(
     scale: f64,
     chunk: usize,
 ) -> RowOutputs<B> {
+    head_rows_capped(hidden, weight, aux, objective, scale, None, chunk)
+}
+
+/// [`head_rows`] of soft-capped logits (Gemma 2's `final_logit_softcapping`): the objective
+/// sees `cap * tanh(h W / cap) / scale`.
+pub fn head_rows_capped<B: Backend, O: RowObjective>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    aux: Aux<B>,
+    objective: &O,
+    scale: f64,
+    softcap: Option<f64>,
+    chunk: usize,
+) -> RowOutputs<B> {
     let args = Args {
         hidden,
         weight,
         aux,
+        softcap,
     };
     let args = match on_autodiff::<B, crate::backend::Cpu, O>(args, objective, scale, chunk) {
         Ok(out) => return out,
@@ -113,6 +128,10 @@ pub fn head_rows<B: Backend, O: RowObjective>(
     if B::ad_enabled(&args.hidden.device()) {
         // An autodiff backend this crate does not build: autodiff through plain ops.
         let logits = args.hidden.matmul(crate::half::as_f32(args.weight));
+        let logits = match args.softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        };
         return logits_rows(logits, &args.aux, objective, scale);
     }
     let out = forward_chunks(&args, objective, scale, chunk, Keep::default());
@@ -283,6 +302,7 @@ struct Args<B: Backend> {
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     aux: Aux<B>,
+    softcap: Option<f64>,
 }
 
 /// Row chunks `[start, end)` of `n` rows.
@@ -291,17 +311,32 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n.div_ceil(chunk)).map(move |i| (i * chunk, ((i + 1) * chunk).min(n)))
 }
 
-/// One chunk's logits divided by `scale`, `[c, vocab]`.
+/// One chunk's logits (soft-capped when asked) divided by `scale`, `[c, vocab]`, and with a
+/// soft-cap the derivative of the capped logits by the raw ones, `1 - tanh^2`.
 fn chunk_logits<B: Backend>(
     hidden: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     (start, end): (usize, usize),
     scale: f64,
-) -> Tensor<B, 2> {
-    divide(
-        hidden.clone().slice(s![start..end]).matmul(weight.clone()),
-        scale,
-    )
+    softcap: Option<f64>,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    let logits = hidden.clone().slice(s![start..end]).matmul(weight.clone());
+    match softcap {
+        None => (divide(logits, scale), None),
+        Some(cap) => {
+            let t = logits.div_scalar(cap).tanh();
+            let slope = t.clone().powi_scalar(2).neg().add_scalar(1.0);
+            (divide(t.mul_scalar(cap), scale), Some(slope))
+        }
+    }
+}
+
+/// `d value / d z` carried back through the soft-cap, if any.
+fn through_cap<B: Backend>(dz: Tensor<B, 2>, slope: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+    match slope {
+        Some(s) => dz * s,
+        None => dz,
+    }
 }
 
 /// What one pass over the chunks gives.
@@ -350,13 +385,14 @@ fn forward_chunks<B: Backend, O: RowObjective>(
     let (mut values, mut jacobian, mut kept) = (Vec::new(), Vec::new(), None);
     let mut metrics: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); objective.metric_count()];
     for range in chunks(n, chunk) {
-        let z = chunk_logits(hidden, weight, range, scale);
+        let (z, slope) = chunk_logits(hidden, weight, range, scale, args.softcap);
         let rows = objective.rows(aux, z, range, keep.hidden || keep_dz);
         values.push(rows.value);
         for (all, m) in metrics.iter_mut().zip(rows.metrics) {
             all.push(m);
         }
         let Some(dz) = rows.dz else { continue };
+        let dz = through_cap(dz, slope);
         if keep.hidden {
             // Each row's output depends on its own logits only, so its gradient with
             // respect to the hidden state is known now, whatever the loss above does with
@@ -426,6 +462,7 @@ struct HeadState<B: Backend, O> {
     objective: O,
     scale: f64,
     chunk: usize,
+    softcap: Option<f64>,
     /// `d value / d z` `[n, vocab]` when all rows fit in one chunk: nothing to recompute
     /// for the weight's gradient.
     dz: Option<Tensor<B, 2>>,
@@ -447,6 +484,7 @@ impl<B: Backend, O: RowObjective> Backward<B, 2> for ChunkedHeadBackward<O> {
             objective,
             scale,
             chunk,
+            softcap,
             mut dz,
             jacobian,
         } = ops.state;
@@ -463,8 +501,9 @@ impl<B: Backend, O: RowObjective> Backward<B, 2> for ChunkedHeadBackward<O> {
         for range in chunks(n, chunk) {
             let (start, end) = range;
             let dz = dz.take().unwrap_or_else(|| {
-                let z = chunk_logits(&h, &w, range, scale);
-                objective.rows(&aux, z, range, true).dz.expect("asked for")
+                let (z, slope) = chunk_logits(&h, &w, range, scale, softcap);
+                let dz = objective.rows(&aux, z, range, true).dz.expect("asked for");
+                through_cap(dz, slope)
             });
             let g = grad.clone().slice(s![start..end]).reshape([end - start, 1]);
             let part = divide(
@@ -497,6 +536,7 @@ fn chunked_op<I: Backend, C: CheckpointStrategy, O: RowObjective>(
             floats: args.aux.floats.into_iter().map(|t| t.inner()).collect(),
             ints: args.aux.ints.into_iter().map(|t| t.inner()).collect(),
         },
+        softcap: args.softcap,
     };
     let keep = Keep {
         weight: !w.node.requirement.is_none(),
@@ -517,6 +557,7 @@ fn chunked_op<I: Backend, C: CheckpointStrategy, O: RowObjective>(
                 objective: objective.clone(),
                 scale,
                 chunk,
+                softcap: inner.softcap,
                 dz: fwd.dz,
                 jacobian: fwd.jacobian,
             },
@@ -541,7 +582,12 @@ mod tests {
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
     /// Value and gradients (hidden, weight) of `sum(probe * logps)`.
-    fn run<B: AutodiffBackend>(chunk: Option<usize>, weight_tracked: bool, scale: f64) -> Grads {
+    fn run<B: AutodiffBackend>(
+        chunk: Option<usize>,
+        weight_tracked: bool,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Grads {
         let device = Default::default();
         let (n, d, v) = (13, 8, 37);
         let h = Tensor::<B, 2>::from_data(TensorData::new(values(n * d, 1), [n, d]), &device)
@@ -553,9 +599,23 @@ mod tests {
         let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7) % v as i64).collect();
         let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
         let probe = Tensor::<B, 1>::from_data(TensorData::new(values(n, 3), [n]), &device);
-        let logps = match chunk {
-            Some(c) => head_logps(h.clone(), w.clone(), targets, scale, c, false).logps,
-            None => plain_head_logps_of(h.clone(), w.clone(), targets, scale),
+        let logps = match (chunk, softcap) {
+            (Some(c), None) => head_logps(h.clone(), w.clone(), targets, scale, c, false).logps,
+            (None, None) => plain_head_logps_of(h.clone(), w.clone(), targets, scale),
+            (Some(c), cap) => {
+                let aux = TargetLogps::aux(targets);
+                let objective = TargetLogps { entropy: false };
+                head_rows_capped(h.clone(), w.clone(), aux, &objective, scale, cap, c).value
+            }
+            (None, Some(cap)) => {
+                let capped = h
+                    .clone()
+                    .matmul(w.clone())
+                    .div_scalar(cap)
+                    .tanh()
+                    .mul_scalar(cap);
+                logits_logps(capped, targets, scale, false).logps
+            }
         };
         let host = |t: Tensor<B::InnerBackend, 2>| t.to_data().iter::<f32>().collect::<Vec<_>>();
         let value: Vec<f32> = logps.to_data().iter::<f32>().collect();
@@ -576,14 +636,18 @@ mod tests {
 
     #[test]
     fn chunked_logps_and_gradients_equal_the_unchunked_ones() {
-        for scale in [1.0, 0.7] {
+        // A soft-cap of 0.9 bends most of these logits (Gemma 2's final_logit_softcapping).
+        for (scale, cap) in [(1.0, None), (0.7, None), (1.0, Some(0.9)), (0.7, Some(0.9))] {
             for tracked in [true, false] {
-                let reference = run::<CpuTrain>(None, tracked, scale);
+                let reference = run::<CpuTrain>(None, tracked, scale, cap);
                 assert_eq!(reference.2.is_empty(), !tracked);
                 for chunk in [1, 4, 5, 13, 64] {
-                    assert_close(&run::<CpuTrain>(Some(chunk), tracked, scale), &reference);
                     assert_close(
-                        &run::<CpuTrainCheckpointed>(Some(chunk), tracked, scale),
+                        &run::<CpuTrain>(Some(chunk), tracked, scale, cap),
+                        &reference,
+                    );
+                    assert_close(
+                        &run::<CpuTrainCheckpointed>(Some(chunk), tracked, scale, cap),
                         &reference,
                     );
                 }

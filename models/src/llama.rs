@@ -564,19 +564,29 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Whether the LM head is a plain weight: no bias, adapter or adapter bank, and no
-    /// soft-capping of its logits (the chunked losses multiply by the weight alone).
+    /// soft-capping of its logits (users of [`CausalLm::plain_head`] multiply by the
+    /// weight alone).
     pub fn has_plain_head(&self) -> bool {
-        self.final_softcap.is_none()
-            && self
-                .lm_head
-                .as_ref()
-                .is_none_or(|h| h.bias.is_none() && h.lora.is_none() && h.bank.is_none())
+        self.final_softcap.is_none() && self.head_is_a_matrix()
+    }
+
+    /// No bias, adapter or adapter bank on the LM head: its logits are `h W` (then
+    /// soft-capped, if the model caps them).
+    fn head_is_a_matrix(&self) -> bool {
+        self.lm_head
+            .as_ref()
+            .is_none_or(|h| h.bias.is_none() && h.lora.is_none() && h.bank.is_none())
     }
 
     /// The LM head as a plain `[hidden, vocab]` weight (in its stored dtype; dequantised if
     /// NF4), when it is one (see [`CausalLm::has_plain_head`]).
     pub fn plain_head(&self) -> Option<Tensor<B, 2>> {
-        if !self.has_plain_head() {
+        self.final_softcap.is_none().then(|| self.head_matrix())?
+    }
+
+    /// The LM head's `[hidden, vocab]` weight when [`Self::head_is_a_matrix`].
+    fn head_matrix(&self) -> Option<Tensor<B, 2>> {
+        if !self.head_is_a_matrix() {
             return None;
         }
         Some(match &self.lm_head {
@@ -598,8 +608,16 @@ impl<B: Backend> CausalLm<B> {
     ) -> crate::chunked_head::RowOutputs<B> {
         crate::shape_audit::record("lm_head", &[&hidden.dims()]);
         let chunk = crate::chunked_head::chunk_positions(self.vocab_size());
-        match self.plain_head() {
-            Some(w) => crate::chunked_head::head_rows(hidden, w, aux, objective, scale, chunk),
+        match self.head_matrix() {
+            Some(w) => crate::chunked_head::head_rows_capped(
+                hidden,
+                w,
+                aux,
+                objective,
+                scale,
+                self.final_softcap,
+                chunk,
+            ),
             None => {
                 let [n, d] = hidden.dims();
                 let logits = self
