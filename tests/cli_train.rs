@@ -494,6 +494,13 @@ fn a_gemma2_model_learns_the_quickstart_data() {
     generates(&fin);
 }
 
+/// Gemma 3 text (q/k norms, a rotary base per layer type) too.
+#[test]
+fn a_gemma3_model_learns_the_quickstart_data() {
+    let tmp = an_arch_learns_the_quickstart_data("gemma3", "Gemma3ForCausalLM", &[]);
+    generates(&tmp.path().join("run/final"));
+}
+
 fn an_arch_learns_the_quickstart_data(arch: &str, class: &str, sets: &[&str]) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join(arch);

@@ -183,6 +183,12 @@ fn peft_logits_match_burnish_on_gemma2() {
     peft_logits_match_burnish_on("gemma2");
 }
 
+/// And for Gemma 3 (per-head q/k norms, a rotary base per layer type).
+#[test]
+fn peft_logits_match_burnish_on_gemma3() {
+    peft_logits_match_burnish_on("gemma3");
+}
+
 fn peft_logits_match_burnish_on(arch: &str) {
     let dir = fixtures().join(format!("peft-{arch}"));
     let exp: Value =

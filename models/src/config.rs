@@ -13,6 +13,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("qwen3", "Qwen3ForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3_text", "Gemma3ForCausalLM"),
 ];
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -63,6 +64,10 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// Gemma 3: the sliding-window layers' own rotary base and scaling
+    /// (`rope_parameters.sliding_attention`, or `rope_local_base_freq`); the others use
+    /// `rope_theta` and `rope_scaling`.
+    pub local_rope: Option<(f64, RopeScaling)>,
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
     pub qkv_bias: bool,
@@ -150,6 +155,7 @@ struct RawFields {
     layer_types: Option<Vec<String>>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
+    rope_local_base_freq: Option<f64>,
 }
 
 /// Which layers attend through a window, as transformers reads the config: `layer_types`
@@ -174,8 +180,12 @@ fn sliding_window(f: &RawFields, model_type: &str, layers: usize) -> Result<Opti
         }
         // Phi-3 masks every layer with the window when one is set, as Mistral does.
         None if model_type == "mistral" || model_type == "phi3" => vec![true; layers],
-        // Gemma 2 alternates, starting with a sliding layer.
-        None if model_type == "gemma2" => (0..layers).map(|i| i % 2 == 0).collect(),
+        // Gemma 2 alternates, starting with a sliding layer; Gemma 3 has five sliding layers
+        // to one global (`sliding_window_pattern`).
+        None if model_type == "gemma2" => (0..layers).map(|i| i.is_multiple_of(2)).collect(),
+        None if model_type == "gemma3_text" => {
+            (0..layers).map(|i| !(i + 1).is_multiple_of(6)).collect()
+        }
         None if (model_type == "qwen2" || model_type == "qwen3")
             && f.use_sliding_window == Some(true) =>
         {
@@ -280,7 +290,8 @@ impl ModelConfig {
                 bail!("sequence classification with {labels} labels is not supported: reward models have num_labels = 1");
             }
         }
-        let is_gemma = model_type == "gemma2";
+        let is_gemma = model_type == "gemma2" || model_type == "gemma3_text";
+        let is_gemma3 = model_type == "gemma3_text";
         // Gemma names its activation `hidden_activation` (and may carry an unused
         // `hidden_act`).
         let act = match is_gemma {
@@ -347,19 +358,34 @@ impl ModelConfig {
             max_position_embeddings,
             original_max_position_embeddings: f.original_max_position_embeddings,
         };
-        let rope_scaling = match &f.rope_parameters {
+        // Gemma 3 keys `rope_parameters` by layer type.
+        let by_type = |t: &str| f.rope_parameters.as_ref().and_then(|p| p.get(t));
+        let global = match is_gemma3 {
+            true => by_type("full_attention"),
+            false => f.rope_parameters.as_ref(),
+        };
+        let theta_of =
+            |p: Option<&Value>| p.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
+        let rope_scaling = match global {
             Some(p) => parse_rope_scaling(Some(p), &rope).context("in `rope_parameters`")?,
             None => {
                 parse_rope_scaling(f.rope_scaling.as_ref(), &rope).context("in `rope_scaling`")?
             }
         };
-        let rope_theta = f
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(|t| t.as_f64())
-            .or(f.rope_theta)
-            .unwrap_or(10000.0);
+        let default_theta = if is_gemma3 { 1_000_000.0 } else { 10000.0 };
+        let rope_theta = theta_of(global).or(f.rope_theta).unwrap_or(default_theta);
+        let local_rope = match is_gemma3 {
+            true => {
+                let local = by_type("sliding_attention");
+                let scaling = parse_rope_scaling(local, &rope)
+                    .context("in `rope_parameters.sliding_attention`")?;
+                let theta = theta_of(local)
+                    .or(f.rope_local_base_freq)
+                    .unwrap_or(10000.0);
+                Some((theta, scaling))
+            }
+            false => None,
+        };
         let is_qwen2 = model_type == "qwen2";
         let attention_bias = f.attention_bias.unwrap_or(false);
         let num_hidden_layers = need("num_hidden_layers", f.num_hidden_layers)?;
@@ -380,11 +406,16 @@ impl ModelConfig {
             tie_word_embeddings: f.tie_word_embeddings.unwrap_or(is_gemma),
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
-            qk_norm: model_type == "qwen3",
+            qk_norm: model_type == "qwen3" || is_gemma3,
+            local_rope,
             fused_projections: model_type == "phi3",
             activation,
             gemma: is_gemma.then(|| GemmaOptions {
-                query_pre_attn_scalar: f.query_pre_attn_scalar.unwrap_or(head_dim as f64),
+                // transformers' defaults: Gemma 2 uses the head size, Gemma 3 256.
+                query_pre_attn_scalar: f.query_pre_attn_scalar.unwrap_or(match is_gemma3 {
+                    true => 256.0,
+                    false => head_dim as f64,
+                }),
                 attn_logit_softcapping: f.attn_logit_softcapping,
                 final_logit_softcapping: f.final_logit_softcapping,
             }),

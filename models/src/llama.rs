@@ -107,6 +107,9 @@ pub struct CausalLm<B: Backend> {
     pub value_head: Option<Proj<B>>,
     #[module(skip)]
     pub rope: Rope,
+    /// Gemma 3: the rotary embedding of the sliding-window layers (its own base).
+    #[module(skip)]
+    pub local_rope: Option<Rope>,
     /// Gemma scales the embeddings by sqrt(hidden) (as an f32 constant, as transformers).
     #[module(skip)]
     pub embed_scale: Option<f32>,
@@ -504,6 +507,10 @@ impl<B: Backend> CausalLm<B> {
         windowed: Option<Tensor<B, 4, Bool>>,
         mut cache: Option<(&mut KvCache<B>, CacheWrite<'_>)>,
     ) -> Tensor<B, 3> {
+        let local = self
+            .local_rope
+            .as_ref()
+            .map(|r| r.tables(positions.clone()));
         let rope = self.rope.tables(positions);
         // The fused causal attention takes the `[B, 1, T, T]` mask as it is. Otherwise it is
         // grouped once for every layer: one buffer, which the training attention keeps for
@@ -524,13 +531,18 @@ impl<B: Backend> CausalLm<B> {
                 write: *write,
                 capacity: c.capacity,
             });
-            let mask = match (&windowed, &self.sliding_window) {
-                (Some(m), Some(w)) if w.layers[i] => m.clone(),
+            let sliding = self.sliding_window.as_ref().is_some_and(|w| w.layers[i]);
+            let mask = match &windowed {
+                Some(m) if sliding => m.clone(),
                 _ => mask.clone(),
             };
+            let rope = match &local {
+                Some(local) if sliding => local,
+                _ => &rope,
+            };
             x = match slot {
-                Some(slot) => layer.forward(x, &rope, mask, Some(slot)),
-                None => crate::layer_checkpoint::layer_forward(layer, x, &rope, mask),
+                Some(slot) => layer.forward(x, rope, mask, Some(slot)),
+                None => crate::layer_checkpoint::layer_forward(layer, x, rope, mask),
             };
         }
         self.norm.forward(x)
@@ -926,7 +938,6 @@ impl<B: Backend> CausalLm<B> {
             quantization,
             half,
         };
-        let eps = cfg.rms_norm_eps;
         let embed_tokens = Param::from_tensor(b.matrix("model.embed_tokens.weight")?);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -945,20 +956,14 @@ impl<B: Backend> CausalLm<B> {
                 v_proj,
                 qkv_proj,
                 o_proj: b.proj(&format!("{p}.self_attn.o_proj"), cfg.o_bias, true)?,
-                q_norm: match cfg.qk_norm {
-                    true => Some(RmsNorm::from_tensor(
-                        b.vector(&format!("{p}.self_attn.q_norm.weight"))?,
-                        eps,
-                    )),
-                    false => None,
-                },
-                k_norm: match cfg.qk_norm {
-                    true => Some(RmsNorm::from_tensor(
-                        b.vector(&format!("{p}.self_attn.k_norm.weight"))?,
-                        eps,
-                    )),
-                    false => None,
-                },
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| b.norm(&format!("{p}.self_attn.q_norm"), cfg))
+                    .transpose()?,
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| b.norm(&format!("{p}.self_attn.k_norm"), cfg))
+                    .transpose()?,
                 num_heads: cfg.num_attention_heads,
                 num_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
@@ -1015,6 +1020,12 @@ impl<B: Backend> CausalLm<B> {
             score,
             value_head: None,
             rope: Rope::new(cfg),
+            local_rope: cfg.local_rope.as_ref().map(|(theta, scaling)| {
+                let mut local = cfg.clone();
+                local.rope_theta = *theta;
+                local.rope_scaling = scaling.clone();
+                Rope::new(&local)
+            }),
             embed_scale: cfg.gemma.is_some().then(|| (cfg.hidden_size as f32).sqrt()),
             final_softcap: cfg.gemma.as_ref().and_then(|g| g.final_logit_softcapping),
             sliding_window: cfg.sliding_window.clone(),

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::llama::WeightSource;
 
 pub const PRESETS: &[&str] = &["micro", "tiny", "small", "base"];
-pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2"];
+pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 /// Special token ids the config records.
 #[derive(Debug, Clone, Default)]
@@ -48,6 +48,7 @@ pub fn preset_config(
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),
         "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
+        "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         other => bail!(
             "unknown arch `{other}`; architectures: {}",
             ARCHS.join(", ")
@@ -66,7 +67,7 @@ pub fn preset_config(
     raw.insert("max_position_embeddings".into(), json!(maxp));
     raw.insert("rms_norm_eps".into(), json!(1e-5));
     raw.insert("rope_theta".into(), json!(10000.0));
-    if model_type != "gemma2" {
+    if !model_type.starts_with("gemma") {
         raw.insert("hidden_act".into(), json!("silu"));
     }
     raw.insert("initializer_range".into(), json!(0.02));
@@ -83,23 +84,21 @@ pub fn preset_config(
         "phi3" => {
             raw.insert("sliding_window".into(), Value::Null);
         }
-        "gemma2" => {
-            // Gemma 2's own defaults.
+        "gemma2" | "gemma3_text" => {
+            // Gemma's own defaults: Gemma 2 soft-caps and alternates windows, Gemma 3 has
+            // five sliding layers to one global and a rotary base per layer type.
+            let gemma3 = model_type == "gemma3_text";
             raw.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
             raw.insert("query_pre_attn_scalar".into(), json!(h / nh));
-            raw.insert("attn_logit_softcapping".into(), json!(50.0));
-            raw.insert("final_logit_softcapping".into(), json!(30.0));
+            if !gemma3 {
+                raw.insert("attn_logit_softcapping".into(), json!(50.0));
+                raw.insert("final_logit_softcapping".into(), json!(30.0));
+            }
+            // Without `layer_types`, transformers and burnish place the windows alike.
             raw.insert("sliding_window".into(), json!(4096));
-            let types: Vec<&str> = (0..l)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                })
-                .collect();
-            raw.insert("layer_types".into(), json!(types));
+            if gemma3 {
+                raw.insert("rope_local_base_freq".into(), json!(10000.0));
+            }
         }
         _ => {
             raw.insert("use_sliding_window".into(), json!(false));

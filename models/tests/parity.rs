@@ -21,6 +21,7 @@ const MODELS: &[&str] = &[
     "tiny-phi3",
     "tiny-phi3-longrope",
     "tiny-gemma2",
+    "tiny-gemma3",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -179,6 +180,7 @@ fn kv_cache_equals_recomputation_on_left_padded_batches() {
         "tiny-phi3",
         "tiny-phi3-longrope",
         "tiny-gemma2",
+        "tiny-gemma3",
     ] {
         let model = load(name);
         let prompts = vec![

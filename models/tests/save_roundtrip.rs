@@ -21,6 +21,7 @@ fn save_then_load_is_lossless_single_and_sharded() {
         ("tiny-qwen3", None),
         ("tiny-phi3", None),
         ("tiny-gemma2", None),
+        ("tiny-gemma3", None),
     ] {
         let (cfg, model) = load_model::<Cpu>(&fixture(name), &device).unwrap();
         let tmp = tempfile::tempdir().unwrap();

@@ -16,6 +16,9 @@ Writes, with transformers + torch on CPU:
           GeGLU (gelu_pytorch_tanh), pre/post feed-forward norms, query_pre_attn_scalar 24
           (not head_dim 32), attention soft-cap 2 and final logit soft-cap 3 (small, so they
           bite on random weights), sliding window 5 on alternating layers, GQA, tied
+      tiny-gemma3:  f32, Gemma 3 text: as Gemma 2 without soft-capping, plus per-head q/k norms
+          (1 + weight) and a rotary base per layer type (global layers 1e6 with linear
+          scaling 2, sliding layers 1e4), window 5
       tiny-phi3-longrope: f32, LongRoPE (original context 8: the 12-token inputs use the long
           factors, generation prompts start on the short ones and cross over while decoding),
           partial_rotary_factor 0.5 (8 of 16 head dims turn), attention factor from 128/8
@@ -31,7 +34,8 @@ import os
 import pathlib
 
 import torch
-from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
+from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, LlamaConfig,
                           LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
@@ -146,6 +150,15 @@ def _register():
                        query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                        final_logit_softcapping=3.0, sliding_window=5, tie_word_embeddings=True,
                        hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0),
+          torch.float32, shard=False)
+    model("tiny-gemma3", Gemma3ForCausalLM,
+          Gemma3TextConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           query_pre_attn_scalar=24, sliding_window=5, tie_word_embeddings=True,
+                           layer_types=["sliding_attention", "full_attention"],
+                           rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 1000000.0},
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": 10000.0}}),
           torch.float32, shard=False)
     model("tiny-phi3-longrope", Phi3ForCausalLM,
           Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
