@@ -1060,14 +1060,25 @@ impl<B: Backend> CausalLm<B> {
                     ));
                 }
             };
+        let norm = |all: &mut Vec<(String, Vec<usize>, HfTensor<B>)>,
+                    prefix: String,
+                    n: Option<&RmsNorm<B>>| {
+            if let Some(n) = n {
+                let w = n.weight.val();
+                all.push((
+                    format!("{prefix}.weight"),
+                    w.dims().to_vec(),
+                    HfTensor::Plain1(w),
+                ));
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            let n = layer.input_layernorm.weight.val();
-            all.push((
-                format!("{p}.input_layernorm.weight"),
-                n.dims().to_vec(),
-                HfTensor::Plain1(n),
-            ));
+            norm(
+                &mut all,
+                format!("{p}.input_layernorm"),
+                Some(&layer.input_layernorm),
+            );
             let a = &layer.self_attn;
             let projections = layer.projections();
             let (attention, mlp) = projections.split_at(
@@ -1079,50 +1090,25 @@ impl<B: Backend> CausalLm<B> {
             for (name, w) in attention {
                 proj(&mut all, format!("{p}.self_attn.{name}"), w);
             }
-            for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
-                if let Some(n) = norm {
-                    let w = n.weight.val();
-                    all.push((
-                        format!("{p}.self_attn.{name}.weight"),
-                        w.dims().to_vec(),
-                        HfTensor::Plain1(w),
-                    ));
-                }
+            for (name, n) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                norm(&mut all, format!("{p}.self_attn.{name}"), n.as_ref());
             }
             let norms = [
+                ("post_attention", Some(&layer.post_attention_layernorm)),
+                ("pre_feedforward", layer.pre_feedforward_layernorm.as_ref()),
                 (
-                    "post_attention_layernorm",
-                    Some(&layer.post_attention_layernorm),
-                ),
-                (
-                    "pre_feedforward_layernorm",
-                    layer.pre_feedforward_layernorm.as_ref(),
-                ),
-                (
-                    "post_feedforward_layernorm",
+                    "post_feedforward",
                     layer.post_feedforward_layernorm.as_ref(),
                 ),
             ];
-            for (name, norm) in norms {
-                if let Some(n) = norm {
-                    let w = n.weight.val();
-                    all.push((
-                        format!("{p}.{name}.weight"),
-                        w.dims().to_vec(),
-                        HfTensor::Plain1(w),
-                    ));
-                }
+            for (name, n) in norms {
+                norm(&mut all, format!("{p}.{name}_layernorm"), n);
             }
             for (name, w) in mlp {
                 proj(&mut all, format!("{p}.mlp.{name}"), w);
             }
         }
-        let n = self.norm.weight.val();
-        all.push((
-            "model.norm.weight".into(),
-            n.dims().to_vec(),
-            HfTensor::Plain1(n),
-        ));
+        norm(&mut all, "model.norm".into(), Some(&self.norm));
         if let Some(head) = &self.lm_head {
             proj(&mut all, "lm_head".into(), head);
         }
