@@ -49,6 +49,22 @@ pub fn read_prompts(
     rejects.extend(read.rejects);
     let mut out = Vec::new();
     for row in &read.rows {
+        let tools = match &row.record {
+            Record::PromptTask(t) => &t.prompt.tools,
+            Record::Preference(p) => &p.prompt.tools,
+            Record::Unpaired(u) => &u.prompt.tools,
+            Record::Conversation(c) => &c.tools,
+        };
+        if !tools.is_empty() {
+            // Answers are generated from prompts rendered without `tools=` and compared as
+            // text: a tool-use row would be asked and scored as something else.
+            rejects.push(reject(
+                row,
+                "the row uses tools; evaluation does not pass tool definitions to the model or \
+                 compare tool calls yet",
+            ));
+            continue;
+        }
         let (messages, answer) = match &row.record {
             Record::PromptTask(t) => (t.prompt.to_messages(), t.answer.clone()),
             Record::Preference(p) => (p.prompt.to_messages(), None),
@@ -262,4 +278,34 @@ pub fn reward<B: Backend>(ctx: &Ctx<'_, B>, file: &Path) -> Result<Outcome> {
         rejects,
         read,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_use_rows_are_rejected_rather_than_scored_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.jsonl");
+        let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let rows = [
+            json!({"messages": [{"role": "user", "content": "Weather in Oslo?"},
+                                {"role": "assistant", "content": null, "tool_calls": [
+                                    {"id": "c", "type": "function", "function": {
+                                        "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}],
+                   "tools": tools}),
+            json!({"messages": [{"role": "user", "content": "2+2?"},
+                                {"role": "assistant", "content": "4"}]}),
+        ];
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(&file, text).unwrap();
+        let (prompts, rejects, read) = read_prompts(&file, true, None).unwrap();
+        assert_eq!(read, 2);
+        assert_eq!(prompts.len(), 1);
+        assert_eq!(prompts[0].answer.as_deref(), Some("4"));
+        let reasons: Vec<&str> = rejects.by_reason().into_keys().collect();
+        assert_eq!(rejects.len(), 1, "{reasons:?}");
+        assert!(reasons[0].contains("the row uses tools"), "{reasons:?}");
+    }
 }
