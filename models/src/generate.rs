@@ -269,8 +269,14 @@ pub fn generate_groups<B: Backend>(
         .collect();
     let mut done = vec![false; batch];
 
-    let mut fed = repeat_rows(ids.clone(), copies);
-    let mut fed_mask = repeat_rows(attn.clone(), copies);
+    // Every row's tokens so far, kept only while a LongRoPE model may still need its cache
+    // rebuilt (below).
+    let mut fed = model.rope.long_from().map(|_| {
+        (
+            repeat_rows(ids.clone(), copies),
+            repeat_rows(attn.clone(), copies),
+        )
+    });
     let input = ForwardInput::from_host(&ids, &positions, &layout, &device);
     let hidden = model.hidden_states(input, Some(&mut cache));
     let prefill_logits = host_rows(model.logits(hidden.slice(s![.., width - 1..width, ..])));
@@ -307,17 +313,21 @@ pub fn generate_groups<B: Backend>(
         for p in next_pos.iter_mut() {
             *p += 1;
         }
-        for ((row, mask), id) in fed.iter_mut().zip(fed_mask.iter_mut()).zip(&step_ids) {
-            row.push(id[0]);
-            mask.push(1);
-        }
-        // LongRoPE turns with other frequencies once a pass reaches past the original
-        // context: the cached keys were turned with the short ones, so the cache is rebuilt
-        // from every token so far at that step, as transformers' Phi-3 drops its cache there.
-        let reach = step_pos.iter().map(|p| p[0]).max().unwrap_or(0) as usize;
-        if model.rope.long_from() == Some(reach) {
-            (cache, layout, logits) = prefill(model, &fed, &fed_mask, capacity)?;
-            continue;
+        if let Some((rows, masks)) = fed.as_mut() {
+            for ((row, mask), id) in rows.iter_mut().zip(masks.iter_mut()).zip(&step_ids) {
+                row.push(id[0]);
+                mask.push(1);
+            }
+            // LongRoPE turns with other frequencies once a pass reaches past the original
+            // context: the cached keys were turned with the short ones, so the cache is
+            // rebuilt from every token so far at that step, as transformers' Phi-3 drops its
+            // cache there. That happens once.
+            let reach = step_pos.iter().map(|p| p[0]).max().unwrap_or(0) as usize;
+            if model.rope.long_from() == Some(reach) {
+                (cache, layout, logits) = prefill(model, rows, masks, capacity)?;
+                fed = None;
+                continue;
+            }
         }
         for valid in layout.key_valid.iter_mut() {
             valid[cache.len] = true;
