@@ -349,20 +349,7 @@ path = "{}"
 "#,
         rm_path.display()
     );
-    let r = recipe(
-        &dir,
-        "ppo",
-        &fixture().prompts,
-        &extra,
-        &["train.max_steps=30"],
-    );
-    let report = run(&r, None, None);
-    let scores = metric(&dir.join("run"), "objective/scores");
-    let (first, last) = (mean(&scores[..4]), mean(&scores[26..]));
-    assert!(
-        last > first + 0.5,
-        "reward-model score {first:.2} -> {last:.2}: {scores:?}"
-    );
+    let report = ppo_raises_the_score(&dir, &extra, "shared critic");
     let eval = metric(&dir.join("run"), "eval_reward");
     assert!(eval.last().unwrap() > &eval[0], "held-out score {eval:?}");
     for key in [
@@ -385,20 +372,7 @@ path = "{}"
     );
     assert!(separate.contains("separate"));
     let dir = tmp.path().join("ppo-critic");
-    let r = recipe(
-        &dir,
-        "ppo",
-        &fixture().prompts,
-        &separate,
-        &["train.max_steps=30"],
-    );
-    let report = run(&r, None, None);
-    let scores = metric(&dir.join("run"), "objective/scores");
-    let (first, last) = (mean(&scores[..4]), mean(&scores[26..]));
-    assert!(
-        last > first + 0.5,
-        "separate critic: reward-model score {first:.2} -> {last:.2}: {scores:?}"
-    );
+    let report = ppo_raises_the_score(&dir, &separate, "separate critic");
     let value_loss = metric(&dir.join("run"), "loss/value");
     assert_eq!(value_loss.len(), 30, "the critic trains every step");
     let fin = report.final_dir.unwrap();
@@ -462,4 +436,24 @@ fn gspo_raises_a_verifiable_format_reward() {
         last > first + 0.3 && last > 0.7,
         "mean reward {first:.2} -> {last:.2}: {reward:?}"
     );
+}
+
+/// A 30-step PPO run of the `[ppo]` section `extra` in `dir`: the reward-model score of its
+/// last steps beats its first by more than 0.5.
+fn ppo_raises_the_score(dir: &Path, extra: &str, what: &str) -> TrainReport {
+    let r = recipe(
+        dir,
+        "ppo",
+        &fixture().prompts,
+        extra,
+        &["train.max_steps=30"],
+    );
+    let report = run(&r, None, None);
+    let scores = metric(&dir.join("run"), "objective/scores");
+    let (first, last) = (mean(&scores[..4]), mean(&scores[26..]));
+    assert!(
+        last > first + 0.5,
+        "{what}: reward-model score {first:.2} -> {last:.2}: {scores:?}"
+    );
+    report
 }
