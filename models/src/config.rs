@@ -1,4 +1,5 @@
-//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3).
+//! Hugging Face `config.json` for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3,
+//! Gemma 2/3) and its mixture-of-experts variants (Mixtral, Qwen3-MoE).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,8 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("phi3", "Phi3ForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
     ("gemma3_text", "Gemma3ForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
 ];
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
@@ -94,7 +97,58 @@ pub struct ModelConfig {
     /// layers marked true (Mistral: all; Qwen2 with `use_sliding_window`: from
     /// `max_window_layers` on; or as `layer_types` lists them).
     pub sliding_window: Option<SlidingWindow>,
+    /// Mixtral / Qwen3-MoE: routed experts in place of the MLP (in the layers it marks).
+    pub moe: Option<MoeOptions>,
     pub raw: Map<String, Value>,
+}
+
+/// A sparse mixture of experts: each token goes through the `top_k` of `experts` MLPs its
+/// router scores highest, their outputs weighted by the router's probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeOptions {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each expert's MLP width (Mixtral's `intermediate_size`, Qwen3-MoE's
+    /// `moe_intermediate_size`).
+    pub intermediate_size: usize,
+    /// Renormalise the top-k probabilities to sum to one (Mixtral always; Qwen3-MoE's
+    /// `norm_topk_prob`).
+    pub normalize_top_k: bool,
+    /// The load-balancing loss's weight in training (`router_aux_loss_coef`).
+    pub aux_loss_coef: f64,
+    /// Whether transformers adds that loss in training (`output_router_logits`).
+    pub aux_loss: bool,
+    /// Per layer: routed experts (true) or the dense MLP (Qwen3-MoE's `mlp_only_layers` and
+    /// `decoder_sparse_step`).
+    pub sparse: Vec<bool>,
+    pub naming: ExpertNaming,
+}
+
+/// How a checkpoint names the router and the experts' projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNaming {
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.N.{w1, w3, w2}` (gate, up, down).
+    Mixtral,
+    /// `mlp.gate`, `mlp.experts.N.{gate_proj, up_proj, down_proj}`.
+    Qwen,
+}
+
+impl ExpertNaming {
+    /// The module holding the router and the experts, under a layer's prefix.
+    pub fn block(self) -> &'static str {
+        match self {
+            ExpertNaming::Mixtral => "block_sparse_moe",
+            ExpertNaming::Qwen => "mlp",
+        }
+    }
+
+    /// The file names of an expert's gate, up and down projections.
+    pub fn projections(self) -> [&'static str; 3] {
+        match self {
+            ExpertNaming::Mixtral => ["w1", "w3", "w2"],
+            ExpertNaming::Qwen => ["gate_proj", "up_proj", "down_proj"],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +210,84 @@ struct RawFields {
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
     rope_local_base_freq: Option<f64>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    router_aux_loss_coef: Option<f64>,
+    output_router_logits: Option<bool>,
+    router_jitter_noise: Option<f64>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+}
+
+/// The experts of a Mixtral or Qwen3-MoE config, as transformers reads them.
+fn moe_options(f: &RawFields, model_type: &str, layers: usize) -> Result<Option<MoeOptions>> {
+    let positive = |name: &str, v: Option<usize>, default: Option<usize>| -> Result<usize> {
+        match v.or(default) {
+            Some(0) => bail!("field `{name}` must be positive, found 0"),
+            Some(x) => Ok(x),
+            None => bail!("missing field `{name}` (a positive integer)"),
+        }
+    };
+    let (experts, intermediate_size, naming, sparse) = match model_type {
+        "mixtral" => {
+            if let Some(noise) = f.router_jitter_noise.filter(|&n| n != 0.0) {
+                bail!(
+                    "field `router_jitter_noise` is {noise}: burnish routes without jitter \
+                     noise; set it to 0.0"
+                );
+            }
+            (
+                positive(
+                    "num_local_experts",
+                    f.num_local_experts.or(f.num_experts),
+                    Some(8),
+                )?,
+                positive("intermediate_size", f.intermediate_size, None)?,
+                ExpertNaming::Mixtral,
+                vec![true; layers],
+            )
+        }
+        "qwen3_moe" => {
+            let step = positive("decoder_sparse_step", f.decoder_sparse_step, Some(1))?;
+            let dense = f.mlp_only_layers.clone().unwrap_or_default();
+            if let Some(l) = dense.iter().find(|&&l| l >= layers) {
+                bail!("field `mlp_only_layers` names layer {l}; the model has {layers}");
+            }
+            // transformers 5 writes its attribute-mapped name `num_local_experts`.
+            let experts = positive(
+                "num_experts",
+                f.num_experts.or(f.num_local_experts),
+                Some(128),
+            )?;
+            (
+                experts,
+                positive("moe_intermediate_size", f.moe_intermediate_size, Some(768))?,
+                ExpertNaming::Qwen,
+                (0..layers)
+                    .map(|l| !dense.contains(&l) && (l + 1).is_multiple_of(step))
+                    .collect(),
+            )
+        }
+        _ => return Ok(None),
+    };
+    let top_k = positive("num_experts_per_tok", f.num_experts_per_tok, Some(2))?;
+    if top_k > experts {
+        bail!("num_experts_per_tok ({top_k}) is more than the {experts} experts");
+    }
+    Ok(Some(MoeOptions {
+        experts,
+        top_k,
+        intermediate_size,
+        normalize_top_k: model_type == "mixtral" || f.norm_topk_prob.unwrap_or(false),
+        // transformers' default for both.
+        aux_loss_coef: f.router_aux_loss_coef.unwrap_or(0.001),
+        aux_loss: f.output_router_logits.unwrap_or(false),
+        sparse,
+        naming,
+    }))
 }
 
 /// Which layers attend through a window, as transformers reads the config: `layer_types`
@@ -179,14 +311,14 @@ fn sliding_window(f: &RawFields, model_type: &str, layers: usize) -> Result<Opti
             types.iter().map(|t| t == "sliding_attention").collect()
         }
         // Phi-3 masks every layer with the window when one is set, as Mistral does.
-        None if model_type == "mistral" || model_type == "phi3" => vec![true; layers],
+        None if ["mistral", "mixtral", "phi3"].contains(&model_type) => vec![true; layers],
         // Gemma 2 alternates, starting with a sliding layer; Gemma 3 has five sliding layers
         // to one global (`sliding_window_pattern`).
         None if model_type == "gemma2" => (0..layers).map(|i| i.is_multiple_of(2)).collect(),
         None if model_type == "gemma3_text" => {
             (0..layers).map(|i| !(i + 1).is_multiple_of(6)).collect()
         }
-        None if (model_type == "qwen2" || model_type == "qwen3")
+        None if ["qwen2", "qwen3", "qwen3_moe"].contains(&model_type)
             && f.use_sliding_window == Some(true) =>
         {
             let from = f.max_window_layers.unwrap_or(28);
@@ -390,10 +522,16 @@ impl ModelConfig {
         let attention_bias = f.attention_bias.unwrap_or(false);
         let num_hidden_layers = need("num_hidden_layers", f.num_hidden_layers)?;
         let sliding_window = sliding_window(&f, &model_type, num_hidden_layers)?;
+        let moe = moe_options(&f, &model_type, num_hidden_layers)?;
+        // Qwen3-MoE's dense layers may be the only users of `intermediate_size`.
+        let intermediate_size = match &moe {
+            Some(m) if m.sparse.iter().all(|&s| s) => f.intermediate_size.unwrap_or(0),
+            _ => need("intermediate_size", f.intermediate_size)?,
+        };
         Ok(Self {
             vocab_size: need("vocab_size", f.vocab_size)?,
             hidden_size,
-            intermediate_size: need("intermediate_size", f.intermediate_size)?,
+            intermediate_size,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
@@ -406,7 +544,7 @@ impl ModelConfig {
             tie_word_embeddings: f.tie_word_embeddings.unwrap_or(is_gemma),
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
-            qk_norm: model_type == "qwen3" || is_gemma3,
+            qk_norm: model_type == "qwen3" || model_type == "qwen3_moe" || is_gemma3,
             local_rope,
             fused_projections: model_type == "phi3",
             activation,
@@ -425,6 +563,7 @@ impl ModelConfig {
             pad_token_id: token_ids(&f.pad_token_id).first().copied(),
             reward_head,
             sliding_window,
+            moe,
             model_type,
             raw,
         })
@@ -480,9 +619,24 @@ impl ModelConfig {
             mlp += 2 * i + h;
         }
         let norms = if self.gemma.is_some() { 4 } else { 2 };
-        let layer = attn + mlp + norms * h;
+        let layers: usize = (0..self.num_hidden_layers)
+            .map(|l| match self.moe.as_ref().filter(|m| m.sparse[l]) {
+                Some(m) => attn + m.experts * (3 * h * m.intermediate_size + h) + norms * h,
+                None => attn + mlp + norms * h,
+            })
+            .sum();
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
+        v * h + layers + h + head
+    }
+
+    /// Whether layer `l` routes its tokens to experts.
+    pub fn is_sparse(&self, l: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.sparse[l])
+    }
+
+    /// Whether some layer has the dense MLP (`gate_proj`, `up_proj`, `down_proj`).
+    pub fn has_dense_mlp(&self) -> bool {
+        (0..self.num_hidden_layers).any(|l| !self.is_sparse(l))
     }
 }
 

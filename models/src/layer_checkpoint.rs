@@ -9,6 +9,10 @@
 //!
 //! A layer whose adapter draws dropout keeps the plain path (its forward without a graph
 //! would skip the dropout, and the recomputation would draw another mask).
+//!
+//! A mixture of experts' sparse layer also hands out its router probabilities, which the
+//! load-balancing loss reads: the op's output is then the layer's output and those
+//! probabilities joined in one flat tensor, so that their gradients come back together.
 
 use std::any::Any;
 
@@ -24,6 +28,10 @@ use burn::tensor::TensorPrimitive;
 
 use crate::layers::RopeTables;
 use crate::llama::DecoderLayer;
+use crate::moe::Routing;
+
+/// A layer's output, and its routing when it is a sparse layer.
+type LayerOutput<B> = (Tensor<B, 3>, Option<Routing<B>>);
 
 /// `layer.forward(x, rope, mask)` without a KV cache, recomputed in the backward pass on the
 /// checkpointed training backends.
@@ -32,7 +40,7 @@ pub fn layer_forward<B: Backend>(
     x: Tensor<B, 3>,
     rope: &RopeTables<B>,
     mask: Tensor<B, 4, Bool>,
-) -> Tensor<B, 3> {
+) -> LayerOutput<B> {
     let args = Args {
         x,
         rope: RopeTables {
@@ -62,7 +70,7 @@ struct Args<B: Backend> {
 fn on_checkpointed<B: Backend, I: Backend>(
     layer: &DecoderLayer<B>,
     args: Args<B>,
-) -> std::result::Result<Tensor<B, 3>, Args<B>> {
+) -> std::result::Result<LayerOutput<B>, Args<B>> {
     type Ckpt<I> = Autodiff<I, crate::backend::Checkpointing>;
     let boxed: Box<dyn Any> = Box::new(args);
     match boxed.downcast::<Args<Ckpt<I>>>() {
@@ -70,13 +78,12 @@ fn on_checkpointed<B: Backend, I: Backend>(
             let layer = (layer as &dyn Any)
                 .downcast_ref::<DecoderLayer<Ckpt<I>>>()
                 .expect("the layer lives on the input's backend");
-            if draws_dropout(layer) {
-                let y = layer.forward(args.x, &args.rope, args.mask, None);
-                let y: Box<dyn Any> = Box::new(y);
-                return Ok(*y.downcast::<Tensor<B, 3>>().expect("same backend"));
-            }
-            let y: Box<dyn Any> = Box::new(recomputed_layer(layer, *args));
-            Ok(*y.downcast::<Tensor<B, 3>>().expect("same backend"))
+            let y = match draws_dropout(layer) {
+                true => layer.forward(args.x, &args.rope, args.mask, None),
+                false => recomputed_layer(layer, *args),
+            };
+            let y: Box<dyn Any> = Box::new(y);
+            Ok(*y.downcast::<LayerOutput<B>>().expect("same backend"))
         }
         Err(boxed) => Err(*boxed.downcast::<Args<B>>().expect("the input is unchanged")),
     }
@@ -137,6 +144,14 @@ struct LayerState<I: Backend, C: CheckpointStrategy> {
     cos: Tensor<I, 4>,
     sin_signed: Tensor<I, 4>,
     mask: Tensor<I, 4, Bool>,
+    /// The op's flat output holds router probabilities after the layer's output (`joined`).
+    routed: bool,
+}
+
+/// A sparse layer's output and router probabilities as one flat tensor.
+fn joined<B: Backend>(out: Tensor<B, 3>, probs: Tensor<B, 2>) -> Tensor<B, 1> {
+    let (n, p) = (out.shape().num_elements(), probs.shape().num_elements());
+    Tensor::cat(vec![out.reshape([n]), probs.reshape([p])], 0)
 }
 
 #[derive(Debug)]
@@ -160,8 +175,15 @@ impl<I: Backend, C: CheckpointStrategy> Backward<I, 1> for RecomputedLayerBackwa
             sin_signed: Tensor::from_inner(st.sin_signed),
         };
         let mask = Tensor::<Autodiff<I, C>, 4, Bool>::from_inner(st.mask);
-        let out = layer.forward(x.clone(), &rope, mask, None);
-        let upstream = Tensor::<Autodiff<I, C>, 3>::from_inner(Tensor::from_primitive(
+        let (out, routing) = layer.forward(x.clone(), &rope, mask, None);
+        let out = match routing.filter(|_| st.routed) {
+            Some(r) => joined(out, r.probs),
+            None => {
+                let n = out.shape().num_elements();
+                out.reshape([n])
+            }
+        };
+        let upstream = Tensor::<Autodiff<I, C>, 1>::from_inner(Tensor::from_primitive(
             TensorPrimitive::Float(grad),
         ));
         let nested = (out * upstream).sum().backward();
@@ -177,7 +199,7 @@ impl<I: Backend, C: CheckpointStrategy> Backward<I, 1> for RecomputedLayerBackwa
 fn recomputed_layer<I: Backend, C: CheckpointStrategy>(
     layer: &DecoderLayer<Autodiff<I, C>>,
     args: Args<Autodiff<I, C>>,
-) -> Tensor<Autodiff<I, C>, 3> {
+) -> LayerOutput<Autodiff<I, C>> {
     let mut tracked = AnyTracked(false);
     burn::module::Module::visit(layer, &mut tracked);
     // With a frozen embedding the first layer's input takes no gradient; the op must still
@@ -208,7 +230,15 @@ fn recomputed_layer<I: Backend, C: CheckpointStrategy>(
         cos: cos.clone(),
         sin_signed: sin_signed.clone(),
     };
-    let out = inner.forward(x_inner.clone(), &rope, mask.clone(), None);
+    let (out, routing) = inner.forward(x_inner.clone(), &rope, mask.clone(), None);
+    let dims = out.dims();
+    let (out, routed) = match routing {
+        Some(r) => {
+            let shape = r.probs.dims();
+            (joined(out, r.probs), Some((shape, r.chosen)))
+        }
+        None => (out.reshape([dims.iter().product::<usize>()]), None),
+    };
     let out = out.into_primitive().tensor();
     let x = x.into_primitive().tensor();
     let out = match RecomputedLayerBackward::<C>(std::marker::PhantomData)
@@ -223,10 +253,20 @@ fn recomputed_layer<I: Backend, C: CheckpointStrategy>(
                 cos,
                 sin_signed,
                 mask,
+                routed: routed.is_some(),
             },
             out,
         ),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    let flat = Tensor::<Autodiff<I, C>, 1>::from_primitive(TensorPrimitive::Float(out));
+    let n: usize = dims.iter().product();
+    let y = flat.clone().narrow(0, 0, n).reshape(dims);
+    let routing = routed.map(|([tokens, experts], chosen)| Routing {
+        probs: flat
+            .narrow(0, n, tokens * experts)
+            .reshape([tokens, experts]),
+        chosen,
+    });
+    (y, routing)
 }

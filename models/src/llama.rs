@@ -1,6 +1,7 @@
-//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3),
-//! with the exact computation order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` /
-//! `Qwen3ForCausalLM` / `Phi3ForCausalLM`.
+//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3,
+//! Gemma 2/3, and the mixtures of experts Mixtral and Qwen3-MoE), with the exact computation
+//! order of transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` /
+//! `Phi3ForCausalLM` / `Gemma2ForCausalLM` / `MixtralForCausalLM` / ....
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -12,6 +13,7 @@ use burn::tensor::{DType, FloatDType};
 use crate::config::ModelConfig;
 use crate::layers::{Proj, RmsNorm, Rope, RopeTables};
 use crate::mask::AttentionLayout;
+use crate::moe::{Routing, SparseMoe};
 use crate::nf4::{Nf4Weight, Quantization};
 
 /// Separate projections (q/k/v, gate/up) or, in Phi-3, one fused projection each
@@ -82,7 +84,8 @@ fn projected<B: Backend, const N: usize>(
 
 /// Llama: `x + attn(input_norm(x))`, then `x + mlp(post_attention_norm(x))`. Gemma 2 (with
 /// the feed-forward norms): `x + post_attention_norm(attn(input_norm(x)))`, then
-/// `x + post_feedforward_norm(mlp(pre_feedforward_norm(x)))`.
+/// `x + post_feedforward_norm(mlp(pre_feedforward_norm(x)))`. The feed-forward is the dense
+/// MLP or, in a mixture of experts' sparse layers, routed experts: one of the two is set.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
@@ -90,7 +93,8 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
-    pub mlp: Mlp<B>,
+    pub mlp: Option<Mlp<B>>,
+    pub moe: Option<SparseMoe<B>>,
 }
 
 #[derive(Module, Debug)]
@@ -332,19 +336,21 @@ fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B
 
 impl<B: Backend> DecoderLayer<B> {
     /// The layer's linear projections with their HF names, in the order of
-    /// `lora::LINEAR_MODULES` (separate or fused, as the layer has them).
+    /// `lora::LINEAR_MODULES` (separate or fused, as the layer has them). A sparse layer's
+    /// router and experts are not among them: LoRA adapts the attention there.
     pub fn projections(&self) -> Vec<(&'static str, &Proj<B>)> {
-        let (a, m) = (&self.self_attn, &self.mlp);
+        let a = &self.self_attn;
+        let m = self.mlp.as_ref();
         let all = [
             ("q_proj", a.q_proj.as_ref()),
             ("k_proj", a.k_proj.as_ref()),
             ("v_proj", a.v_proj.as_ref()),
             ("qkv_proj", a.qkv_proj.as_ref()),
             ("o_proj", Some(&a.o_proj)),
-            ("gate_proj", m.gate_proj.as_ref()),
-            ("up_proj", m.up_proj.as_ref()),
-            ("gate_up_proj", m.gate_up_proj.as_ref()),
-            ("down_proj", Some(&m.down_proj)),
+            ("gate_proj", m.and_then(|m| m.gate_proj.as_ref())),
+            ("up_proj", m.and_then(|m| m.up_proj.as_ref())),
+            ("gate_up_proj", m.and_then(|m| m.gate_up_proj.as_ref())),
+            ("down_proj", m.map(|m| &m.down_proj)),
         ];
         all.into_iter()
             .filter_map(|(name, p)| Some((name, p?)))
@@ -353,30 +359,40 @@ impl<B: Backend> DecoderLayer<B> {
 
     /// [`Self::projections`], mutable.
     pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj<B>)> {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let a = &mut self.self_attn;
+        let (gate, up, gate_up, down) = match self.mlp.as_mut() {
+            Some(m) => (
+                m.gate_proj.as_mut(),
+                m.up_proj.as_mut(),
+                m.gate_up_proj.as_mut(),
+                Some(&mut m.down_proj),
+            ),
+            None => (None, None, None, None),
+        };
         let all = [
             ("q_proj", a.q_proj.as_mut()),
             ("k_proj", a.k_proj.as_mut()),
             ("v_proj", a.v_proj.as_mut()),
             ("qkv_proj", a.qkv_proj.as_mut()),
             ("o_proj", Some(&mut a.o_proj)),
-            ("gate_proj", m.gate_proj.as_mut()),
-            ("up_proj", m.up_proj.as_mut()),
-            ("gate_up_proj", m.gate_up_proj.as_mut()),
-            ("down_proj", Some(&mut m.down_proj)),
+            ("gate_proj", gate),
+            ("up_proj", up),
+            ("gate_up_proj", gate_up),
+            ("down_proj", down),
         ];
         all.into_iter()
             .filter_map(|(name, p)| Some((name, p?)))
             .collect()
     }
 
+    /// The layer's output, and its routing when it is a sparse layer.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<CacheSlot<'_, B>>,
-    ) -> Tensor<B, 3> {
+    ) -> (Tensor<B, 3>, Option<Routing<B>>) {
         let h = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
@@ -386,16 +402,26 @@ impl<B: Backend> DecoderLayer<B> {
         ) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(h);
-                let h = self.mlp.forward(pre.forward(x.clone()));
-                x + post.forward(h)
+                let (h, routing) = self.feed_forward(pre.forward(x.clone()));
+                (x + post.forward(h), routing)
             }
             _ => {
                 let x = x + h;
-                let h = self
-                    .mlp
-                    .forward(self.post_attention_layernorm.forward(x.clone()));
-                x + h
+                let (h, routing) =
+                    self.feed_forward(self.post_attention_layernorm.forward(x.clone()));
+                (x + h, routing)
             }
+        }
+    }
+
+    fn feed_forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => (mlp.forward(x), None),
+            (None, Some(moe)) => {
+                let (y, routing) = moe.forward(x);
+                (y, Some(routing))
+            }
+            (None, None) => unreachable!("a layer has its MLP or its experts"),
         }
     }
 }
@@ -405,6 +431,9 @@ pub struct ForwardInput<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     pub positions: Tensor<B, 2, Int>,
     pub mask: Tensor<B, 4, Bool>,
+    /// Per flattened `[B * T]` token: real (true) or padding; what a mixture of experts'
+    /// load-balancing loss counts.
+    pub real: Vec<bool>,
 }
 
 impl<B: Backend> ForwardInput<B> {
@@ -419,10 +448,18 @@ impl<B: Backend> ForwardInput<B> {
         let t = ids.first().map_or(0, |r| r.len());
         let flat_ids: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
         let flat_pos: Vec<i64> = positions.iter().flatten().copied().collect();
+        // The queries' own slots of the layout's keys (past a KV cache's prefix).
+        let at = layout.q_offset;
+        let real = layout
+            .key_valid
+            .iter()
+            .flat_map(|row| (0..t).map(move |i| row.get(at + i).copied().unwrap_or(true)))
+            .collect();
         Self {
             ids: Tensor::from_data(TensorData::new(flat_ids, [b, t]), device),
             positions: Tensor::from_data(TensorData::new(flat_pos, [b, t]), device),
             mask: layout.to_tensor(device),
+            real,
         }
     }
 
@@ -484,13 +521,14 @@ impl<B: Backend> CausalLm<B> {
         });
         let write = CacheWrite::From { past };
         let cache_write = cache.as_deref_mut().map(|c| (c, write));
-        let x = self.decoder(
+        let (x, routings) = self.decoder(
             input.ids,
             input.positions,
             input.mask,
             windowed,
             cache_write,
         );
+        crate::router_loss::record(routings, &input.real);
         if let Some(c) = cache {
             c.len = past + t;
         }
@@ -498,7 +536,8 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// The decoder stack after the embedding, with the last norm; `windowed` is the mask of
-    /// the sliding-window layers, when the model has any.
+    /// the sliding-window layers, when the model has any. The sparse layers' routings come
+    /// back while a load-balancing loss is being collected (`router_loss`), else none.
     pub(crate) fn decoder(
         &self,
         ids: Tensor<B, 2, Int>,
@@ -506,7 +545,9 @@ impl<B: Backend> CausalLm<B> {
         mask: Tensor<B, 4, Bool>,
         windowed: Option<Tensor<B, 4, Bool>>,
         mut cache: Option<(&mut KvCache<B>, CacheWrite<'_>)>,
-    ) -> Tensor<B, 3> {
+    ) -> (Tensor<B, 3>, Vec<Routing<B>>) {
+        let keep_routings = crate::router_loss::recording::<B>();
+        let mut routings = Vec::new();
         let local = self
             .local_rope
             .as_ref()
@@ -540,12 +581,14 @@ impl<B: Backend> CausalLm<B> {
                 Some(local) if sliding => local,
                 _ => &rope,
             };
-            x = match slot {
+            let (y, routing) = match slot {
                 Some(slot) => layer.forward(x, rope, mask, Some(slot)),
                 None => crate::layer_checkpoint::layer_forward(layer, x, rope, mask),
             };
+            x = y;
+            routings.extend(routing.filter(|_| keep_routings));
         }
-        self.norm.forward(x)
+        (self.norm.forward(x), routings)
     }
 
     /// Logits `[B, T, vocab]` for the given hidden states.
@@ -768,6 +811,19 @@ pub fn hf_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 out.push((format!("{p}.{name}.weight"), vec![h]));
             }
         }
+        if let Some(moe) = cfg.moe.as_ref().filter(|m| m.sparse[l]) {
+            let block = format!("{p}.{}", moe.naming.block());
+            let e = moe.intermediate_size;
+            out.push((format!("{block}.gate.weight"), vec![moe.experts, h]));
+            let [gate, up, down] = moe.naming.projections();
+            for j in 0..moe.experts {
+                let x = format!("{block}.experts.{j}");
+                out.push((format!("{x}.{gate}.weight"), vec![e, h]));
+                out.push((format!("{x}.{up}.weight"), vec![e, h]));
+                out.push((format!("{x}.{down}.weight"), vec![h, e]));
+            }
+            continue;
+        }
         let mlp: &[(&str, usize, usize)] = if cfg.fused_projections {
             &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
         } else {
@@ -862,6 +918,38 @@ impl<B: Backend, S: WeightSource> Builder<'_, B, S> {
         bias: bool,
     ) -> anyhow::Result<Option<Proj<B>>> {
         present.then(|| self.proj(prefix, bias, true)).transpose()
+    }
+
+    /// A sparse layer's router (dense, f32) and experts (quantisable like the MLP), read in
+    /// [`hf_tensor_shapes`] order.
+    fn experts(
+        &mut self,
+        layer: &str,
+        moe: &crate::config::MoeOptions,
+        gelu: bool,
+    ) -> anyhow::Result<SparseMoe<B>> {
+        let block = format!("{layer}.{}", moe.naming.block());
+        let gate = self.proj(&format!("{block}.gate"), false, false)?;
+        let [g, u, d] = moe.naming.projections();
+        let experts = (0..moe.experts)
+            .map(|j| {
+                let x = format!("{block}.experts.{j}");
+                Ok(Mlp {
+                    gate_proj: Some(self.proj(&format!("{x}.{g}"), false, true)?),
+                    up_proj: Some(self.proj(&format!("{x}.{u}"), false, true)?),
+                    gate_up_proj: None,
+                    down_proj: self.proj(&format!("{x}.{d}"), false, true)?,
+                    gelu,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(SparseMoe {
+            gate,
+            experts,
+            top_k: moe.top_k,
+            normalize_top_k: moe.normalize_top_k,
+            naming: moe.naming,
+        })
     }
 
     fn proj(&mut self, prefix: &str, bias: bool, quantize: bool) -> anyhow::Result<Proj<B>> {
@@ -973,17 +1061,24 @@ impl<B: Backend> CausalLm<B> {
                 },
                 softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
             };
-            let (gate_proj, up_proj, gate_up_proj) = (
-                b.proj_if(!fused, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                b.proj_if(!fused, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-                b.proj_if(fused, &format!("{p}.mlp.gate_up_proj"), cfg.mlp_bias)?,
-            );
-            let mlp = Mlp {
-                gate_proj,
-                up_proj,
-                gate_up_proj,
-                down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias, true)?,
-                gelu: cfg.activation == crate::config::Activation::GeluTanh,
+            let gelu = cfg.activation == crate::config::Activation::GeluTanh;
+            let (mlp, moe) = match cfg.moe.as_ref().filter(|m| m.sparse[l]) {
+                Some(m) => (None, Some(b.experts(&p, m, gelu)?)),
+                None => {
+                    let (gate_proj, up_proj, gate_up_proj) = (
+                        b.proj_if(!fused, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                        b.proj_if(!fused, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                        b.proj_if(fused, &format!("{p}.mlp.gate_up_proj"), cfg.mlp_bias)?,
+                    );
+                    let mlp = Mlp {
+                        gate_proj,
+                        up_proj,
+                        gate_up_proj,
+                        down_proj: b.proj(&format!("{p}.mlp.down_proj"), cfg.mlp_bias, true)?,
+                        gelu,
+                    };
+                    (Some(mlp), None)
+                }
             };
             let gemma = cfg.gemma.is_some();
             layers.push(DecoderLayer {
@@ -997,6 +1092,7 @@ impl<B: Backend> CausalLm<B> {
                     .then(|| b.norm(&format!("{p}.post_feedforward_layernorm"), cfg))
                     .transpose()?,
                 mlp,
+                moe,
             });
         }
         let norm = b.norm("model.norm", cfg)?;
@@ -1106,6 +1202,20 @@ impl<B: Backend> CausalLm<B> {
             }
             for (name, w) in mlp {
                 proj(&mut all, format!("{p}.mlp.{name}"), w);
+            }
+            if let Some(moe) = &layer.moe {
+                let naming = moe.naming;
+                let block = format!("{p}.{}", naming.block());
+                proj(&mut all, format!("{block}.gate"), &moe.gate);
+                let [g, u, d] = naming.projections();
+                for (j, e) in moe.experts.iter().enumerate() {
+                    let x = format!("{block}.experts.{j}");
+                    for (name, w) in [(g, &e.gate_proj), (u, &e.up_proj)] {
+                        let w = w.as_ref().expect("experts have separate projections");
+                        proj(&mut all, format!("{x}.{name}"), w);
+                    }
+                    proj(&mut all, format!("{x}.{d}"), &e.down_proj);
+                }
             }
         }
         norm(&mut all, "model.norm".into(), Some(&self.norm));

@@ -28,12 +28,14 @@ pub const LINEAR_MODULES: [&str; 9] = [
 pub fn linear_module_names(cfg: &crate::ModelConfig) -> Vec<&'static str> {
     let fused = ["qkv_proj", "gate_up_proj"];
     let split = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
+    let mlp = ["gate_proj", "up_proj", "gate_up_proj", "down_proj"];
     LINEAR_MODULES
         .into_iter()
         .filter(|m| match cfg.fused_projections {
             true => !split.contains(m),
             false => !fused.contains(m),
         })
+        .filter(|m| cfg.has_dense_mlp() || !mlp.contains(m))
         .collect()
 }
 
@@ -277,12 +279,18 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// The short names of the linear layers this architecture has (`q_proj` ... or Phi-3's
-    /// fused `qkv_proj` and `gate_up_proj`).
+    /// fused `qkv_proj` and `gate_up_proj`; a mixture of experts' MLP names only when some
+    /// layer is dense), in [`LINEAR_MODULES`] order.
     pub fn linear_names(&self) -> Vec<&'static str> {
-        match self.layers.first() {
-            Some(layer) => layer.projections().iter().map(|(n, _)| *n).collect(),
-            None => Vec::new(),
-        }
+        let present: Vec<&'static str> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.projections().into_iter().map(|(n, _)| n))
+            .collect();
+        LINEAR_MODULES
+            .into_iter()
+            .filter(|m| present.contains(m))
+            .collect()
     }
 
     /// Freeze every base weight (no gradients, no optimizer state) and add fresh adapters

@@ -11,7 +11,16 @@ use crate::config::ModelConfig;
 use crate::llama::WeightSource;
 
 pub const PRESETS: &[&str] = &["micro", "tiny", "small", "base"];
-pub const ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+pub const ARCHS: &[&str] = &[
+    "llama",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "mixtral",
+    "qwen3_moe",
+];
 
 /// Special token ids the config records.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +58,8 @@ pub fn preset_config(
         "phi3" => ("phi3", "Phi3ForCausalLM"),
         "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
+        "mixtral" => ("mixtral", "MixtralForCausalLM"),
+        "qwen3_moe" => ("qwen3_moe", "Qwen3MoeForCausalLM"),
         other => bail!(
             "unknown arch `{other}`; architectures: {}",
             ARCHS.join(", ")
@@ -83,6 +94,30 @@ pub fn preset_config(
         }
         "phi3" => {
             raw.insert("sliding_window".into(), Value::Null);
+        }
+        // Eight experts, two per token, each a quarter of the dense MLP's width (so a token's
+        // feed-forward costs half the dense one's). The load-balancing loss is on, as a
+        // fine-tuning recipe for these models sets it (`output_router_logits`).
+        "mixtral" => {
+            raw.insert("sliding_window".into(), Value::Null);
+            raw.insert("num_local_experts".into(), json!(8));
+            raw.insert("num_experts_per_tok".into(), json!(2));
+            raw.insert("intermediate_size".into(), json!(i / 4));
+            raw.insert("router_aux_loss_coef".into(), json!(0.02));
+            raw.insert("output_router_logits".into(), json!(true));
+            raw.insert("router_jitter_noise".into(), json!(0.0));
+        }
+        "qwen3_moe" => {
+            raw.insert("use_sliding_window".into(), json!(false));
+            raw.insert("attention_bias".into(), json!(false));
+            raw.insert("num_experts".into(), json!(8));
+            raw.insert("num_experts_per_tok".into(), json!(2));
+            raw.insert("moe_intermediate_size".into(), json!(i / 4));
+            raw.insert("norm_topk_prob".into(), json!(true));
+            raw.insert("decoder_sparse_step".into(), json!(1));
+            raw.insert("mlp_only_layers".into(), json!([]));
+            raw.insert("router_aux_loss_coef".into(), json!(0.001));
+            raw.insert("output_router_logits".into(), json!(true));
         }
         "gemma2" | "gemma3_text" => {
             // Gemma's own defaults: Gemma 2 soft-caps and alternates windows, Gemma 3 has

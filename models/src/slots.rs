@@ -187,7 +187,7 @@ impl<B: Backend> SlotBatch<B> {
             rows,
             view,
         };
-        let hidden = model.decoder(
+        let (hidden, _) = model.decoder(
             input.ids,
             input.positions,
             mask,

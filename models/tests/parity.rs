@@ -1,7 +1,9 @@
 //! Parity with transformers on committed fixtures (scripts/parity/make_model_fixtures.py):
 //! logits within 1e-4 in f32 and identical greedy continuations, for Llama (sharded f32,
 //! GQA, llama3 rope scaling), Qwen2 (bf16, q/k/v bias, tied), Mistral (f16, and with a
-//! sliding window) and Qwen3 (per-head q/k norm, explicit head_dim).
+//! sliding window), Qwen3 (per-head q/k norm, explicit head_dim), Phi-3, Gemma 2/3 and the
+//! mixtures of experts Mixtral and Qwen3-MoE (whose fixtures leave some experts without a
+//! token), with their load-balancing losses.
 
 use burn::prelude::*;
 use models::backend::Cpu;
@@ -22,6 +24,8 @@ const MODELS: &[&str] = &[
     "tiny-phi3-longrope",
     "tiny-gemma2",
     "tiny-gemma3",
+    "tiny-mixtral",
+    "tiny-qwen3-moe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -181,6 +185,8 @@ fn kv_cache_equals_recomputation_on_left_padded_batches() {
         "tiny-phi3-longrope",
         "tiny-gemma2",
         "tiny-gemma3",
+        "tiny-mixtral",
+        "tiny-qwen3-moe",
     ] {
         let model = load(name);
         let prompts = vec![
@@ -424,4 +430,80 @@ fn generation_shapes_are_bounded() {
     );
     drop(recording);
     assert_eq!(count("attention"), 0, "recording ends with its guard");
+}
+
+/// The load-balancing loss and the router's choices of a forward pass.
+fn routed(model: &CausalLm<Cpu>, input: ForwardInput<Cpu>) -> (f32, Vec<f64>, usize) {
+    let (_, routing) = models::router_loss::collecting::<Cpu, _>(|| model.forward(input));
+    let (counts, layers) = (routing.expert_counts(), routing.layers());
+    let aux = routing.value().expect("a mixture of experts routes");
+    (aux.into_scalar(), counts, layers)
+}
+
+#[test]
+fn router_load_balancing_loss_matches_transformers() {
+    for name in ["tiny-mixtral", "tiny-qwen3-moe"] {
+        let exp = expected(name);
+        let model = load(name);
+        let device = model.device();
+        let (aux, counts, layers) = routed(
+            &model,
+            ForwardInput::causal(&ids(&exp["input_ids"]), &device),
+        );
+        let want = exp["router_aux_loss"].as_f64().unwrap() as f32;
+        assert!((aux - want).abs() <= 1e-5, "{name}: aux {aux} vs {want}");
+        // The same experts got the same tokens, some none at all.
+        let per_layer = exp["expert_tokens"].as_array().unwrap();
+        assert_eq!(layers, per_layer.len(), "{name}: sparse layers");
+        let mut want_counts = vec![0.0; counts.len()];
+        for layer in per_layer {
+            for (c, x) in want_counts.iter_mut().zip(layer.as_array().unwrap()) {
+                *c += x.as_f64().unwrap();
+            }
+        }
+        assert_eq!(counts, want_counts, "{name}: routed tokens per expert");
+        assert!(per_layer
+            .iter()
+            .any(|l| l.as_array().unwrap().contains(&0.into())));
+
+        // Padding is left out of the loss, as transformers leaves out attention_mask == 0.
+        let mask: Vec<Vec<u8>> = ids(&exp["padded_attention_mask"])
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u8).collect())
+            .collect();
+        let input = ForwardInput::from_host(
+            &ids(&exp["padded_input_ids"]),
+            &positions_from_attention_mask(&mask),
+            &AttentionLayout::from_attention_mask(&mask),
+            &device,
+        );
+        let (aux, _, _) = routed(&model, input);
+        let want = exp["padded_router_aux_loss"].as_f64().unwrap() as f32;
+        assert!(
+            (aux - want).abs() <= 1e-5,
+            "{name}: padded aux {aux} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn routings_are_recorded_only_while_collecting_and_on_its_backend() {
+    let model = load("tiny-mixtral");
+    let input = || ForwardInput::causal(&[vec![5, 9, 200, 7]], &model.device());
+    let (_, other) = models::router_loss::collecting::<burn::backend::Autodiff<Cpu>, _>(|| {
+        model.forward(input())
+    });
+    assert_eq!(
+        other.layers(),
+        0,
+        "a forward on another backend is not recorded"
+    );
+    let (_, ours) = models::router_loss::collecting::<Cpu, _>(|| model.forward(input()));
+    assert_eq!(ours.layers(), 2);
+    let (_, after) = models::router_loss::collecting::<Cpu, _>(|| ());
+    assert_eq!(
+        after.layers(),
+        0,
+        "nothing is left over between collections"
+    );
 }

@@ -22,6 +22,8 @@ fn save_then_load_is_lossless_single_and_sharded() {
         ("tiny-phi3", None),
         ("tiny-gemma2", None),
         ("tiny-gemma3", None),
+        ("tiny-mixtral", None),
+        ("tiny-qwen3-moe", Some(400_000)),
     ] {
         let (cfg, model) = load_model::<Cpu>(&fixture(name), &device).unwrap();
         let tmp = tempfile::tempdir().unwrap();

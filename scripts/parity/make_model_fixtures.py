@@ -19,11 +19,19 @@ Writes, with transformers + torch on CPU:
       tiny-gemma3:  f32, Gemma 3 text: as Gemma 2 without soft-capping, plus per-head q/k norms
           (1 + weight) and a rotary base per layer type (global layers 1e6 with linear
           scaling 2, sliding layers 1e4), window 5
+      tiny-mixtral: f32, 16 experts, top-2 (renormalised), expert width 48, GQA, untied; the
+          router rows of experts 14 and 15 are scaled down so that they get no token
+      tiny-qwen3-moe: f32, 3 layers, layer 1 dense (`mlp_only_layers`), 8 experts, top-2 not
+          renormalised (`norm_topk_prob` false), q/k norms, head_dim 32, tied; experts 5-7
+          are starved as above (some get no token)
       tiny-phi3-longrope: f32, LongRoPE (original context 8: the 12-token inputs use the long
           factors, generation prompts start on the short ones and cross over while decoding),
           partial_rotary_factor 0.5 (8 of 16 head dims turn), attention factor from 128/8
   tests/fixtures/models/<name>/expected.json: input ids, logits (f32, computed from the
-      weights as stored on disk), logits of a left-padded batch, and greedy continuations.
+      weights as stored on disk), logits of a left-padded batch, and greedy continuations;
+      for the mixtures of experts also the load-balancing loss of both batches (transformers'
+      `aux_loss`, the padded one without the padding) and each sparse layer's routed tokens
+      per expert on the plain batch.
   tests/fixtures/tokenizer/phi3_expected.json: ids for strings and rendered chat templates
       (the tokenizer's own template and burnish's built-in ones in models/templates/).
 
@@ -37,8 +45,9 @@ import torch
 from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, LlamaConfig,
                           LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -58,11 +67,33 @@ def randomise_norms(model, gen):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
-def build(name, cls, cfg, dtype, shard):
+def starve_experts(experts):
+    """Scale down the router rows of `experts`: their logits stay near 0 while the others'
+    spread wide, so top-k almost never picks them (checked on the inputs below)."""
+    def prepare(model):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    p[experts] *= 0.01
+    return prepare
+
+
+def routed_tokens(router_logits, top_k, experts):
+    """Per sparse layer, how many (token, slot) routings each expert got."""
+    out = []
+    for logits in router_logits:
+        chosen = torch.topk(torch.softmax(logits.float(), -1), top_k, -1).indices
+        out.append(torch.bincount(chosen.reshape(-1), minlength=experts).tolist())
+    return out
+
+
+def build(name, cls, cfg, dtype, shard, prepare=None):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1234)
     model = cls(cfg).eval()
     randomise_norms(model, gen)
+    if prepare:
+        prepare(model)
     out = FIX / "models" / name
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("*.safetensors"):
@@ -104,6 +135,17 @@ def build(name, cls, cfg, dtype, shard):
         "prompts": prompts,
         "greedy_new_tokens": greedy,
     }
+    if hasattr(cfg, "num_experts_per_tok"):
+        with torch.no_grad():
+            plain = model(input_ids=ids, output_router_logits=True)
+            pad = model(input_ids=padded, attention_mask=mask, position_ids=pos,
+                        output_router_logits=True)
+        experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+        counts = routed_tokens(plain.router_logits, cfg.num_experts_per_tok, experts)
+        assert any(0 in layer for layer in counts), f"every expert got a token: {counts}"
+        expected["router_aux_loss"] = plain.aux_loss.item()
+        expected["padded_router_aux_loss"] = pad.aux_loss.item()
+        expected["expert_tokens"] = counts
     (out / "expected.json").write_text(json.dumps(expected))
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params, greedy {greedy}")
 
@@ -169,6 +211,18 @@ def _register():
                                       "long_factor": [1.5, 2.9, 6.2, 11.0]},
                      original_max_position_embeddings=8),
           torch.float32, shard=False)
+    model("tiny-mixtral", MixtralForCausalLM,
+          MixtralConfig(**{**COMMON, "intermediate_size": 48}, num_attention_heads=4,
+                        num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
+                        num_local_experts=16, num_experts_per_tok=2, router_aux_loss_coef=0.02),
+          torch.float32, shard=False, prepare=starve_experts([14, 15]))
+    model("tiny-qwen3-moe", Qwen3MoeForCausalLM,
+          Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3}, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                         rope_theta=1000000.0, use_sliding_window=False, num_experts=8,
+                         num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+                         decoder_sparse_step=1, mlp_only_layers=[1]),
+          torch.float32, shard=False, prepare=starve_experts([5, 6, 7]))
     model("tiny-mistral-swa", MistralForCausalLM,
           MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                         sliding_window=5),
