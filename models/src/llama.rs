@@ -123,6 +123,10 @@ pub struct CausalLm<B: Backend> {
     /// Sliding-window attention, when the config has it.
     #[module(skip)]
     pub sliding_window: Option<crate::config::SlidingWindow>,
+    /// A mixture of experts trained with its load-balancing loss: that loss's weight
+    /// (`router_aux_loss_coef` when `output_router_logits`; `[train]` may override both).
+    #[module(skip)]
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 /// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]` each.
@@ -1125,6 +1129,10 @@ impl<B: Backend> CausalLm<B> {
             embed_scale: cfg.gemma.is_some().then(|| (cfg.hidden_size as f32).sqrt()),
             final_softcap: cfg.gemma.as_ref().and_then(|g| g.final_logit_softcapping),
             sliding_window: cfg.sliding_window.clone(),
+            router_aux_loss_coef: cfg
+                .moe
+                .as_ref()
+                .and_then(|m| m.aux_loss.then_some(m.aux_loss_coef)),
         })
     }
 

@@ -72,7 +72,7 @@ pub fn accumulate_gradients_over<B: AutodiffBackend, M: Method<B>>(
     for (i, b) in batches.iter().enumerate() {
         out.tokens += method.tokens(b);
         let t0 = Instant::now();
-        let o = method.loss(model, b);
+        let o = loss_with_router_balance(model, method, b);
         let l = o.loss_sum.div_scalar(total_weight);
         let value = l.clone().into_scalar().elem::<f64>();
         out.forward_s += t0.elapsed().as_secs_f64();
@@ -88,6 +88,28 @@ pub fn accumulate_gradients_over<B: AutodiffBackend, M: Method<B>>(
     }
     out.grads = acc.grads();
     Ok(out)
+}
+
+/// The method's loss of one micro-batch, plus, for a mixture of experts trained with it,
+/// the router's load-balancing loss of the policy's forward passes (weighted by the
+/// micro-batch's weight, so that the step's loss adds its weighted mean, as transformers adds
+/// it once per forward), logged as `router_aux_loss`.
+fn loss_with_router_balance<B: AutodiffBackend, M: Method<B>>(
+    model: &CausalLm<B>,
+    method: &M,
+    batch: &M::Batch,
+) -> crate::method::LossOutput<B> {
+    let Some(coef) = model.router_aux_loss_coef else {
+        return method.loss(model, batch);
+    };
+    let (mut o, routing) = models::router_loss::collecting::<B, _>(|| method.loss(model, batch));
+    if let Some(aux) = routing.value() {
+        let weight = method.weight(batch);
+        let value = aux.clone().into_scalar().elem::<f64>();
+        o.loss_sum = o.loss_sum + aux.mul_scalar(coef * weight);
+        o.metric_sums.push(("router_aux_loss", value * weight));
+    }
+    o
 }
 
 pub(crate) fn accumulate_metrics(into: &mut Vec<(&'static str, f64)>, add: &[(&'static str, f64)]) {

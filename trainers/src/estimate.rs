@@ -39,28 +39,52 @@ fn linear_dims(cfg: &ModelConfig, module: &str) -> (usize, usize) {
     }
 }
 
+const MLP_MODULES: [&str; 4] = ["gate_proj", "up_proj", "gate_up_proj", "down_proj"];
+
+/// The linear layers among `names` that layer `l` has (a mixture of experts' sparse layers
+/// have no dense MLP).
+fn in_layer<'a>(cfg: &ModelConfig, l: usize, names: &'a [&'static str]) -> Vec<&'a str> {
+    names
+        .iter()
+        .filter(|m| !cfg.is_sparse(l) || !MLP_MODULES.contains(m))
+        .copied()
+        .collect()
+}
+
 /// Parameters LoRA adds: `r * (d_in + d_out)` per targeted layer, and `d_out` more with
 /// DoRA's magnitude.
 pub fn lora_params(cfg: &ModelConfig, lora: &LoraSettings) -> u64 {
-    let per_layer: usize = lora
+    let targets = lora
         .targets_in(&linear_module_names(cfg))
-        .unwrap_or_default()
-        .iter()
+        .unwrap_or_default();
+    let added: usize = (0..cfg.num_hidden_layers)
+        .flat_map(|l| in_layer(cfg, l, &targets))
         .map(|m| {
             let (a, b) = linear_dims(cfg, m);
             lora.r * (a + b) + if lora.use_dora { b } else { 0 }
         })
         .sum();
-    (per_layer * cfg.num_hidden_layers) as u64
+    added as u64
 }
 
-/// Weights NF4 quantisation covers: every decoder linear layer, and the LM head when asked.
+/// Weights NF4 quantisation covers: every decoder linear layer (a sparse layer's experts,
+/// not its router), and the LM head when asked.
 pub fn quantized_params(cfg: &ModelConfig, q: &Quantization) -> u64 {
-    let per_layer: usize = linear_module_names(cfg)
-        .iter()
-        .map(|m| {
-            let (a, b) = linear_dims(cfg, m);
-            a * b
+    let names = linear_module_names(cfg);
+    let layers: usize = (0..cfg.num_hidden_layers)
+        .map(|l| {
+            let linear: usize = in_layer(cfg, l, &names)
+                .iter()
+                .map(|m| {
+                    let (a, b) = linear_dims(cfg, m);
+                    a * b
+                })
+                .sum();
+            let experts = match cfg.moe.as_ref().filter(|_| cfg.is_sparse(l)) {
+                Some(m) => m.experts * 3 * cfg.hidden_size * m.intermediate_size,
+                None => 0,
+            };
+            linear + experts
         })
         .sum();
     let head = if q.lm_head && !cfg.tie_word_embeddings && !cfg.reward_head {
@@ -68,7 +92,18 @@ pub fn quantized_params(cfg: &ModelConfig, q: &Quantization) -> u64 {
     } else {
         0
     };
-    (per_layer * cfg.num_hidden_layers + head) as u64
+    (layers + head) as u64
+}
+
+/// Feed-forward activations per token of layer `l`, in f32 elements: the dense MLP's gate,
+/// up, activation and product (4i); a sparse layer's router probabilities (experts), and per
+/// routed copy of the token its gathered input and weighted output (2h) and the expert
+/// MLP's four (4 * expert width).
+fn feed_forward_elements(cfg: &ModelConfig, l: usize) -> u64 {
+    match cfg.moe.as_ref().filter(|_| cfg.is_sparse(l)) {
+        Some(m) => (m.experts + m.top_k * (2 * cfg.hidden_size + 4 * m.intermediate_size)) as u64,
+        None => 4 * cfg.intermediate_size as u64,
+    }
 }
 
 /// f32 elements of one recomputed attention block, and the most attention probabilities
@@ -86,22 +121,27 @@ fn activation_bytes(cfg: &ModelConfig, lora: Option<&LoraSettings>, step: &StepS
         on_cpu,
     } = *step;
     let fused = on_cpu && seq >= models::causal_attention::FUSED_FROM_TOKENS;
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let h = cfg.hidden_size as u64;
     let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
     let tokens = (micro_batch * seq) as u64;
     // One layer's graph, per token, in f32 elements: what its backward reads. The two norms'
     // inputs and outputs (4h, plus 2h of their statistics and scaled copies), the attention
     // op's q, k, v and output and o_proj's input (3q + 2kv; the fused CPU attention keeps k
-    // and v repeated for every query head: 5q), the MLP's gate, up, SiLU(gate) and product
-    // (4i), and each adapter's `x A` (r). Matmul outputs that nothing reads back (o_proj,
+    // and v repeated for every query head: 5q), the feed-forward's (`feed_forward_elements`),
+    // and each adapter's `x A` (r). Matmul outputs that nothing reads back (o_proj,
     // down_proj, the adapters' `x A B`) are not kept.
-    let adapter: u64 = lora.map_or(0, |l| {
-        let targets = l.targets_in(&linear_module_names(cfg)).unwrap_or_default();
-        (l.r * targets.len()) as u64
+    let targets = lora.map_or_else(Vec::new, |l| {
+        l.targets_in(&linear_module_names(cfg)).unwrap_or_default()
     });
     let attention = if fused { 5 * q } else { 3 * q + 2 * kv };
-    let layer = 4 * tokens * (6 * h + attention + 4 * i + adapter);
+    let layer_of = |l: usize| {
+        let adapter = lora.map_or(0, |a| (a.r * in_layer(cfg, l, &targets).len()) as u64);
+        4 * tokens * (6 * h + attention + feed_forward_elements(cfg, l) + adapter)
+    };
+    let per_layer: Vec<u64> = (0..cfg.num_hidden_layers).map(layer_of).collect();
+    let layer = per_layer.iter().copied().max().unwrap_or(0);
+    let all_layers: u64 = per_layer.iter().sum();
     let layers = cfg.num_hidden_layers as u64;
     // Attention: the bool mask (one for all layers; grouped per query head unless fused),
     // and per layer the probabilities when small, else a few blocks of recomputed scores
@@ -120,7 +160,7 @@ fn activation_bytes(cfg: &ModelConfig, lora: Option<&LoraSettings>, step: &StepS
     let kept = if checkpointing {
         4 * tokens * h * layers + 2 * layer + probs
     } else {
-        (layer + probs) * layers + layer
+        all_layers + probs * layers + layer
     };
     // The LM head: each position's gradient with respect to its hidden state, a chunk's
     // logits, exponentials and gradient while it is computed, and a half head's f32 copy.

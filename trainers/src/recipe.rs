@@ -251,6 +251,13 @@ pub struct TrainSection {
     /// outputs are still kept, so this is not per-layer recomputation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// Mixtures of experts: add the router's load-balancing loss to the training loss
+    /// (transformers' name; unset: the model config's `output_router_logits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_router_logits: Option<bool>,
+    /// That loss's weight (unset: the model config's `router_aux_loss_coef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
     #[serde(default = "default_schedule")]
@@ -305,6 +312,27 @@ pub struct TrainSection {
 }
 
 impl TrainSection {
+    /// The load-balancing loss's weight a mixture of experts trains with (None: without
+    /// it), from these settings over the model config's; an error on a dense model.
+    pub fn router_aux_loss_coef(&self, cfg: &models::ModelConfig) -> Result<Option<f64>> {
+        let Some(moe) = &cfg.moe else {
+            if self.output_router_logits.is_some() || self.router_aux_loss_coef.is_some() {
+                bail!(
+                    "[train] output_router_logits / router_aux_loss_coef apply to mixtures of \
+                     experts; this `{}` model has no router",
+                    cfg.model_type
+                );
+            }
+            return Ok(None);
+        };
+        let coef = self.router_aux_loss_coef.unwrap_or(moe.aux_loss_coef);
+        if !coef.is_finite() || coef < 0.0 {
+            bail!("[train] router_aux_loss_coef must be a non-negative number, found {coef}");
+        }
+        let on = self.output_router_logits.unwrap_or(moe.aux_loss);
+        Ok((on && coef > 0.0).then_some(coef))
+    }
+
     /// `pad_to_multiple_of`, or the backend's default.
     pub fn pad_multiple<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> usize {
         self.pad_to_multiple_of

@@ -242,7 +242,8 @@ fn load_policy<B: AutodiffBackend, S: MethodSpec>(
             (cfg, model, weights)
         }
     };
-    let model = spec.policy(recipe, &cfg, model, resume)?;
+    let mut model = spec.policy(recipe, &cfg, model, resume)?;
+    model.router_aux_loss_coef = recipe.train.router_aux_loss_coef(&cfg)?;
     Ok((cfg, model, weights))
 }
 

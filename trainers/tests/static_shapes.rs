@@ -337,6 +337,54 @@ fn gradient_checkpointing_changes_no_gradient() {
     }
 }
 
+/// One full fine-tuning SFT step's loss and gradients on the tiny Mixtral fixture (some of
+/// whose experts get no token) with the load-balancing loss at weight `coef`.
+fn moe_step<B: burn::tensor::backend::AutodiffBackend>(coef: Option<f64>) -> (f64, Vec<Vec<f32>>) {
+    let dir = root().join("tests/fixtures/models/tiny-mixtral");
+    let mut model = load_model::<B>(&dir, &Default::default()).unwrap().1;
+    model.router_aux_loss_coef = coef;
+    let mut m = Sft::new(sft_rows(6, model.vocab_size()), vec![], shapes(exact())).unwrap();
+    let batches = m.next_step(&model, 2).unwrap().unwrap();
+    let step = accumulate_gradients(&model, &m, &batches).unwrap();
+    (step.loss, gradients_in_order(&model, &step.grads))
+}
+
+#[test]
+fn gradient_checkpointing_changes_no_gradient_of_a_mixture_of_experts() {
+    use models::backend::CpuTrainCheckpointed;
+    let plain = moe_step::<CpuTrain>(Some(0.02));
+    let kept = moe_step::<CpuTrainCheckpointed>(Some(0.02));
+    assert_close("loss", plain.0, kept.0, 1e-6);
+    assert_eq!(
+        plain.1.len(),
+        kept.1.len(),
+        "the same experts get gradients"
+    );
+    let largest = plain.1.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = largest_diff(&plain.1, &kept.1);
+    assert!(
+        diff <= 1e-5 * largest.max(1.0),
+        "gradients differ by {diff}"
+    );
+
+    // The load-balancing loss is in the loss and its gradient, and only there.
+    let without = moe_step::<CpuTrain>(None);
+    let added = plain.0 - without.0;
+    assert!(
+        added > 0.02 * 0.5 && added < 0.02 * 8.0,
+        "0.02 x aux = {added}"
+    );
+    assert_eq!(without.1.len(), plain.1.len());
+    assert!(largest_diff(&without.1, &plain.1) > 1e-7);
+}
+
+fn largest_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn bucketed_rollout_batches_give_the_exact_token_outputs_and_grpo_loss() {
     let model = model().with_value_head(0.5, 3).valid();
