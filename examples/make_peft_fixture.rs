@@ -5,7 +5,8 @@
 //!
 //!     cargo run --release --example make_peft_fixture && python3 scripts/parity/check_peft_export.py
 //!
-//! With a fixture name (`tiny-qwen3`, `tiny-phi3`) it writes `tests/fixtures/peft-qwen3/`
+//! With a fixture name (`tiny-qwen3`, `tiny-phi3`, `tiny-mixtral`, `tiny-qwen3-moe`) it
+//! writes `tests/fixtures/peft-qwen3/`
 //! (adapter and merged model only); `check_peft_export.py --model tiny-qwen3` checks it.
 
 use anyhow::Result;
@@ -44,6 +45,10 @@ fn main() -> Result<()> {
         // Phi-3's fused layers are adapted as PEFT adapts them: one adapter per fused layer.
         target_modules: match name.as_str() {
             "tiny-phi3" => vec!["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            // In a mixture of experts LoRA adapts the attention (PEFT reads MLP names there
+            // as the experts').
+            "tiny-mixtral" => vec!["q_proj", "k_proj", "v_proj", "o_proj"],
+            "tiny-qwen3-moe" => vec!["q_proj", "v_proj", "o_proj"],
             _ => vec!["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
         }
         .into_iter()

@@ -189,6 +189,36 @@ fn peft_logits_match_burnish_on_gemma3() {
     peft_logits_match_burnish_on("gemma3");
 }
 
+/// And for the mixtures of experts, whose adapters sit on the attention (PEFT reads the MLP
+/// names there as the routed experts', which burnish refuses to target).
+#[test]
+fn peft_logits_match_burnish_on_mixtures_of_experts() {
+    peft_logits_match_burnish_on("mixtral");
+    peft_logits_match_burnish_on("qwen3-moe");
+    let (_, model) = load_model::<Cpu>(
+        &fixtures().join("models/tiny-qwen3-moe"),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        model.linear_names(),
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+    );
+    let settings = models::lora::LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "up_proj".into()],
+        use_rslora: false,
+        use_dora: false,
+    };
+    let e = format!("{:#}", model.with_lora(&settings, 1).err().unwrap());
+    assert!(
+        e.contains("`up_proj`") && e.contains("routed experts"),
+        "{e}"
+    );
+}
+
 fn peft_logits_match_burnish_on(arch: &str) {
     let dir = fixtures().join(format!("peft-{arch}"));
     let exp: Value =

@@ -633,11 +633,6 @@ impl ModelConfig {
     pub fn is_sparse(&self, l: usize) -> bool {
         self.moe.as_ref().is_some_and(|m| m.sparse[l])
     }
-
-    /// Whether some layer has the dense MLP (`gate_proj`, `up_proj`, `down_proj`).
-    pub fn has_dense_mlp(&self) -> bool {
-        (0..self.num_hidden_layers).any(|l| !self.is_sparse(l))
-    }
 }
 
 /// What LongRoPE's parameters are checked and completed against.

@@ -28,15 +28,30 @@ pub const LINEAR_MODULES: [&str; 9] = [
 pub fn linear_module_names(cfg: &crate::ModelConfig) -> Vec<&'static str> {
     let fused = ["qkv_proj", "gate_up_proj"];
     let split = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
-    let mlp = ["gate_proj", "up_proj", "gate_up_proj", "down_proj"];
     LINEAR_MODULES
         .into_iter()
         .filter(|m| match cfg.fused_projections {
             true => !split.contains(m),
             false => !fused.contains(m),
         })
-        .filter(|m| cfg.has_dense_mlp() || !mlp.contains(m))
+        .filter(|m| cfg.moe.is_none() || !MLP_MODULES.contains(m))
         .collect()
+}
+
+/// The MLP's projections. In a mixture of experts PEFT takes these names for the experts'
+/// projections (transformers 5 fuses them into 3-D parameters that PEFT adapts as
+/// `target_parameters`), which burnish does not adapt: there LoRA targets the attention.
+pub const MLP_MODULES: [&str; 4] = ["gate_proj", "up_proj", "gate_up_proj", "down_proj"];
+
+/// Why a mixture of experts' MLP names are no LoRA targets, for error messages.
+fn expert_targets_note(present: &[&str]) -> &'static str {
+    match present.iter().any(|m| MLP_MODULES.contains(m)) {
+        true => "",
+        false => {
+            " (in a mixture of experts PEFT takes the MLP names for the routed experts, \
+             which burnish does not adapt: target the attention, or train in full)"
+        }
+    }
 }
 
 /// `delta(x) = scale * dropout(x) A B`, with `A: [d_in, r]` and `B: [r, d_out]` (burn layout;
@@ -242,6 +257,8 @@ impl LoraSettings {
             let fused = if present.contains(&"qkv_proj") {
                 " (this architecture fuses q/k/v into `qkv_proj` and gate/up into \
                  `gate_up_proj`; PEFT's default for it is [\"qkv_proj\"])"
+            } else if MLP_MODULES.contains(missing) {
+                expert_targets_note(present)
             } else {
                 ""
             };
@@ -278,10 +295,11 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
-    /// The short names of the linear layers this architecture has (`q_proj` ... or Phi-3's
-    /// fused `qkv_proj` and `gate_up_proj`; a mixture of experts' MLP names only when some
-    /// layer is dense), in [`LINEAR_MODULES`] order.
+    /// The short names of the linear layers LoRA may target (`q_proj` ... or Phi-3's fused
+    /// `qkv_proj` and `gate_up_proj`; in a mixture of experts the attention's only, see
+    /// [`MLP_MODULES`]), in [`LINEAR_MODULES`] order.
     pub fn linear_names(&self) -> Vec<&'static str> {
+        let experts = self.layers.iter().any(|l| l.moe.is_some());
         let present: Vec<&'static str> = self
             .layers
             .iter()
@@ -289,7 +307,7 @@ impl<B: Backend> CausalLm<B> {
             .collect();
         LINEAR_MODULES
             .into_iter()
-            .filter(|m| present.contains(m))
+            .filter(|m| present.contains(m) && !(experts && MLP_MODULES.contains(m)))
             .collect()
     }
 

@@ -1,7 +1,7 @@
 //! Memory estimate printed by `--dry-run`: weights, gradients, optimizer state and
 //! activations for one micro-batch, from the config alone (no weights loaded).
 
-use models::lora::{linear_module_names, LoraSettings};
+use models::lora::{linear_module_names, LoraSettings, MLP_MODULES};
 use models::nf4::Quantization;
 use models::ModelConfig;
 
@@ -38,8 +38,6 @@ fn linear_dims(cfg: &ModelConfig, module: &str) -> (usize, usize) {
         _ => (i, h),
     }
 }
-
-const MLP_MODULES: [&str; 4] = ["gate_proj", "up_proj", "gate_up_proj", "down_proj"];
 
 /// The linear layers among `names` that layer `l` has (a mixture of experts' sparse layers
 /// have no dense MLP).
