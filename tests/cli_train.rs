@@ -513,7 +513,10 @@ fn a_mixtral_model_learns_the_quickstart_data_with_its_load_balancing_loss() {
             serde_json::from_str::<serde_json::Value>(l).ok()?["router_aux_loss"].as_f64()
         })
         .collect();
-    assert!(aux.len() >= 40, "router_aux_loss logged every step: {aux:?}");
+    assert!(
+        aux.len() >= 40,
+        "router_aux_loss logged every step: {aux:?}"
+    );
     // Two of eight experts per token: a balanced router scores 1 x top-k = 2.
     assert!(aux.iter().all(|&a| (1.9..4.0).contains(&a)), "{aux:?}");
     let fin = tmp.path().join("run/final");

@@ -131,8 +131,33 @@ impl SpecVisitor for Plan<'_> {
             human_bytes(mem.activations),
             human_bytes(mem.total()),
         ));
+        if let Some(moe) = &cfg.moe {
+            s.push_str(&experts_summary(
+                moe,
+                recipe.train.router_aux_loss_coef(cfg)?,
+            ));
+        }
         Ok(s)
     }
+}
+
+/// What a mixture of experts trains with, for the dry run.
+fn experts_summary(moe: &models::config::MoeOptions, aux: Option<f64>) -> String {
+    let sparse = moe.sparse.iter().filter(|&&s| s).count();
+    let loss = match aux {
+        Some(coef) => format!("load-balancing loss weight {coef}"),
+        None => "no load-balancing loss ([train] output_router_logits = true adds it)".into(),
+    };
+    format!(
+        "\n# mixture of experts\n{} experts of width {}, top-{} per token, in {sparse} of {} layers; {loss}\n\
+         (activations assume every token reaches {} experts; an expert's tokens are padded by \
+         under 25% to a bucket)\n",
+        moe.experts,
+        moe.intermediate_size,
+        moe.top_k,
+        moe.sparse.len(),
+        moe.top_k,
+    )
 }
 
 /// The dry run of `recipe` whose model `init` trains first: `init`'s model stands in.
