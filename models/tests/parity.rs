@@ -507,3 +507,35 @@ fn routings_are_recorded_only_while_collecting_and_on_its_backend() {
         "nothing is left over between collections"
     );
 }
+
+/// Experts see bucketed row counts: generating from prompts of five lengths sends each expert
+/// 1, 2, 4, ... rows (padded to a power of two under 64), never an odd count.
+#[test]
+fn expert_row_counts_are_bucketed() {
+    use models::shape_audit::{signatures, Recording};
+    let model = load("tiny-mixtral");
+    let params = SamplingParams {
+        max_new_tokens: 24,
+        temperature: 1.0,
+        seed: 3,
+        ..Default::default()
+    };
+    let recording = Recording::start();
+    for len in [3usize, 7, 20, 41] {
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|r| (0..len + r).map(|i| (i * 7 + r) as u32 % 200 + 3).collect())
+            .collect();
+        generate(&model, &prompts, &params, None).unwrap();
+    }
+    // An expert's projection input is `[1, rows, d_in]` then its weight `[d_in, d_out]`.
+    let expert_rows: Vec<usize> = signatures()
+        .into_iter()
+        .filter(|(op, dims)| *op == "projection" && dims.len() == 5 && dims[0] == 1)
+        .map(|(_, dims)| dims[1])
+        .collect();
+    drop(recording);
+    assert!(expert_rows.len() > 3, "{expert_rows:?}");
+    for rows in &expert_rows {
+        assert_eq!(*rows, models::moe::bucket_rows(*rows), "{expert_rows:?}");
+    }
+}
