@@ -471,17 +471,7 @@ fn a_phi3_model_learns_the_quickstart_data_with_lora_on_its_fused_layers() {
         adapter.contains("qkv_proj") && adapter.contains("gate_up_proj"),
         "{adapter}"
     );
-    let merged = tmp.path().join("merged");
-    ok(&[
-        "export",
-        fin.to_str().unwrap(),
-        "--merge",
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    let cfg = std::fs::read_to_string(merged.join("config.json")).unwrap();
-    assert!(cfg.contains("Phi3ForCausalLM"), "{cfg}");
-    generates(&merged);
+    merges_and_generates(&fin, tmp.path(), "Phi3ForCausalLM");
 }
 
 /// Gemma 2 (1 + weight norms, GeGLU, soft-capping, alternating windows) too, in full.
@@ -543,15 +533,7 @@ fn a_qwen3_moe_model_learns_the_quickstart_data_in_full_and_with_lora() {
     let fin = tmp.path().join("run/final");
     let adapter = std::fs::read_to_string(fin.join("adapter_config.json")).unwrap();
     assert!(!adapter.contains("up_proj"), "{adapter}");
-    let merged = tmp.path().join("merged");
-    ok(&[
-        "export",
-        fin.to_str().unwrap(),
-        "--merge",
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    generates(&merged);
+    merges_and_generates(&fin, tmp.path(), "Qwen3MoeForCausalLM");
 }
 
 fn an_arch_learns_the_quickstart_data(arch: &str, class: &str, sets: &[&str]) -> tempfile::TempDir {
@@ -596,6 +578,22 @@ fn an_arch_learns_by(arch: &str, class: &str, sets: &[&str], nats: f64) -> tempf
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(last < first - nats, "{arch}: eval loss {first} -> {last}");
     tmp
+}
+
+/// `export --merge` of the adapter run `fin` into `dir/merged` gives a `class` model that
+/// generates.
+fn merges_and_generates(fin: &Path, dir: &Path, class: &str) {
+    let merged = dir.join("merged");
+    ok(&[
+        "export",
+        fin.to_str().unwrap(),
+        "--merge",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let cfg = std::fs::read_to_string(merged.join("config.json")).unwrap();
+    assert!(cfg.contains(class), "{cfg}");
+    generates(&merged);
 }
 
 fn generates(model: &Path) {
