@@ -736,6 +736,57 @@ mod tests {
     }
 
     #[test]
+    fn mixtures_of_experts_are_read_as_transformers_reads_them() {
+        let base =
+            r#""hidden_size":64,"num_attention_heads":4,"num_hidden_layers":4,"vocab_size":10"#;
+        let parse = |extra: &str| ModelConfig::from_json_str(&format!("{{{base},{extra}}}"));
+        let cfg =
+            parse(r#""model_type":"mixtral","intermediate_size":8,"num_local_experts":4"#).unwrap();
+        let moe = cfg.moe.as_ref().unwrap();
+        assert_eq!((moe.experts, moe.top_k, moe.intermediate_size), (4, 2, 8));
+        assert!(moe.normalize_top_k && !moe.aux_loss && moe.sparse.iter().all(|&s| s));
+        assert_eq!(moe.naming, ExpertNaming::Mixtral);
+        // 4 layers x (attention 4 x 64 x 64 + 4 experts x (3 x 64 x 8 + router 64) + norms).
+        let attn = 4 * 64 * 64;
+        let layer = attn + 4 * (3 * 64 * 8 + 64) + 2 * 64;
+        assert_eq!(cfg.num_parameters(), 10 * 64 + 4 * layer + 64 + 10 * 64);
+
+        // Qwen3-MoE: dense layers from mlp_only_layers and decoder_sparse_step; the
+        // attribute-mapped `num_local_experts` transformers 5 writes is read too.
+        let cfg = parse(
+            r#""model_type":"qwen3_moe","intermediate_size":16,"moe_intermediate_size":8,"num_local_experts":6,"num_experts_per_tok":3,"norm_topk_prob":false,"decoder_sparse_step":2,"mlp_only_layers":[3],"output_router_logits":true,"router_aux_loss_coef":0.01"#,
+        )
+        .unwrap();
+        let moe = cfg.moe.as_ref().unwrap();
+        assert_eq!(moe.sparse, vec![false, true, false, false]);
+        assert_eq!((moe.experts, moe.top_k), (6, 3));
+        assert!(!moe.normalize_top_k && moe.aux_loss && moe.aux_loss_coef == 0.01);
+        assert!(cfg.qk_norm && cfg.is_sparse(1) && !cfg.is_sparse(0));
+
+        for (extra, says) in [
+            (
+                r#""model_type":"mixtral","intermediate_size":8,"router_jitter_noise":0.1"#,
+                "router_jitter_noise",
+            ),
+            (
+                r#""model_type":"mixtral","intermediate_size":8,"num_local_experts":2,"num_experts_per_tok":3"#,
+                "num_experts_per_tok (3) is more than the 2 experts",
+            ),
+            (
+                r#""model_type":"qwen3_moe","mlp_only_layers":[4]"#,
+                "`mlp_only_layers` names layer 4",
+            ),
+            (
+                r#""model_type":"qwen3_moe","num_experts":0"#,
+                "`num_experts` must be positive",
+            ),
+        ] {
+            let e = format!("{:#}", parse(extra).unwrap_err());
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn phi3_is_fused_and_windowed_and_reads_long_rope() {
         let base = r#""model_type":"phi3","hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,"vocab_size":10,"intermediate_size":8"#;
         let cfg = ModelConfig::from_json_str(&format!(r#"{{{base},"sliding_window":5}}"#)).unwrap();
