@@ -176,17 +176,19 @@ impl<I: Backend, C: CheckpointStrategy> Backward<I, 1> for RecomputedLayerBackwa
         };
         let mask = Tensor::<Autodiff<I, C>, 4, Bool>::from_inner(st.mask);
         let (out, routing) = layer.forward(x.clone(), &rope, mask, None);
-        let out = match routing.filter(|_| st.routed) {
-            Some(r) => joined(out, r.probs),
+        let grad = TensorPrimitive::Float(grad);
+        let nested = match routing.filter(|_| st.routed) {
+            Some(r) => {
+                let upstream =
+                    Tensor::<Autodiff<I, C>, 1>::from_inner(Tensor::from_primitive(grad));
+                (joined(out, r.probs) * upstream).sum().backward()
+            }
             None => {
-                let n = out.shape().num_elements();
-                out.reshape([n])
+                let upstream =
+                    Tensor::<Autodiff<I, C>, 3>::from_inner(Tensor::from_primitive(grad));
+                (out * upstream).sum().backward()
             }
         };
-        let upstream = Tensor::<Autodiff<I, C>, 1>::from_inner(Tensor::from_primitive(
-            TensorPrimitive::Float(grad),
-        ));
-        let nested = (out * upstream).sum().backward();
         if let (Some(node), Some(dx)) = (node_x, x.grad(&nested)) {
             grads.register::<I>(node.id, dx.into_primitive().tensor());
         }
@@ -232,14 +234,18 @@ fn recomputed_layer<I: Backend, C: CheckpointStrategy>(
     };
     let (out, routing) = inner.forward(x_inner.clone(), &rope, mask.clone(), None);
     let dims = out.dims();
+    // A dense layer's output keeps its shape (no slicing of it, nor of its gradient).
     let (out, routed) = match routing {
         Some(r) => {
             let shape = r.probs.dims();
-            (joined(out, r.probs), Some((shape, r.chosen)))
+            (
+                joined(out, r.probs).into_primitive(),
+                Some((shape, r.chosen)),
+            )
         }
-        None => (out.reshape([dims.iter().product::<usize>()]), None),
+        None => (out.into_primitive(), None),
     };
-    let out = out.into_primitive().tensor();
+    let out = out.tensor();
     let x = x.into_primitive().tensor();
     let out = match RecomputedLayerBackward::<C>(std::marker::PhantomData)
         .prepare::<C>([x.node.clone()])
@@ -259,14 +265,18 @@ fn recomputed_layer<I: Backend, C: CheckpointStrategy>(
         ),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    let flat = Tensor::<Autodiff<I, C>, 1>::from_primitive(TensorPrimitive::Float(out));
+    let out = TensorPrimitive::Float(out);
+    let Some(([tokens, experts], chosen)) = routed else {
+        return (Tensor::from_primitive(out), None);
+    };
+    let flat = Tensor::<Autodiff<I, C>, 1>::from_primitive(out);
     let n: usize = dims.iter().product();
-    let y = flat.clone().narrow(0, 0, n).reshape(dims);
-    let routing = routed.map(|([tokens, experts], chosen)| Routing {
+    let routing = Routing {
         probs: flat
+            .clone()
             .narrow(0, n, tokens * experts)
             .reshape([tokens, experts]),
         chosen,
-    });
-    (y, routing)
+    };
+    (flat.narrow(0, 0, n).reshape(dims), Some(routing))
 }
