@@ -116,8 +116,6 @@ pub struct MoeOptions {
     pub normalize_top_k: bool,
     /// The load-balancing loss's weight in training (`router_aux_loss_coef`).
     pub aux_loss_coef: f64,
-    /// Whether transformers adds that loss in training (`output_router_logits`).
-    pub aux_loss: bool,
     /// Per layer: routed experts (true) or the dense MLP (Qwen3-MoE's `mlp_only_layers` and
     /// `decoder_sparse_step`).
     pub sparse: Vec<bool>,
@@ -216,7 +214,6 @@ struct RawFields {
     moe_intermediate_size: Option<usize>,
     norm_topk_prob: Option<bool>,
     router_aux_loss_coef: Option<f64>,
-    output_router_logits: Option<bool>,
     router_jitter_noise: Option<f64>,
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
@@ -284,7 +281,6 @@ fn moe_options(f: &RawFields, model_type: &str, layers: usize) -> Result<Option<
         normalize_top_k: model_type == "mixtral" || f.norm_topk_prob.unwrap_or(false),
         // transformers' default for both.
         aux_loss_coef: f.router_aux_loss_coef.unwrap_or(0.001),
-        aux_loss: f.output_router_logits.unwrap_or(false),
         sparse,
         naming,
     }))
@@ -744,7 +740,8 @@ mod tests {
             parse(r#""model_type":"mixtral","intermediate_size":8,"num_local_experts":4"#).unwrap();
         let moe = cfg.moe.as_ref().unwrap();
         assert_eq!((moe.experts, moe.top_k, moe.intermediate_size), (4, 2, 8));
-        assert!(moe.normalize_top_k && !moe.aux_loss && moe.sparse.iter().all(|&s| s));
+        assert!(moe.normalize_top_k && moe.aux_loss_coef == 0.001);
+        assert!(moe.sparse.iter().all(|&s| s));
         assert_eq!(moe.naming, ExpertNaming::Mixtral);
         // 4 layers x (attention 4 x 64 x 64 + 4 experts x (3 x 64 x 8 + router 64) + norms).
         let attn = 4 * 64 * 64;
@@ -754,13 +751,13 @@ mod tests {
         // Qwen3-MoE: dense layers from mlp_only_layers and decoder_sparse_step; the
         // attribute-mapped `num_local_experts` transformers 5 writes is read too.
         let cfg = parse(
-            r#""model_type":"qwen3_moe","intermediate_size":16,"moe_intermediate_size":8,"num_local_experts":6,"num_experts_per_tok":3,"norm_topk_prob":false,"decoder_sparse_step":2,"mlp_only_layers":[3],"output_router_logits":true,"router_aux_loss_coef":0.01"#,
+            r#""model_type":"qwen3_moe","intermediate_size":16,"moe_intermediate_size":8,"num_local_experts":6,"num_experts_per_tok":3,"norm_topk_prob":false,"decoder_sparse_step":2,"mlp_only_layers":[3],"router_aux_loss_coef":0.01"#,
         )
         .unwrap();
         let moe = cfg.moe.as_ref().unwrap();
         assert_eq!(moe.sparse, vec![false, true, false, false]);
         assert_eq!((moe.experts, moe.top_k), (6, 3));
-        assert!(!moe.normalize_top_k && moe.aux_loss && moe.aux_loss_coef == 0.01);
+        assert!(!moe.normalize_top_k && moe.aux_loss_coef == 0.01);
         assert!(cfg.qk_norm && cfg.is_sparse(1) && !cfg.is_sparse(0));
 
         for (extra, says) in [

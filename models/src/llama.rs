@@ -123,8 +123,9 @@ pub struct CausalLm<B: Backend> {
     /// Sliding-window attention, when the config has it.
     #[module(skip)]
     pub sliding_window: Option<crate::config::SlidingWindow>,
-    /// A mixture of experts trained with its load-balancing loss: that loss's weight
-    /// (`router_aux_loss_coef` when `output_router_logits`; `[train]` may override both).
+    /// A mixture of experts trained with its load-balancing loss: that loss's weight (the
+    /// config's `router_aux_loss_coef`, as TRL takes it; `[train] router_aux_loss_coef`
+    /// overrides it, 0 turns it off).
     #[module(skip)]
     pub router_aux_loss_coef: Option<f64>,
 }
@@ -1132,7 +1133,7 @@ impl<B: Backend> CausalLm<B> {
             router_aux_loss_coef: cfg
                 .moe
                 .as_ref()
-                .and_then(|m| m.aux_loss.then_some(m.aux_loss_coef)),
+                .and_then(|m| (m.aux_loss_coef > 0.0).then_some(m.aux_loss_coef)),
         })
     }
 

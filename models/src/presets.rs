@@ -96,15 +96,14 @@ pub fn preset_config(
             raw.insert("sliding_window".into(), Value::Null);
         }
         // Eight experts, two per token, each a quarter of the dense MLP's width (so a token's
-        // feed-forward costs half the dense one's). The load-balancing loss is on, as a
-        // fine-tuning recipe for these models sets it (`output_router_logits`).
+        // feed-forward costs half the dense one's).
         "mixtral" => {
             raw.insert("sliding_window".into(), Value::Null);
             raw.insert("num_local_experts".into(), json!(8));
             raw.insert("num_experts_per_tok".into(), json!(2));
             raw.insert("intermediate_size".into(), json!(i / 4));
             raw.insert("router_aux_loss_coef".into(), json!(0.02));
-            raw.insert("output_router_logits".into(), json!(true));
+            raw.insert("output_router_logits".into(), json!(false));
             raw.insert("router_jitter_noise".into(), json!(0.0));
         }
         "qwen3_moe" => {
@@ -117,7 +116,7 @@ pub fn preset_config(
             raw.insert("decoder_sparse_step".into(), json!(1));
             raw.insert("mlp_only_layers".into(), json!([]));
             raw.insert("router_aux_loss_coef".into(), json!(0.001));
-            raw.insert("output_router_logits".into(), json!(true));
+            raw.insert("output_router_logits".into(), json!(false));
         }
         "gemma2" | "gemma3_text" => {
             // Gemma's own defaults: Gemma 2 soft-caps and alternates windows, Gemma 3 has

@@ -4,6 +4,9 @@ Writes, under DIR:
   tokenizer/          byte-level BPE, exactly 8000 ids, bos/eos/pad, ChatML template
   model/              LlamaForCausalLM (hidden 512, 8 layers, ~31.8M params), fp32, seed 0
   student/            LlamaForCausalLM (hidden 64, 2 layers, ~1.1M params), fp32, seed 1
+  moe/                MixtralForCausalLM shaped like model/ with 8 experts of width 352, top-2
+                      (a token's feed-forward costs half model/'s), load-balancing loss
+                      coefficient 0.02 (on by default on both sides), fp32, seed 2
   data/sft.jsonl      OpenAI `messages` rows, each > 256 tokens once templated (so every
                       training row is exactly 256 tokens on both sides)
   data/dpo.jsonl      `prompt`/`chosen`/`rejected` message lists from hh-rlhf, every pair
@@ -106,13 +109,15 @@ def train_tokenizer(out: Path):
     return ids
 
 
-def write_model(out: Path, tok_dir: Path, ids, seed, **dims):
+def write_model(out: Path, tok_dir: Path, ids, seed, moe=False, **dims):
     import shutil
 
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+                              MixtralForCausalLM)
 
-    cfg = LlamaConfig(
+    config_cls, model_cls = (MixtralConfig, MixtralForCausalLM) if moe else (LlamaConfig, LlamaForCausalLM)
+    cfg = config_cls(
         vocab_size=VOCAB,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
@@ -123,7 +128,7 @@ def write_model(out: Path, tok_dir: Path, ids, seed, **dims):
         **dims,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = model_cls(cfg).to(torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     try:
         model.save_pretrained(str(out), safe_serialization=True)
@@ -228,6 +233,12 @@ def main():
         info["model_params"] = write_model(
             d / "model", d / "tokenizer", ids, 0, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=4, intermediate_size=1408)
+    if not (d / "moe" / "model.safetensors").exists():
+        info["moe_params"] = write_model(
+            d / "moe", d / "tokenizer", ids, 2, moe=True, hidden_size=512, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=4, intermediate_size=352, num_local_experts=8,
+            num_experts_per_tok=2, router_aux_loss_coef=0.02,
+            sliding_window=None)
     if not (d / "student" / "model.safetensors").exists():
         info["student_params"] = write_model(
             d / "student", d / "tokenizer", ids, 1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

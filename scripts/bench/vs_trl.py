@@ -1,7 +1,7 @@
 """burnish vs TRL/PyTorch on this machine: same model, data and settings, one process per
 job and side, one after the other; throughput, memory and CPU use side by side.
 
-    scripts/bench/vs_trl.sh [--jobs sft,lora,dpo,grpo,distill,distill-cached] [--steps 6] [--warmup 2]
+    scripts/bench/vs_trl.sh [--jobs sft,lora,dpo,grpo,distill,distill-cached,sft-moe] [--steps 6] [--warmup 2]
                             [--out target/bench/vs_trl]
 
 Run with the bench venv's python (vs_trl.sh makes it). Needs only the standard library here;
@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CLK = os.sysconf("SC_CLK_TCK")
-ALL_JOBS = ["sft", "lora", "dpo", "grpo", "distill", "distill-cached"]
+ALL_JOBS = ["sft", "lora", "dpo", "grpo", "distill", "distill-cached", "sft-moe"]
 SEQ = 256
 
 
@@ -360,6 +360,8 @@ cache_dir = {toml_str(cache)}
     head = f'# written by scripts/bench/vs_trl.py\nmethod = "{{method}}"\nseed = 42\n\n[model]\npath = {{path}}\n'
     if job in ("sft", "lora"):
         return head.format(method="sft", path=toml_str(model)) + (lora if job == "lora" else "") + sft_data + train
+    if job == "sft-moe":
+        return head.format(method="sft", path=toml_str(setup / "moe")) + sft_data + train
     if job == "dpo":
         return (head.format(method="dpo", path=toml_str(model)) + lora + """
 [dpo]
@@ -427,6 +429,8 @@ JOB_TEXT = {
                " loss on all tokens of 8 x 256 rows; reference = plain PyTorch loop with burnish's loss",
     "distill-cached": "burnish with the teacher's top-k log-probs cached before training, against the same"
                       " PyTorch online-teacher figure (top_k 20 unless --top-k)",
+    "sft-moe": "full fine-tuning as sft of a Mixtral-shaped model (the 31.8M model's attention, 8 experts of"
+               " width 352, top-2), load-balancing loss 0.02 on both sides (their default: the config's router_aux_loss_coef)",
 }
 
 
@@ -633,9 +637,11 @@ def main():
             cmd = [burnish, "train", "--recipe", run / "recipe.toml"]
             step_file, kind = run / "run" / "metrics.jsonl", "burnish"
         else:
-            ref_job = "distill" if job == "distill-cached" else job
+            ref_job = {"distill-cached": "distill", "sft-moe": "sft"}.get(job, job)
             cmd = [sys.executable, HERE / "ref_jobs.py", ref_job, "--setup", setup, "--out", run, "--steps",
                    str(total), "--threads", str(args.threads)]
+            if job == "sft-moe":
+                cmd += ["--model", setup / "moe"]
             step_file, kind = run / "steps.jsonl", "ref"
         print(f"[{job}/{side}] machine {'idle' if idle['idle'] else 'NOT idle'} ({idle['busy_pct']}% busy,"
               f" waited {idle['waited_s']} s); running", flush=True)
@@ -680,7 +686,7 @@ def main():
             n.append(f"other procs CPU {fmt(ob, 0)}% / {fmt(orf, 0)}%")
         return n
 
-    ref_names = {"sft": "TRL SFTTrainer", "lora": "TRL SFTTrainer + PEFT", "dpo": "TRL DPOTrainer + PEFT",
+    ref_names = {"sft": "TRL SFTTrainer", "sft-moe": "TRL SFTTrainer", "lora": "TRL SFTTrainer + PEFT", "dpo": "TRL DPOTrainer + PEFT",
                  "grpo": "TRL GRPOTrainer + PEFT", "distill": "PyTorch loop", "distill-cached": "PyTorch loop (online)"}
     for job in jobs:
         b = results["runs"][job].get("burnish")
@@ -700,7 +706,7 @@ def main():
             row["shared_ref"] = True
         results["rows"].append(row)
     sanity = {}
-    for job in ("sft", "lora"):
+    for job in ("sft", "lora", "sft-moe"):
         if job in results["runs"]:
             sanity[job] = {side: [results["runs"][job][side]["losses"][k]
                                   for k in sorted(results["runs"][job][side].get("losses", {}))[:4]]

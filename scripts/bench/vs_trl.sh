@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # burnish vs TRL/PyTorch on this machine, in one run:
 #
-#   scripts/bench/vs_trl.sh [--jobs sft,lora,dpo,grpo,distill,distill-cached] [--steps 6] [--warmup 2]
+#   scripts/bench/vs_trl.sh [--jobs sft,lora,dpo,grpo,distill,distill-cached,sft-moe] [--steps 6] [--warmup 2]
 #                           [--out target/bench/vs_trl] [--sides burnish,ref] ...
 #
 # 1. makes (once) a venv at target/bench-venv with pinned torch/transformers/trl/peft from PyPI

@@ -146,7 +146,7 @@ fn experts_summary(moe: &models::config::MoeOptions, aux: Option<f64>) -> String
     let sparse = moe.sparse.iter().filter(|&&s| s).count();
     let loss = match aux {
         Some(coef) => format!("load-balancing loss weight {coef}"),
-        None => "no load-balancing loss ([train] output_router_logits = true adds it)".into(),
+        None => "no load-balancing loss (router_aux_loss_coef is 0)".into(),
     };
     format!(
         "\n# mixture of experts\n{} experts of width {}, top-{} per token, in {sparse} of {} layers; {loss}\n\

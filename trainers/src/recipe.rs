@@ -251,11 +251,9 @@ pub struct TrainSection {
     /// outputs are still kept, so this is not per-layer recomputation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
-    /// Mixtures of experts: add the router's load-balancing loss to the training loss
-    /// (transformers' name; unset: the model config's `output_router_logits`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_router_logits: Option<bool>,
-    /// That loss's weight (unset: the model config's `router_aux_loss_coef`).
+    /// Mixtures of experts: the weight of the router's load-balancing loss in the training
+    /// loss (TRL's name and default: unset takes the model config's `router_aux_loss_coef`;
+    /// 0 turns the loss off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_aux_loss_coef: Option<f64>,
     #[serde(default = "default_lr")]
@@ -313,13 +311,14 @@ pub struct TrainSection {
 
 impl TrainSection {
     /// The load-balancing loss's weight a mixture of experts trains with (None: without
-    /// it), from these settings over the model config's; an error on a dense model.
+    /// it), as TRL resolves it: this setting over the model config's; a non-zero setting on a
+    /// dense model is an error.
     pub fn router_aux_loss_coef(&self, cfg: &models::ModelConfig) -> Result<Option<f64>> {
         let Some(moe) = &cfg.moe else {
-            if self.output_router_logits.is_some() || self.router_aux_loss_coef.is_some() {
+            if self.router_aux_loss_coef.is_some_and(|c| c != 0.0) {
                 bail!(
-                    "[train] output_router_logits / router_aux_loss_coef apply to mixtures of \
-                     experts; this `{}` model has no router",
+                    "[train] router_aux_loss_coef applies to mixtures of experts; this `{}` \
+                     model has no router",
                     cfg.model_type
                 );
             }
@@ -329,8 +328,7 @@ impl TrainSection {
         if !coef.is_finite() || coef < 0.0 {
             bail!("[train] router_aux_loss_coef must be a non-negative number, found {coef}");
         }
-        let on = self.output_router_logits.unwrap_or(moe.aux_loss);
-        Ok((on && coef > 0.0).then_some(coef))
+        Ok((coef > 0.0).then_some(coef))
     }
 
     /// `pad_to_multiple_of`, or the backend's default.
@@ -681,6 +679,53 @@ output_dir = "out"
         assert_eq!(r.train.gradient_accumulation_steps, 1);
         let again = Recipe::parse(&r.to_toml().unwrap(), &[]).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn router_aux_loss_coef_resolves_as_trl_does() {
+        let cfg = |extra: &str| {
+            models::ModelConfig::from_json_str(&format!(
+                r#"{{"hidden_size":8,"num_attention_heads":2,"num_hidden_layers":1,"vocab_size":10,"intermediate_size":4,{extra}}}"#
+            ))
+            .unwrap()
+        };
+        let mixtral = cfg(r#""model_type":"mixtral","router_aux_loss_coef":0.02"#);
+        let dense = cfg(r#""model_type":"llama""#);
+        let with = |set: &[String]| Recipe::parse(MINIMAL, set).unwrap().train;
+        // Unset: the config's weight, whatever its `output_router_logits`.
+        assert_eq!(
+            with(&[]).router_aux_loss_coef(&mixtral).unwrap(),
+            Some(0.02)
+        );
+        let set = |v: &str| vec![format!("train.router_aux_loss_coef={v}")];
+        assert_eq!(
+            with(&set("0.1")).router_aux_loss_coef(&mixtral).unwrap(),
+            Some(0.1)
+        );
+        assert_eq!(
+            with(&set("0.0")).router_aux_loss_coef(&mixtral).unwrap(),
+            None
+        );
+        assert_eq!(with(&[]).router_aux_loss_coef(&dense).unwrap(), None);
+        assert_eq!(
+            with(&set("0.0")).router_aux_loss_coef(&dense).unwrap(),
+            None
+        );
+        let e = format!(
+            "{:#}",
+            with(&set("0.1")).router_aux_loss_coef(&dense).unwrap_err()
+        );
+        assert!(
+            e.contains("mixtures of experts") && e.contains("llama"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            with(&set("-1.0"))
+                .router_aux_loss_coef(&mixtral)
+                .unwrap_err()
+        );
+        assert!(e.contains("non-negative"), "{e}");
     }
 
     #[test]
