@@ -119,7 +119,10 @@ pub(crate) fn record<B: Backend>(routings: Vec<Routing<B>>, real: &[bool]) {
     if routings.is_empty() || !recording::<B>() {
         return;
     }
-    let n = real.len();
+    let n = routings[0].probs.dims()[0];
+    // Every token counts when the input did not say which are padding.
+    let all = vec![true; n];
+    let real = if real.len() == n { real } else { &all };
     let tokens = real.iter().filter(|&&r| r).count();
     let mask = (tokens < n).then(|| {
         let m: Vec<f32> = real.iter().map(|&r| f32::from(u8::from(r))).collect();
