@@ -39,50 +39,37 @@ fn linear_dims(cfg: &ModelConfig, module: &str) -> (usize, usize) {
     }
 }
 
-/// The linear layers among `names` that layer `l` has (a mixture of experts' sparse layers
-/// have no dense MLP).
-fn in_layer<'a>(cfg: &ModelConfig, l: usize, names: &'a [&'static str]) -> Vec<&'a str> {
-    names
-        .iter()
-        .filter(|m| !cfg.is_sparse(l) || !MLP_MODULES.contains(m))
-        .copied()
-        .collect()
-}
-
 /// Parameters LoRA adds: `r * (d_in + d_out)` per targeted layer, and `d_out` more with
-/// DoRA's magnitude.
+/// DoRA's magnitude. (Every layer has the targets: a mixture of experts' are its attention.)
 pub fn lora_params(cfg: &ModelConfig, lora: &LoraSettings) -> u64 {
-    let targets = lora
+    let per_layer: usize = lora
         .targets_in(&linear_module_names(cfg))
-        .unwrap_or_default();
-    let added: usize = (0..cfg.num_hidden_layers)
-        .flat_map(|l| in_layer(cfg, l, &targets))
+        .unwrap_or_default()
+        .iter()
         .map(|m| {
             let (a, b) = linear_dims(cfg, m);
             lora.r * (a + b) + if lora.use_dora { b } else { 0 }
         })
         .sum();
-    added as u64
+    (per_layer * cfg.num_hidden_layers) as u64
 }
 
 /// Weights NF4 quantisation covers: every decoder linear layer (a sparse layer's experts,
-/// not its router), and the LM head when asked.
+/// not its router; a dense layer's MLP), and the LM head when asked.
 pub fn quantized_params(cfg: &ModelConfig, q: &Quantization) -> u64 {
-    let names = linear_module_names(cfg);
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let attention: usize = linear_module_names(cfg)
+        .iter()
+        .filter(|m| !MLP_MODULES.contains(m))
+        .map(|m| {
+            let (a, b) = linear_dims(cfg, m);
+            a * b
+        })
+        .sum();
     let layers: usize = (0..cfg.num_hidden_layers)
-        .map(|l| {
-            let linear: usize = in_layer(cfg, l, &names)
-                .iter()
-                .map(|m| {
-                    let (a, b) = linear_dims(cfg, m);
-                    a * b
-                })
-                .sum();
-            let experts = match cfg.moe.as_ref().filter(|_| cfg.is_sparse(l)) {
-                Some(m) => m.experts * 3 * cfg.hidden_size * m.intermediate_size,
-                None => 0,
-            };
-            linear + experts
+        .map(|l| match cfg.moe.as_ref().filter(|_| cfg.is_sparse(l)) {
+            Some(m) => attention + m.experts * 3 * h * m.intermediate_size,
+            None => attention + 3 * h * i,
         })
         .sum();
     let head = if q.lm_head && !cfg.tie_word_embeddings && !cfg.reward_head {
@@ -129,14 +116,13 @@ fn activation_bytes(cfg: &ModelConfig, lora: Option<&LoraSettings>, step: &StepS
     // and v repeated for every query head: 5q), the feed-forward's (`feed_forward_elements`),
     // and each adapter's `x A` (r). Matmul outputs that nothing reads back (o_proj,
     // down_proj, the adapters' `x A B`) are not kept.
-    let targets = lora.map_or_else(Vec::new, |l| {
-        l.targets_in(&linear_module_names(cfg)).unwrap_or_default()
+    let adapter: u64 = lora.map_or(0, |l| {
+        let targets = l.targets_in(&linear_module_names(cfg)).unwrap_or_default();
+        (l.r * targets.len()) as u64
     });
     let attention = if fused { 5 * q } else { 3 * q + 2 * kv };
-    let layer_of = |l: usize| {
-        let adapter = lora.map_or(0, |a| (a.r * in_layer(cfg, l, &targets).len()) as u64);
-        4 * tokens * (6 * h + attention + feed_forward_elements(cfg, l) + adapter)
-    };
+    let layer_of =
+        |l: usize| 4 * tokens * (6 * h + attention + feed_forward_elements(cfg, l) + adapter);
     let per_layer: Vec<u64> = (0..cfg.num_hidden_layers).map(layer_of).collect();
     let layer = per_layer.iter().copied().max().unwrap_or(0);
     let all_layers: u64 = per_layer.iter().sum();
@@ -226,5 +212,38 @@ pub fn human_bytes(b: u64) -> String {
         format!("{:.1} MB", b / 1e6)
     } else {
         format!("{:.0} kB", b / 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use models::nf4::Nf4Settings;
+
+    /// NF4 covers every parameter but the embedding, the norms and the routers (tied head):
+    /// a Qwen3-MoE with a dense layer counts that layer's MLP and the other layers' experts.
+    #[test]
+    fn nf4_covers_the_experts_and_a_dense_layers_mlp() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"qwen3_moe","hidden_size":16,"num_attention_heads":2,"num_hidden_layers":3,
+                "vocab_size":40,"intermediate_size":24,"moe_intermediate_size":8,"num_experts":4,
+                "mlp_only_layers":[1],"tie_word_embeddings":true,"head_dim":8}"#,
+        )
+        .unwrap();
+        let q = Quantization {
+            nf4: Nf4Settings {
+                block_size: 64,
+                double_quant: true,
+            },
+            lm_head: false,
+        };
+        let (h, layers) = (16, 3);
+        let norms = layers * (2 * h + 2 * 8) + h;
+        let routers = 2 * 4 * h;
+        let embedding = 40 * h;
+        assert_eq!(
+            quantized_params(&cfg, &q) as usize,
+            cfg.num_parameters() - norms - routers - embedding
+        );
     }
 }
