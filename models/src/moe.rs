@@ -52,11 +52,19 @@ pub fn bucket_rows(n: usize) -> usize {
 }
 
 /// The `k` largest entries of `row` (descending; ties to the lower index, as `torch.topk`
-/// orders them on the CPU).
+/// orders them on the CPU). One pass keeping the best `k` in order: every token of every
+/// sparse layer runs this, and `k` is small beside the experts.
 fn top_k(row: &[f32], k: usize) -> impl Iterator<Item = usize> {
-    let mut order: Vec<usize> = (0..row.len()).collect();
-    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-    order.into_iter().take(k)
+    let mut best: Vec<usize> = Vec::with_capacity(k + 1);
+    for (e, v) in row.iter().enumerate() {
+        // Strictly greater moves ahead, so an equal value stays behind the lower index.
+        let at = best.partition_point(|&b| row[b].total_cmp(v).is_ge());
+        if at < k {
+            best.insert(at, e);
+            best.truncate(k);
+        }
+    }
+    best.into_iter()
 }
 
 /// Where each expert's tokens sit in the gathered batch.
@@ -187,5 +195,8 @@ mod tests {
     fn top_k_is_descending_with_ties_to_the_lower_index() {
         let picked: Vec<usize> = top_k(&[0.1, 0.4, 0.4, 0.1], 3).collect();
         assert_eq!(picked, vec![1, 2, 0]);
+        let row = [0.3, -1.0, 0.9, 0.3, 2.5, 0.0, 0.9, -0.2];
+        let picked: Vec<usize> = top_k(&row, 4).collect();
+        assert_eq!(picked, vec![4, 2, 6, 0]);
     }
 }
